@@ -1,0 +1,3 @@
+from negjax.cli import entry
+
+entry()

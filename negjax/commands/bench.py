@@ -1,0 +1,32 @@
+"""`negjax bench step|loss|mine`: each benchmark lives in `negjax/bench/<name>.py` with
+`add_arguments(parser)` and `run(args) -> int`."""
+
+from __future__ import annotations
+
+import importlib
+
+BENCHES = {
+    "step": "training-step throughput: examples/s, tokens/s, MFU, breakdown",
+    "loss": "time and peak memory of loss+gradients vs global batch (chunked / unchunked)",
+    "mine": "ScaNN vs exact search: queries/s and recall@k",
+}
+
+
+def add_parser(sub):
+    p = sub.add_parser("bench", help="benchmarks: step throughput, loss memory, mining speed")
+    bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    for name, help_text in BENCHES.items():
+        try:
+            module = importlib.import_module(f"negjax.bench.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"negjax.bench.{name}":
+                continue
+            raise
+        bp = bsub.add_parser(name, help=help_text)
+        module.add_arguments(bp)
+        bp.set_defaults(_bench_run=module.run)
+    return p
+
+
+def run(args) -> int:
+    return int(args._bench_run(args) or 0)

@@ -1,0 +1,343 @@
+"""Typed configs: one dataclass per section, loaded from TOML, overridden with `--set`.
+
+    negjax config show --config experiments/configs/tiny-wordnet.toml --set train.steps=10
+
+Every field is documented where it is defined (the `doc` metadata, printed by
+`negjax config show --help-keys`). Unknown keys and wrong types raise `NegjaxError` naming the
+key. Defaults live here, next to the fields; each section only holds what its stage reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from negjax.errors import NegjaxError
+
+
+def f(default, doc: str):
+    """A dataclass field with a documentation string (mutable defaults are copied)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class ModelConfig:
+    name: str = f("tiny", "'tiny' (small BERT from scratch), 'minilm' (packaged all-MiniLM-L6-v2), "
+                  "or a path to a Hugging Face / sentence-transformers directory")
+    tokenizer: str = f("", "tokenizer directory (tokenizer.json); empty = the model's own, or the "
+                       "built-in WordNet tokenizer for 'tiny'")
+    pooling: str = f("", "'mean' or 'cls'; empty = the model directory's setting (mean for 'tiny')")
+    normalize: bool = f(True, "L2-normalise embeddings (cosine similarity)")
+    dtype: str = f("float32", "compute dtype: 'float32' or 'bfloat16' (params stay float32)")
+    remat: bool = f(False, "rematerialise each transformer layer in the backward pass")
+    dropout: float = f(-1.0, "dropout rate; negative = the model config's own")
+    tied_towers: bool = f(True, "one encoder for queries and documents; false = separate towers")
+    query_max_len: int = f(32, "max query length in tokens")
+    doc_max_len: int = f(128, "max document length in tokens")
+    hidden_size: int = f(128, "'tiny' only: hidden size")
+    num_layers: int = f(2, "'tiny' only: transformer layers")
+    num_heads: int = f(2, "'tiny' only: attention heads")
+    intermediate_size: int = f(512, "'tiny' only: feed-forward size")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = f("wordnet", "'wordnet' (built-in) or a directory with corpus.jsonl, train.jsonl, "
+                     "dev_queries.jsonl, dev_qrels.tsv")
+    corpus: str = f("", "corpus JSONL (overrides the dataset's)")
+    train: str = f("", "training JSONL (overrides the dataset's)")
+    dev_queries: str = f("", "dev queries JSONL (overrides the dataset's)")
+    dev_qrels: str = f("", "dev qrels TSV (overrides the dataset's)")
+    negatives: str = f("", "hard-negative shard directory (manifest.json); empty = none")
+    num_negatives: int = f(0, "hard negatives per query (H); group size is 1 + H")
+    negative_sampling: str = f("top", "'top' (best-ranked first) or 'random' within the mined list")
+    length_buckets: list = f([], "pad lengths (tokens); empty = powers of two up to the max length")
+    prefetch: int = f(4, "batches prepared ahead in a background thread")
+    cache_dir: str = f("", "token store cache; empty = $NEGJAX_CACHE or ~/.cache/negjax")
+
+
+@dataclass
+class LossConfig:
+    temperature: float = f(0.05, "softmax temperature (initial value when learnable)")
+    learnable_temperature: bool = f(False, "learn log(1/temperature), clipped to [min, max]")
+    min_temperature: float = f(0.01, "lower clip of a learnable temperature")
+    max_temperature: float = f(1.0, "upper clip of a learnable temperature")
+    symmetric: bool = f(False, "add the document->query direction over positives")
+    chunk_size: int = f(0, "columns per block of the chunked loss; 0 = materialise the matrix")
+    memory_bank_size: int = f(0, "MoCo-style queue of past document embeddings; 0 = off")
+    momentum: float = f(0.999, "EMA decay of the momentum document encoder feeding the bank")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = f(1000, "optimizer steps")
+    seed: int = f(0, "seed of every random choice (data order, dropout, init)")
+    batch_size: int = f(64, "global batch size in queries (across all devices and hosts)")
+    learning_rate: float = f(5e-5, "peak learning rate")
+    warmup_steps: int = f(100, "linear warm-up steps")
+    schedule: str = f("linear", "decay after warm-up: 'linear', 'cosine' or 'constant'")
+    weight_decay: float = f(0.01, "AdamW weight decay")
+    max_grad_norm: float = f(1.0, "global gradient-norm clip; 0 = off")
+    grad_cache_chunk: int = f(0, "GradCache sub-batch (queries per device); 0 = plain step")
+    log_every: int = f(10, "steps between metric lines")
+    eval_every: int = f(0, "steps between dev evaluations; 0 = only at the end")
+    max_nonfinite: int = f(10, "abort after this many steps with a NaN/Inf loss (each is skipped)")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = f(500, "steps between checkpoints")
+    keep: int = f(3, "most recent checkpoints kept")
+    best_metric: str = f("mrr@10", "dev metric whose best checkpoint is also kept; empty = none")
+    async_save: bool = f(True, "write checkpoints in the background")
+
+
+@dataclass
+class MiningConfig:
+    every_steps: int = f(0, "re-mine with the current parameters every N training steps; 0 = never")
+    index: str = f("scann", "'scann' or 'exact'")
+    k: int = f(0, "neighbours retrieved; 0 = 100 + the largest number of positives")
+    num_negatives: int = f(32, "negatives kept per query")
+    sampling: str = f("top", "'top' or 'random' among the candidates that pass the filters")
+    rank_range: str = f("", "keep ranks MIN:MAX (1-based, inclusive); empty = all")
+    relative_margin: float = f(-1.0, "drop candidates scoring above pos*(1-M); negative = off")
+    absolute_margin: float = f(-1.0, "drop candidates scoring above pos-M; negative = off")
+    max_score: float = f(2.0, "drop candidates scoring above this")
+    min_score: float = f(-2.0, "drop candidates scoring below this")
+    dedup_text: bool = f(True, "drop candidates whose normalised text equals a positive's")
+    seed: int = f(0, "seed of random sampling")
+    audit_queries: int = f(1000, "queries searched exactly to measure ScaNN recall@k")
+    batch_size: int = f(256, "encoding batch size")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = f(256, "encoding batch size")
+    index: str = f("exact", "'exact' or 'scann' for large corpora")
+    split: str = f("dev", "split evaluated during training: 'dev' or 'test'")
+    max_queries: int = f(0, "evaluate at most this many queries; 0 = all")
+
+
+@dataclass
+class DistributedConfig:
+    coordinator_address: str = f("", "host:port of process 0; empty = environment or single process")
+    num_processes: int = f(0, "number of processes; 0 = environment or 1")
+    process_id: int = f(-1, "this process' index; negative = environment or 0")
+
+
+@dataclass
+class Config:
+    workdir: str = f("", "run directory: checkpoints, metrics.jsonl, TensorBoard events, plots")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mining: MiningConfig = field(default_factory=MiningConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.pooling": ("", "mean", "cls"),
+    "data.negative_sampling": ("top", "random"),
+    "loss.chunk_size": None,
+    "train.schedule": ("linear", "cosine", "constant"),
+    "mining.index": ("scann", "exact"),
+    "mining.sampling": ("top", "random"),
+    "eval.index": ("exact", "scann"),
+    "eval.split": ("dev", "test"),
+}
+_POSITIVE = ("train.steps", "train.batch_size", "train.log_every", "checkpoint.every_steps",
+             "checkpoint.keep", "model.query_max_len", "model.doc_max_len", "mining.batch_size",
+             "eval.batch_size", "model.hidden_size", "model.num_layers", "model.num_heads",
+             "model.intermediate_size")
+_NON_NEGATIVE = ("data.num_negatives", "loss.chunk_size", "loss.memory_bank_size",
+                 "train.warmup_steps", "train.grad_cache_chunk", "train.eval_every",
+                 "mining.every_steps", "mining.k", "mining.num_negatives", "mining.audit_queries",
+                 "data.prefetch", "train.max_nonfinite", "eval.max_queries")
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_type(key: str, value, typ):
+    """Return `value` converted to `typ`, or raise naming `key`."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    elif typ is list or typing.get_origin(typ) is list:
+        if isinstance(value, list):
+            return list(value)
+    else:  # pragma: no cover - config fields only use the types above
+        raise NegjaxError(f"config key {key!r}: unsupported type {typ}")
+    name = getattr(typ, "__name__", str(typ))
+    raise NegjaxError(f"config key {key!r}: expected {name}, got {type(value).__name__} {value!r}")
+
+
+def _apply(obj, data: dict, prefix: str = "") -> None:
+    hints = _hints(type(obj))
+    names = {fl.name for fl in dataclasses.fields(obj)}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise NegjaxError(f"unknown config key {full!r} (known in this section: {known})")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise NegjaxError(f"config key {full!r}: expected a [{full}] table, got {value!r}")
+            _apply(getattr(obj, key), value, prefix=f"{full}.")
+        else:
+            setattr(obj, key, _check_type(full, value, typ))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (['section', 'key'], value). The value is read as TOML
+    (`3`, `1e-4`, `true`, `[32, 64]`, `"x"`) and otherwise taken as a bare string."""
+    if "=" not in text:
+        raise NegjaxError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise NegjaxError(f"--set {text!r}: empty key")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def _nest(path: list[str], value) -> dict:
+    out: Any = value
+    for part in reversed(path):
+        out = {part: out}
+    return out
+
+
+def validate(cfg: Config) -> Config:
+    """Check value ranges and choices; raise `NegjaxError` naming the key."""
+    def get(key):
+        obj = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    for key, choices in _CHOICES.items():
+        if choices is not None and get(key) not in choices:
+            raise NegjaxError(f"config key {key!r}: {get(key)!r} is not one of {list(choices)}")
+    for key in _POSITIVE:
+        if get(key) <= 0:
+            raise NegjaxError(f"config key {key!r}: must be > 0, got {get(key)}")
+    for key in _NON_NEGATIVE:
+        if get(key) < 0:
+            raise NegjaxError(f"config key {key!r}: must be >= 0, got {get(key)}")
+    if cfg.loss.temperature <= 0:
+        raise NegjaxError(f"config key 'loss.temperature': must be > 0, got {cfg.loss.temperature}")
+    if not 0 < cfg.loss.min_temperature <= cfg.loss.max_temperature:
+        raise NegjaxError("config keys 'loss.min_temperature'/'loss.max_temperature': need 0 < min <= max")
+    if not 0.0 <= cfg.loss.momentum < 1.0:
+        raise NegjaxError(f"config key 'loss.momentum': must be in [0, 1), got {cfg.loss.momentum}")
+    if cfg.train.learning_rate <= 0:
+        raise NegjaxError(f"config key 'train.learning_rate': must be > 0, got {cfg.train.learning_rate}")
+    if cfg.model.hidden_size % cfg.model.num_heads:
+        raise NegjaxError("config key 'model.num_heads': must divide model.hidden_size")
+    if not all(isinstance(b, int) and b > 0 for b in cfg.data.length_buckets):
+        raise NegjaxError("config key 'data.length_buckets': must be a list of positive integers")
+    if cfg.mining.rank_range:
+        parse_rank_range(cfg.mining.rank_range, key="mining.rank_range")
+    return cfg
+
+
+def parse_rank_range(text: str, key: str = "--rank-range") -> tuple[int, int]:
+    """'MIN:MAX' (1-based, inclusive; either side may be empty) -> (min, max)."""
+    try:
+        lo, hi = text.split(":")
+        lo_i = int(lo) if lo.strip() else 1
+        hi_i = int(hi) if hi.strip() else 1 << 30
+    except ValueError:
+        raise NegjaxError(f"{key} {text!r}: expected MIN:MAX, e.g. 10:100") from None
+    if lo_i < 1 or hi_i < lo_i:
+        raise NegjaxError(f"{key} {text!r}: need 1 <= MIN <= MAX")
+    return lo_i, hi_i
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- TOML file <- `--set` overrides, then `validate`."""
+    cfg = Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise NegjaxError(f"{p}: config file not found")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise NegjaxError(f"{p}: invalid TOML: {e}") from None
+        _apply(cfg, data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        _apply(cfg, _nest(keys, value))
+    return validate(cfg)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML that `load_config` reads back to an equal config."""
+    lines = []
+    sections = []
+    for fl in dataclasses.fields(cfg):
+        value = getattr(cfg, fl.name)
+        if dataclasses.is_dataclass(value):
+            sections.append((fl.name, value))
+        else:
+            lines.append(f"{fl.name} = {_toml_value(value)}")
+    for name, sec in sections:
+        lines.append(f"\n[{name}]")
+        for fl in dataclasses.fields(sec):
+            lines.append(f"{fl.name} = {_toml_value(getattr(sec, fl.name))}")
+    return "\n".join(lines) + "\n"
+
+
+def describe_keys(cfg_cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, doc) for every config field."""
+    rows = []
+    hints = _hints(cfg_cls)
+    for fl in dataclasses.fields(cfg_cls):
+        typ = hints[fl.name]
+        if dataclasses.is_dataclass(typ):
+            rows.extend(describe_keys(typ, prefix=f"{prefix}{fl.name}."))
+        else:
+            default = fl.default if fl.default is not dataclasses.MISSING else fl.default_factory()
+            rows.append((f"{prefix}{fl.name}", _toml_value(default), fl.metadata.get("doc", "")))
+    return rows

@@ -1,0 +1,62 @@
+"""Small shared helpers: atomic writes, hashing, progress bars."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ""):
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    A crash or exception leaves no file under the final name that a later step could mistake
+    for complete output.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def stable_hash64(text: str) -> int:
+    """A stable signed 63-bit hash of a string (same on every run, host and Python version)."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", disable: bool | None = None):
+    """A tqdm progress bar on stderr, silenced when stderr is not a terminal unless
+    NEGJAX_PROGRESS=1 (so CI logs and tests stay readable)."""
+    from tqdm.auto import tqdm
+
+    if disable is None:
+        forced = os.environ.get("NEGJAX_PROGRESS")
+        disable = (forced == "0") if forced is not None else not sys.stderr.isatty()
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)

@@ -1,0 +1,82 @@
+import subprocess
+import sys
+
+import pytest
+
+from helpers import run_negjax
+from negjax import config
+from negjax.errors import NegjaxError
+
+
+def test_defaults_validate_and_roundtrip(tmp_path):
+    cfg = config.load_config()
+    path = tmp_path / "c.toml"
+    path.write_text(config.to_toml(cfg))
+    assert config.load_config(path) == cfg
+
+
+def test_file_and_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('workdir = "/tmp/x"\n[train]\nsteps = 5\nlearning_rate = 1e-3\n')
+    cfg = config.load_config(path, ["train.steps=7", "loss.symmetric=true", "data.length_buckets=[16, 32]",
+                                    "model.name=minilm", "loss.temperature=1"])
+    assert cfg.workdir == "/tmp/x"
+    assert cfg.train.steps == 7 and cfg.train.learning_rate == 1e-3
+    assert cfg.loss.symmetric is True and cfg.loss.temperature == 1.0
+    assert cfg.data.length_buckets == [16, 32]
+    assert cfg.model.name == "minilm"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.stepz=3", "train.stepz"),
+    ("nosection.x=1", "nosection"),
+    ("train.steps=abc", "train.steps"),
+    ("train.steps=1.5", "train.steps"),
+    ("loss.symmetric=1", "loss.symmetric"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("model.dtype=float16", "model.dtype"),
+    ("mining.rank_range=5:2", "mining.rank_range"),
+    ("train=3", "train"),
+])
+def test_bad_overrides_name_the_key(override, key):
+    with pytest.raises(NegjaxError, match=key.replace(".", r"\.")):
+        config.load_config(None, [override])
+
+
+def test_bad_toml_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[train]\nsteps = 'many'\n")
+    with pytest.raises(NegjaxError, match="train.steps"):
+        config.load_config(path)
+    path.write_text("[train\n")
+    with pytest.raises(NegjaxError, match="invalid TOML"):
+        config.load_config(path)
+    with pytest.raises(NegjaxError, match="not found"):
+        config.load_config(tmp_path / "missing.toml")
+
+
+def test_every_key_documented():
+    rows = config.describe_keys()
+    assert len(rows) > 50
+    assert all(doc for _, _, doc in rows)
+
+
+def test_cli_help_and_config_errors():
+    proc = run_negjax("--help")
+    assert proc.returncode == 0 and "config" in proc.stdout
+    proc = run_negjax("config", "show", "--set", "train.stepz=3")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "train.stepz" in proc.stderr
+    proc = run_negjax("config", "show", "--set", "train.steps=abc")
+    assert proc.returncode == 2 and "train.steps" in proc.stderr
+    proc = run_negjax("config", "show", "--set", "train.steps=9")
+    assert proc.returncode == 0 and "steps = 9" in proc.stdout
+    proc = run_negjax("no-such-command")
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+
+
+def test_console_script_installed():
+    proc = subprocess.run([sys.executable, "-c", "import importlib.metadata as m; "
+                           "print([e.value for e in m.entry_points(group='console_scripts') if e.name == 'negjax'])"],
+                          capture_output=True, text=True)
+    assert "negjax.cli:entry" in proc.stdout
