@@ -61,6 +61,11 @@ class DataConfig:
     length_buckets: list = f([], "pad lengths (tokens); empty = powers of two up to the max length")
     prefetch: int = f(4, "batches prepared ahead in a background thread")
     cache_dir: str = f("", "token store cache; empty = $NEGJAX_CACHE or ~/.cache/negjax")
+    train_qrels: str = f("", "qrels TSV of BEIR-style training data (data.train is then a "
+                         "queries JSONL)")
+    max_positives: int = f(32, "positives per query passed to the loss for masking "
+                           "(query_pos_ids columns P = min(this, most positives of any query))")
+    prefetch_threads: int = f(1, "threads preparing prefetched batches")
 
 
 @dataclass

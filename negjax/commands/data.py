@@ -1,0 +1,150 @@
+"""`negjax data export|stats|validate`: built-in datasets and a look at a dataset directory.
+
+    negjax data export wordnet /tmp/wn    # write corpus.jsonl, train.jsonl, {dev,test}_{queries.jsonl,qrels.tsv}
+    negjax data stats /tmp/wn             # counts + length percentiles (words, characters)
+    negjax data validate --corpus C --train T [--qrels Q]   # listed when negjax.data.validate exists
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from negjax.errors import NegjaxError
+
+# name -> module under negjax.data exposing export(out_dir) -> {file: records}
+DATASETS = {"wordnet": "negjax.data.wordnet"}
+PERCENTILES = (50, 90, 99)
+
+
+def _has_validate() -> bool:
+    return importlib.util.find_spec("negjax.data.validate") is not None
+
+
+def add_parser(sub):
+    p = sub.add_parser("data", help="export a built-in dataset, show statistics of a dataset directory")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    ex = dsub.add_parser("export", help=f"write a built-in dataset ({', '.join(DATASETS)}) into DIR")
+    ex.add_argument("dataset", metavar="DATASET", help=f"one of: {', '.join(DATASETS)}")
+    ex.add_argument("dir", metavar="DIR", help="output directory (created if needed)")
+    st = dsub.add_parser("stats", help="counts and length percentiles of a dataset directory")
+    st.add_argument("dir", metavar="DIR", help="directory with corpus.jsonl, train.jsonl, "
+                    "*queries.jsonl, *qrels.tsv (or qrels/*.tsv)")
+    st.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    # Validation of user data is its own stage (negjax/data/validate.py); listed once it exists.
+    if _has_validate():
+        va = dsub.add_parser("validate", help="check a corpus + training file (+ qrels) and print stats")
+        va.add_argument("--corpus", required=True, help="corpus JSONL")
+        va.add_argument("--train", required=True, help="training JSONL")
+        va.add_argument("--qrels", help="qrels TSV (optional)")
+    return p
+
+
+def run(args) -> int:
+    if args.data_command == "export":
+        return _export(args.dataset, args.dir)
+    if args.data_command == "stats":
+        stats = dataset_stats(args.dir)
+        print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+        return 0
+    if args.data_command == "validate":
+        from negjax.data.validate import validate_dataset
+
+        print(json.dumps(validate_dataset(args.corpus, args.train, args.qrels), indent=2, default=str))
+        return 0
+    raise NegjaxError(f"unknown data action {args.data_command!r}")
+
+
+def _export(name: str, out_dir: str) -> int:
+    if name not in DATASETS:
+        raise NegjaxError(f"unknown dataset {name!r}; built-in datasets: {', '.join(DATASETS)}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NegjaxError(f"{out}: exists and is not a directory")
+    module = importlib.import_module(DATASETS[name])
+    written = module.export(out)
+    for fname, n in written.items():
+        print(f"{out / fname}\t{n}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- stats
+
+def _lengths(texts) -> dict:
+    """Summaries of word and character counts of `texts`."""
+    import numpy as np
+
+    words = np.fromiter((len(t.split()) for t in texts), np.int64, count=len(texts))
+    chars = np.fromiter((len(t) for t in texts), np.int64, count=len(texts))
+    return {"words": _summary(words), "chars": _summary(chars)}
+
+
+def _summary(arr) -> dict:
+    import numpy as np
+
+    if arr.size == 0:
+        return {"n": 0}
+    out = {"n": int(arr.size), "mean": round(float(arr.mean()), 1)}
+    for p, v in zip(PERCENTILES, np.percentile(arr, PERCENTILES)):
+        out[f"p{p}"] = int(round(float(v)))
+    out["max"] = int(arr.max())
+    return out
+
+
+def dataset_stats(directory) -> dict:
+    """Counts and length statistics of the recognised files in `directory`: corpus.jsonl,
+    train.jsonl, *queries.jsonl, *qrels.tsv and qrels/*.tsv (BEIR layout). Files are read (and
+    so checked) by negjax.data.formats: qrels ids must exist in the corpus and in the matching
+    queries file (X_qrels.tsv <-> X_queries.jsonl, qrels/*.tsv <-> queries.jsonl).
+    Document lengths are of the text a model embeds ("title text" when there is a title)."""
+    from negjax.data import formats
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise NegjaxError(f"{d}: not a directory")
+    stats: dict = {"dir": str(d), "files": {}, "lengths": {}}
+    corpus = None
+    if (d / "corpus.jsonl").is_file():
+        corpus = formats.read_corpus(d / "corpus.jsonl")
+        stats["files"]["corpus.jsonl"] = {"documents": len(corpus),
+                                          "with_title": sum(bool(t) for t in corpus.titles)}
+        stats["lengths"]["documents"] = _lengths(corpus.texts)
+    if (d / "train.jsonl").is_file():
+        _, train = formats.read_training(d / "train.jsonl", corpus)
+        stats["files"]["train.jsonl"] = {"queries": len(train),
+                                         "positives": sum(map(len, train.positives)),
+                                         "negatives": sum(map(len, train.negatives))}
+        stats["lengths"]["train queries"] = _lengths(train.queries)
+    queries = {}
+    for qpath in sorted(d.glob("*queries.jsonl")):
+        queries[qpath.name] = q = formats.read_queries(qpath)
+        stats["files"][qpath.name] = {"queries": len(q)}
+        label = qpath.name[: -len("queries.jsonl")].strip("_") or "eval"
+        stats["lengths"][f"{label} queries"] = _lengths(q.texts)
+    for rpath in sorted(d.glob("*qrels.tsv")) + sorted(d.glob("qrels/*.tsv")):
+        partner = (rpath.name[: -len("qrels.tsv")] + "queries.jsonl") if rpath.parent == d else "queries.jsonl"
+        known = queries[partner].ids if partner in queries else None
+        qrels = formats.read_qrels(rpath, corpus=corpus, query_ids=known)
+        stats["files"][rpath.relative_to(d).as_posix()] = {
+            "judgements": sum(map(len, qrels.values())), "queries": len(qrels)}
+    if not stats["files"]:
+        raise NegjaxError(f"{d}: no corpus.jsonl, train.jsonl, *queries.jsonl or *qrels.tsv found")
+    return stats
+
+
+def format_stats(stats: dict) -> str:
+    lines = [f"{stats['dir']}"]
+    width = max(len(n) for n in stats["files"]) + 2
+    for name, counts in stats["files"].items():
+        lines.append(f"  {name:<{width}}" + ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in counts.items()))
+    if stats["lengths"]:
+        cols = ["n", "mean", *(f"p{p}" for p in PERCENTILES), "max"]
+        lw = max(len(k) for k in stats["lengths"]) + 8
+        lines.append("")
+        lines.append(f"  {'lengths':<{lw}}" + "".join(f"{c:>9}" for c in cols))
+        for label, by_unit in stats["lengths"].items():
+            for unit, s in by_unit.items():
+                cells = "".join(f"{s.get(c, '-'):>9}" for c in cols)
+                lines.append(f"  {label + ' (' + unit + ')':<{lw}}{cells}")
+    return "\n".join(lines)

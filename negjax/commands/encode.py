@@ -1,0 +1,73 @@
+"""`negjax encode --model DIR|minilm|tiny --input FILE.jsonl --output FILE.npy`: embed texts.
+
+Input lines are `{"text": ...}` or `{"id": ..., "text": ...}`; the output is float32 [N, D]
+in input order (row i = line i, blank lines skipped), written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from negjax.errors import NegjaxError, file_error
+
+
+def add_parser(sub):
+    from negjax.cli import add_config_args
+
+    p = sub.add_parser("encode", help="embed texts from JSONL into a float32 .npy [N, D]")
+    p.add_argument("--model", help="'minilm', 'tiny' or a Hugging Face / sentence-transformers "
+                   "directory (default: model.name from the config)")
+    p.add_argument("--input", required=True, help='JSONL, one {"text"} or {"id","text"} per line')
+    p.add_argument("--output", required=True, help="output .npy, float32 [N, D]")
+    p.add_argument("--max-length", type=int, default=0,
+                   help="max tokens per text (default: the model's max_seq_length)")
+    p.add_argument("--batch-size", type=int, default=128, help="texts per batch (all devices)")
+    p.add_argument("--tower", choices=("query", "doc"), default="query",
+                   help="which tower encodes (only matters with separate towers)")
+    add_config_args(p)
+    return p
+
+
+def read_texts(path: Path) -> list[str]:
+    """Texts of a JSONL file in line order; a malformed line raises naming file:line."""
+    if not path.is_file():
+        raise NegjaxError(f"{path}: input file not found")
+    texts = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise file_error(path, lineno, f"invalid JSON: {e.msg}") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise file_error(path, lineno, 'expected an object with a string "text"')
+            texts.append(rec["text"])
+    return texts
+
+
+def run(args) -> int:
+    import numpy as np
+
+    from negjax.config import load_config
+    from negjax.model import encode_texts, load_encoder
+    from negjax.utils import atomic_path
+
+    if args.batch_size <= 0:
+        raise NegjaxError(f"--batch-size must be > 0, got {args.batch_size}")
+    if args.max_length < 0:
+        raise NegjaxError(f"--max-length must be > 0, got {args.max_length}")
+    cfg = load_config(args.config, args.overrides)
+    if args.model:
+        cfg.model.name = args.model
+    texts = read_texts(Path(args.input))
+    enc = load_encoder(cfg.model)
+    emb = encode_texts(enc, enc.params, texts, tower=args.tower,
+                       max_length=args.max_length or None, batch_size=args.batch_size)
+    with atomic_path(args.output, suffix=".npy") as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, emb.astype(np.float32))
+    print(f"wrote {emb.shape[0]} x {emb.shape[1]} float32 embeddings to {args.output}")
+    return 0

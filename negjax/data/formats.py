@@ -1,0 +1,492 @@
+"""Readers for the input formats in DESIGN.md, into one in-memory representation.
+
+    corpus = read_corpus("corpus.jsonl")                      # {"id"|"_id", "text", "title"?}
+    corpus, train = read_training("train.jsonl", corpus)      # pairs with corpus ids
+    corpus, train = read_training("flag.jsonl")               # pairs with inline texts
+    corpus, train = read_training("tevatron.jsonl")           # Tevatron (corpus optional)
+    corpus, train = read_training("queries.jsonl", corpus, qrels="qrels/train.tsv")  # BEIR
+
+Every malformed record raises `NegjaxError` naming the file and line ("path:line: what");
+nothing is skipped silently (blank lines are not records). Documents are addressed by their
+row in `Corpus` (an int), which is also their row in the token store and the document id the
+training batches carry.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from negjax.errors import NegjaxError, file_error
+
+QRELS_HEADERS = ({"query-id", "corpus-id", "score"}, {"query_id", "corpus_id", "score"},
+                 {"qid", "docid", "score"}, {"query-id", "doc-id", "score"})
+
+
+# ---------------------------------------------------------------------------------------------
+# In-memory representation
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Corpus:
+    """Documents in file order. Row `i` is document `ids[i]`.
+
+    `texts[i]` is the string that gets tokenised and encoded: "title text" when the record has a
+    title (the BEIR / sentence-transformers convention), else the text. `titles[i]` is the raw
+    title ('' when absent).
+    """
+    ids: list[str]
+    texts: list[str]
+    titles: list[str]
+    path: str = ""
+    index: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if not self.index:
+            self.index = {d: i for i, d in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def row(self, doc_id: str) -> int:
+        """The row of a document id; KeyError when unknown."""
+        return self.index[doc_id]
+
+
+@dataclass
+class Queries:
+    """Evaluation (or BEIR training) queries in file order."""
+    ids: list[str]
+    texts: list[str]
+    path: str = ""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class TrainExamples:
+    """One training query per example, in file order.
+
+    positives[i] / negatives[i] are corpus rows (ints). `negatives` are the ones given in the
+    training file (ranked as given; hard-negative shards replace them in the pipeline).
+    query_ids are the file's ids, or "#LINE" when the format has none (pairs JSONL without "id").
+    """
+    query_ids: list[str]
+    queries: list[str]
+    positives: list[list[int]]
+    negatives: list[list[int]]
+    lines: list[int]
+    path: str = ""
+    format: str = ""
+
+    def __len__(self) -> int:
+        return len(self.query_ids)
+
+    def index(self) -> dict[str, int]:
+        return {q: i for i, q in enumerate(self.query_ids)}
+
+    def add(self, query_id: str, query: str, positives: list[int], negatives: list[int],
+            line: int) -> None:
+        self.query_ids.append(query_id)
+        self.queries.append(query)
+        self.positives.append(positives)
+        self.negatives.append(negatives)
+        self.lines.append(line)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+def normalize_text(text: str) -> str:
+    """NFKC, lower case, whitespace collapsed: two texts are 'the same document' iff equal."""
+    return " ".join(unicodedata.normalize("NFKC", text).lower().split())
+
+
+def text_id(text: str) -> str:
+    """The id of an inline document: a hash of its normalised text ('h' + 16 hex digits)."""
+    return "h" + hashlib.blake2b(normalize_text(text).encode("utf-8"), digest_size=8).hexdigest()
+
+
+def _open_lines(path: Path):
+    if not path.is_file():
+        raise NegjaxError(f"{path}: file not found")
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _decode(path: Path, lineno: int, raw: bytes) -> str:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise file_error(path, lineno, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    return line.lstrip("\ufeff") if lineno == 1 else line
+
+
+def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; anything but a JSON object is an error."""
+    path = Path(path)
+    with _open_lines(path) as fh:
+        for lineno, raw in enumerate(fh, 1):
+            line = _decode(path, lineno, raw)
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise file_error(path, lineno, f"invalid JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise file_error(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def _id(obj: dict, keys: tuple[str, ...], path, line, what: str) -> str:
+    """An id field (string or integer) under the first present key of `keys`."""
+    for key in keys:
+        if key in obj:
+            v = obj[key]
+            if isinstance(v, bool) or not isinstance(v, (str, int)):
+                raise file_error(path, line, f"field {key!r} ({what}) must be a string or an "
+                                 f"integer, got {type(v).__name__}")
+            v = str(v)
+            if not v.strip():
+                raise file_error(path, line, f"field {key!r} ({what}) is empty")
+            return v
+    raise file_error(path, line, f"missing field {' or '.join(repr(k) for k in keys)} ({what})")
+
+
+def _text(obj: dict, key: str, path, line, *, required=True, what="text") -> str:
+    if key not in obj:
+        if required:
+            raise file_error(path, line, f"missing field {key!r} ({what})")
+        return ""
+    v = obj[key]
+    if v is None and not required:
+        return ""
+    if not isinstance(v, str):
+        raise file_error(path, line, f"field {key!r} must be a string, got {type(v).__name__}")
+    if required and not v.strip():
+        raise file_error(path, line, f"field {key!r} ({what}) is empty")
+    return v
+
+
+def _list(obj: dict, key: str, path, line, *, required: bool) -> list:
+    if key not in obj or obj[key] is None:
+        if required:
+            raise file_error(path, line, f"missing field {key!r}")
+        return []
+    v = obj[key]
+    if not isinstance(v, list):
+        raise file_error(path, line, f"field {key!r} must be a list, got {type(v).__name__}")
+    if required and not v:
+        raise file_error(path, line, f"field {key!r} is an empty list (every query needs a positive)")
+    return v
+
+
+def _dedup(rows: list[int]) -> list[int]:
+    return list(dict.fromkeys(rows))
+
+
+def _join(title: str, text: str) -> str:
+    return f"{title.strip()} {text}" if title.strip() else text
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus, queries, qrels
+# ---------------------------------------------------------------------------------------------
+
+def read_corpus(path) -> Corpus:
+    """Corpus JSONL: {"id" | "_id": str|int, "text": str (non-empty), "title"?: str}."""
+    path = Path(path)
+    ids, texts, titles, index = [], [], [], {}
+    first_line: dict[str, int] = {}
+    for line, obj in iter_jsonl(path):
+        doc_id = _id(obj, ("_id", "id"), path, line, "document id")
+        text = _text(obj, "text", path, line, what="document text")
+        title = _text(obj, "title", path, line, required=False)
+        if doc_id in index:
+            raise file_error(path, line, f"duplicate document id {doc_id!r} (first on line "
+                             f"{first_line[doc_id]})")
+        index[doc_id] = len(ids)
+        first_line[doc_id] = line
+        ids.append(doc_id)
+        texts.append(_join(title, text))
+        titles.append(title)
+    if not ids:
+        raise NegjaxError(f"{path}: no documents")
+    return Corpus(ids, texts, titles, str(path), index)
+
+
+def read_queries(path) -> Queries:
+    """Queries JSONL: {"id" | "_id": str|int, "text": str (non-empty)}."""
+    path = Path(path)
+    ids, texts, seen = [], [], {}
+    for line, obj in iter_jsonl(path):
+        qid = _id(obj, ("_id", "id"), path, line, "query id")
+        text = _text(obj, "text", path, line, what="query text")
+        if qid in seen:
+            raise file_error(path, line, f"duplicate query id {qid!r} (first on line {seen[qid]})")
+        seen[qid] = line
+        ids.append(qid)
+        texts.append(text)
+    if not ids:
+        raise NegjaxError(f"{path}: no queries")
+    return Queries(ids, texts, str(path))
+
+
+def read_qrels(path, *, corpus: Corpus | None = None,
+               query_ids=None) -> dict[str, dict[str, int]]:
+    """Qrels TSV -> {query id: {doc id: score}}.
+
+    Lines are `query-id<TAB>corpus-id<TAB>score` (BEIR; the header line is optional) or the
+    4-column TREC form `qid<WS>iteration<WS>docid<WS>score`. Scores are integers. With `corpus`
+    / `query_ids`, unknown ids are errors naming the line.
+    """
+    path = Path(path)
+    qrels: dict[str, dict[str, int]] = {}
+    first_line: dict[tuple[str, str], int] = {}
+    known_q = set(query_ids) if query_ids is not None else None
+    with _open_lines(path) as fh:
+        for lineno, raw in enumerate(fh, 1):
+            line = _decode(path, lineno, raw).rstrip("\r\n")
+            if not line.strip():
+                continue
+            parts = line.split("\t") if "\t" in line else line.split()
+            if lineno == 1 and {p.strip().lower() for p in parts} in QRELS_HEADERS:
+                continue
+            if len(parts) == 4:
+                parts = [parts[0], parts[2], parts[3]]
+            if len(parts) != 3:
+                raise file_error(path, lineno, f"expected 3 tab-separated columns "
+                                 f"(query-id, corpus-id, score), got {len(parts)}")
+            qid, did, score_s = (p.strip() for p in parts)
+            if not qid or not did:
+                raise file_error(path, lineno, "empty query id or corpus id")
+            try:
+                score = int(score_s)
+            except ValueError:
+                raise file_error(path, lineno, f"score {score_s!r} is not an integer") from None
+            if known_q is not None and qid not in known_q:
+                raise file_error(path, lineno, f"unknown query id {qid!r}")
+            if corpus is not None and did not in corpus.index:
+                raise file_error(path, lineno, f"unknown corpus id {did!r} (not in {corpus.path})")
+            if (qid, did) in first_line:
+                raise file_error(path, lineno, f"duplicate pair ({qid!r}, {did!r}) (first on line "
+                                 f"{first_line[qid, did]})")
+            first_line[qid, did] = lineno
+            qrels.setdefault(qid, {})[did] = score
+    if not qrels:
+        raise NegjaxError(f"{path}: no judgements")
+    return qrels
+
+
+# ---------------------------------------------------------------------------------------------
+# Training data
+# ---------------------------------------------------------------------------------------------
+
+def detect_train_format(path) -> str:
+    """'pairs' ({"query", "pos"}), 'tevatron' ({"query_id", "positive_passages"}) or
+    'queries' (BEIR queries.jsonl; positives come from qrels), from the first record."""
+    path = Path(path)
+    for line, obj in iter_jsonl(path):
+        if "positive_passages" in obj:
+            return "tevatron"
+        if "pos" in obj or "query" in obj:
+            return "pairs"
+        if "text" in obj and ("_id" in obj or "id" in obj):
+            return "queries"
+        raise file_error(path, line, "unknown training format: expected {\"query\", \"pos\", "
+                         "\"neg\"?} pairs, Tevatron {\"query_id\", \"query\", \"positive_passages\"}"
+                         " or BEIR queries {\"_id\", \"text\"} with qrels")
+    raise NegjaxError(f"{path}: no training examples")
+
+
+def read_training(path, corpus: Corpus | str | Path | None = None, *, qrels=None,
+                  fmt: str = "auto") -> tuple[Corpus, TrainExamples]:
+    """Read training data in any supported format; returns (corpus, examples).
+
+    corpus: a `Corpus`, a corpus JSONL path, or None (then pairs carry inline texts and
+    Tevatron passages form the corpus). qrels: a qrels TSV path (BEIR training: `path` is then
+    queries.jsonl). The returned corpus is the given one, or the one built from the texts.
+    """
+    path = Path(path)
+    if corpus is not None and not isinstance(corpus, Corpus):
+        corpus = read_corpus(corpus)
+    if fmt == "auto":
+        fmt = "queries" if qrels is not None else detect_train_format(path)
+    if fmt == "queries" or qrels is not None:
+        if qrels is None:
+            raise NegjaxError(f"{path}: looks like BEIR queries; pass the training qrels TSV too")
+        if corpus is None:
+            raise NegjaxError(f"{path}: BEIR training data needs the corpus")
+        return corpus, _read_beir(path, corpus, Path(qrels))
+    if fmt == "tevatron":
+        return _read_tevatron(path, corpus)
+    if fmt == "pairs":
+        return (corpus, _read_pairs_ids(path, corpus)) if corpus is not None else _read_pairs_texts(path)
+    raise NegjaxError(f"unknown training format {fmt!r} (auto, pairs, tevatron, queries)")
+
+
+def _query_id(obj, path, line, seen: dict) -> str:
+    qid = _id(obj, ("id", "_id", "query_id"), path, line, "query id") if any(
+        k in obj for k in ("id", "_id", "query_id")) else f"#{line}"
+    if qid in seen:
+        raise file_error(path, line, f"duplicate query id {qid!r} (first on line {seen[qid]})")
+    seen[qid] = line
+    return qid
+
+
+def _read_pairs_ids(path: Path, corpus: Corpus) -> TrainExamples:
+    ex = TrainExamples([], [], [], [], [], str(path), "pairs")
+    seen: dict[str, int] = {}
+    for line, obj in iter_jsonl(path):
+        qid = _query_id(obj, path, line, seen)
+        query = _text(obj, "query", path, line, what="query text")
+        rows = []
+        for key in ("pos", "neg"):
+            out = []
+            for j, d in enumerate(_list(obj, key, path, line, required=key == "pos")):
+                if isinstance(d, bool) or not isinstance(d, (str, int)):
+                    raise file_error(path, line, f"{key}[{j}] must be a corpus id (string), got "
+                                     f"{type(d).__name__}")
+                r = corpus.index.get(str(d))
+                if r is None:
+                    raise file_error(path, line, f"{key}[{j}]: unknown corpus id {str(d)!r} "
+                                     f"(not in {corpus.path or 'the corpus'})")
+                out.append(r)
+            rows.append(_dedup(out))
+        pos, neg = rows
+        _check_disjoint(pos, neg, corpus, path, line)
+        ex.add(qid, query, pos, neg, line)
+    if not ex.query_ids:
+        raise NegjaxError(f"{path}: no training examples")
+    return ex
+
+
+def _check_disjoint(pos, neg, corpus, path, line):
+    clash = set(pos) & set(neg)
+    if clash:
+        doc = corpus.ids[min(clash)]
+        raise file_error(path, line, f"negative {doc!r} is also a positive of this query")
+
+
+def _read_pairs_texts(path: Path) -> tuple[Corpus, TrainExamples]:
+    """FlagEmbedding style: pos/neg are texts; documents are deduplicated by normalised text."""
+    ids, texts, index = [], [], {}
+    ex = TrainExamples([], [], [], [], [], str(path), "pairs-text")
+    seen: dict[str, int] = {}
+
+    def doc_row(t, key, j, line) -> int:
+        if not isinstance(t, str):
+            raise file_error(path, line, f"{key}[{j}] must be a text (string), got "
+                             f"{type(t).__name__} (pass --corpus when entries are corpus ids)")
+        if not t.strip():
+            raise file_error(path, line, f"{key}[{j}] is an empty text")
+        did = text_id(t)
+        r = index.get(did)
+        if r is None:
+            r = index[did] = len(ids)
+            ids.append(did)
+            texts.append(t)
+        return r
+
+    for line, obj in iter_jsonl(path):
+        qid = _query_id(obj, path, line, seen)
+        query = _text(obj, "query", path, line, what="query text")
+        pos = _dedup([doc_row(t, "pos", j, line) for j, t in
+                      enumerate(_list(obj, "pos", path, line, required=True))])
+        neg = _dedup([doc_row(t, "neg", j, line) for j, t in
+                      enumerate(_list(obj, "neg", path, line, required=False))])
+        if set(pos) & set(neg):
+            raise file_error(path, line, "a negative text equals a positive text (after "
+                             "normalising case and whitespace)")
+        ex.add(qid, query, pos, neg, line)
+    if not ex.query_ids:
+        raise NegjaxError(f"{path}: no training examples")
+    return Corpus(ids, texts, [""] * len(ids), str(path), index), ex
+
+
+def _read_tevatron(path: Path, corpus: Corpus | None) -> tuple[Corpus, TrainExamples]:
+    """Tevatron: {"query_id", "query", "positive_passages": [{"docid", "title"?, "text"}],
+    "negative_passages": [...]?}. Without a corpus the passages form it (a docid seen twice
+    must carry the same text)."""
+    own = corpus is None
+    ids, texts, titles, index, doc_line = [], [], [], {}, {}
+    ex = TrainExamples([], [], [], [], [], str(path), "tevatron")
+    seen: dict[str, int] = {}
+
+    def doc_row(p, key, j, line) -> int:
+        if not isinstance(p, dict):
+            raise file_error(path, line, f"{key}[{j}] must be an object with docid/text, got "
+                             f"{type(p).__name__}")
+        did = _id(p, ("docid", "_id", "id"), path, line, f"{key}[{j}] docid")
+        if not own:
+            r = corpus.index.get(did)
+            if r is None:
+                raise file_error(path, line, f"{key}[{j}]: unknown docid {did!r} (not in "
+                                 f"{corpus.path or 'the corpus'})")
+            return r
+        text = _text(p, "text", path, line, what=f"{key}[{j}] text")
+        title = _text(p, "title", path, line, required=False)
+        full = _join(title, text)
+        r = index.get(did)
+        if r is None:
+            r = index[did] = len(ids)
+            ids.append(did)
+            texts.append(full)
+            titles.append(title)
+            doc_line[did] = line
+        elif texts[r] != full:
+            raise file_error(path, line, f"{key}[{j}]: docid {did!r} has a different text than "
+                             f"on line {doc_line[did]}")
+        return r
+
+    for line, obj in iter_jsonl(path):
+        qid = _id(obj, ("query_id",), path, line, "query id")
+        if qid in seen:
+            raise file_error(path, line, f"duplicate query_id {qid!r} (first on line {seen[qid]})")
+        seen[qid] = line
+        query = _text(obj, "query", path, line, what="query text")
+        pos = _dedup([doc_row(p, "positive_passages", j, line) for j, p in
+                      enumerate(_list(obj, "positive_passages", path, line, required=True))])
+        neg = _dedup([doc_row(p, "negative_passages", j, line) for j, p in
+                      enumerate(_list(obj, "negative_passages", path, line, required=False))])
+        if set(pos) & set(neg):
+            doc = (ids if own else corpus.ids)[min(set(pos) & set(neg))]
+            raise file_error(path, line, f"negative passage {doc!r} is also a positive")
+        ex.add(qid, query, pos, neg, line)
+    if not ex.query_ids:
+        raise NegjaxError(f"{path}: no training examples")
+    if own:
+        corpus = Corpus(ids, texts, titles, str(path), index)
+    return corpus, ex
+
+
+def _read_beir(path: Path, corpus: Corpus, qrels_path: Path) -> TrainExamples:
+    """BEIR: queries.jsonl + qrels TSV. Score > 0 = positive, score <= 0 = given negative.
+    Queries without judgements are not training queries (BEIR keeps all splits' queries in one
+    file); a judged query without any positive is an error."""
+    queries = read_queries(path)
+    qrels = read_qrels(qrels_path, corpus=corpus, query_ids=queries.ids)
+    ex = TrainExamples([], [], [], [], [], str(path), "beir")
+    qline = {}
+    for line, obj in iter_jsonl(path):
+        qline[str(obj.get("_id", obj.get("id")))] = line
+    for qid, text in zip(queries.ids, queries.texts):
+        judged = qrels.get(qid)
+        if not judged:
+            continue
+        pos = [corpus.index[d] for d, s in judged.items() if s > 0]
+        neg = [corpus.index[d] for d, s in judged.items() if s <= 0]
+        if not pos:
+            raise NegjaxError(f"{qrels_path}: query {qid!r} ({path}:{qline[qid]}) has judgements "
+                              "but no positive (score > 0)")
+        ex.add(qid, text, pos, neg, qline[qid])
+    if not ex.query_ids:
+        raise NegjaxError(f"{qrels_path}: no judged query of {path}")
+    return ex

@@ -1,0 +1,506 @@
+"""The training input pipeline: (seed, step) -> this process' slice of the global batch.
+
+    pipe = build_pipeline(cfg, tokenizer)        # or Pipeline(...) from parts
+    batch = next(pipe)                           # dict of numpy arrays (INTERFACES.md)
+    state = pipe.get_state()                     # small JSON-able dict, saved with a checkpoint
+    pipe.set_state(state)                        # the sequence continues exactly
+
+Design: batch k is a pure function of (seed, k). Every process computes the *ids* of the
+whole global batch (cheap integer work) and materialises tokens only for its own slice, so
+the slices of any number of processes concatenate to exactly the one-process batch, the
+dedup rule below can look at the whole global batch, and resuming is `step = k`.
+grain (MapDataset.range(...).map(batch) -> to_iter_dataset) supplies the background
+prefetch threads and the iterator state; grain's own samplers and per-process sharding work
+per record, which cannot express a rule over the *global* batch, so sampling is ours.
+
+Sampling (epoch e = k // steps_per_epoch, steps_per_epoch = num_queries // batch_size):
+- Queries: a permutation of all training queries per epoch, from hash(seed, e); batch k takes
+  the next batch_size of it. The last num_queries % batch_size queries of each epoch's order
+  are not used in that epoch (which ones changes every epoch).
+- Positive: the query's positives in turn, positives[(hash(seed, q) + e) % n] (Tevatron's
+  rotation).
+- Hard negatives (H per query) from the query's mined list (shards, else the training file's
+  "neg"): 'top' takes the ranked list as a ring and starts at (e * H) % n, so successive
+  epochs walk down the ranking (Tevatron); 'random' orders the list by hash(seed, e, q, j)
+  and takes the first H. A query with fewer than H gets random corpus documents for the
+  rest (counted in stats as random_negatives / queries_short).
+- No document id twice in one global batch: ids are taken in priority order (every query's
+  positive, then the mined negatives query by query, slot by slot, then the random fills); a
+  negative whose id is already
+  in the batch or is one of its own query's positives is replaced by the query's next unused
+  candidate, then by random corpus documents (hash(seed, k, slot, attempt)), then by a scan
+  from a random start. Only when the corpus has no unused document left does a duplicate stay
+  (stats: unavoidable_duplicates). Two queries that share the positive first try their other
+  positives; if none is free the shared positive stays (stats: shared_positives): the loss
+  masks a column whose id is one of the query's positives (query_pos_ids), so it is never
+  a negative.
+- Lengths: queries / documents are padded to the smallest length bucket that holds the
+  longest text of the *global* batch, so every process has the same shapes.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from negjax.data.formats import Corpus, TrainExamples
+from negjax.data.shards import NegativeLists
+from negjax.data.token_store import TokenStore
+from negjax.errors import NegjaxError
+
+STATE_VERSION = 1
+_PERM, _POS, _NEG, _RAND = 1, 2, 3, 4  # hash streams: one per kind of random choice
+_RANDOM_ATTEMPTS = 32  # random draws before scanning for a free document
+_FAST_DRAWS = 4       # of which drawn vectorised up front
+STAT_KEYS = ("batches", "queries", "negatives", "random_negatives", "queries_short",
+             "replaced_duplicates", "unavoidable_duplicates", "shared_positives")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stateless randomness: version-stable integer hashing instead of RNG streams
+# ---------------------------------------------------------------------------------------------
+
+def _splitmix(x: np.ndarray) -> np.ndarray:
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def hash_u64(*parts) -> np.ndarray:
+    """A uint64 hash of integer arrays (broadcast): the source of every random choice, so a
+    choice depends only on its coordinates (seed, epoch, query, ...), on any numpy version."""
+    with np.errstate(over="ignore"):
+        h = np.zeros((), dtype=np.uint64)
+        for p in parts:
+            h = _splitmix(h ^ np.asarray(p).astype(np.int64).astype(np.uint64))
+    return h
+
+
+def length_buckets(max_len: int, configured=()) -> list[int]:
+    """Pad lengths for texts of up to max_len tokens: the configured ones below max_len, or
+    powers of two from 16, and always max_len itself (few buckets = few jit compilations)."""
+    if configured:
+        small = sorted({int(b) for b in configured if int(b) < max_len})
+    else:
+        small = [b for b in (16, 32, 64, 128, 256, 512, 1024) if b < max_len]
+    return small + [int(max_len)]
+
+
+def _ragged(offsets: np.ndarray, values: np.ndarray, rows: np.ndarray, fill=-1):
+    """Rows of a CSR array padded to [len(rows), max length] (and the lengths)."""
+    starts, lens = offsets[rows], offsets[rows + 1] - offsets[rows]
+    width = int(lens.max()) if len(rows) else 0
+    j = np.arange(width)
+    valid = j[None, :] < lens[:, None]
+    idx = np.where(valid, starts[:, None] + j[None, :], 0)
+    out = np.where(valid, values[idx] if len(values) else fill, fill)
+    return out.astype(np.int64), lens
+
+
+@dataclass
+class GlobalBatch:
+    """Ids of global batch k (before tokens): q_rows [B], d_rows [B*G], pos_ids [B, P]."""
+    step: int
+    q_rows: np.ndarray
+    d_rows: np.ndarray
+    pos_ids: np.ndarray
+    q_len: int
+    d_len: int
+    stats: dict
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------
+
+class Pipeline:
+    """Deterministic, resumable, multi-process batches (see the module docstring).
+
+    query_store rows are training examples, doc_store rows are corpus rows (= document ids).
+    negatives: ranked candidate lists per example (None = none; all negatives random).
+    """
+
+    def __init__(self, *, examples: TrainExamples, query_store: TokenStore, doc_store: TokenStore,
+                 batch_size: int, num_negatives: int = 0, negatives: NegativeLists | None = None,
+                 seed: int = 0, strategy: str = "top", max_positives: int = 32,
+                 query_buckets=None, doc_buckets=None, process_index: int = 0,
+                 process_count: int = 1, prefetch: int = 4, threads: int = 1):
+        nq, nd = len(examples), len(doc_store)
+        if len(query_store) != nq:
+            raise ValueError(f"query store has {len(query_store)} rows, examples {nq}")
+        if strategy not in ("top", "random"):
+            raise NegjaxError(f"negative sampling {strategy!r}: expected 'top' or 'random'")
+        if batch_size > nq:
+            raise NegjaxError(f"batch size {batch_size} exceeds the {nq} training queries")
+        if batch_size % process_count:
+            raise NegjaxError(f"global batch size {batch_size} is not divisible by the "
+                              f"{process_count} processes")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        self.examples, self.query_store, self.doc_store = examples, query_store, doc_store
+        self.batch_size, self.num_negatives, self.group_size = batch_size, num_negatives, 1 + num_negatives
+        self.seed, self.strategy = int(seed), strategy
+        self.num_queries, self.num_docs = nq, nd
+        self.steps_per_epoch = nq // batch_size
+        self.process_index, self.process_count = process_index, process_count
+        self.local_batch = batch_size // process_count
+
+        pos = NegativeLists.from_lists(examples.positives)
+        self._pos_off, self._pos_rows = pos.offsets, pos.rows.astype(np.int64)
+        if (np.diff(self._pos_off) == 0).any():
+            raise NegjaxError("every training query needs at least one positive")
+        if negatives is None:
+            negatives = NegativeLists(np.zeros(nq + 1, np.int64), np.zeros(0, np.int32))
+        if len(negatives.offsets) != nq + 1:
+            raise ValueError("negatives are not aligned to the training examples")
+        self._neg_off, self._neg_rows = negatives.offsets, negatives.rows.astype(np.int64)
+        for arr in (self._pos_rows, self._neg_rows):
+            if len(arr) and (arr.min() < 0 or arr.max() >= nd):
+                raise ValueError("document row out of range of the document store")
+        self.num_positives = int(max(1, min(max_positives, np.diff(self._pos_off).max())))
+        self.query_buckets = length_buckets(query_store.max_len, query_buckets or ())
+        self.doc_buckets = length_buckets(doc_store.max_len, doc_buckets or ())
+        self._q_lengths = np.asarray(query_store.lengths)
+        self._d_lengths = np.asarray(doc_store.lengths)
+
+        counts = np.diff(self._neg_off)
+        self.info = {
+            "queries": nq, "documents": nd, "steps_per_epoch": self.steps_per_epoch,
+            "unused_queries_per_epoch": nq % batch_size, "group_size": self.group_size,
+            "num_positives": self.num_positives,
+            "queries_without_negatives": int((counts == 0).sum()),
+            "queries_with_fewer_than_H": int((counts < num_negatives).sum()),
+            "negatives_source": negatives.source or ("training file" if len(self._neg_rows) else "none"),
+            "query_buckets": self.query_buckets, "doc_buckets": self.doc_buckets,
+        }
+        self._perm_cache: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+        self._prefetch, self._threads = int(prefetch), int(threads)
+        self._stats = dict.fromkeys(STAT_KEYS, 0)
+        self._iter = None
+        self._start = 0
+
+    # -- pure part: ids of global batch k ---------------------------------------------------
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """[num_queries] int64: the order of the training queries in `epoch`."""
+        with self._lock:
+            perm = self._perm_cache.get(epoch)
+            if perm is None:
+                keys = hash_u64(self.seed, _PERM, epoch, np.arange(self.num_queries))
+                perm = np.argsort(keys, kind="stable")
+                self._perm_cache = {epoch: perm, **{e: p for e, p in self._perm_cache.items()
+                                                    if e == epoch - 1}}
+            return perm
+
+    def global_batch(self, k: int) -> GlobalBatch:
+        """Ids of global batch k (a pure function of (seed, k))."""
+        B, H, G = self.batch_size, self.num_negatives, self.group_size
+        epoch, i = divmod(int(k), self.steps_per_epoch)
+        q = self.epoch_order(epoch)[i * B:(i + 1) * B]
+        stats = dict.fromkeys(STAT_KEYS, 0)
+        stats.update(batches=1, queries=B, negatives=B * H)
+
+        # Positives: rotate through each query's list by epoch.
+        all_pos, npos = _ragged(self._pos_off, self._pos_rows, q)
+        rot = (hash_u64(self.seed, _POS, q) + np.uint64(epoch)) % npos.astype(np.uint64)
+        chosen = all_pos[np.arange(B), rot.astype(np.int64)]
+        dup = _not_first(chosen)
+        if dup.any():
+            used = set(chosen.tolist())
+            for b in np.flatnonzero(dup):
+                for t in range(1, int(npos[b])):
+                    alt = int(all_pos[b, (int(rot[b]) + t) % int(npos[b])])
+                    if alt not in used:
+                        chosen[b] = alt
+                        used.add(alt)
+                        break
+                else:
+                    stats["shared_positives"] += 1
+
+        # The query's positives, chosen first, padded with -1 to P columns.
+        key = np.where(all_pos == chosen[:, None], -1, np.arange(all_pos.shape[1])[None, :])
+        key = np.where(all_pos < 0, all_pos.shape[1], key)
+        ordered = np.take_along_axis(all_pos, np.argsort(key, axis=1, kind="stable"), axis=1)
+        P = self.num_positives
+        pos_ids = np.full((B, P), -1, dtype=np.int64)
+        pos_ids[:, :min(P, ordered.shape[1])] = ordered[:, :P]
+
+        negs = np.zeros((B, 0), dtype=np.int64)
+        if H:
+            negs = self._negatives(k, epoch, q, chosen, all_pos, stats)
+        d_rows = np.concatenate([chosen[:, None], negs], axis=1).reshape(B * G)
+        q_len = _bucket(self.query_buckets, int(self._q_lengths[q].max()))
+        d_len = _bucket(self.doc_buckets, int(self._d_lengths[d_rows].max()))
+        return GlobalBatch(int(k), q, d_rows, pos_ids, q_len, d_len, stats)
+
+    def _negatives(self, k, epoch, q, chosen, all_pos, stats) -> np.ndarray:
+        """[B, H] int64 document rows (the rules in the module docstring)."""
+        B, H, nd = self.batch_size, self.num_negatives, self.num_docs
+        cand, n = _ragged(self._neg_off, self._neg_rows, q)
+        C = cand.shape[1]
+        if C:
+            j = np.arange(C)[None, :]
+            valid = j < n[:, None]
+            if self.strategy == "top":
+                # A list no longer than H is used whole, in ranked order.
+                start = np.where(n > H, (epoch * H) % np.maximum(n, 1), 0)
+                order = (start[:, None] + j) % np.maximum(n, 1)[:, None]
+            else:
+                keys = hash_u64(self.seed, _NEG, epoch, q[:, None], j)
+                order = np.argsort(np.where(valid, keys, np.iinfo(np.uint64).max), axis=1, kind="stable")
+            cand = np.where(valid, np.take_along_axis(cand, order, axis=1), -1)
+        picks = np.full((B, H), -1, dtype=np.int64)
+        picks[:, :min(H, C)] = cand[:, :H]
+        short = picks < 0
+        stats["queries_short"] = int(short.any(axis=1).sum())
+        stats["random_negatives"] = int(short.sum())
+        slot = np.arange(B * H).reshape(B, H)
+        picks = np.where(short, (hash_u64(self.seed, _RAND, k, slot, 0) % np.uint64(nd)).astype(np.int64), picks)
+
+        # First occurrence wins, in priority order positives, mined negatives, random fills
+        # (a random fill never displaces a mined negative); the rest are replaced.
+        flat_short = short.ravel()
+        prio = np.concatenate([np.flatnonzero(~flat_short), np.flatnonzero(flat_short)])
+        seen_twice = _not_first(np.concatenate([chosen, picks.ravel()[prio]]))[B:]
+        bad = np.empty(B * H, dtype=bool)
+        bad[prio] = seen_twice
+        bad = bad.reshape(B, H)
+        bad |= (picks[:, :, None] == all_pos[:, None, :]).any(axis=2)
+        if not bad.any():
+            return picks
+        used = set(chosen.tolist()) | set(picks[~bad].tolist())
+        bad_b, bad_h = np.nonzero(bad)
+        bad_slot = slot[bad_b, bad_h]
+        # The first random draws of every bad slot at once (scalar hashing is slow).
+        draws = (hash_u64(self.seed, _RAND, k, bad_slot[:, None], np.arange(1, _FAST_DRAWS + 1))
+                 % np.uint64(nd)).astype(np.int64).tolist()
+        next_cand = dict.fromkeys(set(bad_b.tolist()), H)  # candidates [H:] are the spare ones
+        rows, owns = {}, {}
+        for i, (b, h) in enumerate(zip(bad_b.tolist(), bad_h.tolist())):
+            if b not in rows:
+                rows[b] = cand[b].tolist() if C else []
+                owns[b] = set(all_pos[b][all_pos[b] >= 0].tolist())
+            row, own = rows[b], owns[b]
+            new = None
+            while next_cand[b] < C and row[next_cand[b]] >= 0:
+                c = row[next_cand[b]]
+                next_cand[b] += 1
+                if c not in used and c not in own:
+                    new = c
+                    break
+            if new is None:
+                new = next((d for d in draws[i] if d not in used and d not in own), None)
+                if new is None:
+                    new = self._random_free(k, int(bad_slot[i]), used, own, stats)
+                if not short[b, h]:
+                    stats["random_negatives"] += 1
+            stats["replaced_duplicates"] += 1
+            used.add(new)
+            picks[b, h] = new
+        return picks
+
+    def _random_free(self, k: int, slot: int, used: set, own: set, stats) -> int:
+        """A document not in `used` nor `own` (after the first _FAST_DRAWS draws failed)."""
+        nd = self.num_docs
+        for attempt in range(_FAST_DRAWS + 1, _RANDOM_ATTEMPTS + 1):
+            d = int(hash_u64(self.seed, _RAND, k, slot, attempt) % np.uint64(nd))
+            if d not in used and d not in own:
+                return d
+        start = int(hash_u64(self.seed, _RAND, k, slot, -1) % np.uint64(nd))
+        # Bounded: a free document is within len(used) + len(own) + 1 steps, if one exists.
+        for step in range(min(nd, len(used) + len(own) + 1)):
+            d = (start + step) % nd
+            if d not in used and d not in own:
+                return d
+        stats["unavoidable_duplicates"] += 1
+        for step in range(nd):  # no unused document left: at least never a positive
+            d = (start + step) % nd
+            if d not in own:
+                return d
+        return start
+
+    # -- this process' slice ---------------------------------------------------------------
+
+    def batch(self, k: int) -> dict:
+        """This process' slice of global batch k (a pure function of (seed, k)):
+        q_tokens/q_mask [b, Lq] int32, d_tokens/d_mask [b*G, Ld] int32, doc_ids [b*G] int32,
+        query_pos_ids [b, P] int32 (-1 padded), b = batch_size // process_count."""
+        return self._element(k)[0]
+
+    def _element(self, k: int):
+        g = self.global_batch(k)
+        b, G, p = self.local_batch, self.group_size, self.process_index
+        q = g.q_rows[p * b:(p + 1) * b]
+        d = g.d_rows[p * b * G:(p + 1) * b * G]
+        q_tokens, q_mask = self.query_store.pad(q, g.q_len)
+        d_tokens, d_mask = self.doc_store.pad(d, g.d_len)
+        batch = {"q_tokens": q_tokens, "q_mask": q_mask, "d_tokens": d_tokens, "d_mask": d_mask,
+                 "doc_ids": d.astype(np.int32),
+                 "query_pos_ids": g.pos_ids[p * b:(p + 1) * b].astype(np.int32)}
+        return batch, g.stats
+
+    # -- iteration, prefetch and state -------------------------------------------------------
+
+    def _make_iter(self, start: int):
+        import grain
+
+        ds = grain.MapDataset.range(0, 1 << 62).map(self._element)
+        opts = grain.ReadOptions(num_threads=max(self._threads, 1) if self._prefetch else 0,
+                                 prefetch_buffer_size=self._prefetch)
+        it = iter(ds.to_iter_dataset(opts))
+        if start:
+            it.set_state({"next_index": int(start)})
+        return it
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._iter is None:
+            self._iter = self._make_iter(self._start)
+        batch, stats = next(self._iter)
+        for key, v in stats.items():
+            self._stats[key] += v
+        self._start += 1
+        return batch
+
+    @property
+    def step(self) -> int:
+        """Index of the next batch `next()` returns."""
+        return self._start
+
+    @property
+    def stats(self) -> dict:
+        """Counters over the batches returned so far (restored with the state)."""
+        return dict(self._stats)
+
+    def get_state(self) -> dict:
+        return {"version": STATE_VERSION, "step": self._start, "seed": self.seed,
+                "batch_size": self.batch_size, "num_negatives": self.num_negatives,
+                "num_queries": self.num_queries, "num_docs": self.num_docs,
+                "strategy": self.strategy, "stats": self.stats}
+
+    def set_state(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise NegjaxError(f"data iterator state version {state.get('version')!r}, expected "
+                              f"{STATE_VERSION}")
+        for key in ("seed", "batch_size", "num_negatives", "num_queries", "num_docs", "strategy"):
+            if state.get(key) != getattr(self, key):
+                raise NegjaxError(f"data iterator state is from a different setup: {key} "
+                                  f"{state.get(key)!r} there, {getattr(self, key)!r} now")
+        self._start = int(state["step"])
+        self._stats = {**dict.fromkeys(STAT_KEYS, 0), **state.get("stats", {})}
+        if self._iter is not None:
+            self._iter.set_state({"next_index": self._start})
+
+    def close(self) -> None:
+        it, self._iter = self._iter, None
+        if it is not None and hasattr(it, "close"):
+            it.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _not_first(x: np.ndarray) -> np.ndarray:
+    """Boolean mask: True where x[i] already occurred at an earlier index."""
+    _, first = np.unique(x, return_index=True)
+    mask = np.ones(len(x), dtype=bool)
+    mask[first] = False
+    return mask
+
+
+def _bucket(buckets: list[int], length: int) -> int:
+    for b in buckets:
+        if length <= b:
+            return b
+    return buckets[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# From a config
+# ---------------------------------------------------------------------------------------------
+
+def resolve_dataset(data_cfg, cache_dir=None) -> dict[str, Path | None]:
+    """Paths of corpus, train, train_qrels, dev_queries, dev_qrels from `DataConfig`.
+
+    dataset: 'wordnet' (exported to the cache) or a directory with corpus.jsonl and
+    train.jsonl (or BEIR queries.jsonl + qrels/train.tsv) and dev_queries.jsonl +
+    dev_qrels.tsv (or qrels/dev.tsv). Explicit file fields override.
+    """
+    from negjax.data.token_store import default_cache_dir
+
+    root = None
+    if data_cfg.dataset == "wordnet":
+        from negjax.data import wordnet
+
+        root = Path(wordnet.ensure_exported(default_cache_dir(cache_dir or data_cfg.cache_dir)))
+    elif data_cfg.dataset:
+        root = Path(data_cfg.dataset)
+        if not root.is_dir():
+            raise NegjaxError(f"data.dataset {data_cfg.dataset!r}: not 'wordnet' nor a directory")
+
+    def pick(explicit, *names):
+        if explicit:
+            return Path(explicit)
+        for name in names:
+            if root is not None and (root / name).exists():
+                return root / name
+        return None
+
+    train = pick(data_cfg.train, "train.jsonl")
+    train_qrels = pick(getattr(data_cfg, "train_qrels", ""))
+    if train is None and root is not None and (root / "qrels" / "train.tsv").is_file():
+        train, train_qrels = root / "queries.jsonl", train_qrels or root / "qrels" / "train.tsv"
+    return {"corpus": pick(data_cfg.corpus, "corpus.jsonl"), "train": train,
+            "train_qrels": train_qrels,
+            "dev_queries": pick(data_cfg.dev_queries, "dev_queries.jsonl", "queries.jsonl"),
+            "dev_qrels": pick(data_cfg.dev_qrels, "dev_qrels.tsv", "qrels/dev.tsv")}
+
+
+def load_training_data(data_cfg, cache_dir=None) -> tuple[Corpus, TrainExamples]:
+    from negjax.data.formats import read_training
+
+    paths = resolve_dataset(data_cfg, cache_dir)
+    if paths["train"] is None:
+        raise NegjaxError("no training data: set data.dataset or data.train")
+    return read_training(paths["train"], paths["corpus"], qrels=paths["train_qrels"])
+
+
+def build_pipeline(cfg, tokenizer, *, process_index: int | None = None,
+                   process_count: int | None = None, cache_dir=None) -> Pipeline:
+    """The training pipeline for a `negjax.config.Config`: reads the data, builds (or reuses)
+    the token stores, loads and verifies hard-negative shards (data.negatives)."""
+    from negjax.data.shards import load_negatives
+    from negjax.data.token_store import build_token_store
+
+    d = cfg.data
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    corpus, examples = load_training_data(d, cache_dir)
+    cache = cache_dir or d.cache_dir or None
+    doc_store = build_token_store(corpus.texts, corpus.ids, tokenizer,
+                                  max_len=cfg.model.doc_max_len, cache_dir=cache, name="docs")
+    query_store = build_token_store(examples.queries, examples.query_ids, tokenizer,
+                                    max_len=cfg.model.query_max_len, cache_dir=cache, name="queries")
+    if d.negatives:
+        negatives = load_negatives(d.negatives, examples, corpus)
+    else:
+        negatives = NegativeLists.from_lists(examples.negatives, "")
+    return Pipeline(examples=examples, query_store=query_store, doc_store=doc_store,
+                    batch_size=cfg.train.batch_size, num_negatives=d.num_negatives,
+                    negatives=negatives, seed=cfg.train.seed, strategy=d.negative_sampling,
+                    max_positives=getattr(d, "max_positives", 32),
+                    query_buckets=d.length_buckets, doc_buckets=d.length_buckets,
+                    process_index=process_index, process_count=process_count,
+                    prefetch=d.prefetch, threads=getattr(d, "prefetch_threads", 1))

@@ -1,0 +1,164 @@
+"""Multi-process start-up, the device mesh, shardings and host-local <-> global batches.
+
+    from negjax import distributed
+    distributed.initialize(cfg.distributed)          # before any other JAX call
+    mesh = distributed.make_mesh()                   # 1-D mesh, axis 'data', all devices
+    with jax.set_mesh(mesh):
+        batch = distributed.global_batch_from_local(local_numpy_batch, mesh)
+
+Every array of a batch is split along its leading axis over 'data': device k of the mesh
+holds rows [k*b, (k+1)*b) of the queries and rows [k*b*G, (k+1)*b*G) of the documents, so the
+grouping of documents per query survives sharding (negjax.losses relies on it). Each process
+passes its own consecutive slice of the global batch (global_batch // process_count rows),
+and process p's slice lands on process p's devices.
+
+Mesh axis types: `jax.make_mesh` makes Explicit axes by default (jax 0.10). Both work with
+`jax.jit(in_shardings=...)` and with the shard_map inside `negjax.losses`; Explicit makes
+every sharding part of the array type, so code that combines arrays with clashing shardings
+fails at trace time instead of silently resharding. Pass `axis_type="auto"` for the
+compiler-propagated (GSPMD) behaviour.
+"""
+
+from __future__ import annotations
+
+import os
+
+from negjax.errors import NegjaxError
+
+AXIS = "data"
+_ENV_COORD, _ENV_NUM, _ENV_ID = "NEGJAX_COORDINATOR", "NEGJAX_NUM_PROCESSES", "NEGJAX_PROCESS_ID"
+
+
+def _cluster_detected() -> bool:
+    """True where JAX's own auto-detection would find a multi-process job (its coordinator
+    variable, SLURM or Open MPI with several tasks, a multi-host TPU slice)."""
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    for key in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        if env.get(key, "1").isdigit() and int(env.get(key, "1")) > 1:
+            return True
+    return "," in env.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise NegjaxError(f"environment variable {name}={raw!r}: expected an integer") from None
+
+
+def initialize(dist_cfg=None) -> tuple[int, int]:
+    """Join a multi-process JAX job; returns (process_index, process_count).
+
+    `dist_cfg` is a `negjax.config.DistributedConfig` (or None). Its fields win, then the
+    variables NEGJAX_COORDINATOR / NEGJAX_NUM_PROCESSES / NEGJAX_PROCESS_ID, then JAX's own
+    cluster auto-detection (SLURM, Open MPI, TPU pods, JAX_COORDINATOR_ADDRESS). With none of
+    these it is a no-op (one process). Safe to call twice. Must run before any computation.
+    """
+    import jax
+
+    if jax.distributed.is_initialized():
+        return jax.process_index(), jax.process_count()
+    coord = getattr(dist_cfg, "coordinator_address", "") or os.environ.get(_ENV_COORD, "")
+    num = getattr(dist_cfg, "num_processes", 0) or _env_int(_ENV_NUM, 0)
+    pid = getattr(dist_cfg, "process_id", -1)
+    if pid is None or pid < 0:
+        pid = _env_int(_ENV_ID, -1)
+    if coord:
+        if num < 1 or not 0 <= pid < num:
+            raise NegjaxError(f"distributed: coordinator {coord!r} needs num_processes >= 1 and "
+                              f"0 <= process_id < num_processes (got {num}, {pid}); set "
+                              f"distributed.* or {_ENV_NUM}/{_ENV_ID}")
+        if num > 1:
+            jax.distributed.initialize(coord, num, pid)
+    elif num > 1:
+        raise NegjaxError(f"distributed: num_processes={num} needs a coordinator address "
+                          f"(distributed.coordinator_address or {_ENV_COORD})")
+    elif _cluster_detected():
+        jax.distributed.initialize()
+    return jax.process_index(), jax.process_count()
+
+
+def make_mesh(num_devices: int | None = None, axis_type: str = "explicit"):
+    """A 1-D `Mesh` with axis 'data' over `num_devices` devices (default: all, every process).
+
+    A subset (`num_devices` < device count) is only possible in a single process. `axis_type`:
+    'explicit' (jax 0.10's default) or 'auto'."""
+    import jax
+
+    total = jax.device_count()
+    n = total if num_devices is None else int(num_devices)
+    if not 1 <= n <= total:
+        raise NegjaxError(f"mesh: asked for {n} devices, {total} available")
+    if n < total and jax.process_count() > 1:
+        raise NegjaxError("mesh: a device subset is not supported with several processes")
+    types = {"explicit": jax.sharding.AxisType.Explicit, "auto": jax.sharding.AxisType.Auto}
+    if axis_type not in types:
+        raise NegjaxError(f"mesh: axis_type must be 'explicit' or 'auto', got {axis_type!r}")
+    devices = jax.devices()[:n] if n < total else None
+    return jax.make_mesh((n,), (AXIS,), (types[axis_type],), devices=devices)
+
+
+def data_sharding(mesh):
+    """Leading axis split over 'data' (batches, embeddings, memory-bank queues)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    return NamedSharding(mesh, P(AXIS))
+
+
+def replicated(mesh):
+    """A full copy on every device (parameters, optimizer state, scalars)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    return NamedSharding(mesh, P())
+
+
+def local_batch_size(global_batch: int, mesh) -> int:
+    """Rows of the global batch this process supplies; raises unless it divides evenly over
+    the processes and the mesh's 'data' axis."""
+    import jax
+
+    n = mesh.shape[AXIS]
+    if global_batch % n or global_batch % jax.process_count():
+        raise NegjaxError(f"global batch {global_batch} must be divisible by the {n} devices of "
+                          f"the 'data' axis and the {jax.process_count()} processes")
+    return global_batch // jax.process_count()
+
+
+def global_batch_from_local(local: dict, mesh) -> dict:
+    """{name: numpy array [rows_local, ...]} from this process -> {name: jax.Array} of the
+    global batch, sharded along 'data' (rows concatenated over processes in process order).
+
+    Every process must pass the same names with the same per-process shapes."""
+    import jax
+
+    sharding = data_sharding(mesh)
+    out = {}
+    for name, arr in local.items():
+        if arr.ndim == 0:
+            raise NegjaxError(f"batch field {name!r}: a scalar cannot be split over 'data'")
+        global_shape = (arr.shape[0] * jax.process_count(), *arr.shape[1:])
+        if global_shape[0] % mesh.shape[AXIS]:
+            raise NegjaxError(f"batch field {name!r}: {global_shape[0]} rows do not divide over "
+                              f"the {mesh.shape[AXIS]} devices of 'data'")
+        out[name] = jax.make_array_from_process_local_data(sharding, arr, global_shape)
+    return out
+
+
+def local_rows(x):
+    """The rows of a 'data'-sharded global array held by this process, as one numpy array
+    (in global row order) — the inverse of `global_batch_from_local` for one field."""
+    import numpy as np
+
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    seen, parts = set(), []
+    for s in shards:  # replicas along other mesh axes hold the same rows: keep one
+        key = (s.index[0].start, s.index[0].stop)
+        if key not in seen:
+            seen.add(key)
+            parts.append(np.asarray(s.data))
+    return np.concatenate(parts, axis=0)

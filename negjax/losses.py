@@ -1,0 +1,435 @@
+"""Contrastive (InfoNCE) loss over the global in-batch similarity matrix, shard_map aware.
+
+    loss = contrastive_loss(q, d, group_size=G, temperature=0.05,
+                            query_pos_ids=pos_ids, doc_ids=ids, chunk_size=1024)
+
+Layout (DESIGN.md "Batch layout"): `q [B, D]`, `d [B*G, D]` grouped per query; document
+`i*G` is query `i`'s positive, the next `G-1` its hard negatives. Query `i` is scored
+against every document of the global batch; its target column is `i*G`.
+
+Masking ("Identity"): the positive ids of query `i` are `query_pos_ids[i]` (padded with -1)
+plus the id of its own target document `doc_ids[i*G]`. A column whose id is one of them and
+is not the target is removed from query `i`'s softmax (duplicates of the positive and other
+known positives are never negatives). Without `doc_ids` nothing is masked.
+
+Symmetric direction (`symmetric=True`): every positive document `d[j*G]` is scored against
+all `B` queries with target query `j`; query `i != j` is masked out when `doc_ids[j*G]` is
+one of query `i`'s positive ids (the same rule read from the document's side). The loss is
+the mean of the two directions, each a mean over the `B` global queries.
+
+Devices: without a mesh (or with a `data` axis of size 1) it is plain jnp. Under
+`jax.set_mesh(mesh)` with a `data` axis of size n > 1 it runs as `jax.shard_map`: each device
+holds `b = B/n` queries and their `b*G` documents, gathers all documents with
+`lax.all_gather(tiled=True)` (order = device index, so grouping is preserved and local query
+`r` on device `k` has target column `(k*b + r)*G`), and the per-device sums are `psum`-ed.
+The gather's transpose is `psum_scatter`, so gradients of remote documents return to their
+owners. Called from inside a shard_map that is already manual over `data`, the arguments are
+taken as the local shards and the collectives are used directly.
+
+Chunking (`chunk_size=c`): columns are processed in blocks of `c` with an online log-sum-exp
+inside a `custom_vjp` whose backward pass recomputes each block, so per-device memory is
+O(b x c) instead of O(b x N). A column count that `c` does not divide is padded (padding is
+masked out); `c >= N` is the dense computation. Everything is float32 with `Precision.HIGHEST` matmuls (the log-sum-exp is never
+done in a low-precision dtype).
+
+Lower-level use (train step, memory bank): `contrastive_loss_and_metrics` additionally takes
+`extra_docs [K, D]` (+ `extra_doc_ids [K]`): extra negative columns without gradient (a
+MoCo-style queue; under a mesh it is sharded along `data` and gathered), and returns
+in-batch metrics. `temperature` may be a traced scalar (a learnable temperature gets its
+gradient, also through the chunked custom VJP); see `temperature_from_log_scale`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from negjax.errors import NegjaxError
+
+AXIS = "data"
+# TPUs/GPUs would otherwise run f32 matmuls in bf16/tf32; logits are divided by a small
+# temperature, so their error would be amplified ~20x.
+_PRECISION = lax.Precision.HIGHEST
+_STAT_KEYS = ("correct", "pos_cos", "hard_cos", "rows_with_neg", "neg_cos", "neg_count")
+
+
+# ---------------------------------------------------------------------------------------
+# Masks and the dense core
+# ---------------------------------------------------------------------------------------
+
+def _key_match(row_keys, col_keys):
+    """[b, Pr] int, [c, Pc] int -> [b, c] bool: some non-negative key of the row equals a key
+    of the column (-1 padding never matches)."""
+    eq = row_keys[:, None, :, None] == col_keys[None, :, None, :]
+    eq = eq & (row_keys[:, None, :, None] >= 0)
+    return eq.any(axis=(2, 3))
+
+
+def _block_masks(col_start, ncols, targets, row_keys, col_keys, n_valid):
+    """(onehot, neg) [b, c] bool for columns col_start..col_start+ncols: the target column, and
+    the columns that enter the softmax as negatives."""
+    col = col_start + jnp.arange(ncols)
+    onehot = col[None, :] == targets[:, None]
+    neg = ~onehot & (col[None, :] < n_valid)
+    if row_keys is not None:
+        neg = neg & ~_key_match(row_keys, col_keys)
+    return onehot, neg
+
+
+def _match_vma(tree, *refs):
+    """`tree`'s arrays made device-varying over the manual mesh axes of `refs` (inside
+    shard_map a scan carry must keep one type, and fresh constants are invariant)."""
+    want = frozenset().union(*(jax.typeof(r).manual_axis_type.varying for r in refs))
+
+    def cast(x):
+        axes = tuple(sorted(want - jax.typeof(x).manual_axis_type.varying))
+        return lax.pcast(x, axes, to="varying") if axes else x
+    return jax.tree.map(cast, tree)
+
+
+def _inv_norm(x):
+    return lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1), 1e-24))
+
+
+def _block_stats(sim, onehot, neg, inv_r, inv_c):
+    """Per-row statistics of one column block (no gradient): target similarity / cosine,
+    hardest negative similarity / cosine, sum and count of negative cosines."""
+    cos = sim * inv_r[:, None] * inv_c[None, :]
+    ninf = jnp.float32(-jnp.inf)
+    return dict(
+        tgt_sim=jnp.sum(jnp.where(onehot, sim, 0.0), axis=1),
+        pos_cos=jnp.sum(jnp.where(onehot, cos, 0.0), axis=1),
+        best_neg_sim=jnp.max(jnp.where(neg, sim, ninf), axis=1, initial=ninf),
+        hard_cos=jnp.max(jnp.where(neg, cos, ninf), axis=1, initial=ninf),
+        neg_cos=jnp.sum(jnp.where(neg, cos, 0.0), axis=1),
+        neg_count=jnp.sum(neg, axis=1).astype(jnp.float32),
+    )
+
+
+def _finish_stats(s):
+    """Per-row block statistics -> sums over the rows (the keys of `_STAT_KEYS`)."""
+    has_neg = s["neg_count"] > 0
+    return dict(
+        correct=jnp.sum((s["tgt_sim"] > s["best_neg_sim"]).astype(jnp.float32)),
+        pos_cos=jnp.sum(s["pos_cos"]),
+        hard_cos=jnp.sum(jnp.where(has_neg, s["hard_cos"], 0.0)),
+        rows_with_neg=jnp.sum(has_neg.astype(jnp.float32)),
+        neg_cos=jnp.sum(s["neg_cos"]),
+        neg_count=jnp.sum(s["neg_count"]),
+    )
+
+
+def _dense_ce(rows, cols, scale, targets, row_keys, col_keys, with_stats):
+    """Sum over rows of softmax cross-entropy, materialising the [b, N] logits.
+
+    rows [b, D] f32, cols [N, D] f32, scale [] f32 (1/temperature), targets [b] int (column
+    of each row's target), row_keys [b, Pr] / col_keys [N, Pc] int or None.
+    Returns (loss_sum [] f32, stats dict of [] f32 sums, or None)."""
+    sim = jnp.matmul(rows, cols.T, precision=_PRECISION)
+    logits = sim * scale
+    onehot, neg = _block_masks(0, cols.shape[0], targets, row_keys, col_keys, cols.shape[0])
+    lse = jax.nn.logsumexp(jnp.where(onehot | neg, logits, -jnp.inf), axis=1)
+    tgt = jnp.sum(jnp.where(onehot, logits, 0.0), axis=1)
+    loss_sum = jnp.sum(lse - tgt)
+    if not with_stats:
+        return loss_sum, None
+    sg = lax.stop_gradient
+    stats = _block_stats(sg(sim), onehot, neg, _inv_norm(sg(rows)), _inv_norm(sg(cols)))
+    return loss_sum, _finish_stats(stats)
+
+
+# ---------------------------------------------------------------------------------------
+# The chunked core: online log-sum-exp + recomputing custom VJP
+# ---------------------------------------------------------------------------------------
+
+def _pad_cols(cols, col_keys, chunk):
+    n = cols.shape[0]
+    nblocks = -(-n // chunk)
+    pad = nblocks * chunk - n
+    cols = jnp.pad(cols, ((0, pad), (0, 0))).reshape(nblocks, chunk, cols.shape[1])
+    if col_keys is not None:
+        col_keys = jnp.pad(col_keys, ((0, pad), (0, 0)), constant_values=-1)
+        col_keys = col_keys.reshape(nblocks, chunk, col_keys.shape[1])
+    return cols, col_keys, nblocks
+
+
+def _chunked_forward(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats):
+    n = cols.shape[0]
+    b = rows.shape[0]
+    blocks, key_blocks, nblocks = _pad_cols(cols, col_keys, chunk)
+    inv_r = _inv_norm(rows) if with_stats else None
+    ninf = jnp.float32(-jnp.inf)
+
+    def step(carry, xs):
+        k, blk, kblk = xs
+        m, l, tgt, st = carry
+        sim = jnp.matmul(rows, blk.T, precision=_PRECISION)
+        logits = sim * scale
+        onehot, neg = _block_masks(k * chunk, chunk, targets, row_keys, kblk, n)
+        keep = onehot | neg
+        m_new = jnp.maximum(m, jnp.max(jnp.where(keep, logits, ninf), axis=1))
+        # Rows whose columns so far were all masked keep m = -inf; shift by 0 then.
+        shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        l = l * jnp.exp(m - shift) + jnp.sum(jnp.where(keep, jnp.exp(logits - shift[:, None]), 0.0), axis=1)
+        tgt = tgt + jnp.sum(jnp.where(onehot, logits, 0.0), axis=1)
+        if with_stats:
+            s = _block_stats(sim, onehot, neg, inv_r, _inv_norm(blk))
+            st = dict(
+                tgt_sim=st["tgt_sim"] + s["tgt_sim"], pos_cos=st["pos_cos"] + s["pos_cos"],
+                best_neg_sim=jnp.maximum(st["best_neg_sim"], s["best_neg_sim"]),
+                hard_cos=jnp.maximum(st["hard_cos"], s["hard_cos"]),
+                neg_cos=st["neg_cos"] + s["neg_cos"], neg_count=st["neg_count"] + s["neg_count"])
+        return (m_new, l, tgt, st), None
+
+    zeros = jnp.zeros((b,), jnp.float32)
+    st0 = None
+    if with_stats:
+        st0 = dict(tgt_sim=zeros, pos_cos=zeros, best_neg_sim=jnp.full((b,), ninf),
+                   hard_cos=jnp.full((b,), ninf), neg_cos=zeros, neg_count=zeros)
+    init = _match_vma((jnp.full((b,), ninf), zeros, zeros, st0), rows, cols, scale)
+    (m, l, tgt, st), _ = lax.scan(step, init, (jnp.arange(nblocks), blocks, key_blocks))
+    lse = m + jnp.log(l)
+    stats = _finish_stats(st) if with_stats else None
+    return jnp.sum(lse - tgt), stats, lse
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _chunked_ce(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats):
+    """Same contract as `_dense_ce`, with columns processed `chunk` at a time."""
+    loss_sum, stats, _ = _chunked_forward(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats)
+    return loss_sum, stats
+
+
+def _chunked_ce_fwd(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats):
+    loss_sum, stats, lse = _chunked_forward(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats)
+    return (loss_sum, stats), (rows, cols, scale, targets, row_keys, col_keys, lse)
+
+
+def _chunked_ce_bwd(chunk, with_stats, res, cotangents):
+    rows, cols, scale, targets, row_keys, col_keys, lse = res
+    g = cotangents[0]  # the statistics carry no gradient
+    n, dim = cols.shape
+    blocks, key_blocks, nblocks = _pad_cols(cols, col_keys, chunk)
+
+    def step(carry, xs):
+        k, blk, kblk = xs
+        drows, dscale = carry
+        sim = jnp.matmul(rows, blk.T, precision=_PRECISION)
+        logits = sim * scale
+        onehot, neg = _block_masks(k * chunk, chunk, targets, row_keys, kblk, n)
+        p = jnp.where(onehot | neg, jnp.exp(logits - lse[:, None]), 0.0)
+        dlogits = g * (p - onehot.astype(jnp.float32))       # d loss_sum / d logits
+        dsim = dlogits * scale
+        drows = drows + jnp.matmul(dsim, blk, precision=_PRECISION)
+        dblk = jnp.matmul(dsim.T, rows, precision=_PRECISION)
+        return (drows, dscale + jnp.sum(dlogits * sim)), dblk
+
+    init = _match_vma((jnp.zeros_like(rows), jnp.zeros((), jnp.float32)), rows, cols, scale)
+    (drows, dscale), dblocks = lax.scan(step, init, (jnp.arange(nblocks), blocks, key_blocks))
+    dcols = dblocks.reshape(nblocks * chunk, dim)[:n]
+    # Inside shard_map the residual scale was made device-varying by the caller (pcast), so
+    # the per-device dscale matches its type and the pcast's transpose sums it.
+    return drows, dcols, dscale.astype(scale.dtype), None, None, None
+
+
+_chunked_ce.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
+
+
+def _ce(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats):
+    if chunk is None or chunk >= cols.shape[0]:
+        return _dense_ce(rows, cols, scale, targets, row_keys, col_keys, with_stats)
+    return _chunked_ce(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats)
+
+
+# ---------------------------------------------------------------------------------------
+# Per-device body and the mesh dispatch
+# ---------------------------------------------------------------------------------------
+
+def _local_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, *, group_size, symmetric,
+                 chunk, with_stats, axis):
+    """Sums over this device's queries. q [b, D], d [b*G, D] (local shards, or the whole batch
+    when axis is None), pos_keys [b, P+1] / doc_ids [b*G] int or None, extra [k, D] / extra_ids
+    [k] or None. Returns (fwd_sum, bwd_sum or None, stats or None), unreduced."""
+    b = q.shape[0]
+    if axis is None:
+        offset = 0
+        gather = lambda x: x  # noqa: E731
+    else:
+        offset = lax.axis_index(axis) * b
+        gather = lambda x: lax.all_gather(x, axis, tiled=True)  # noqa: E731
+        # scale is replicated; make it device-varying so that its per-device cotangents are
+        # summed by the transpose of this cast (also through the custom VJP).
+        if axis not in jax.typeof(scale).manual_axis_type.varying:
+            scale = lax.pcast(scale, axis, to="varying")
+    qidx = offset + jnp.arange(b)
+    cols = gather(d)
+    col_keys = None if doc_ids is None else gather(doc_ids)[:, None]
+    if extra is not None:
+        cols = jnp.concatenate([cols, lax.stop_gradient(gather(extra))], axis=0)
+        if col_keys is not None:
+            eids = (jnp.full((extra.shape[0],), -1, col_keys.dtype) if extra_ids is None
+                    else extra_ids.astype(col_keys.dtype))
+            col_keys = jnp.concatenate([col_keys, gather(eids)[:, None]], axis=0)
+    fwd, stats = _ce(q, cols, scale, qidx * group_size, pos_keys, col_keys, chunk, with_stats)
+    bwd = None
+    if symmetric:
+        # Positives against all queries; masked where the positive's id is another query's
+        # positive id.
+        row_keys = None if doc_ids is None else doc_ids[::group_size][:, None]
+        qkeys = None if pos_keys is None else gather(pos_keys)
+        bwd, _ = _ce(d[::group_size], gather(q), scale, qidx, row_keys, qkeys, chunk, False)
+    return fwd, bwd, stats
+
+
+def _data_axis():
+    """(size of the mesh's 'data' axis or 1, whether it is already manual (inside shard_map),
+    whether it is Explicit)."""
+    am = jax.sharding.get_abstract_mesh()
+    if am.empty or AXIS not in am.axis_names:
+        return 1, False, False
+    size = am.shape[AXIS]
+    manual = AXIS in am.manual_axes
+    explicit = dict(zip(am.axis_names, am.axis_types))[AXIS] == jax.sharding.AxisType.Explicit
+    return size, manual, explicit
+
+
+def _check(q, d, group_size, query_pos_ids, doc_ids, chunk_size, extra, extra_ids):
+    if q.ndim != 2 or d.ndim != 2:
+        raise NegjaxError(f"contrastive loss: q and d must be 2-D, got {q.shape} and {d.shape}")
+    if group_size < 1 or d.shape != (q.shape[0] * group_size, q.shape[1]):
+        raise NegjaxError(f"contrastive loss: d must be [B*group_size, D] = "
+                          f"[{q.shape[0]}*{group_size}, {q.shape[1]}], got {d.shape}")
+    if doc_ids is not None and doc_ids.shape != (d.shape[0],):
+        raise NegjaxError(f"contrastive loss: doc_ids must be [{d.shape[0]}], got {doc_ids.shape}")
+    if query_pos_ids is not None:
+        if doc_ids is None:
+            raise NegjaxError("contrastive loss: query_pos_ids needs doc_ids")
+        if query_pos_ids.ndim != 2 or query_pos_ids.shape[0] != q.shape[0]:
+            raise NegjaxError(f"contrastive loss: query_pos_ids must be [{q.shape[0]}, P], "
+                              f"got {query_pos_ids.shape}")
+    if chunk_size is not None and chunk_size < 1:
+        raise NegjaxError(f"contrastive loss: chunk_size must be >= 1 or None, got {chunk_size}")
+    if extra is not None and (extra.ndim != 2 or extra.shape[1] != q.shape[1]):
+        raise NegjaxError(f"contrastive loss: extra_docs must be [K, {q.shape[1]}], got {extra.shape}")
+    if extra_ids is not None and (extra is None or extra_ids.shape != (extra.shape[0],)):
+        raise NegjaxError("contrastive loss: extra_doc_ids must be [K] and needs extra_docs")
+
+
+def _contrastive(q, d, *, group_size, temperature, query_pos_ids, doc_ids, symmetric,
+                 chunk_size, extra, extra_ids, with_stats):
+    _check(q, d, group_size, query_pos_ids, doc_ids, chunk_size, extra, extra_ids)
+    q = jnp.asarray(q, jnp.float32)
+    d = jnp.asarray(d, jnp.float32)
+    scale = (1.0 / jnp.asarray(temperature, jnp.float32)).reshape(())
+    if extra is not None:
+        extra = jnp.asarray(extra, jnp.float32)
+    pos_keys = None
+    if doc_ids is not None:
+        doc_ids = jnp.asarray(doc_ids, jnp.int32)
+        pos_keys = doc_ids[::group_size][:, None]  # the target's own id is always a positive
+        if query_pos_ids is not None:
+            pos_keys = jnp.concatenate([jnp.asarray(query_pos_ids, jnp.int32), pos_keys], axis=1)
+    if extra_ids is not None:
+        extra_ids = jnp.asarray(extra_ids, jnp.int32)
+
+    n, manual, explicit = _data_axis()
+    kw = dict(group_size=group_size, symmetric=symmetric, chunk=chunk_size, with_stats=with_stats)
+    args = (q, d, scale, pos_keys, doc_ids, extra, extra_ids)
+    if n == 1:
+        fwd, bwd, stats = _local_terms(*args, axis=None, **kw)
+        global_b = q.shape[0]
+    else:
+        def body(q, d, scale, pos_keys, doc_ids, extra, extra_ids):
+            fwd, bwd, stats = _local_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids,
+                                           axis=AXIS, **kw)
+            return lax.psum((fwd, bwd, stats), AXIS)
+
+        if manual:  # already inside a shard_map over 'data': arguments are local shards
+            fwd, bwd, stats = body(*args)
+            global_b = q.shape[0] * n
+        else:
+            if q.shape[0] % n or (extra is not None and extra.shape[0] % n):
+                raise NegjaxError(f"contrastive loss: the batch ({q.shape[0]} queries) and the "
+                                  f"extra negatives must divide over the {n} devices of 'data'")
+            from jax.sharding import PartitionSpec as P
+
+            spec = (P(AXIS), P(AXIS), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS))
+            spec = tuple(None if a is None else s for a, s in zip(args, spec))
+            if explicit:  # Explicit axes: shard_map requires inputs already laid out so
+                args = tuple(a if s is None or s == P() else jax.sharding.reshard(a, s)
+                             for a, s in zip(args, spec))
+            fwd, bwd, stats = jax.shard_map(body, in_specs=spec, out_specs=P())(*args)
+            global_b = q.shape[0]
+    loss = fwd / global_b
+    if symmetric:
+        loss = 0.5 * (loss + bwd / global_b)
+    if not with_stats:
+        return loss, None
+    stats = lax.stop_gradient(stats)
+    metrics = dict(
+        accuracy=stats["correct"] / global_b,
+        pos_cos=stats["pos_cos"] / global_b,
+        hardest_neg_cos=jnp.where(stats["rows_with_neg"] > 0,
+                                  stats["hard_cos"] / jnp.maximum(stats["rows_with_neg"], 1.0), jnp.nan),
+        neg_cos=jnp.where(stats["neg_count"] > 0,
+                          stats["neg_cos"] / jnp.maximum(stats["neg_count"], 1.0), jnp.nan),
+    )
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------
+
+def contrastive_loss(q, d, *, group_size, temperature, query_pos_ids=None, doc_ids=None,
+                     symmetric=False, chunk_size=None):
+    """InfoNCE over the global in-batch similarity matrix (see the module docstring).
+
+    q [B, D] float, d [B*group_size, D] float (grouped per query, positive first),
+    temperature: float or traced [] float32, query_pos_ids [B, P] int (-1 padded),
+    doc_ids [B*group_size] int. Returns the mean over the B global queries, [] float32.
+    """
+    loss, _ = _contrastive(q, d, group_size=group_size, temperature=temperature,
+                           query_pos_ids=query_pos_ids, doc_ids=doc_ids, symmetric=symmetric,
+                           chunk_size=chunk_size, extra=None, extra_ids=None, with_stats=False)
+    return loss
+
+
+def contrastive_loss_and_metrics(q, d, *, group_size, temperature, query_pos_ids=None,
+                                 doc_ids=None, symmetric=False, chunk_size=None,
+                                 extra_docs=None, extra_doc_ids=None):
+    """`contrastive_loss` plus in-batch metrics and optional extra negative columns.
+
+    extra_docs [K, D]: negatives appended after the batch's documents (a memory bank); they
+    receive no gradient and, under a mesh, must be sharded along 'data' (K divisible by the
+    axis size). extra_doc_ids [K] int: their ids, masked like in-batch columns (-1 = none).
+
+    Returns (loss [] f32, metrics) with metrics of the query->document direction, computed in
+    the same pass on both the dense and the chunked path (no gradient), [] f32 each:
+      accuracy         fraction of queries whose target scores strictly above every negative
+      pos_cos          mean cosine of query and positive
+      hardest_neg_cos  mean over queries of the highest negative cosine (NaN if none)
+      neg_cos          mean cosine over all (query, negative) pairs (NaN if none)
+    "Negative" = every unmasked non-target column (hard, in-batch and extra negatives).
+    Cosines are computed from the embeddings' norms, so they are exact also when the
+    encoder does not normalise.
+    """
+    return _contrastive(q, d, group_size=group_size, temperature=temperature,
+                        query_pos_ids=query_pos_ids, doc_ids=doc_ids, symmetric=symmetric,
+                        chunk_size=chunk_size, extra=extra_docs, extra_ids=extra_doc_ids,
+                        with_stats=True)
+
+
+def temperature_from_log_scale(log_scale, min_temperature, max_temperature):
+    """A learnable temperature: `log_scale` [] f32 is log(1/temperature); the result is
+    exp(-log_scale) clipped to [min_temperature, max_temperature] (the clip's gradient is zero
+    outside the range, so the parameter stops moving there)."""
+    return jnp.clip(jnp.exp(-log_scale), min_temperature, max_temperature)
+
+
+def init_log_scale(temperature):
+    """Initial value of the learnable log(1/temperature) parameter, [] float32."""
+    return jnp.log(1.0 / jnp.asarray(temperature, jnp.float32))

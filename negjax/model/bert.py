@@ -1,0 +1,226 @@
+"""A Flax (linen) BERT encoder: embeddings, post-LayerNorm transformer layers, pooling.
+
+The module and parameter names mirror Hugging Face's `BertModel`
+(`embeddings/word_embeddings`, `layer_3/attention/query`, ...), so that the safetensors key
+map in `negjax.model.hf` is a rename plus a transpose of dense kernels.
+
+Params are float32; `dtype` is the compute dtype of matmuls and activations (bfloat16 on
+accelerators). Attention softmax, LayerNorm statistics, pooling and normalisation run in
+float32; the encoder's outputs are float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from negjax.errors import NegjaxError
+
+# Hugging Face `hidden_act` names -> activation. "gelu" is the exact (erf) GELU.
+_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """The architecture (the fields of a Hugging Face BERT config.json that change the math)."""
+
+    vocab_size: int
+    hidden_size: int = 384
+    num_layers: int = 6
+    num_heads: int = 12
+    intermediate_size: int = 1536
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    pad_token_id: int = 0
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        if self.hidden_act not in _ACTIVATIONS:
+            raise NegjaxError(f"unsupported hidden_act {self.hidden_act!r} "
+                              f"(supported: {', '.join(sorted(_ACTIVATIONS))})")
+        if self.hidden_size % self.num_heads:
+            raise NegjaxError(f"hidden_size {self.hidden_size} is not divisible by "
+                              f"num_attention_heads {self.num_heads}")
+
+    def replace(self, **changes) -> "BertConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _dense(features: int, cfg: BertConfig, dtype, name: str) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name,
+                    kernel_init=nn.initializers.normal(cfg.initializer_range))
+
+
+def _layer_norm(cfg: BertConfig, dtype, name: str) -> nn.LayerNorm:
+    # Two-pass variance (like PyTorch): the fast E[x²]-E[x]² form loses digits at eps 1e-12.
+    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype, param_dtype=jnp.float32,
+                        use_fast_variance=False, name=name)
+
+
+def _explicit_spec(x):
+    """The PartitionSpec of `x` when it is sharded over Explicit mesh axes, else None."""
+    spec = tuple(jax.typeof(x).sharding.spec)
+    return P(*spec) if any(axis is not None for axis in spec) else None
+
+
+def take_rows(table, ids):
+    """table [V, H], ids [...] int32 -> [..., H] (an embedding lookup).
+
+    Under an Explicit-axes mesh (`jax.set_mesh`) a gather must state its output sharding:
+    the rows follow the sharding of `ids` (the batch axis) and H stays replicated.
+    """
+    spec = _explicit_spec(ids)
+    if spec is not None:
+        return table.at[ids].get(out_sharding=P(*spec, None))
+    return jnp.take(table, ids, axis=0)
+
+
+class Dropout(nn.Module):
+    """Inverted dropout on the 'dropout' rng stream. Unlike `nn.Dropout`, the keep-mask is
+    drawn with the sharding of `x`, so it works on batch-sharded arrays under Explicit axes."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        if deterministic or self.rate == 0.0:
+            return x
+        keep_prob = 1.0 - self.rate
+        keep = jax.random.bernoulli(self.make_rng("dropout"), keep_prob, x.shape,
+                                    out_sharding=_explicit_spec(x))
+        return jnp.where(keep, x / keep_prob, jnp.zeros_like(x))
+
+
+class Embed(nn.Module):
+    """A lookup table [num, features] float32 (param 'embedding', as `nn.Embed`)."""
+
+    num: int
+    features: int
+    init_std: float
+
+    @nn.compact
+    def __call__(self, ids):
+        table = self.param("embedding", nn.initializers.normal(self.init_std),
+                           (self.num, self.features), jnp.float32)
+        return take_rows(table, ids)
+
+
+class Embeddings(nn.Module):
+    cfg: BertConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens, *, deterministic: bool):
+        """tokens [N, L] int32 -> [N, L, H] in `dtype` (token type is always 0)."""
+        cfg = self.cfg
+        std = cfg.initializer_range
+        word = Embed(cfg.vocab_size, cfg.hidden_size, std, name="word_embeddings")
+        pos = Embed(cfg.max_position_embeddings, cfg.hidden_size, std, name="position_embeddings")
+        typ = Embed(cfg.type_vocab_size, cfg.hidden_size, std, name="token_type_embeddings")
+        length = tokens.shape[1]
+        positions = jnp.arange(length, dtype=jnp.int32)[None]
+        x = word(tokens) + pos(positions) + typ(jnp.zeros((1, 1), jnp.int32))
+        x = _layer_norm(cfg, self.dtype, "LayerNorm")(x)
+        return Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+
+
+class SelfAttention(nn.Module):
+    cfg: BertConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, *, deterministic: bool):
+        """x [N, L, H], mask [N, L] (1 = real) -> [N, L, H] (before the residual LayerNorm)."""
+        cfg = self.cfg
+        n, length, _ = x.shape
+        heads, head_dim = cfg.num_heads, cfg.hidden_size // cfg.num_heads
+
+        def split(t):
+            return t.reshape(n, length, heads, head_dim)
+
+        q = split(_dense(cfg.hidden_size, cfg, self.dtype, "query")(x))
+        k = split(_dense(cfg.hidden_size, cfg, self.dtype, "key")(x))
+        v = split(_dense(cfg.hidden_size, cfg, self.dtype, "value")(x))
+        scores = jnp.einsum("nqhd,nkhd->nhqk", q, k).astype(jnp.float32) / jnp.sqrt(head_dim)
+        # Padded keys get the most negative float, as in PyTorch's BERT; a row always has [CLS].
+        keep = mask[:, None, None, :].astype(bool)
+        scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        probs = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
+        ctx = jnp.einsum("nhqk,nkhd->nqhd", probs.astype(self.dtype), v)
+        return ctx.reshape(n, length, cfg.hidden_size)
+
+
+class Layer(nn.Module):
+    """One post-LayerNorm transformer layer (BertLayer)."""
+
+    cfg: BertConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic: bool = True):
+        cfg = self.cfg
+        drop = Dropout(cfg.hidden_dropout)
+        attn = SelfAttention(cfg, self.dtype, name="attention")(x, mask, deterministic=deterministic)
+        attn = _dense(cfg.hidden_size, cfg, self.dtype, "attention_output")(attn)
+        x = _layer_norm(cfg, self.dtype, "attention_LayerNorm")(x + drop(attn, deterministic=deterministic))
+        h = _dense(cfg.intermediate_size, cfg, self.dtype, "intermediate")(x)
+        h = _ACTIVATIONS[cfg.hidden_act](h)
+        h = _dense(cfg.hidden_size, cfg, self.dtype, "output")(h)
+        return _layer_norm(cfg, self.dtype, "output_LayerNorm")(x + drop(h, deterministic=deterministic))
+
+
+class BertEncoder(nn.Module):
+    """tokens, mask [N, L] int32 -> last hidden states [N, L, H] float32.
+
+    `remat` recomputes each layer's activations in the backward pass (memory for compute);
+    parameter names are the same either way.
+    """
+
+    cfg: BertConfig
+    dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, tokens, mask, deterministic: bool = True):
+        x = Embeddings(self.cfg, self.dtype, name="embeddings")(tokens, deterministic=deterministic)
+        # `deterministic` is a Python bool: static for remat (argument 3 counting self).
+        layer_cls = nn.remat(Layer, static_argnums=(3,)) if self.remat else Layer
+        for i in range(self.cfg.num_layers):
+            x = layer_cls(self.cfg, self.dtype, name=f"layer_{i}")(x, mask, deterministic)
+        return x.astype(jnp.float32)
+
+
+def pool(hidden, mask, mode: str):
+    """hidden [N, L, H], mask [N, L] -> [N, H] float32; 'mean' over real tokens or 'cls'."""
+    hidden = hidden.astype(jnp.float32)
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "mean":
+        m = mask.astype(jnp.float32)[:, :, None]
+        # The clamp matches sentence-transformers (an all-padding row gives zeros, not NaN).
+        return (hidden * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1e-9)
+    raise NegjaxError(f"unknown pooling {mode!r} (use 'mean' or 'cls')")
+
+
+def l2_normalize(x, eps: float = 1e-12):
+    """[N, D] -> rows of unit L2 norm (as torch.nn.functional.normalize)."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+    return x / jnp.maximum(norm, eps)

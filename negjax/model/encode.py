@@ -1,0 +1,138 @@
+"""Batch inference: texts (or token rows) -> embeddings [N, D] float32, in input order.
+
+Rows are sorted by length and cut into batches; each batch is padded to the smallest of a
+few bucket lengths (powers of two up to the max length) that holds its longest row, so
+padding waste stays low and only one program per bucket is compiled. A batch is padded to a
+multiple of the local device count and split over a `Mesh` with axis 'data'; params are
+replicated. Batches are dispatched ahead of reading results back so that host work
+(padding, copies) overlaps device work.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from negjax.model.tokenizer import pad_ids, tokenize
+from negjax.utils import progress
+
+MIN_BUCKET = 16
+
+
+def bucket_lengths(max_length: int, min_length: int = MIN_BUCKET) -> list[int]:
+    """Powers of two from `min_length` below `max_length`, then `max_length` itself."""
+    out, n = [], min_length
+    while n < max_length:
+        out.append(n)
+        n *= 2
+    return out + [max_length]
+
+
+def local_mesh() -> Mesh:
+    """A 1-D mesh over this process's devices, axis 'data'."""
+    return Mesh(np.array(jax.local_devices()), ("data",))
+
+
+def _host_copy(x):
+    """A host (numpy) copy of a params leaf, also when it is a multi-process global array
+    (replicated: take the local shard; otherwise gather across processes)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def _run_batches(enc, params, lengths: np.ndarray, rows: Callable[[np.ndarray, int], tuple],
+                 *, tower: str, batch_size: int, buckets: Sequence[int], desc: str) -> np.ndarray:
+    """The shared loop: `rows(indices, L)` -> (tokens, mask) [len(indices), L] int32."""
+    n = len(lengths)
+    out = np.zeros((n, enc.dim), np.float32)
+    if n == 0:
+        return out
+    mesh = local_mesh()
+    ndev = mesh.devices.size
+    bs = -(-min(batch_size, n) // ndev) * ndev  # pad to a multiple of the device count
+    data = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
+    one = jax.device_put(jax.tree.map(_host_copy, enc.tower_params(params, tower)), replicated)
+    layout = {"encoder": one} if enc.tied_towers else {tower: one}
+
+    step = enc.jitted_encode(tower)
+
+    buckets = sorted(buckets)
+    order = np.argsort(-lengths, kind="stable")  # longest first
+    pending: deque = deque()
+    bar = progress(total=n, desc=desc, unit="text")
+
+    def drain(limit):
+        while len(pending) > limit:
+            idx, result = pending.popleft()
+            out[idx] = np.asarray(result)[: len(idx)]
+            bar.update(len(idx))
+
+    for start in range(0, n, bs):
+        idx = order[start:start + bs]
+        longest = int(lengths[idx].max())
+        length = next((b for b in buckets if b >= longest), buckets[-1])
+        tokens = np.full((bs, length), enc.config.pad_token_id, np.int32)
+        mask = np.zeros((bs, length), np.int32)
+        tokens[: len(idx)], mask[: len(idx)] = rows(idx, length)
+        mask[len(idx):, 0] = 1  # filler rows: one real token, so nothing divides by zero
+        t, m = jax.device_put((tokens, mask), data)
+        pending.append((idx, step(layout, t, m)))
+        drain(limit=2)  # keep two batches in flight
+    drain(limit=0)
+    bar.close()
+    return out
+
+
+def encode_texts(enc, params, texts: Sequence[str], *, tower: str = "query",
+                 max_length: int | None = None, batch_size: int = 128,
+                 buckets: Sequence[int] | None = None, desc: str = "encode") -> np.ndarray:
+    """Texts -> embeddings [N, D] float32 in input order (jitted, sharded over all local
+    devices, length-bucketed, progress bar). `max_length` defaults to `enc.max_length`."""
+    max_length = int(max_length or enc.max_length)
+    if max_length > enc.config.max_position_embeddings:
+        from negjax.errors import NegjaxError
+
+        raise NegjaxError(f"max length {max_length} exceeds the model's "
+                          f"{enc.config.max_position_embeddings} position embeddings")
+    ids = tokenize(enc.tokenizer, texts, max_length)
+    lengths = np.fromiter((len(r) for r in ids), np.int64, count=len(ids))
+    pad = enc.config.pad_token_id
+
+    def rows(idx, length):
+        return pad_ids([ids[i] for i in idx], length, pad)
+
+    return _run_batches(enc, params, lengths, rows, tower=tower, batch_size=batch_size,
+                        buckets=buckets or bucket_lengths(max_length), desc=desc)
+
+
+def encode_tokens(enc, params, tokens: np.ndarray, mask: np.ndarray, *, tower: str = "query",
+                  batch_size: int = 128, buckets: Sequence[int] | None = None,
+                  desc: str = "encode") -> np.ndarray:
+    """Pre-tokenised rows (tokens, mask [N, L] int32, right-padded, e.g. a token store) ->
+    embeddings [N, D] float32 in input order, with the same bucketing and sharding."""
+    tokens = np.asarray(tokens)
+    mask = np.asarray(mask)
+    lengths = mask.sum(axis=1).astype(np.int64)
+    width = tokens.shape[1]
+
+    pad = enc.config.pad_token_id
+
+    def rows(idx, length):
+        w = min(length, width)  # a bucket may be wider than the stored rows
+        t = np.full((len(idx), length), pad, np.int32)
+        m = np.zeros((len(idx), length), np.int32)
+        t[:, :w], m[:, :w] = tokens[idx, :w], mask[idx, :w]
+        return t, m
+
+    return _run_batches(enc, params, lengths, rows, tower=tower, batch_size=batch_size,
+                        buckets=buckets or bucket_lengths(width), desc=desc)

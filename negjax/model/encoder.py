@@ -1,0 +1,185 @@
+"""`Encoder`: the BERT module plus its tokenizer, pooling and tower layout; `load_encoder`.
+
+    enc = load_encoder(cfg.model)          # 'tiny' | 'minilm' | a model directory
+    emb = enc.encode(enc.params, tokens, mask, tower="query")   # [N, D] float32
+
+Params layout: tied towers `{"encoder": p}`, separate towers `{"query": p, "doc": p}`, where
+`p` is the Flax params tree of one `BertEncoder`. `encode` is a pure function of its
+arguments (jit it with `tower` / `deterministic` static, e.g. through a closure).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from negjax.config import ModelConfig
+from negjax.errors import NegjaxError
+from negjax.model.bert import BertConfig, BertEncoder, l2_normalize, pool
+from negjax.model.tokenizer import load_tokenizer
+
+TOWERS = ("query", "doc")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclass(eq=False)
+class Encoder:
+    """A BERT-family bi-encoder. Hashable by identity, so it can sit in jit closures."""
+
+    config: BertConfig
+    tokenizer: object                # transformers PreTrainedTokenizerFast
+    params: dict                     # {"encoder": p} or {"query": p, "doc": p}; float32
+    pooling: str = "mean"            # 'mean' | 'cls'
+    normalize: bool = True           # L2-normalise the pooled embedding
+    dtype: str = "float32"           # compute dtype
+    remat: bool = False              # rematerialise each layer in the backward pass
+    tied_towers: bool = True
+    max_length: int = 512            # default max tokens (the model dir's max_seq_length)
+    source: str = ""                 # 'tiny', 'minilm' or the directory it came from
+    extras: dict = field(default_factory=dict)  # unused checkpoint tensors kept for export
+    _jitted: dict = field(default_factory=dict, init=False, repr=False)
+
+    @property
+    def dim(self) -> int:
+        """Embedding size D."""
+        return self.config.hidden_size
+
+    @property
+    def module(self) -> BertEncoder:
+        return BertEncoder(self.config, _DTYPES[self.dtype], self.remat)
+
+    def tower_params(self, params: dict, tower: str) -> dict:
+        """The Flax params of one tower."""
+        if tower not in TOWERS:
+            raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
+        return params["encoder"] if self.tied_towers else params[tower]
+
+    def hidden_states(self, params, tokens, mask, *, tower: str = "query", rng=None,
+                      deterministic: bool = True):
+        """tokens, mask [N, L] int32 -> last hidden states [N, L, H] float32."""
+        if not deterministic and rng is None:
+            raise ValueError("dropout (deterministic=False) needs an rng")
+        rngs = {} if deterministic else {"dropout": rng}
+        return self.module.apply({"params": self.tower_params(params, tower)}, tokens, mask,
+                                 deterministic, rngs=rngs)
+
+    def encode(self, params, tokens, mask, *, tower: str = "query", rng=None,
+               deterministic: bool = True):
+        """tokens, mask [N, L] int32 -> embeddings [N, D] float32 (pooled, normalised if
+        configured). Dropout is active iff `deterministic=False`, driven by `rng`."""
+        hidden = self.hidden_states(params, tokens, mask, tower=tower, rng=rng,
+                                    deterministic=deterministic)
+        emb = pool(hidden, mask, self.pooling)
+        return l2_normalize(emb) if self.normalize else emb
+
+    def jitted_encode(self, tower: str = "query"):
+        """`jax.jit` of deterministic `encode(params, tokens, mask)` for one tower, made once per
+        encoder so repeated calls (evaluation during training) reuse compiled programs."""
+        if tower not in self._jitted:
+            self._jitted[tower] = jax.jit(
+                lambda params, tokens, mask: self.encode(params, tokens, mask, tower=tower))
+        return self._jitted[tower]
+
+    def init_one(self, rng) -> dict:
+        """Fresh random params of one tower (BERT init: N(0, 0.02), LayerNorm 1/0)."""
+        tokens = jnp.zeros((1, 8), jnp.int32)
+        mask = jnp.ones((1, 8), jnp.int32)
+        variables = jax.jit(lambda r: self.module.init({"params": r}, tokens, mask, True))(rng)
+        return variables["params"]
+
+    def init_params(self, rng) -> dict:
+        """Fresh random params in the tower layout; separate towers get independent draws."""
+        if self.tied_towers:
+            return {"encoder": self.init_one(rng)}
+        rq, rd = jax.random.split(rng)
+        return {"query": self.init_one(rq), "doc": self.init_one(rd)}
+
+    def with_towers(self, one: dict) -> dict:
+        """One tower's params -> the tower layout (separate towers both start from `one`)."""
+        if self.tied_towers:
+            return {"encoder": one}
+        return {"query": one, "doc": jax.tree.map(lambda x: x.copy(), one)}
+
+
+def _tiny_tokenizer_dir(model_cfg: ModelConfig) -> Path:
+    if model_cfg.tokenizer:
+        return Path(model_cfg.tokenizer)
+    try:
+        from negjax.data.wordnet import tokenizer_dir
+    except ImportError:
+        raise NegjaxError("model 'tiny' needs a tokenizer: the built-in WordNet tokenizer is "
+                          "not available; set model.tokenizer=DIR") from None
+    return Path(tokenizer_dir())
+
+
+def load_encoder(model_cfg: ModelConfig) -> Encoder:
+    """Build the encoder named by `model_cfg.name`: 'tiny' (random init from seed 0; vocab from
+    the tokenizer), 'minilm' (packaged all-MiniLM-L6-v2) or a HF / sentence-transformers dir.
+
+    Pooling: `model_cfg.pooling`, else the directory's 1_Pooling setting, else mean.
+    Normalisation follows `model_cfg.normalize`. `model_cfg.dropout >= 0` overrides the
+    checkpoint's hidden and attention dropout.
+    """
+    from negjax.model.hf import read_hf_dir
+
+    name = model_cfg.name
+    if model_cfg.dtype not in _DTYPES:
+        raise NegjaxError(f"config key 'model.dtype': {model_cfg.dtype!r} is not one of {list(_DTYPES)}")
+    common = dict(normalize=model_cfg.normalize, dtype=model_cfg.dtype, remat=model_cfg.remat,
+                  tied_towers=model_cfg.tied_towers)
+    if name == "tiny":
+        tokenizer = load_tokenizer(_tiny_tokenizer_dir(model_cfg))
+        dropout = model_cfg.dropout if model_cfg.dropout >= 0 else 0.1
+        max_pos = max(512, model_cfg.query_max_len, model_cfg.doc_max_len)
+        cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=model_cfg.hidden_size,
+                         num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
+                         intermediate_size=model_cfg.intermediate_size,
+                         max_position_embeddings=max_pos, hidden_dropout=dropout,
+                         attention_dropout=dropout, pad_token_id=tokenizer.pad_token_id)
+        enc = Encoder(cfg, tokenizer, {}, pooling=model_cfg.pooling or "mean",
+                      max_length=max(model_cfg.query_max_len, model_cfg.doc_max_len),
+                      source="tiny", **common)
+        enc.params = enc.init_params(jax.random.PRNGKey(0))
+        return enc
+
+    if name == "minilm":
+        from negjax.model.packaged import minilm_dir
+
+        model_dir = minilm_dir()
+    else:
+        model_dir = Path(name).expanduser()
+    hf = read_hf_dir(model_dir)
+    cfg = hf.config
+    if model_cfg.dropout >= 0:
+        cfg = cfg.replace(hidden_dropout=model_cfg.dropout, attention_dropout=model_cfg.dropout)
+    tokenizer = load_tokenizer(Path(model_cfg.tokenizer) if model_cfg.tokenizer else model_dir)
+    if len(tokenizer) > cfg.vocab_size:
+        raise NegjaxError(f"{model_dir}: tokenizer has {len(tokenizer)} tokens but the model's "
+                          f"vocab_size is {cfg.vocab_size}")
+    max_length = min(hf.max_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    enc = Encoder(cfg, tokenizer, {}, pooling=model_cfg.pooling or hf.pooling or "mean",
+                  max_length=max_length, source=str(model_dir) if name != "minilm" else "minilm",
+                  extras=hf.extras, **common)
+    one = jax.tree.map(jnp.asarray, hf.params)
+    enc.params = enc.with_towers(one)
+    return enc
+
+
+def export_hf(enc: Encoder, params: dict, out_dir, *, tower: str = "query",
+              overwrite: bool = False) -> Path:
+    """Write `params` (one tower: `tower`, irrelevant when tied) as a Hugging Face +
+    sentence-transformers directory (config.json, model.safetensors, tokenizer files,
+    modules.json, 1_Pooling, 2_Normalize when normalising, sentence_bert_config.json) that
+    `transformers.AutoModel` and `sentence_transformers.SentenceTransformer` load and that
+    encodes as `enc.encode` does (with float32 compute)."""
+    from negjax.model.hf import write_hf_dir
+
+    one = jax.tree.map(lambda x: np.asarray(jax.device_get(x), dtype=np.float32),
+                       enc.tower_params(params, tower))
+    return write_hf_dir(out_dir, enc.config, one, enc.tokenizer, pooling=enc.pooling,
+                        normalize=enc.normalize, max_length=enc.max_length, extras=enc.extras,
+                        overwrite=overwrite)

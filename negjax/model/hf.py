@@ -1,0 +1,392 @@
+"""Hugging Face / sentence-transformers directories <-> `BertConfig` + Flax params.
+
+Import reads config.json, model.safetensors (or a sharded model.safetensors.index.json;
+pickled .bin files are refused), and the sentence-transformers settings when present
+(modules.json, the Pooling module's config.json, Normalize, sentence_bert_config.json).
+Export writes a directory that `transformers.AutoModel` and
+`sentence_transformers.SentenceTransformer` both load.
+
+Key map (HF `BertModel` name -> Flax path; dense weights are transposed [out, in] -> [in, out]):
+
+    embeddings.{word,position,token_type}_embeddings.weight -> embeddings/<same>/embedding
+    embeddings.LayerNorm.{weight,bias}                      -> embeddings/LayerNorm/{scale,bias}
+    encoder.layer.i.attention.self.{query,key,value}.*      -> layer_i/attention/{query,key,value}
+    encoder.layer.i.attention.output.dense.*                -> layer_i/attention_output
+    encoder.layer.i.attention.output.LayerNorm.*            -> layer_i/attention_LayerNorm
+    encoder.layer.i.intermediate.dense.*                    -> layer_i/intermediate
+    encoder.layer.i.output.dense.*                          -> layer_i/output
+    encoder.layer.i.output.LayerNorm.*                      -> layer_i/output_LayerNorm
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from negjax.errors import NegjaxError, file_error
+from negjax.model.bert import BertConfig
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Tensors a BERT checkpoint may carry that the encoder does not use. The pooler is kept
+# aside so an export round-trips it (AutoModel would otherwise re-initialise it).
+_UNUSED_PREFIXES = ("cls.", "pooler.")
+_UNUSED_KEYS = ("embeddings.position_ids",)
+POOLER_KEYS = ("pooler.dense.weight", "pooler.dense.bias")
+
+
+@dataclass
+class HFModel:
+    """What a model directory holds, in negjax terms."""
+
+    config: BertConfig
+    params: dict                   # Flax params of one tower, float32 numpy arrays
+    pooling: str | None = None     # 'mean' | 'cls' from 1_Pooling; None = not stated
+    normalize: bool | None = None  # Normalize module present; None = no modules.json
+    max_length: int | None = None  # sentence_bert_config.json max_seq_length
+    extras: dict = field(default_factory=dict)  # unused tensors kept for export (pooler)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise file_error(path, e.lineno, f"invalid JSON: {e.msg}") from None
+
+
+# ---------------------------------------------------------------------------------- config
+
+def read_config(model_dir: Path) -> BertConfig:
+    """config.json -> BertConfig; anything but model_type 'bert' is an unknown architecture."""
+    path = model_dir / "config.json"
+    if not model_dir.is_dir():
+        raise NegjaxError(f"{model_dir}: model directory not found")
+    if not path.is_file():
+        raise NegjaxError(f"{model_dir}: no config.json (not a Hugging Face model directory)")
+    raw = _read_json(path)
+    if not isinstance(raw, dict):
+        raise file_error(path, None, "expected a JSON object")
+    model_type = raw.get("model_type")
+    if model_type != "bert":
+        arch = raw.get("architectures")
+        raise file_error(path, None, f"unknown architecture (model_type={model_type!r}, "
+                         f"architectures={arch!r}); negjax loads BERT-family checkpoints "
+                         "(model_type 'bert')")
+    if raw.get("position_embedding_type", "absolute") != "absolute":
+        raise file_error(path, None, f"unsupported position_embedding_type "
+                         f"{raw['position_embedding_type']!r} (only 'absolute')")
+    if raw.get("is_decoder") or raw.get("add_cross_attention"):
+        raise file_error(path, None, "decoder / cross-attention BERT configs are not supported")
+    # Missing keys take transformers' BertConfig defaults, as AutoModel would.
+    get = raw.get
+    try:
+        return BertConfig(
+            vocab_size=int(get("vocab_size", 30522)),
+            hidden_size=int(get("hidden_size", 768)),
+            num_layers=int(get("num_hidden_layers", 12)),
+            num_heads=int(get("num_attention_heads", 12)),
+            intermediate_size=int(get("intermediate_size", 3072)),
+            max_position_embeddings=int(get("max_position_embeddings", 512)),
+            type_vocab_size=int(get("type_vocab_size", 2)),
+            layer_norm_eps=float(get("layer_norm_eps", 1e-12)),
+            hidden_act=str(get("hidden_act", "gelu")),
+            hidden_dropout=float(get("hidden_dropout_prob", 0.1)),
+            attention_dropout=float(get("attention_probs_dropout_prob", 0.1)),
+            pad_token_id=int(get("pad_token_id", 0) or 0),
+            initializer_range=float(get("initializer_range", 0.02)),
+        )
+    except NegjaxError as e:
+        raise file_error(path, None, str(e)) from None
+    except (TypeError, ValueError) as e:
+        raise file_error(path, None, f"bad value: {e}") from None
+
+
+def config_json(cfg: BertConfig) -> dict:
+    """BertConfig -> a config.json that transformers' AutoConfig reads as a BertModel."""
+    return {
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "intermediate_size": cfg.intermediate_size,
+        "hidden_act": cfg.hidden_act,
+        "hidden_dropout_prob": cfg.hidden_dropout,
+        "attention_probs_dropout_prob": cfg.attention_dropout,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "type_vocab_size": cfg.type_vocab_size,
+        "initializer_range": cfg.initializer_range,
+        "layer_norm_eps": cfg.layer_norm_eps,
+        "pad_token_id": cfg.pad_token_id,
+        "position_embedding_type": "absolute",
+        "torch_dtype": "float32",
+    }
+
+
+# ---------------------------------------------------------------------------------- key map
+
+def key_map(cfg: BertConfig) -> list[tuple[str, tuple[str, ...], tuple[int, ...], bool]]:
+    """(HF key, Flax path, HF shape, transpose?) for every tensor the encoder needs."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    rows = [
+        ("embeddings.word_embeddings.weight", ("embeddings", "word_embeddings", "embedding"),
+         (cfg.vocab_size, h), False),
+        ("embeddings.position_embeddings.weight", ("embeddings", "position_embeddings", "embedding"),
+         (cfg.max_position_embeddings, h), False),
+        ("embeddings.token_type_embeddings.weight", ("embeddings", "token_type_embeddings", "embedding"),
+         (cfg.type_vocab_size, h), False),
+        ("embeddings.LayerNorm.weight", ("embeddings", "LayerNorm", "scale"), (h,), False),
+        ("embeddings.LayerNorm.bias", ("embeddings", "LayerNorm", "bias"), (h,), False),
+    ]
+
+    def dense(hf, path, n_out, n_in):
+        rows.append((f"{hf}.weight", path + ("kernel",), (n_out, n_in), True))
+        rows.append((f"{hf}.bias", path + ("bias",), (n_out,), False))
+
+    def norm(hf, path):
+        rows.append((f"{hf}.weight", path + ("scale",), (h,), False))
+        rows.append((f"{hf}.bias", path + ("bias",), (h,), False))
+
+    for n in range(cfg.num_layers):
+        hf, fl = f"encoder.layer.{n}", f"layer_{n}"
+        for proj in ("query", "key", "value"):
+            dense(f"{hf}.attention.self.{proj}", (fl, "attention", proj), h, h)
+        dense(f"{hf}.attention.output.dense", (fl, "attention_output"), h, h)
+        norm(f"{hf}.attention.output.LayerNorm", (fl, "attention_LayerNorm"))
+        dense(f"{hf}.intermediate.dense", (fl, "intermediate"), i, h)
+        dense(f"{hf}.output.dense", (fl, "output"), h, i)
+        norm(f"{hf}.output.LayerNorm", (fl, "output_LayerNorm"))
+    return rows
+
+
+def _canonical(key: str) -> str:
+    """Strip a task model's 'bert.' prefix; old TF-converted checkpoints say gamma/beta."""
+    if key.startswith("bert."):
+        key = key[len("bert."):]
+    if key.endswith(".gamma"):
+        key = key[: -len(".gamma")] + ".weight"
+    elif key.endswith(".beta"):
+        key = key[: -len(".beta")] + ".bias"
+    return key
+
+
+def hf_to_flax(tensors: dict[str, np.ndarray], cfg: BertConfig, source: str = "model.safetensors"):
+    """HF tensors -> (Flax params [float32 numpy], extras). Missing, mis-shaped or unexpected
+    encoder tensors raise `NegjaxError` naming the tensor."""
+    tensors = {_canonical(k): v for k, v in tensors.items()}
+    params: dict = {}
+    used = set()
+    for hf_key, path, shape, transpose in key_map(cfg):
+        if hf_key not in tensors:
+            raise NegjaxError(f"{source}: missing tensor {hf_key!r}")
+        arr = tensors[hf_key]
+        if tuple(arr.shape) != shape:
+            raise NegjaxError(f"{source}: tensor {hf_key!r} has shape {list(arr.shape)}, "
+                              f"expected {list(shape)} from config.json")
+        arr = np.asarray(arr, dtype=np.float32)
+        node = params
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = np.ascontiguousarray(arr.T) if transpose else arr
+        used.add(hf_key)
+    extras = {}
+    for key, arr in tensors.items():
+        if key in used or key in _UNUSED_KEYS:
+            continue
+        if key.startswith(_UNUSED_PREFIXES):
+            if key in POOLER_KEYS:
+                extras[key] = np.asarray(arr, dtype=np.float32)
+            continue
+        raise NegjaxError(f"{source}: unexpected tensor {key!r} (config.json has "
+                          f"{cfg.num_layers} layers; is this a BertModel checkpoint?)")
+    return params, extras
+
+
+def flax_to_hf(params: dict, cfg: BertConfig) -> dict[str, np.ndarray]:
+    """Flax params of one tower -> HF `BertModel` tensors (float32, contiguous)."""
+    out = {}
+    for hf_key, path, shape, transpose in key_map(cfg):
+        node = params
+        for part in path:
+            node = node[part]
+        arr = np.asarray(node, dtype=np.float32)
+        arr = arr.T if transpose else arr
+        if arr.shape != shape:
+            raise NegjaxError(f"param {'/'.join(path)} has shape {list(arr.shape)}, expected "
+                              f"{list(shape)} for {hf_key!r}")
+        out[hf_key] = np.ascontiguousarray(arr)
+    return out
+
+
+# ---------------------------------------------------------------------------------- weights
+
+def _load_safetensors_file(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError, safe_open
+
+    out = {}
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            for key in f.keys():
+                try:
+                    out[key] = f.get_tensor(key)
+                except (TypeError, ValueError):
+                    # numpy has no bfloat16: read that tensor through JAX instead.
+                    out[key] = None
+        missing = [k for k, v in out.items() if v is None]
+        if missing:
+            with safe_open(str(path), framework="flax") as f:
+                for key in missing:
+                    out[key] = np.asarray(f.get_tensor(key).astype("float32"))
+    except SafetensorError as e:
+        raise NegjaxError(f"{path}: not a readable safetensors file: {e}") from None
+    return out
+
+
+def load_weights(model_dir: Path) -> tuple[dict[str, np.ndarray], str]:
+    """All tensors of model.safetensors (or its sharded index). Pickles are refused."""
+    single = model_dir / "model.safetensors"
+    index = model_dir / "model.safetensors.index.json"
+    if single.is_file():
+        return _load_safetensors_file(single), str(single)
+    if index.is_file():
+        meta = _read_json(index)
+        shards = sorted(set((meta.get("weight_map") or {}).values()))
+        if not shards:
+            raise file_error(index, None, "no weight_map")
+        tensors = {}
+        for name in shards:
+            shard = model_dir / name
+            if not shard.is_file():
+                raise file_error(index, None, f"shard {name} not found")
+            tensors.update(_load_safetensors_file(shard))
+        return tensors, str(index)
+    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise NegjaxError(f"{model_dir}: only pickled weights ({', '.join(pickles)}); negjax "
+                          "never loads pickles (they can run code): convert to model.safetensors")
+    raise NegjaxError(f"{model_dir}: no model.safetensors")
+
+
+# ---------------------------------------------------------------------------------- sentence-transformers
+
+def read_st_settings(model_dir: Path) -> tuple[str | None, bool | None, int | None]:
+    """(pooling, normalize, max_seq_length) from sentence-transformers files, None if absent.
+
+    Only Transformer -> Pooling (mean or CLS) -> Normalize pipelines are supported; any other
+    module (Dense, max pooling, ...) would change the embeddings, so it is an error."""
+    modules_path = model_dir / "modules.json"
+    pooling = normalize = max_length = None
+    if modules_path.is_file():
+        modules = _read_json(modules_path)
+        if not isinstance(modules, list):
+            raise file_error(modules_path, None, "expected a JSON list of modules")
+        normalize = False
+        for m in modules:
+            kind = str(m.get("type", "")).rsplit(".", 1)[-1] if isinstance(m, dict) else ""
+            if kind == "Transformer":
+                continue
+            if kind == "Normalize":
+                normalize = True
+            elif kind == "Pooling":
+                pooling = _read_pooling(model_dir / m.get("path", "1_Pooling") / "config.json")
+            else:
+                raise file_error(modules_path, None, f"unsupported sentence-transformers module "
+                                 f"{m.get('type') if isinstance(m, dict) else m!r}")
+    sbert = model_dir / "sentence_bert_config.json"
+    if sbert.is_file():
+        value = _read_json(sbert).get("max_seq_length")
+        max_length = int(value) if value else None
+    return pooling, normalize, max_length
+
+
+def _read_pooling(path: Path) -> str:
+    if not path.is_file():
+        raise NegjaxError(f"{path}: pooling config not found (named in modules.json)")
+    cfg = _read_json(path)
+    on = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v is True]
+    if on == ["pooling_mode_mean_tokens"]:
+        return "mean"
+    if on == ["pooling_mode_cls_token"]:
+        return "cls"
+    raise file_error(path, None, f"unsupported pooling {on} (negjax supports mean or CLS)")
+
+
+def read_hf_dir(model_dir: str | Path) -> HFModel:
+    """Config, weights and sentence-transformers settings of a model directory (no tokenizer)."""
+    model_dir = Path(model_dir)
+    cfg = read_config(model_dir)
+    tensors, source = load_weights(model_dir)
+    params, extras = hf_to_flax(tensors, cfg, source)
+    pooling, normalize, max_length = read_st_settings(model_dir)
+    return HFModel(cfg, params, pooling, normalize, max_length, extras)
+
+
+# ---------------------------------------------------------------------------------- export
+
+def _pooler(cfg: BertConfig, extras: dict) -> dict[str, np.ndarray]:
+    """The pooler tensors AutoModel expects: the imported ones, else a deterministic init
+    (sentence-transformers never uses the pooler; this only keeps AutoModel from warning)."""
+    if all(k in extras for k in POOLER_KEYS):
+        return {k: np.ascontiguousarray(extras[k], dtype=np.float32) for k in POOLER_KEYS}
+    rng = np.random.default_rng(0)
+    h = cfg.hidden_size
+    return {"pooler.dense.weight": (rng.standard_normal((h, h)) * cfg.initializer_range).astype(np.float32),
+            "pooler.dense.bias": np.zeros((h,), np.float32)}
+
+
+def write_hf_dir(out_dir: str | Path, cfg: BertConfig, params: dict, tokenizer, *, pooling: str,
+                 normalize: bool, max_length: int, extras: dict | None = None,
+                 overwrite: bool = False) -> Path:
+    """Write a Hugging Face + sentence-transformers directory, atomically (a temporary
+    directory renamed into place). An existing non-empty `out_dir` is an error unless
+    `overwrite`."""
+    from safetensors.numpy import save_file
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NegjaxError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise NegjaxError(f"{out_dir}: directory exists and is not empty (choose another --out)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        tensors = flax_to_hf(params, cfg)
+        tensors.update(_pooler(cfg, extras or {}))
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config_json(cfg), indent=2) + "\n")
+        tokenizer.save_pretrained(str(tmp))
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+        if normalize:
+            modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                            "type": "sentence_transformers.models.Normalize"})
+            (tmp / "2_Normalize").mkdir()
+        (tmp / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+        (tmp / "1_Pooling").mkdir()
+        pool_cfg = {"word_embedding_dimension": cfg.hidden_size,
+                    "pooling_mode_cls_token": pooling == "cls",
+                    "pooling_mode_mean_tokens": pooling == "mean",
+                    "pooling_mode_max_tokens": False,
+                    "pooling_mode_mean_sqrt_len_tokens": False,
+                    "pooling_mode_weightedmean_tokens": False,
+                    "pooling_mode_lasttoken": False,
+                    "include_prompt": True}
+        (tmp / "1_Pooling" / "config.json").write_text(json.dumps(pool_cfg, indent=2) + "\n")
+        (tmp / "sentence_bert_config.json").write_text(
+            json.dumps({"max_seq_length": int(max_length), "do_lower_case": False}, indent=2) + "\n")
+        (tmp / "config_sentence_transformers.json").write_text(json.dumps(
+            {"model_type": "SentenceTransformer", "prompts": {}, "default_prompt_name": None,
+             "similarity_fn_name": "cosine" if normalize else "dot"}, indent=2) + "\n")
+        if out_dir.is_dir():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

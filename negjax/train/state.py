@@ -1,0 +1,86 @@
+"""Train state and optimizer: params (encoder + optional learnable temperature), AdamW with
+warm-up and decay, gradient clipping, the optional momentum encoder and memory bank."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from negjax.config import Config, TrainConfig
+from negjax.losses import init_log_scale
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes. All leaves are jax arrays (checkpointable).
+
+    params:    {"model": encoder params, "log_scale": [] f32 (learnable temperature only)}
+    opt_state: optax state of `params`
+    step:      [] int32, optimizer steps taken (skipped non-finite steps included)
+    nonfinite: [] int32, steps skipped because the loss or gradients were NaN/Inf
+    ema:       momentum document-encoder params (memory bank only, else None)
+    bank:      [K, D] f32 queue of past document embeddings, sharded on 'data' (or None)
+    bank_ids:  [K] int32 their document ids, -1 = empty slot (or None)
+    bank_ptr:  [] int32 next write offset within each device's slice of the queue
+    """
+
+    params: Any
+    opt_state: Any
+    step: jax.Array
+    nonfinite: jax.Array
+    ema: Any = None
+    bank: jax.Array | None = None
+    bank_ids: jax.Array | None = None
+    bank_ptr: jax.Array | None = None
+
+
+def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warm-up to `learning_rate`, then linear / cosine decay to 0 at `steps`, or constant."""
+    warm = max(cfg.warmup_steps, 0)
+    decay_steps = max(cfg.steps - warm, 1)
+    if cfg.schedule == "constant":
+        after = optax.constant_schedule(cfg.learning_rate)
+    elif cfg.schedule == "cosine":
+        after = optax.cosine_decay_schedule(cfg.learning_rate, decay_steps)
+    else:
+        after = optax.linear_schedule(cfg.learning_rate, 0.0, decay_steps)
+    if warm == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warm), after], [warm])
+
+
+def _decay_mask(params):
+    # No weight decay on biases, LayerNorm scales and the temperature (BERT convention).
+    return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    parts = []
+    if cfg.max_grad_norm > 0:
+        parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
+    parts.append(optax.adamw(learning_rate_schedule(cfg), b1=0.9, b2=0.999, eps=1e-6,
+                             weight_decay=cfg.weight_decay, mask=_decay_mask))
+    return optax.chain(*parts)
+
+
+def init_state(model_params, cfg: Config, *, dim: int, num_devices: int = 1,
+               ema_params=None) -> TrainState:
+    """A fresh state around `model_params` (not yet placed on a mesh)."""
+    params = {"model": model_params}
+    if cfg.loss.learnable_temperature:
+        params["log_scale"] = init_log_scale(cfg.loss.temperature)
+    opt_state = make_optimizer(cfg.train).init(params)
+    state = TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32),
+                       nonfinite=jnp.zeros((), jnp.int32))
+    k = cfg.loss.memory_bank_size
+    if k:
+        state = state.replace(
+            ema=jax.tree.map(jnp.array, ema_params if ema_params is not None else model_params),
+            bank=jnp.zeros((k, dim), jnp.float32),
+            bank_ids=jnp.full((k,), -1, jnp.int32),
+            bank_ptr=jnp.zeros((), jnp.int32))
+    return state

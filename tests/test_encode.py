@@ -1,0 +1,147 @@
+"""Batch encoding (`negjax encode`, `encode_texts`) and export, against sentence-transformers.
+
+The MiniLM fixture (64 sentences + sentence-transformers' embeddings) comes from
+tools/make_fixtures.py; sentence-transformers itself is a test-only dependency.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from helpers import run_negjax
+
+from negjax.config import ModelConfig
+from negjax.model import bucket_lengths, encode_texts, encode_tokens, export_hf, load_encoder, minilm_dir
+from negjax.model.tokenizer import tokenize_padded
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY = FIXTURES / "tiny_bert"
+SENTENCES = [json.loads(line)["text"] for line in
+             (FIXTURES / "minilm_sentences.jsonl").read_text(encoding="utf-8").splitlines()]
+
+# Varied lengths for the tiny model's 100-token vocabulary.
+TINY_TEXTS = [" ".join(["the cat runs", "a dog is in the", "cats and dogs", "x"][i % 4]
+                       for _ in range(1 + (i * 7) % 23)) + ("!" * (i % 3)) for i in range(37)]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_encoder(ModelConfig(name="minilm"))
+
+
+def _cos(a, b):
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_minilm_encode_cli_matches_sentence_transformers(tmp_path):
+    """Acceptance: `negjax encode` (8 devices, batch not a multiple of 8, length buckets) of
+    64 varied sentences vs sentence-transformers' PyTorch embeddings, fp32 on CPU."""
+    out = tmp_path / "emb.npy"
+    run_negjax("encode", "--model", "minilm", "--input", FIXTURES / "minilm_sentences.jsonl",
+               "--output", out, "--batch-size", 20, check=True)
+    got = np.load(out)
+    want = np.load(FIXTURES / "minilm_embeddings.npy")
+    assert got.dtype == np.float32 and got.shape == (64, 384)
+    assert _cos(got, want).min() >= 0.99999
+    assert np.abs(got - want).max() <= 1e-4
+
+
+def test_encode_texts_order_buckets_padding():
+    """Bucketed, sorted, device-padded batches give each text the embedding it gets in one
+    plain batch padded to the max length, in input order (tiny random BERT, 37 texts, batch
+    12 on 8 devices)."""
+    enc = load_encoder(ModelConfig(name=str(TINY)))
+    assert bucket_lengths(64) == [16, 32, 64] and bucket_lengths(100) == [16, 32, 64, 100]
+    got = encode_texts(enc, enc.params, TINY_TEXTS, batch_size=12, max_length=64)
+    assert got.shape == (len(TINY_TEXTS), 32) and got.dtype == np.float32
+    tokens, mask = tokenize_padded(enc.tokenizer, TINY_TEXTS, 64)
+    lengths = mask.sum(1)
+    assert lengths.min() < 16 < 32 < lengths.max() <= 64  # several buckets are used
+    want = np.asarray(jax.jit(enc.encode)(enc.params, tokens, mask))
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    # The token-array entry point (a token store's rows) agrees.
+    np.testing.assert_allclose(encode_tokens(enc, enc.params, tokens, mask, batch_size=16), got,
+                               atol=2e-5)
+
+
+def test_export_sentence_transformers_and_automodel(minilm, tmp_path):
+    """Acceptance: export -> SentenceTransformer(exported).encode equals negjax's encode."""
+    from sentence_transformers import SentenceTransformer
+
+    out = export_hf(minilm, minilm.params, tmp_path / "hf")
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "modules.json", "1_Pooling",
+            "2_Normalize", "sentence_bert_config.json"} <= names
+    ours = encode_texts(minilm, minilm.params, SENTENCES, batch_size=32)
+    st = SentenceTransformer(str(out), device="cpu").encode(SENTENCES, batch_size=32)
+    assert _cos(ours, st).min() >= 0.99999
+    assert np.abs(ours - st).max() <= 1e-4
+    with pytest.raises(Exception, match="not empty"):
+        export_hf(minilm, minilm.params, out)
+
+
+def test_export_cli_tiny_cls_unnormalised(tmp_path):
+    """`negjax export` of a plain HF dir with CLS pooling and no normalisation: AutoModel
+    reproduces the PyTorch reference hidden states, SentenceTransformer our embeddings."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    from negjax.cli import main
+
+    out = tmp_path / "hf"
+    sets = ["--set", "model.pooling=cls", "--set", "model.normalize=false"]
+    assert main(["export", "--checkpoint", str(TINY), "--out", str(out), *sets]) == 0
+    assert not (out / "2_Normalize").exists()
+    ref = np.load(FIXTURES / "tiny_bert_reference.npz")
+    model = AutoModel.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        hidden = model(input_ids=torch.tensor(ref["tokens"], dtype=torch.long),
+                       attention_mask=torch.tensor(ref["mask"], dtype=torch.long)).last_hidden_state
+    np.testing.assert_allclose(hidden.numpy(), ref["hidden"], atol=1e-5)
+
+    enc = load_encoder(ModelConfig(name=str(out), normalize=False))
+    assert enc.pooling == "cls"  # read back from the exported 1_Pooling
+    ours = encode_texts(enc, enc.params, TINY_TEXTS, batch_size=16)
+    st = SentenceTransformer(str(out), device="cpu").encode(TINY_TEXTS)
+    assert _cos(ours, st).min() >= 0.99999
+    np.testing.assert_allclose(ours, st, atol=1e-4)
+
+
+def test_encode_cli_input_errors_and_tiny(tmp_path, capsys):
+    from negjax.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"id": "2", "txt": "no text key"}\n')
+    out = tmp_path / "out.npy"
+    assert main(["encode", "--model", str(TINY), "--input", str(bad), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{bad}:2:" in err, err
+
+    bad.write_text('{"text": "fine"}\n{not json\n')
+    assert main(["encode", "--model", str(TINY), "--input", str(bad), "--output", str(out)]) == 2
+    assert f"{bad}:2: invalid JSON" in capsys.readouterr().err
+    assert not out.exists()
+
+    # 'tiny' from scratch with any tokenizer directory; doc tower of separate towers.
+    good = tmp_path / "in.jsonl"
+    good.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(TINY_TEXTS[:5])))
+    rc = main(["encode", "--model", "tiny", "--input", str(good), "--output", str(out),
+               "--tower", "doc", "--set", f"model.tokenizer={TINY}", "--set", "model.hidden_size=16",
+               "--set", "model.num_layers=1", "--set", "model.tied_towers=false"])
+    assert rc == 0
+    emb = np.load(out)
+    assert emb.shape == (5, 16) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def test_minilm_dir_is_cached():
+    a = minilm_dir()
+    b = minilm_dir()
+    assert a == b and (a / "config.json").is_file() and (a / "model.safetensors").is_file()
+    assert not [p for p in a.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
+    assert jax.device_count() >= 1

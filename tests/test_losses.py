@@ -1,0 +1,333 @@
+"""contrastive_loss against a float64 NumPy reference on 1, 2, 4 and 8 simulated devices."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from helpers import require_devices
+from negjax.errors import NegjaxError
+from negjax.losses import (contrastive_loss, contrastive_loss_and_metrics, init_log_scale,
+                           temperature_from_log_scale)
+
+B, D, TEMP = 8, 6, 0.1
+
+
+# ---------------------------------------------------------------------------------------
+# NumPy reference (float64, analytic gradients of softmax cross-entropy)
+# ---------------------------------------------------------------------------------------
+
+def _positive_sets(G, pos_ids, doc_ids, nq):
+    if doc_ids is None:
+        return [set() for _ in range(nq)]
+    sets = [{int(doc_ids[i * G])} for i in range(nq)]
+    if pos_ids is not None:
+        for i in range(nq):
+            sets[i] |= {int(x) for x in pos_ids[i] if x >= 0}
+    return sets
+
+
+def _softmax_ce(logits, keep, targets):
+    """Mean CE over rows with masked columns; returns (loss, dloss/dlogits)."""
+    z = np.where(keep, logits, -np.inf)
+    z = z - z.max(axis=1, keepdims=True)
+    p = np.where(keep, np.exp(z), 0.0)
+    p /= p.sum(axis=1, keepdims=True)
+    rows = np.arange(len(targets))
+    loss = -np.log(p[rows, targets]).mean()
+    y = np.zeros_like(p)
+    y[rows, targets] = 1.0
+    return loss, (p - y) / len(targets)
+
+
+def reference(q, d, G, T, pos_ids=None, doc_ids=None, symmetric=False, extra=None, extra_ids=None):
+    """-> loss, dq, dd, dT, metrics (float64)."""
+    q = np.asarray(q, np.float64)
+    d = np.asarray(d, np.float64)
+    nq, s = len(q), 1.0 / T
+    pos = _positive_sets(G, pos_ids, doc_ids, nq)
+    cols = d if extra is None else np.concatenate([d, np.asarray(extra, np.float64)])
+    ids = None
+    if doc_ids is not None:
+        ids = list(doc_ids) + ([-1] * len(extra) if extra is not None and extra_ids is None
+                               else list(extra_ids) if extra is not None else [])
+    keep = np.ones((nq, len(cols)), bool)
+    targets = np.arange(nq) * G
+    for i in range(nq):
+        for c in range(len(cols)):
+            if c != targets[i] and ids is not None and ids[c] in pos[i]:
+                keep[i, c] = False
+    sim = q @ cols.T
+    loss, dlog = _softmax_ce(sim * s, keep, targets)
+    dq = dlog @ cols * s
+    dd = (dlog.T @ q * s)[: len(d)]
+    ds = np.sum(dlog * sim)
+    cos = sim / np.linalg.norm(q, axis=1)[:, None] / np.linalg.norm(cols, axis=1)[None, :]
+    neg = keep.copy()
+    neg[np.arange(nq), targets] = False
+    tgt = sim[np.arange(nq), targets]
+    metrics = dict(
+        accuracy=np.mean([tgt[i] > sim[i][neg[i]].max(initial=-np.inf) for i in range(nq)]),
+        pos_cos=cos[np.arange(nq), targets].mean(),
+        hardest_neg_cos=np.mean([cos[i][neg[i]].max() for i in range(nq) if neg[i].any()]),
+        neg_cos=cos[neg].mean())
+    if symmetric:
+        pd = d[::G]
+        keep2 = np.ones((nq, nq), bool)
+        for j in range(nq):
+            for i in range(nq):
+                if i != j and doc_ids is not None and int(doc_ids[j * G]) in pos[i]:
+                    keep2[j, i] = False
+        sim2 = pd @ q.T
+        loss2, dlog2 = _softmax_ce(sim2 * s, keep2, np.arange(nq))
+        dd2 = np.zeros_like(d)
+        dd2[::G] = dlog2 @ q * s
+        dq2 = dlog2.T @ pd * s
+        loss, dq, dd = 0.5 * (loss + loss2), 0.5 * (dq + dq2), 0.5 * (dd + dd2)
+        ds = 0.5 * (ds + np.sum(dlog2 * sim2))
+    return loss, dq, dd, -ds / T ** 2, metrics
+
+
+# ---------------------------------------------------------------------------------------
+# Data and mesh helpers
+# ---------------------------------------------------------------------------------------
+
+def make_batch(G, seed=0, nq=B, dim=D, npos=3):
+    """Random unit embeddings and ids with many duplicates and extra positives."""
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(nq, dim)).astype(np.float32)
+    d = rng.normal(size=(nq * G, dim)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    doc_ids = rng.integers(0, max(2, nq * G // 2), size=nq * G).astype(np.int32)
+    pos_ids = np.full((nq, npos), -1, np.int32)
+    pos_ids[:, 0] = doc_ids[::G]
+    pos_ids[:, 1] = rng.choice(doc_ids, size=nq)          # another column as extra positive
+    pos_ids[::2, 2] = rng.choice(doc_ids, size=len(pos_ids[::2]))
+    return q, d, pos_ids, doc_ids
+
+
+def mesh_of(n):
+    require_devices(n)
+    return jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
+
+
+def put(mesh, *arrays):
+    if mesh is None:
+        return tuple(jnp.asarray(a) for a in arrays)
+    sh = NamedSharding(mesh, P("data"))
+    return tuple(jax.device_put(a, sh) for a in arrays)
+
+
+class _NoMesh:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def in_mesh(mesh):
+    return jax.set_mesh(mesh) if mesh is not None else _NoMesh()
+
+
+# variants: (symmetric, chunk_size, with ids)
+VARIANTS = [(False, None, True), (True, None, True), (False, 3, True), (True, 3, True),
+            (False, 5, False), (True, 4, True)]
+
+
+@functools.cache
+def _matrix_fn(G):
+    """One jitted function evaluating loss and gradients (q, d, temperature) for every variant,
+    so each (devices, G) case compiles once."""
+    def all_variants(q, d, pos_ids, doc_ids, temp):
+        out = []
+        for sym, chunk, ids in VARIANTS:
+            f = lambda q, d, t: contrastive_loss(  # noqa: E731
+                q, d, group_size=G, temperature=t, query_pos_ids=pos_ids if ids else None,
+                doc_ids=doc_ids if ids else None, symmetric=sym, chunk_size=chunk)
+            out.append(jax.value_and_grad(f, argnums=(0, 1, 2))(q, d, temp))
+        return out
+    return jax.jit(all_variants)
+
+
+@pytest.mark.parametrize("G", [1, 2, 4])
+@pytest.mark.parametrize("ndev", [1, 2, 4, 8])
+def test_matches_numpy_reference(ndev, G):
+    mesh = mesh_of(ndev) if ndev > 1 else None
+    q, d, pos_ids, doc_ids = make_batch(G, seed=ndev * 10 + G)
+    with in_mesh(mesh):
+        args = put(mesh, q, d, pos_ids, doc_ids)
+        results = _matrix_fn(G)(*args, jnp.float32(TEMP))
+    for (sym, chunk, ids), (loss, (gq, gd, gt)) in zip(VARIANTS, results):
+        what = f"devices={ndev} G={G} symmetric={sym} chunk={chunk} ids={ids}"
+        rl, rq, rd, rt, _ = reference(q, d, G, TEMP, pos_ids if ids else None,
+                                      doc_ids if ids else None, sym)
+        np.testing.assert_allclose(loss, rl, rtol=1e-5, err_msg=what)
+        np.testing.assert_allclose(gq, rq, rtol=1e-5, atol=1e-6, err_msg=what)
+        np.testing.assert_allclose(gd, rd, rtol=1e-5, atol=1e-6, err_msg=what)
+        np.testing.assert_allclose(gt, rt, rtol=1e-4, atol=1e-6, err_msg=what)
+        if mesh is not None:  # gradients of documents live on their owners
+            assert gd.sharding.spec[0] == "data", what
+
+
+def test_masking_is_exercised():
+    """The matrix data really masks columns (else the id tests above prove nothing)."""
+    q, d, pos_ids, doc_ids = make_batch(2, seed=22)
+    masked = reference(q, d, 2, TEMP, pos_ids, doc_ids)[0]
+    plain = reference(q, d, 2, TEMP)[0]
+    assert abs(masked - plain) > 1e-3
+    got = contrastive_loss(q, d, group_size=2, temperature=TEMP, query_pos_ids=pos_ids, doc_ids=doc_ids)
+    np.testing.assert_allclose(got, masked, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_gathered_layout_targets_own_positive(chunk):
+    """Catches the interleaved-gather bug: on 4 devices with hard negatives every query is
+    identical to its own positive and orthogonal to all other documents, so the loss is tiny
+    and top-1 is always the target column i*G. Any other gathered order scores a query
+    against a wrong column and the loss is ~1/temperature."""
+    G, nq = 4, 8
+    mesh = mesh_of(4)
+    eye = np.eye(nq * G, dtype=np.float32)
+    d = eye                     # every document its own direction
+    q = eye[::G].copy()         # query i == its positive d[i*G]
+    with jax.set_mesh(mesh):
+        qs, ds = put(mesh, q, d)
+        loss, metrics = jax.jit(lambda q, d: contrastive_loss_and_metrics(
+            q, d, group_size=G, temperature=0.05, chunk_size=chunk))(qs, ds)
+    assert float(loss) < 1e-6
+    assert float(metrics["accuracy"]) == 1.0
+    np.testing.assert_allclose(metrics["pos_cos"], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(metrics["hardest_neg_cos"], 0.0, atol=1e-6)
+    # If each device's hard negatives were placed elsewhere (e.g. positives first, then
+    # negatives), query i's target column would hold another document: huge loss.
+    perm = np.concatenate([np.arange(0, nq * G, G)] + [np.arange(k, nq * G, G) for k in range(1, G)])
+    bad = contrastive_loss(q, d[perm], group_size=G, temperature=0.05)
+    assert float(bad) > 5.0
+
+
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_metrics_and_memory_bank(chunk):
+    """Extra negative columns (memory bank): in the softmax, masked by id, no gradient; the
+    metrics match the reference on 4 devices."""
+    G, K = 2, 8
+    mesh = mesh_of(4)
+    q, d, pos_ids, doc_ids = make_batch(G, seed=5)
+    rng = np.random.default_rng(6)
+    bank = rng.normal(size=(K, D)).astype(np.float32)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    bank[0] = q[3]                                   # a bank entry that is a false negative...
+    bank_ids = rng.integers(100, 200, size=K).astype(np.int32)
+    bank_ids[0] = doc_ids[3 * G]                      # ...with the id of query 3's positive
+    bank_ids[5] = -1
+
+    def f(q, d, bank):
+        return contrastive_loss_and_metrics(q, d, group_size=G, temperature=TEMP, query_pos_ids=pos_ids,
+                                            doc_ids=doc_ids, chunk_size=chunk, extra_docs=bank,
+                                            extra_doc_ids=bank_ids)
+    with jax.set_mesh(mesh):
+        args = put(mesh, q, d, bank)
+        (loss, metrics), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(*args)
+    rl, rq, rd, _, rm = reference(q, d, G, TEMP, pos_ids, doc_ids, extra=bank, extra_ids=bank_ids)
+    np.testing.assert_allclose(loss, rl, rtol=1e-5)
+    np.testing.assert_allclose(grads[0], rq, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grads[1], rd, rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(grads[2]) == 0.0)
+    for k, v in rm.items():
+        np.testing.assert_allclose(metrics[k], v, rtol=1e-5, err_msg=k)
+    # The bank changes the loss (its entries are real negatives).
+    assert abs(rl - reference(q, d, G, TEMP, pos_ids, doc_ids)[0]) > 1e-3
+
+
+def test_inside_user_shard_map_and_unsharded_inputs():
+    """Called inside a shard_map that is already manual over 'data' (e.g. a GradCache step)
+    the arguments are the local shards; with unsharded inputs under the mesh, they are laid
+    out first. Both equal the single-device value."""
+    G = 2
+    mesh = mesh_of(4)
+    q, d, pos_ids, doc_ids = make_batch(G, seed=9)
+    kw = dict(group_size=G, temperature=TEMP, symmetric=True, chunk_size=3)
+    want = reference(q, d, G, TEMP, pos_ids, doc_ids, symmetric=True)[0]
+
+    def inner(q, d, p, i):
+        return contrastive_loss(q, d, query_pos_ids=p, doc_ids=i, **kw)
+    with jax.set_mesh(mesh):
+        got = jax.jit(jax.shard_map(inner, in_specs=P("data"), out_specs=P()))(*put(mesh, q, d, pos_ids, doc_ids))
+        got2 = jax.jit(inner)(q, d, pos_ids, doc_ids)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(got2, want, rtol=1e-5)
+
+
+def test_learnable_temperature_gradient_flows():
+    G = 2
+    q, d, pos_ids, doc_ids = make_batch(G, seed=3)
+    log_scale = init_log_scale(0.07)
+    np.testing.assert_allclose(temperature_from_log_scale(log_scale, 0.01, 1.0), 0.07, rtol=1e-6)
+
+    def f(ls, chunk):
+        t = temperature_from_log_scale(ls, 0.01, 1.0)
+        return contrastive_loss(q, d, group_size=G, temperature=t, doc_ids=doc_ids, chunk_size=chunk)
+    g_dense = jax.grad(f)(log_scale, None)
+    g_chunk = jax.grad(f)(log_scale, 4)
+    _, _, _, dT, _ = reference(q, d, G, 0.07, None, doc_ids)
+    np.testing.assert_allclose(g_dense, dT * -0.07, rtol=1e-4)   # dT/dlog_scale = -T
+    np.testing.assert_allclose(g_chunk, g_dense, rtol=1e-5)
+    # Clipped: no gradient outside [min, max].
+    assert float(jax.grad(f)(init_log_scale(2.0), 4)) == 0.0
+
+
+def test_chunked_never_materialises_the_matrix():
+    """Compiled temp memory of the chunked loss+grads stays far below one [b, N] matrix."""
+    nq, G, dim, chunk = 1024, 4, 16, 128
+    q = jax.ShapeDtypeStruct((nq, dim), jnp.float32)
+    d = jax.ShapeDtypeStruct((nq * G, dim), jnp.float32)
+
+    def temp_bytes(chunk_size):
+        f = jax.grad(lambda q, d: contrastive_loss(q, d, group_size=G, temperature=TEMP,
+                                                   chunk_size=chunk_size), argnums=(0, 1))
+        return jax.jit(f).lower(q, d).compile().memory_analysis().temp_size_in_bytes
+
+    matrix = nq * nq * G * 4
+    assert temp_bytes(None) >= matrix
+    assert temp_bytes(chunk) < matrix / 4
+
+
+def test_bad_arguments():
+    q, d, pos_ids, doc_ids = make_batch(2, seed=1)
+    with pytest.raises(NegjaxError, match=r"B\*group_size"):
+        contrastive_loss(q, d, group_size=3, temperature=TEMP)
+    with pytest.raises(NegjaxError, match="doc_ids"):
+        contrastive_loss(q, d, group_size=2, temperature=TEMP, query_pos_ids=pos_ids)
+    with pytest.raises(NegjaxError, match="chunk_size"):
+        contrastive_loss(q, d, group_size=2, temperature=TEMP, chunk_size=0)
+    mesh = mesh_of(8)
+    with jax.set_mesh(mesh), pytest.raises(NegjaxError, match="divide"):
+        contrastive_loss(q[:4], d[:8], group_size=2, temperature=TEMP)
+
+
+def test_bench_loss_command_compares_modes(tmp_path):
+    """`negjax bench loss` runs each mode in a child process and checks chunked == unchunked."""
+    import json
+
+    from helpers import run_negjax
+
+    out = tmp_path / "bench.json"
+    proc = run_negjax("bench", "loss", "--batches", "32", "--dim", "8", "--chunk-size", "20",
+                      "--devices", "4", "--repeats", "1", "--symmetric", "--json", "--out", out, check=True)
+    rows = json.loads(proc.stdout)
+    assert rows == json.loads(out.read_text())
+    assert [r["mode"] for r in rows] == ["unchunked", "chunked"]
+    assert all(r["devices"] == 4 and r["peak_rss_bytes"] > 0 for r in rows)
+    assert rows[1]["match"] is True and rows[1]["max_rel_diff"] < 1e-4
+    skipped = run_negjax("bench", "loss", "--batches", "64", "--dim", "8", "--modes", "unchunked",
+                         "--max-matrix-gib", "0", "--json", check=True)
+    assert "skipped" in json.loads(skipped.stdout)[0]
+    bad = run_negjax("bench", "loss", "--batches", "30", "--devices", "8")
+    assert bad.returncode == 2 and "divisible" in bad.stderr

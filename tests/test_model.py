@@ -1,0 +1,203 @@
+"""The Flax BERT encoder against PyTorch, remat, dropout, towers, dtypes, broken model dirs.
+
+Fixtures come from tools/make_fixtures.py (a random 2-layer BertModel and its hidden states).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import require_devices
+
+from negjax.config import ModelConfig
+from negjax.model import load_encoder
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY = FIXTURES / "tiny_bert"
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return dict(np.load(FIXTURES / "tiny_bert_reference.npz"))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_encoder(ModelConfig(name=str(TINY)))
+
+
+def test_tiny_bert_hidden_states_match_pytorch(tiny, ref):
+    hidden = np.asarray(tiny.hidden_states(tiny.params, ref["tokens"], ref["mask"]))
+    assert hidden.dtype == np.float32 and hidden.shape == ref["hidden"].shape
+    np.testing.assert_allclose(hidden, ref["hidden"], atol=1e-5, rtol=0)
+    # Pooling is over real tokens only: mean of the reference's unpadded rows, normalised.
+    emb = np.asarray(tiny.encode(tiny.params, ref["tokens"], ref["mask"]))
+    m = ref["mask"][:, :, None]
+    want = (ref["hidden"] * m).sum(1) / m.sum(1)
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    np.testing.assert_allclose(emb, want, atol=1e-5)
+    assert tiny.dim == 32 and tiny.pooling == "mean" and tiny.normalize
+
+
+def _grads(enc, ref, rng):
+    w = jax.random.normal(jax.random.PRNGKey(3), (ref["tokens"].shape[0], enc.dim))
+
+    def loss(params):
+        emb = enc.encode(params, ref["tokens"], ref["mask"], rng=rng, deterministic=False)
+        return jnp.sum(emb * w)
+
+    return jax.jit(jax.value_and_grad(loss))(enc.params)
+
+
+def test_remat_gradients_equal(ref):
+    plain = load_encoder(ModelConfig(name=str(TINY), remat=False))
+    remat = load_encoder(ModelConfig(name=str(TINY), remat=True))
+    rng = jax.random.PRNGKey(7)  # dropout on: remat must replay the same masks
+    loss_a, ga = _grads(plain, ref, rng)
+    loss_b, gb = _grads(remat, ref, rng)
+    assert jax.tree.structure(ga) == jax.tree.structure(gb)
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(ga)) > 0
+
+
+def test_dropout_needs_and_follows_rng(tiny, ref):
+    args = (tiny.params, ref["tokens"], ref["mask"])
+    det = np.asarray(tiny.encode(*args))
+    a = np.asarray(tiny.encode(*args, rng=jax.random.PRNGKey(1), deterministic=False))
+    b = np.asarray(tiny.encode(*args, rng=jax.random.PRNGKey(1), deterministic=False))
+    c = np.asarray(tiny.encode(*args, rng=jax.random.PRNGKey(2), deterministic=False))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - det).max() > 1e-3 and np.abs(a - c).max() > 1e-3
+    with pytest.raises(ValueError, match="rng"):
+        tiny.encode(*args, deterministic=False)
+
+
+def test_towers(ref):
+    tok_dir = str(TINY)  # any tokenizer dir works for 'tiny'; vocab comes from it
+    cfg = ModelConfig(name="tiny", tokenizer=tok_dir, hidden_size=32, num_layers=1, num_heads=2,
+                      intermediate_size=64, tied_towers=False)
+    sep = load_encoder(cfg)
+    assert set(sep.params) == {"query", "doc"}
+    assert sep.config.vocab_size == 100
+    leaves_q, leaves_d = jax.tree.leaves(sep.params["query"]), jax.tree.leaves(sep.params["doc"])
+    assert all(x.dtype == jnp.float32 for x in leaves_q)
+    assert any(not np.array_equal(a, b) for a, b in zip(leaves_q, leaves_d))
+    q = sep.encode(sep.params, ref["tokens"], ref["mask"], tower="query")
+    d = sep.encode(sep.params, ref["tokens"], ref["mask"], tower="doc")
+    assert np.abs(np.asarray(q) - np.asarray(d)).max() > 1e-3
+
+    cfg.tied_towers = True
+    tied = load_encoder(cfg)
+    assert set(tied.params) == {"encoder"}
+    q = tied.encode(tied.params, ref["tokens"], ref["mask"], tower="query")
+    d = tied.encode(tied.params, ref["tokens"], ref["mask"], tower="doc")
+    np.testing.assert_array_equal(np.asarray(q), np.asarray(d))
+
+    # A pretrained checkpoint with separate towers: both start from its weights.
+    pre = load_encoder(ModelConfig(name=str(TINY), tied_towers=False))
+    for a, b in zip(jax.tree.leaves(pre.params["query"]), jax.tree.leaves(pre.params["doc"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bfloat16_compute(tiny, ref):
+    bf = load_encoder(ModelConfig(name=str(TINY), dtype="bfloat16"))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bf.params))
+    emb = np.asarray(bf.encode(bf.params, ref["tokens"], ref["mask"]))
+    full = np.asarray(tiny.encode(tiny.params, ref["tokens"], ref["mask"]))
+    assert emb.dtype == np.float32
+    assert np.isfinite(emb).all()
+    assert 0 < np.abs(emb - full).max() < 0.1  # bf16 really ran, and stays close
+    assert (emb * full).sum(1).min() > 0.99
+
+
+def test_explicit_mesh_sharded_batch(tiny, ref):
+    """The encoder runs (forward, and backward with dropout) on a batch sharded over an
+    Explicit-axes mesh, as in the training step, and matches the unsharded result."""
+    require_devices(8)
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    tokens, mask = np.tile(ref["tokens"], (2, 1)), np.tile(ref["mask"], (2, 1))
+    base = np.asarray(tiny.encode(tiny.params, tokens, mask))
+    mesh = jax.make_mesh((8,), ("data",))
+    with jax.set_mesh(mesh):
+        t, m = jax.device_put((tokens, mask), NamedSharding(mesh, P("data")))
+        params = jax.device_put(tiny.params, NamedSharding(mesh, P()))
+        out = jax.jit(lambda p, t, m: tiny.encode(p, t, m))(params, t, m)
+        assert out.sharding.spec[0] == "data"
+        np.testing.assert_allclose(np.asarray(out), base, atol=1e-5)
+
+        def loss(p, rng):
+            return jnp.sum(tiny.encode(p, t, m, rng=rng, deterministic=False) ** 2 * 0.5)
+
+        grads = jax.jit(jax.grad(loss))(params, jax.random.PRNGKey(0))
+        assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+# ---------------------------------------------------------------------------------- broken dirs
+
+def _save(tensors, path):
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _tiny_tensors():
+    from safetensors.numpy import load_file
+
+    return load_file(str(TINY / "model.safetensors"))
+
+
+def _broken(kind: str, d: Path) -> str:
+    """Make broken model dir `d` of one kind; return a fragment its error must contain."""
+    if kind != "no_config":
+        shutil.copytree(TINY, d)
+    else:
+        d.mkdir()
+        shutil.copy(TINY / "model.safetensors", d)
+        return "no config.json"
+    if kind == "unknown_arch":
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["model_type"] = "gpt2"
+        (d / "config.json").write_text(json.dumps(cfg))
+        return "unknown architecture"
+    if kind == "wrong_shape":
+        t = _tiny_tensors()
+        t["encoder.layer.1.intermediate.dense.weight"] = np.zeros((64, 31), np.float32)
+        _save(t, d / "model.safetensors")
+        return "'encoder.layer.1.intermediate.dense.weight' has shape [64, 31], expected [64, 32]"
+    if kind == "missing_tensor":
+        t = _tiny_tensors()
+        del t["encoder.layer.0.attention.self.key.bias"]
+        _save(t, d / "model.safetensors")
+        return "missing tensor 'encoder.layer.0.attention.self.key.bias'"
+    if kind == "bin_only":
+        (d / "model.safetensors").unlink()
+        (d / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+        return "never loads pickles"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["no_config", "unknown_arch", "wrong_shape", "missing_tensor",
+                                  "bin_only"])
+def test_broken_model_dirs_one_line_exit_2(kind, tmp_path, capsys):
+    from negjax.cli import main
+
+    model_dir = tmp_path / "model"
+    expected = _broken(kind, model_dir)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"text": "a cat"}\n')
+    out = tmp_path / "out.npy"
+    rc = main(["encode", "--model", str(model_dir), "--input", str(inp), "--output", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1, err
+    assert expected in err, err
+    assert not out.exists()

@@ -1,0 +1,179 @@
+"""The train step against a plain single-device reference: gradients over 1, 2, 4, 8
+devices, GradCache == plain, learnable temperature, memory bank, non-finite guard."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import require_devices
+from negjax.config import Config, ModelConfig
+from negjax.losses import contrastive_loss
+from negjax.model import load_encoder
+from negjax.model.packaged import minilm_dir
+from negjax.train.state import init_state
+from negjax.train.step import batch_shardings, make_train_step, place_state
+
+B, G, LQ, LD = 8, 2, 8, 12
+
+
+def mesh_of(n):
+    return jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
+
+
+@pytest.fixture(scope="module")
+def enc():
+    cfg = ModelConfig(name="tiny", tokenizer=str(minilm_dir()), hidden_size=16, num_layers=1,
+                      num_heads=2, intermediate_size=32, dropout=0.0)
+    return load_encoder(cfg)
+
+
+def make_cfg(**kw):
+    cfg = Config()
+    for key, value in kw.items():
+        sec, name = key.split("__")
+        setattr(getattr(cfg, sec), name, value)
+    return cfg
+
+
+def make_batch(seed=0, b=B, g=G):
+    rng = np.random.default_rng(seed)
+    def toks(n, length):
+        t = rng.integers(1000, 2000, (n, length)).astype(np.int32)
+        lens = rng.integers(3, length + 1, n)
+        m = (np.arange(length)[None, :] < lens[:, None]).astype(np.int32)
+        return t * m, m
+    qt, qm = toks(b, LQ)
+    dt, dm = toks(b * g, LD)
+    doc_ids = np.arange(b * g, dtype=np.int32) + 100
+    doc_ids[3 * g] = doc_ids[0]                # a duplicate of query 0's positive
+    dt[3 * g], dm[3 * g] = dt[0], dm[0]
+    pos = np.full((b, 2), -1, np.int32)
+    pos[:, 0] = doc_ids[::g]
+    pos[1, 1] = doc_ids[2 * g]                 # query 1 has a second positive
+    return dict(q_tokens=qt, q_mask=qm, d_tokens=dt, d_mask=dm, doc_ids=doc_ids, query_pos_ids=pos)
+
+
+def reference(enc, params, batch, cfg, g=G):
+    """Plain single-device computation: encode everything, the public loss, jax.grad."""
+    def loss_fn(p):
+        q = enc.encode(p["model"], batch["q_tokens"], batch["q_mask"], tower="query")
+        d = enc.encode(p["model"], batch["d_tokens"], batch["d_mask"], tower="doc")
+        return contrastive_loss(q, d, group_size=g, temperature=cfg.loss.temperature,
+                                query_pos_ids=batch["query_pos_ids"], doc_ids=batch["doc_ids"],
+                                symmetric=cfg.loss.symmetric)
+    return jax.value_and_grad(loss_fn)({"model": params})
+
+
+def put(batch, mesh):
+    sh = batch_shardings(mesh)
+    return {k: jax.device_put(v, sh[k]) for k, v in batch.items()}
+
+
+def assert_trees_close(a, b, rtol=1e-5):
+    """Elementwise rtol, with an absolute floor of rtol x the tensor's largest entry: float32
+    sums over devices in a different order differ by rounding at that level."""
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        y = np.asarray(y)
+        np.testing.assert_allclose(np.asarray(x), y, rtol=rtol, atol=max(rtol * float(np.abs(y).max()), 1e-9))
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+@pytest.mark.parametrize("mode", ["plain", "gradcache", "chunked_symmetric"])
+def test_grads_match_reference(enc, n, mode):
+    require_devices(n)
+    kw = dict(train__grad_cache_chunk=0)
+    if mode == "gradcache":
+        if B // n < 2:
+            kw["train__grad_cache_chunk"] = 1
+        else:
+            kw["train__grad_cache_chunk"] = B // n // 2
+    if mode == "chunked_symmetric":
+        kw.update(loss__chunk_size=5, loss__symmetric=True)
+    cfg = make_cfg(**kw)
+    batch = make_batch()
+    ref_loss, ref_grads = reference(enc, enc.params, batch, cfg)
+    mesh = mesh_of(n)
+    step_fn = make_train_step(enc, cfg, mesh, group_size=G)
+    loss, metrics, grads = step_fn.loss_and_grads({"model": enc.params}, put(batch, mesh), jnp.int32(0))
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+    assert_trees_close(grads, ref_grads)
+    assert 0.0 <= float(metrics["accuracy"]) <= 1.0
+
+
+def test_gradcache_equals_plain_with_dropout(enc):
+    enc_d = dataclasses.replace(enc, config=enc.config.replace(hidden_dropout=0.1, attention_dropout=0.1))
+    mesh = mesh_of(2)
+    batch = put(make_batch(1), mesh)
+    # Same sub-batch = the whole per-device batch: identical dropout keys, so identical grads.
+    plain = make_train_step(enc_d, make_cfg(), mesh, group_size=G)
+    cached = make_train_step(enc_d, make_cfg(train__grad_cache_chunk=B // 2), mesh, group_size=G)
+    out_p = plain.loss_and_grads({"model": enc.params}, batch, jnp.int32(3))
+    out_c = cached.loss_and_grads({"model": enc.params}, batch, jnp.int32(3))
+    np.testing.assert_allclose(float(out_p[0]), float(out_c[0]), rtol=1e-6)
+    assert_trees_close(out_p[2], out_c[2])
+    # Dropout is really on: a different step gives a different loss.
+    other = plain.loss_and_grads({"model": enc.params}, batch, jnp.int32(4))
+    assert abs(float(other[0]) - float(out_p[0])) > 1e-6
+
+
+def test_train_steps_learnable_temperature_and_guard(enc):
+    mesh = mesh_of(4)
+    cfg = make_cfg(loss__learnable_temperature=True, train__learning_rate=1e-3, train__warmup_steps=0)
+    state = place_state(init_state(enc.params, cfg, dim=enc.dim), mesh)
+    step_fn = make_train_step(enc, cfg, mesh, group_size=G)
+    batch = put(make_batch(2), mesh)
+    t0 = float(cfg.loss.temperature)
+    losses = []
+    for _ in range(5):
+        state, m = step_fn(state, batch)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0]
+    assert int(state.step) == 5 and int(state.nonfinite) == 0
+    assert float(m["temperature"]) != pytest.approx(t0)
+    # A NaN in the inputs' embeddings path: poison the params -> the step is skipped.
+    bad = state.replace(params=jax.tree.map(lambda x: x * jnp.nan if x.ndim == 2 else x, state.params))
+    bad_params = jax.tree.map(np.asarray, bad.params)
+    bad, m = step_fn(bad, batch)
+    assert int(bad.nonfinite) == 1 and float(m["skipped"]) == 1.0
+    assert int(bad.step) == 6
+    assert_trees_close(jax.tree.map(np.asarray, bad.params), bad_params)
+
+
+def test_memory_bank_rotates_and_gets_no_gradient(enc):
+    mesh = mesh_of(2)
+    k = 2 * B * G  # two steps of documents
+    cfg = make_cfg(loss__memory_bank_size=k, loss__momentum=0.5)
+    state = place_state(init_state(enc.params, cfg, dim=enc.dim), mesh)
+    step_fn = make_train_step(enc, cfg, mesh, group_size=G)
+    b1, b2, b3 = (make_batch(s) for s in (10, 11, 12))
+    for b in (b1, b2):
+        b["doc_ids"] = b["doc_ids"] + 1000 * (1 + [b1, b2].index(b))
+        b["query_pos_ids"] = np.where(b["query_pos_ids"] >= 0,
+                                      b["query_pos_ids"] + 1000 * (1 + [b1, b2].index(b)), -1)
+    state, _ = step_fn(state, put(b1, mesh))
+    ids = np.asarray(state.bank_ids)
+    # each device enqueues its own documents at the front of its half of the queue
+    half = k // 2
+    np.testing.assert_array_equal(ids[:B * G // 2], b1["doc_ids"][:B * G // 2])
+    np.testing.assert_array_equal(ids[half:half + B * G // 2], b1["doc_ids"][B * G // 2:])
+    assert (ids == -1).sum() == k - B * G
+    state, _ = step_fn(state, put(b2, mesh))
+    assert (np.asarray(state.bank_ids) >= 0).all()
+    # third step overwrites the oldest entries (b1's)
+    state, _ = step_fn(state, put(b3, mesh))
+    ids = np.asarray(state.bank_ids)
+    assert set(ids.tolist()).isdisjoint(set(b1["doc_ids"].tolist()) - set(b3["doc_ids"].tolist()))
+    # Queued embeddings act as negatives without gradient: the loss changes with the bank,
+    # the gradient w.r.t. the bank is zero.
+    batch = put(b3, mesh)
+    l_bank, _, _ = step_fn.loss_and_grads(state.params, batch, state.step, state.bank, state.bank_ids)
+    l_none, _, _ = step_fn.loss_and_grads(state.params, batch, state.step)
+    assert float(l_bank) > float(l_none)
+
+    def loss_wrt_bank(bank):
+        return step_fn.loss_and_grads(state.params, batch, state.step, bank, state.bank_ids)[0]
+    g_bank = jax.grad(loss_wrt_bank)(state.bank)
+    assert float(jnp.abs(g_bank).max()) == 0.0

