@@ -120,6 +120,11 @@ class MiningConfig:
     seed: int = f(0, "seed of random sampling")
     audit_queries: int = f(1000, "queries searched exactly to measure ScaNN recall@k")
     batch_size: int = f(256, "encoding batch size")
+    shard_size: int = f(4096, "queries per output shard (the unit of resume)")
+    encode_chunk: int = f(8192, "texts per saved embedding chunk (the unit of resume while encoding)")
+    num_leaves: int = f(0, "ScaNN tree leaves; 0 = automatic (about sqrt(corpus size))")
+    leaves_to_search: int = f(0, "ScaNN leaves searched per query; 0 = automatic")
+    reorder: int = f(0, "ScaNN candidates re-scored exactly; 0 = automatic (max(4k, 250))")
 
 
 @dataclass
@@ -164,11 +169,12 @@ _CHOICES = {
 _POSITIVE = ("train.steps", "train.batch_size", "train.log_every", "checkpoint.every_steps",
              "checkpoint.keep", "model.query_max_len", "model.doc_max_len", "mining.batch_size",
              "eval.batch_size", "model.hidden_size", "model.num_layers", "model.num_heads",
-             "model.intermediate_size")
+             "model.intermediate_size", "data.max_positives")
 _NON_NEGATIVE = ("data.num_negatives", "loss.chunk_size", "loss.memory_bank_size",
                  "train.warmup_steps", "train.grad_cache_chunk", "train.eval_every",
                  "mining.every_steps", "mining.k", "mining.num_negatives", "mining.audit_queries",
-                 "data.prefetch", "train.max_nonfinite", "eval.max_queries")
+                 "data.prefetch", "train.max_nonfinite", "eval.max_queries",
+                 "data.prefetch_threads")
 
 
 def _hints(cls) -> dict[str, Any]:

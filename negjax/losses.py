@@ -23,8 +23,9 @@ holds `b = B/n` queries and their `b*G` documents, gathers all documents with
 `lax.all_gather(tiled=True)` (order = device index, so grouping is preserved and local query
 `r` on device `k` has target column `(k*b + r)*G`), and the per-device sums are `psum`-ed.
 The gather's transpose is `psum_scatter`, so gradients of remote documents return to their
-owners. Called from inside a shard_map that is already manual over `data`, the arguments are
-taken as the local shards and the collectives are used directly.
+owners. Called from inside a shard_map that is already manual over `data` (of any size, 1
+included), the arguments are taken as the local shards, the collectives are used directly and
+the results are the same on every device.
 
 Chunking (`chunk_size=c`): columns are processed in blocks of `c` with an online log-sum-exp
 inside a `custom_vjp` whose backward pass recomputes each block, so per-device memory is
@@ -53,7 +54,6 @@ AXIS = "data"
 # TPUs/GPUs would otherwise run f32 matmuls in bf16/tf32; logits are divided by a small
 # temperature, so their error would be amplified ~20x.
 _PRECISION = lax.Precision.HIGHEST
-_STAT_KEYS = ("correct", "pos_cos", "hard_cos", "rows_with_neg", "neg_cos", "neg_count")
 
 
 # ---------------------------------------------------------------------------------------
@@ -110,7 +110,7 @@ def _block_stats(sim, onehot, neg, inv_r, inv_c):
 
 
 def _finish_stats(s):
-    """Per-row block statistics -> sums over the rows (the keys of `_STAT_KEYS`)."""
+    """Per-row block statistics -> [] f32 sums over the rows."""
     has_neg = s["neg_count"] > 0
     return dict(
         correct=jnp.sum((s["tgt_sim"] > s["best_neg_sim"]).astype(jnp.float32)),
@@ -230,8 +230,6 @@ def _chunked_ce_bwd(chunk, with_stats, res, cotangents):
     init = _match_vma((jnp.zeros_like(rows), jnp.zeros((), jnp.float32)), rows, cols, scale)
     (drows, dscale), dblocks = lax.scan(step, init, (jnp.arange(nblocks), blocks, key_blocks))
     dcols = dblocks.reshape(nblocks * chunk, dim)[:n]
-    # Inside shard_map the residual scale was made device-varying by the caller (pcast), so
-    # the per-device dscale matches its type and the pcast's transpose sums it.
     return drows, dcols, dscale.astype(scale.dtype), None, None, None
 
 
@@ -241,6 +239,10 @@ _chunked_ce.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
 def _ce(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats):
     if chunk is None or chunk >= cols.shape[0]:
         return _dense_ce(rows, cols, scale, targets, row_keys, col_keys, with_stats)
+    # Inside shard_map the custom VJP's cotangents must have their primals' device-variance;
+    # they are computed from all three, so give all three the same variance up front (the
+    # transpose of this cast sums e.g. a replicated scale's per-device cotangents).
+    rows, cols, scale = _match_vma((rows, cols, scale), rows, cols, scale)
     return _chunked_ce(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats)
 
 
@@ -260,10 +262,6 @@ def _local_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, *, group_size
     else:
         offset = lax.axis_index(axis) * b
         gather = lambda x: lax.all_gather(x, axis, tiled=True)  # noqa: E731
-        # scale is replicated; make it device-varying so that its per-device cotangents are
-        # summed by the transpose of this cast (also through the custom VJP).
-        if axis not in jax.typeof(scale).manual_axis_type.varying:
-            scale = lax.pcast(scale, axis, to="varying")
     qidx = offset + jnp.arange(b)
     cols = gather(d)
     col_keys = None if doc_ids is None else gather(doc_ids)[:, None]
@@ -310,8 +308,9 @@ def _check(q, d, group_size, query_pos_ids, doc_ids, chunk_size, extra, extra_id
         if query_pos_ids.ndim != 2 or query_pos_ids.shape[0] != q.shape[0]:
             raise NegjaxError(f"contrastive loss: query_pos_ids must be [{q.shape[0]}, P], "
                               f"got {query_pos_ids.shape}")
-    if chunk_size is not None and chunk_size < 1:
-        raise NegjaxError(f"contrastive loss: chunk_size must be >= 1 or None, got {chunk_size}")
+    if chunk_size is not None and chunk_size < 0:
+        raise NegjaxError(f"contrastive loss: chunk_size must be >= 1, or None/0 for no chunking, "
+                          f"got {chunk_size}")
     if extra is not None and (extra.ndim != 2 or extra.shape[1] != q.shape[1]):
         raise NegjaxError(f"contrastive loss: extra_docs must be [K, {q.shape[1]}], got {extra.shape}")
     if extra_ids is not None and (extra is None or extra_ids.shape != (extra.shape[0],)):
@@ -320,25 +319,25 @@ def _check(q, d, group_size, query_pos_ids, doc_ids, chunk_size, extra, extra_id
 
 def _contrastive(q, d, *, group_size, temperature, query_pos_ids, doc_ids, symmetric,
                  chunk_size, extra, extra_ids, with_stats):
-    _check(q, d, group_size, query_pos_ids, doc_ids, chunk_size, extra, extra_ids)
     q = jnp.asarray(q, jnp.float32)
     d = jnp.asarray(d, jnp.float32)
-    scale = (1.0 / jnp.asarray(temperature, jnp.float32)).reshape(())
+    as_int = lambda x: None if x is None else jnp.asarray(x, jnp.int32)  # noqa: E731
+    doc_ids, query_pos_ids, extra_ids = as_int(doc_ids), as_int(query_pos_ids), as_int(extra_ids)
     if extra is not None:
         extra = jnp.asarray(extra, jnp.float32)
+    _check(q, d, group_size, query_pos_ids, doc_ids, chunk_size, extra, extra_ids)
+    chunk_size = chunk_size or None  # 0 (the config's "off") = materialise the matrix
+    scale = (1.0 / jnp.asarray(temperature, jnp.float32)).reshape(())
     pos_keys = None
     if doc_ids is not None:
-        doc_ids = jnp.asarray(doc_ids, jnp.int32)
         pos_keys = doc_ids[::group_size][:, None]  # the target's own id is always a positive
         if query_pos_ids is not None:
-            pos_keys = jnp.concatenate([jnp.asarray(query_pos_ids, jnp.int32), pos_keys], axis=1)
-    if extra_ids is not None:
-        extra_ids = jnp.asarray(extra_ids, jnp.int32)
+            pos_keys = jnp.concatenate([query_pos_ids, pos_keys], axis=1)
 
     n, manual, explicit = _data_axis()
     kw = dict(group_size=group_size, symmetric=symmetric, chunk=chunk_size, with_stats=with_stats)
     args = (q, d, scale, pos_keys, doc_ids, extra, extra_ids)
-    if n == 1:
+    if n == 1 and not manual:
         fwd, bwd, stats = _local_terms(*args, axis=None, **kw)
         global_b = q.shape[0]
     else:
@@ -390,7 +389,8 @@ def contrastive_loss(q, d, *, group_size, temperature, query_pos_ids=None, doc_i
 
     q [B, D] float, d [B*group_size, D] float (grouped per query, positive first),
     temperature: float or traced [] float32, query_pos_ids [B, P] int (-1 padded),
-    doc_ids [B*group_size] int. Returns the mean over the B global queries, [] float32.
+    doc_ids [B*group_size] int, chunk_size: columns per block (None or 0 = dense).
+    Returns the mean over the B global queries, [] float32.
     """
     loss, _ = _contrastive(q, d, group_size=group_size, temperature=temperature,
                            query_pos_ids=query_pos_ids, doc_ids=doc_ids, symmetric=symmetric,

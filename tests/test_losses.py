@@ -246,23 +246,36 @@ def test_metrics_and_memory_bank(chunk):
     assert abs(rl - reference(q, d, G, TEMP, pos_ids, doc_ids)[0]) > 1e-3
 
 
-def test_inside_user_shard_map_and_unsharded_inputs():
-    """Called inside a shard_map that is already manual over 'data' (e.g. a GradCache step)
-    the arguments are the local shards; with unsharded inputs under the mesh, they are laid
-    out first. Both equal the single-device value."""
+@pytest.mark.parametrize("ndev", [1, 4])
+def test_inside_user_shard_map_and_unsharded_inputs(ndev):
+    """Called inside a shard_map that is already manual over 'data' (the train step, GradCache)
+    the arguments are the local shards; gradients taken inside it, also w.r.t. a replicated
+    temperature through the chunked custom VJP, are right. With unsharded inputs under the
+    mesh, they are laid out first. All equal the reference."""
     G = 2
-    mesh = mesh_of(4)
+    mesh = jax.make_mesh((ndev,), ("data",), devices=jax.devices()[:ndev])
     q, d, pos_ids, doc_ids = make_batch(G, seed=9)
-    kw = dict(group_size=G, temperature=TEMP, symmetric=True, chunk_size=3)
-    want = reference(q, d, G, TEMP, pos_ids, doc_ids, symmetric=True)[0]
+    kw = dict(group_size=G, symmetric=True, chunk_size=3)
+    rl, rq, rd, rt, _ = reference(q, d, G, TEMP, pos_ids, doc_ids, symmetric=True)
 
-    def inner(q, d, p, i):
-        return contrastive_loss(q, d, query_pos_ids=p, doc_ids=i, **kw)
+    def inner(q, d, t, p, i):
+        loss, (gq, gd, gt) = jax.value_and_grad(
+            lambda q, d, t: contrastive_loss(q, d, temperature=t, query_pos_ids=p, doc_ids=i, **kw),
+            argnums=(0, 1, 2))(q, d, t)
+        return loss, gq * ndev, gd * ndev, gt   # local grads are of the global mean
+    spec = P("data")
     with jax.set_mesh(mesh):
-        got = jax.jit(jax.shard_map(inner, in_specs=P("data"), out_specs=P()))(*put(mesh, q, d, pos_ids, doc_ids))
-        got2 = jax.jit(inner)(q, d, pos_ids, doc_ids)
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-    np.testing.assert_allclose(got2, want, rtol=1e-5)
+        args = put(mesh, q, d)
+        ids = put(mesh, pos_ids, doc_ids)
+        sm = jax.shard_map(inner, in_specs=(spec, spec, P(), spec, spec), out_specs=(P(), spec, spec, P()))
+        loss, gq, gd, gt = jax.jit(sm)(*args, jnp.float32(TEMP), *ids)
+        got2 = jax.jit(lambda *a: contrastive_loss(*a[:2], temperature=TEMP, query_pos_ids=a[2],
+                                                   doc_ids=a[3], **kw))(q, d, pos_ids, doc_ids)
+    np.testing.assert_allclose(loss, rl, rtol=1e-5)
+    np.testing.assert_allclose(gq / ndev, rq, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gd / ndev, rd, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gt, rt, rtol=1e-4)
+    np.testing.assert_allclose(got2, rl, rtol=1e-5)
 
 
 def test_learnable_temperature_gradient_flows():
@@ -305,8 +318,10 @@ def test_bad_arguments():
         contrastive_loss(q, d, group_size=3, temperature=TEMP)
     with pytest.raises(NegjaxError, match="doc_ids"):
         contrastive_loss(q, d, group_size=2, temperature=TEMP, query_pos_ids=pos_ids)
+    np.testing.assert_allclose(contrastive_loss(q, d, group_size=2, temperature=TEMP, chunk_size=0),
+                               reference(q, d, 2, TEMP)[0], rtol=1e-5)
     with pytest.raises(NegjaxError, match="chunk_size"):
-        contrastive_loss(q, d, group_size=2, temperature=TEMP, chunk_size=0)
+        contrastive_loss(q, d, group_size=2, temperature=TEMP, chunk_size=-1)
     mesh = mesh_of(8)
     with jax.set_mesh(mesh), pytest.raises(NegjaxError, match="divide"):
         contrastive_loss(q[:4], d[:8], group_size=2, temperature=TEMP)
@@ -331,3 +346,21 @@ def test_bench_loss_command_compares_modes(tmp_path):
     assert "skipped" in json.loads(skipped.stdout)[0]
     bad = run_negjax("bench", "loss", "--batches", "30", "--devices", "8")
     assert bad.returncode == 2 and "divisible" in bad.stderr
+
+
+def test_two_axis_mesh():
+    """A mesh with a second axis (room for 'model'/'fsdp'): the loss shards over 'data' only."""
+    require_devices(8)
+    G = 2
+    mesh = jax.make_mesh((4, 2), ("data", "model"))
+    q, d, pos_ids, doc_ids = make_batch(G, seed=13)
+
+    def f(q, d):
+        return contrastive_loss(q, d, group_size=G, temperature=TEMP, query_pos_ids=pos_ids,
+                                doc_ids=doc_ids, symmetric=True, chunk_size=3)
+    with jax.set_mesh(mesh):
+        loss, (gq, gd) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(*put(mesh, q, d))
+    rl, rq, rd, _, _ = reference(q, d, G, TEMP, pos_ids, doc_ids, symmetric=True)
+    np.testing.assert_allclose(loss, rl, rtol=1e-5)
+    np.testing.assert_allclose(gq, rq, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gd, rd, rtol=1e-5, atol=1e-6)

@@ -9,6 +9,7 @@ BENCHES = {
     "step": "training-step throughput: examples/s, tokens/s, MFU, breakdown",
     "loss": "time and peak memory of loss+gradients vs global batch (chunked / unchunked)",
     "mine": "ScaNN vs exact search: queries/s and recall@k",
+    "pipeline": "input pipeline throughput: batches/s at a given batch size, lengths and H",
 }
 
 

@@ -1,23 +1,28 @@
 """False-negative filters and negative sampling for mined candidates (pure functions).
 
-For one query the search returns candidates `ids [k]` (corpus rows, best first, -1 = none) with
-`scores [k]`. Each filter is optional; a candidate removed by several filters is counted under
-the first one in `FILTER_ORDER`, so the per-filter counts add up to the total removed.
+The search returns, for a block of Q queries, candidates `ids [Q, k]` int64 (corpus rows, best
+first, -1 = no candidate) with `scores [Q, k]` float32. Each filter is optional; a candidate
+removed by several filters is counted under the first one in `FILTER_ORDER`, so the per-filter
+counts add up to the number removed. Ranks are 1-based positions in the retrieved list (the
+positives included), as in NV-Retriever's and Tevatron's rank windows.
 
-The positive score `pos` of a query is the highest score among its positives (computed exactly,
-not taken from the candidate list, so it exists even when a positive is outside the top-k).
+The positive score `pos` of a query is the highest score among its positives, computed exactly
+(`pair_scores`, not taken from the candidate list, so it exists even when a positive is outside
+the top-k).
 """
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from negjax.data.formats import normalize_text
+from negjax.errors import NegjaxError
+
 FILTER_ORDER = ("positive_id", "positive_text", "rank_range", "max_score", "min_score",
                 "relative_margin", "absolute_margin")
+SAMPLING = ("top", "random")
 
 
 @dataclass(frozen=True)
@@ -33,55 +38,110 @@ class FilterSettings:
     relative_margin: float = -1.0          # drop score > pos * (1 - M)   (NV-Retriever TopK-PercPos)
     absolute_margin: float = -1.0          # drop score > pos - M
 
+    def __post_init__(self):
+        if self.min_score > self.max_score:
+            raise NegjaxError(f"min score {self.min_score} is above max score {self.max_score}")
+        if not 1 <= self.rank_min <= self.rank_max:
+            raise NegjaxError(f"rank range {self.rank_min}:{self.rank_max}: need 1 <= MIN <= MAX")
+        if self.relative_margin >= 1:
+            raise NegjaxError(f"relative margin {self.relative_margin} must be < 1 "
+                              "(0.05 drops candidates above 95% of the positive's score)")
+
+    @classmethod
+    def from_config(cls, mining_cfg) -> "FilterSettings":
+        """From a `negjax.config.MiningConfig`."""
+        from negjax.config import parse_rank_range
+
+        lo, hi = (parse_rank_range(mining_cfg.rank_range, key="mining.rank_range")
+                  if mining_cfg.rank_range else (1, 1 << 30))
+        return cls(dedup_text=bool(mining_cfg.dedup_text), rank_min=lo, rank_max=hi,
+                   max_score=float(mining_cfg.max_score), min_score=float(mining_cfg.min_score),
+                   relative_margin=float(mining_cfg.relative_margin),
+                   absolute_margin=float(mining_cfg.absolute_margin))
+
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def normalize_text(text: str) -> str:
-    """Case-, accent-width- and whitespace-insensitive form used to find duplicate documents."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text)).strip()
+def text_groups(texts) -> np.ndarray:
+    """`[N] int64`: equal for two documents iff their normalised texts
+    (`negjax.data.formats.normalize_text`) are equal."""
+    seen: dict[str, int] = {}
+    return np.fromiter((seen.setdefault(normalize_text(t), len(seen)) for t in texts),
+                       dtype=np.int64, count=len(texts))
 
 
-def filter_candidates(ids: np.ndarray, scores: np.ndarray, *, positive_ids: set[int],
-                      positive_text_keys: set[str], text_key, pos_score: float,
-                      settings: FilterSettings) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Apply the filters to one query's candidates.
+def pair_scores(queries: np.ndarray, corpus: np.ndarray, rows: np.ndarray,
+                block: int = 256) -> np.ndarray:
+    """Exact scores of chosen pairs: `queries [Q, D]`, `corpus [N, D]` float32, `rows [Q, M]`
+    int64 (-1 = none) -> `[Q, M] float32` (-inf where rows < 0).
 
-    `ids [k]` int64 and `scores [k]` float32, best first; `text_key(row) -> str` gives the
-    normalised text of a corpus row (only called when `dedup_text`).
-    Returns `(keep_mask [k] bool, ranks [k] int32 (1-based retrieval rank), removed)` where
-    `removed[name]` is the boolean mask of candidates removed by filter `name` (first match).
+    Each score is an elementwise product summed over D, whose arithmetic does not depend on M
+    or on the other rows, so a document scores the same as a positive and as a candidate.
+    Memory: `block x M x D` floats at a time."""
+    out = np.full(rows.shape, -np.inf, np.float32)
+    for q0 in range(0, len(rows), block):
+        r = rows[q0:q0 + block]
+        valid = r >= 0
+        docs = corpus[np.where(valid, r, 0)]                                   # [b, M, D]
+        s = (queries[q0:q0 + block, None, :].astype(np.float32) * docs).sum(axis=-1)
+        out[q0:q0 + block] = np.where(valid, s, -np.inf)
+    return out
+
+
+def positive_ranks(ids: np.ndarray, pos_rows: np.ndarray) -> np.ndarray:
+    """1-based rank of each positive in the candidate list, 0 = not retrieved (or padding).
+    `ids [Q, k]`, `pos_rows [Q, P]` -> `[Q, P] int32`."""
+    match = (ids[:, :, None] == pos_rows[:, None, :]) & (pos_rows[:, None, :] >= 0)   # [Q, k, P]
+    found = match.any(axis=1)
+    return np.where(found, match.argmax(axis=1) + 1, 0).astype(np.int32)
+
+
+def filter_candidates(ids: np.ndarray, scores: np.ndarray, *, pos_rows: np.ndarray,
+                      pos_scores: np.ndarray, settings: FilterSettings,
+                      groups: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Apply the filters to a block of queries.
+
+    `ids [Q, k]` int64 (best first, -1 = none), `scores [Q, k]` float32, `pos_rows [Q, P]` int64
+    (the query's positives, -1 padded), `pos_scores [Q]` float32 (NaN = unknown: the margin
+    filters then keep everything), `groups [N]` int64 from `text_groups` (needed iff
+    `settings.dedup_text`). Returns `(keep [Q, k] bool, removed)` where `removed[name]` is the
+    `[Q, k]` mask of candidates removed by filter `name` (the first in FILTER_ORDER to match).
     """
-    k = len(ids)
-    ranks = np.arange(1, k + 1, dtype=np.int32)
+    q, k = ids.shape
     valid = ids >= 0
     alive = valid.copy()
     removed: dict[str, np.ndarray] = {}
+    pos_valid = pos_rows >= 0
+    ranks = np.arange(1, k + 1)[None, :]
+    pos = pos_scores.astype(np.float32)[:, None]
+    off = np.zeros((q, k), bool)
 
-    def apply(name: str, drop: np.ndarray):
-        hit = alive & drop
-        removed[name] = hit
-        alive[hit] = False
+    def same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return ((a[:, :, None] == b[:, None, :]) & pos_valid[:, None, :]).any(axis=2)
 
-    apply("positive_id", np.array([int(i) in positive_ids for i in ids], dtype=bool))
-    if settings.dedup_text and positive_text_keys:
-        apply("positive_text", np.array([valid[j] and text_key(int(ids[j])) in positive_text_keys
-                                         for j in range(k)], dtype=bool))
-    else:
-        removed["positive_text"] = np.zeros(k, bool)
-    apply("rank_range", (ranks < settings.rank_min) | (ranks > settings.rank_max))
-    apply("max_score", scores > settings.max_score)
-    apply("min_score", scores < settings.min_score)
-    if settings.relative_margin >= 0:
-        apply("relative_margin", scores > pos_score * (1.0 - settings.relative_margin))
-    else:
-        removed["relative_margin"] = np.zeros(k, bool)
-    if settings.absolute_margin >= 0:
-        apply("absolute_margin", scores > pos_score - settings.absolute_margin)
-    else:
-        removed["absolute_margin"] = np.zeros(k, bool)
-    return alive, ranks, removed
+    drops = {
+        "positive_id": same(ids, pos_rows),
+        "positive_text": off,
+        "rank_range": (ranks < settings.rank_min) | (ranks > settings.rank_max),
+        "max_score": scores > settings.max_score,
+        "min_score": scores < settings.min_score,
+        # NaN comparisons are False: a query without a positive score loses nothing here.
+        "relative_margin": (scores > pos * (1.0 - settings.relative_margin)
+                            if settings.relative_margin >= 0 else off),
+        "absolute_margin": (scores > pos - settings.absolute_margin
+                            if settings.absolute_margin >= 0 else off),
+    }
+    if settings.dedup_text:
+        if groups is None:
+            raise ValueError("dedup_text needs the text groups of the corpus")
+        cand_g = groups[np.where(valid, ids, 0)]
+        pos_g = groups[np.where(pos_valid, pos_rows, 0)]
+        drops["positive_text"] = same(cand_g, pos_g)
+    for name in FILTER_ORDER:
+        removed[name] = alive & np.broadcast_to(drops[name], (q, k))
+        alive &= ~removed[name]
+    return alive, removed
 
 
 def sample_negatives(kept_positions: np.ndarray, n: int, strategy: str, rng: np.random.Generator
@@ -91,10 +151,28 @@ def sample_negatives(kept_positions: np.ndarray, n: int, strategy: str, rng: np.
     'top' takes the best-ranked; 'random' draws uniformly without replacement and returns
     them in rank order.
     """
+    if strategy not in SAMPLING:
+        raise ValueError(f"unknown sampling strategy {strategy!r}")
     if len(kept_positions) <= n:
         return kept_positions
     if strategy == "top":
         return kept_positions[:n]
-    if strategy == "random":
-        return np.sort(rng.choice(kept_positions, size=n, replace=False))
-    raise ValueError(f"unknown sampling strategy {strategy!r}")
+    return np.sort(rng.choice(kept_positions, size=n, replace=False))
+
+
+def sample_block(keep: np.ndarray, n: int, strategy: str, seed: int,
+                 query_index: np.ndarray) -> np.ndarray:
+    """Sampling for a block: `keep [Q, k]` bool -> `chosen [Q, k]` bool (at most `n` per row).
+
+    The random draw of a query depends only on (seed, its global index `query_index [Q]`), so
+    a resumed or multi-process run draws what a single uninterrupted run draws."""
+    if strategy not in SAMPLING:
+        raise ValueError(f"unknown sampling strategy {strategy!r}")
+    if strategy == "top" or n == 0:
+        return keep & (np.cumsum(keep, axis=1) <= n)
+    chosen = np.zeros_like(keep)
+    for r in np.flatnonzero(keep.sum(axis=1) > 0):
+        kept = np.flatnonzero(keep[r])
+        rng = np.random.default_rng([seed, int(query_index[r])])
+        chosen[r, sample_negatives(kept, n, strategy, rng)] = True
+    return chosen

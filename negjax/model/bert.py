@@ -158,7 +158,8 @@ class SelfAttention(nn.Module):
         q = split(_dense(cfg.hidden_size, cfg, self.dtype, "query")(x))
         k = split(_dense(cfg.hidden_size, cfg, self.dtype, "key")(x))
         v = split(_dense(cfg.hidden_size, cfg, self.dtype, "value")(x))
-        scores = jnp.einsum("nqhd,nkhd->nhqk", q, k).astype(jnp.float32) / jnp.sqrt(head_dim)
+        scores = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32)
+        scores = scores / jnp.sqrt(jnp.float32(head_dim))
         # Padded keys get the most negative float, as in PyTorch's BERT; a row always has [CLS].
         keep = mask[:, None, None, :].astype(bool)
         scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)

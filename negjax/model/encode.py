@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from negjax.model.tokenizer import pad_ids, tokenize
 from negjax.utils import progress
@@ -33,20 +33,21 @@ def bucket_lengths(max_length: int, min_length: int = MIN_BUCKET) -> list[int]:
 
 
 def local_mesh() -> Mesh:
-    """A 1-D mesh over this process's devices, axis 'data'."""
-    return Mesh(np.array(jax.local_devices()), ("data",))
+    """A 1-D mesh over this process's devices, axis 'data' (Explicit, like `jax.make_mesh`)."""
+    return Mesh(np.array(jax.local_devices()), ("data",), axis_types=(AxisType.Explicit,))
 
 
-def _host_copy(x):
-    """A host (numpy) copy of a params leaf, also when it is a multi-process global array
-    (replicated: take the local shard; otherwise gather across processes)."""
+def _addressable(x):
+    """A params leaf this process can place on its own devices. A multi-process global array
+    (training params) becomes a local copy: its local shard when replicated, otherwise an
+    all-gather (a collective: then every process must call the encode function)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         if x.is_fully_replicated:
-            return np.asarray(x.addressable_data(0))
+            return x.addressable_data(0)
         from jax.experimental import multihost_utils
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
+    return x
 
 
 def _run_batches(enc, params, lengths: np.ndarray, rows: Callable[[np.ndarray, int], tuple],
@@ -61,7 +62,7 @@ def _run_batches(enc, params, lengths: np.ndarray, rows: Callable[[np.ndarray, i
     bs = -(-min(batch_size, n) // ndev) * ndev  # pad to a multiple of the device count
     data = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
-    one = jax.device_put(jax.tree.map(_host_copy, enc.tower_params(params, tower)), replicated)
+    one = jax.device_put(jax.tree.map(_addressable, enc.tower_params(params, tower)), replicated)
     layout = {"encoder": one} if enc.tied_towers else {tower: one}
 
     step = enc.jitted_encode(tower)
@@ -77,18 +78,20 @@ def _run_batches(enc, params, lengths: np.ndarray, rows: Callable[[np.ndarray, i
             out[idx] = np.asarray(result)[: len(idx)]
             bar.update(len(idx))
 
-    for start in range(0, n, bs):
-        idx = order[start:start + bs]
-        longest = int(lengths[idx].max())
-        length = next((b for b in buckets if b >= longest), buckets[-1])
-        tokens = np.full((bs, length), enc.config.pad_token_id, np.int32)
-        mask = np.zeros((bs, length), np.int32)
-        tokens[: len(idx)], mask[: len(idx)] = rows(idx, length)
-        mask[len(idx):, 0] = 1  # filler rows: one real token, so nothing divides by zero
-        t, m = jax.device_put((tokens, mask), data)
-        pending.append((idx, step(layout, t, m)))
-        drain(limit=2)  # keep two batches in flight
-    drain(limit=0)
+    # Our own mesh as the context, whatever mesh the caller (a training loop) has set.
+    with jax.set_mesh(mesh):
+        for start in range(0, n, bs):
+            idx = order[start:start + bs]
+            longest = int(lengths[idx].max())
+            length = next((b for b in buckets if b >= longest), buckets[-1])
+            tokens = np.full((bs, length), enc.config.pad_token_id, np.int32)
+            mask = np.zeros((bs, length), np.int32)
+            tokens[: len(idx)], mask[: len(idx)] = rows(idx, length)
+            mask[len(idx):, 0] = 1  # filler rows: one real token, so nothing divides by zero
+            t, m = jax.device_put((tokens, mask), data)
+            pending.append((idx, step(layout, t, m)))
+            drain(limit=2)  # keep two batches in flight
+        drain(limit=0)
     bar.close()
     return out
 

@@ -124,7 +124,7 @@ def load_encoder(model_cfg: ModelConfig) -> Encoder:
     Normalisation follows `model_cfg.normalize`. `model_cfg.dropout >= 0` overrides the
     checkpoint's hidden and attention dropout.
     """
-    from negjax.model.hf import read_hf_dir
+    from negjax.model.hf import read_hf_dir, transformer_dir
 
     name = model_cfg.name
     if model_cfg.dtype not in _DTYPES:
@@ -156,7 +156,8 @@ def load_encoder(model_cfg: ModelConfig) -> Encoder:
     cfg = hf.config
     if model_cfg.dropout >= 0:
         cfg = cfg.replace(hidden_dropout=model_cfg.dropout, attention_dropout=model_cfg.dropout)
-    tokenizer = load_tokenizer(Path(model_cfg.tokenizer) if model_cfg.tokenizer else model_dir)
+    tokenizer = load_tokenizer(Path(model_cfg.tokenizer) if model_cfg.tokenizer
+                               else transformer_dir(model_dir))
     if len(tokenizer) > cfg.vocab_size:
         raise NegjaxError(f"{model_dir}: tokenizer has {len(tokenizer)} tokens but the model's "
                           f"vocab_size is {cfg.vocab_size}")

@@ -33,10 +33,11 @@ from negjax.errors import NegjaxError, file_error
 from negjax.model.bert import BertConfig
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# Tensors a BERT checkpoint may carry that the encoder does not use. The pooler is kept
-# aside so an export round-trips it (AutoModel would otherwise re-initialise it).
-_UNUSED_PREFIXES = ("cls.", "pooler.")
-_UNUSED_KEYS = ("embeddings.position_ids",)
+# Encoder tensors live under these prefixes; anything else (pooler, MLM / classifier heads)
+# is unused. The pooler is kept aside so an export round-trips it (AutoModel would
+# otherwise re-initialise it). Buffers some checkpoints save are ignored too.
+_ENCODER_PREFIXES = ("embeddings.", "encoder.")
+_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
 POOLER_KEYS = ("pooler.dense.weight", "pooler.dense.bias")
 
 
@@ -197,9 +198,9 @@ def hf_to_flax(tensors: dict[str, np.ndarray], cfg: BertConfig, source: str = "m
         used.add(hf_key)
     extras = {}
     for key, arr in tensors.items():
-        if key in used or key in _UNUSED_KEYS:
+        if key in used or key in _BUFFERS:
             continue
-        if key.startswith(_UNUSED_PREFIXES):
+        if not key.startswith(_ENCODER_PREFIXES):
             if key in POOLER_KEYS:
                 extras[key] = np.asarray(arr, dtype=np.float32)
             continue
@@ -317,13 +318,30 @@ def _read_pooling(path: Path) -> str:
     raise file_error(path, None, f"unsupported pooling {on} (negjax supports mean or CLS)")
 
 
+def transformer_dir(model_dir: Path) -> Path:
+    """Where config.json, the weights and the tokenizer live: the directory itself, or the
+    Transformer module's subfolder of a sentence-transformers directory (e.g. 0_BERT/)."""
+    modules_path = model_dir / "modules.json"
+    if (model_dir / "config.json").is_file() or not modules_path.is_file():
+        return model_dir
+    modules = _read_json(modules_path)
+    for m in modules if isinstance(modules, list) else []:
+        if isinstance(m, dict) and str(m.get("type", "")).endswith("Transformer") and m.get("path"):
+            return model_dir / m["path"]
+    return model_dir
+
+
 def read_hf_dir(model_dir: str | Path) -> HFModel:
-    """Config, weights and sentence-transformers settings of a model directory (no tokenizer)."""
+    """Config, weights and sentence-transformers settings of a model directory (no tokenizer;
+    it lives in `transformer_dir(model_dir)`)."""
     model_dir = Path(model_dir)
-    cfg = read_config(model_dir)
-    tensors, source = load_weights(model_dir)
+    hf_dir = transformer_dir(model_dir) if model_dir.is_dir() else model_dir
+    cfg = read_config(hf_dir)
+    tensors, source = load_weights(hf_dir)
     params, extras = hf_to_flax(tensors, cfg, source)
     pooling, normalize, max_length = read_st_settings(model_dir)
+    if max_length is None and hf_dir != model_dir:
+        max_length = read_st_settings(hf_dir)[2]
     return HFModel(cfg, params, pooling, normalize, max_length, extras)
 
 
@@ -338,6 +356,15 @@ def _pooler(cfg: BertConfig, extras: dict) -> dict[str, np.ndarray]:
     h = cfg.hidden_size
     return {"pooler.dense.weight": (rng.standard_normal((h, h)) * cfg.initializer_range).astype(np.float32),
             "pooler.dense.bias": np.zeros((h,), np.float32)}
+
+
+def _set_permissions(root: Path) -> None:
+    """mkdtemp (0700) and safetensors (0600) create private files; an exported model is
+    meant to be shared, so use the usual umask-based modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def write_hf_dir(out_dir: str | Path, cfg: BertConfig, params: dict, tokenizer, *, pooling: str,
@@ -383,6 +410,7 @@ def write_hf_dir(out_dir: str | Path, cfg: BertConfig, params: dict, tokenizer, 
         (tmp / "config_sentence_transformers.json").write_text(json.dumps(
             {"model_type": "SentenceTransformer", "prompts": {}, "default_prompt_name": None,
              "similarity_fn_name": "cosine" if normalize else "dot"}, indent=2) + "\n")
+        _set_permissions(tmp)
         if out_dir.is_dir():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

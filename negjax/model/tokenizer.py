@@ -35,6 +35,8 @@ def load_tokenizer(path: str | Path):
         if not (path / "tokenizer.json").is_file():
             raise NegjaxError(f"{path}: cannot load tokenizer: {e}") from None
         tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+    for key in ("local_files_only", "is_local"):  # load-time flags, not worth re-exporting
+        tok.init_kwargs.pop(key, None)
     if not getattr(tok, "is_fast", False):
         raise NegjaxError(f"{path}: tokenizer is not a fast (tokenizers) tokenizer")
     if tok.pad_token_id is None:

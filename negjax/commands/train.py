@@ -1,0 +1,34 @@
+"""`negjax train --config F.toml [--set k=v ...]`: train (or resume) a retriever."""
+
+from __future__ import annotations
+
+
+def add_parser(sub):
+    from negjax.cli import add_config_args
+
+    p = sub.add_parser("train", help="train a retriever (resumes from the workdir's latest checkpoint)")
+    add_config_args(p, required=True)
+    p.add_argument("--workdir", help="shortcut for --set workdir=DIR")
+    return p
+
+
+def run(args) -> int:
+    import json
+
+    from negjax.config import load_config
+
+    overrides = list(args.overrides)
+    if args.workdir:
+        overrides.append(f'workdir="{args.workdir}"')
+    cfg = load_config(args.config, overrides)
+    from negjax.train.loop import train
+
+    summary = train(cfg)
+    import jax
+
+    if jax.process_index() == 0:
+        ev = summary.get("eval") or {}
+        evs = "  ".join(f"{k}={v:.4f}" for k, v in ev.items() if k != "queries")
+        print(f"negjax train: {summary['status']} at step {summary['step']}; workdir {summary['workdir']}"
+              + (f"\n  dev: {evs}" if evs else ""))
+    return 0

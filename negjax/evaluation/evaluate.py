@@ -1,0 +1,62 @@
+"""Retrieval evaluation of an encoder: encode the corpus (document tower) and the queries
+(query tower), search top-100, score the rankings against qrels (negjax.evaluation.metrics)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from negjax.evaluation.metrics import evaluate_rankings
+
+TOP_K = 100
+
+
+@dataclass
+class EvalSet:
+    """Queries + qrels + the corpus they refer to."""
+
+    corpus_ids: list
+    corpus_texts: list
+    query_ids: list
+    query_texts: list
+    qrels: dict
+
+    @classmethod
+    def from_files(cls, corpus_path, queries_path, qrels_path, *, max_queries: int = 0) -> "EvalSet":
+        from negjax.data.formats import read_corpus, read_qrels, read_queries
+
+        corpus = read_corpus(corpus_path)
+        queries = read_queries(queries_path)
+        qrels = read_qrels(qrels_path, corpus=corpus, query_ids=set(queries.ids))
+        keep = [i for i, q in enumerate(queries.ids) if q in qrels]
+        if max_queries:
+            keep = keep[:max_queries]
+        return cls(corpus.ids, corpus.texts, [queries.ids[i] for i in keep],
+                   [queries.texts[i] for i in keep], {queries.ids[i]: qrels[queries.ids[i]] for i in keep})
+
+
+def rankings(query_emb: np.ndarray, corpus_emb: np.ndarray, *, index: str = "exact",
+             k: int = TOP_K) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k corpus rows per query, exact (default) or ScaNN."""
+    from negjax.mining.index import ScannIndex, exact_search
+
+    if index == "scann":
+        return ScannIndex.build(corpus_emb, k).search(query_emb, k)
+    return exact_search(query_emb, corpus_emb, k, desc="search")
+
+
+def evaluate_encoder(enc, params, data: EvalSet, *, batch_size: int = 256, query_max_len: int = 32,
+                     doc_max_len: int = 128, index: str = "exact", corpus_emb: np.ndarray | None = None
+                     ) -> dict:
+    """Recall@1/10/100, MRR@10, nDCG@10 (+ 'queries' evaluated) of `enc` with `params`."""
+    from negjax.model.encode import encode_texts
+
+    if corpus_emb is None:
+        corpus_emb = encode_texts(enc, params, data.corpus_texts, tower="doc",
+                                  max_length=doc_max_len, batch_size=batch_size, desc="encode corpus")
+    query_emb = encode_texts(enc, params, data.query_texts, tower="query", max_length=query_max_len,
+                             batch_size=batch_size, desc="encode queries")
+    ids, _ = rankings(query_emb, corpus_emb, index=index, k=min(TOP_K, len(data.corpus_ids)))
+    run = {q: [data.corpus_ids[j] for j in row if j >= 0] for q, row in zip(data.query_ids, ids)}
+    return evaluate_rankings(run, data.qrels)
