@@ -66,6 +66,14 @@ def test_encode_texts_order_buckets_padding():
     # The token-array entry point (a token store's rows) agrees.
     np.testing.assert_allclose(encode_tokens(enc, enc.params, tokens, mask, batch_size=16), got,
                                atol=2e-5)
+    # Called from a training loop: inside its Explicit mesh, with params placed on it.
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    with jax.set_mesh(mesh):
+        params = jax.device_put(enc.params, NamedSharding(mesh, P()))
+        inside = encode_texts(enc, params, TINY_TEXTS, batch_size=12, max_length=64)
+    np.testing.assert_allclose(inside, got, atol=1e-6)
 
 
 def test_export_sentence_transformers_and_automodel(minilm, tmp_path):

@@ -73,8 +73,10 @@ def add_parser(sub):
 
 def apply_flags(cfg, args):
     """Flags given on the command line override the loaded config (then re-validated)."""
-    from negjax.config import validate
+    from negjax.config import parse_rank_range, validate
 
+    if args.rank_range:
+        parse_rank_range(args.rank_range, key="--rank-range")
     for attr, key in _MINING_FLAGS.items():
         value = getattr(args, attr, None)
         if value is not None:

@@ -72,8 +72,8 @@ def resolve_model(name: str, model_cfg=None) -> tuple:
     cfg = ModelConfig() if model_cfg is None else model_cfg
     cfg.name = name
     enc = load_encoder(cfg)
-    return enc, enc.params, {"path": name if name in ("tiny", "minilm") else str(Path(name).resolve()),
-                             "step": None}
+    path = name if name in ("tiny", "minilm") else str(Path(name).resolve())
+    return enc, enc.params, {"path": path, "step": None}
 
 
 def _hash(obj) -> str:
@@ -83,7 +83,10 @@ def _hash(obj) -> str:
 def model_identity(enc) -> dict:
     """What besides the params decides the embeddings: architecture, pooling, normalisation,
     compute dtype and the tokenizer (hashed)."""
-    tok = enc.tokenizer.backend_tokenizer.to_str()
+    tok = json.loads(enc.tokenizer.backend_tokenizer.to_str())
+    # Truncation and padding are set per call (encode_texts changes them): not identity.
+    tok = json.dumps({key: v for key, v in tok.items() if key not in ("truncation", "padding")},
+                     sort_keys=True)
     return {"config": asdict(enc.config), "pooling": enc.pooling, "normalize": enc.normalize,
             "dtype": enc.dtype, "tokenizer": hashlib.sha256(tok.encode()).hexdigest()}
 
@@ -92,12 +95,19 @@ def params_fingerprint(enc, params, tower: str) -> str:
     """blake2b over the names, shapes, dtypes and bytes of one tower's params (host copies)."""
     import jax
 
-    from negjax.model.encode import _host_copy
+    def host(x):  # training params may be multi-process global arrays
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if x.is_fully_replicated:
+                return np.asarray(x.addressable_data(0))
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
 
     h = hashlib.blake2b(digest_size=16)
     leaves = jax.tree_util.tree_leaves_with_path(enc.tower_params(params, tower))
     for path, leaf in sorted(leaves, key=lambda pl: jax.tree_util.keystr(pl[0])):
-        arr = np.ascontiguousarray(_host_copy(leaf))
+        arr = np.ascontiguousarray(host(leaf))
         h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}".encode())
         h.update(arr.tobytes())
     return h.hexdigest()
@@ -249,7 +259,8 @@ def _pad_rows(lists, fill=-1) -> np.ndarray:
 
 
 def mine_block(q_emb, doc_emb, index, k: int, pos_lists, query_index, *, settings, groups,
-               num_negatives: int, sampling: str, seed: int, edges: np.ndarray) -> tuple[dict, dict]:
+               num_negatives: int, sampling: str, seed: int,
+               edges: np.ndarray) -> tuple[dict, dict]:
     """Mine `q_emb [Q, D]` float32 (global query numbers `query_index [Q]`, positives as corpus
     rows `pos_lists`). Candidates come from `index` (None = exact search) and are re-scored
     exactly (the same arithmetic as the positive score, so margins compare like with like) and
@@ -319,11 +330,10 @@ def _check_cfg(mc, shard_size: int) -> None:
         raise NegjaxError(f"mining.index {mc.index!r}: expected 'scann' or 'exact'")
     if mc.sampling not in SAMPLING:
         raise NegjaxError(f"mining.sampling {mc.sampling!r}: expected one of {list(SAMPLING)}")
-    for key, value, low in (("shard_size", shard_size, 1), ("encode_chunk", mc.encode_chunk, 1),
-                            ("batch_size", mc.batch_size, 1), ("k", mc.k, 0),
-                            ("num_negatives", mc.num_negatives, 0),
-                            ("audit_queries", mc.audit_queries, 0), ("num_leaves", mc.num_leaves, 0),
-                            ("leaves_to_search", mc.leaves_to_search, 0), ("reorder", mc.reorder, 0)):
+    minimum = {"shard_size": 1, "encode_chunk": 1, "batch_size": 1, "k": 0, "num_negatives": 0,
+               "audit_queries": 0, "num_leaves": 0, "leaves_to_search": 0, "reorder": 0}
+    for key, low in minimum.items():
+        value = shard_size if key == "shard_size" else getattr(mc, key)
         if value < low:
             raise NegjaxError(f"mining.{key} must be >= {low}, got {value}")
 
@@ -345,8 +355,9 @@ def _read_json(path: Path):
 
 
 def run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, query_max_len: int,
-               doc_max_len: int, model_info: dict | None = None, scann_overrides: dict | None = None,
-               shard_size: int | None = None, train_qrels=None, overwrite: bool = False) -> dict:
+               doc_max_len: int, model_info: dict | None = None,
+               scann_overrides: dict | None = None, shard_size: int | None = None,
+               train_qrels=None, overwrite: bool = False) -> dict:
     """Mine hard negatives for every training query into `out_dir` (shards + manifest.json +
     report.json/report.png); returns the manifest. Collective over all processes.
 
@@ -377,6 +388,9 @@ def run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, que
     n_docs, nq = len(corpus), len(examples)
     max_pos = max((len(p) for p in examples.positives), default=0)
     k = min(mc.k or 100 + max_pos, n_docs)
+    if settings.rank_min > k:
+        raise NegjaxError(f"rank range {settings.rank_min}:... starts beyond the {k} candidates "
+                          "retrieved; raise mining.k (--k)")
     ident = model_identity(enc)
     fp_doc = params_fingerprint(enc, params, "doc")
     fp_query = fp_doc if enc.tied_towers else params_fingerprint(enc, params, "query")
@@ -433,15 +447,16 @@ def run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, que
     t = time.perf_counter()
     _log(f"encoding {n_docs:,} documents and {nq:,} queries ({pc} process(es), "
          f"{jax.local_device_count()} local device(s) each)")
-    doc_emb, doc_info = encode_chunked(enc, params, corpus.texts, tower="doc", max_length=doc_max_len,
-                                       batch_size=mc.batch_size, chunk=mc.encode_chunk,
-                                       directory=work / "emb" / f"doc-{doc_key[:16]}", stage="doc")
+    doc_emb, doc_info = encode_chunked(enc, params, corpus.texts, tower="doc",
+                                       max_length=doc_max_len, batch_size=mc.batch_size,
+                                       chunk=mc.encode_chunk, stage="doc",
+                                       directory=work / "emb" / f"doc-{doc_key[:16]}")
     timings["encode_docs_s"] = time.perf_counter() - t
     t = time.perf_counter()
     q_emb, q_info = encode_chunked(enc, params, examples.queries, tower="query",
                                    max_length=query_max_len, batch_size=mc.batch_size,
-                                   chunk=mc.encode_chunk,
-                                   directory=work / "emb" / f"query-{query_key[:16]}", stage="query")
+                                   chunk=mc.encode_chunk, stage="query",
+                                   directory=work / "emb" / f"query-{query_key[:16]}")
     timings["encode_queries_s"] = time.perf_counter() - t
 
     # -- index -------------------------------------------------------------------------------
@@ -486,8 +501,9 @@ def run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, que
     # -- audit, report, manifest (process 0) ---------------------------------------------------
     if pi == 0:
         t = time.perf_counter()
+        audit_key = _hash([index_key, query_key, mc.audit_queries, mc.seed])[:16]
         audit = audit_recall(index, q_emb, doc_emb, k, mc.audit_queries, mc.seed,
-                             work / f"audit-{_hash([index_key, query_key, mc.audit_queries, mc.seed])[:16]}.json")
+                             work / f"audit-{audit_key}.json")
         timings["audit_s"] = time.perf_counter() - t
         parts = [_load_stats(stats_dir / f"shard-{s:05d}.npz") for s in range(n_shards)]
         counts = report_mod.merge_counts(parts)

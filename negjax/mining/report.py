@@ -74,6 +74,17 @@ def _recall_line(index: dict) -> str:
             f"on {audit['queries']:,} queries")
 
 
+def _index_line(index: dict) -> str:
+    sc = index.get("scann")
+    if not sc:
+        return "exact search (blockwise matmul)"
+    if sc.get("brute_force"):
+        return "ScaNN brute force"
+    tree = (f"{sc['num_leaves']} leaves / search {sc['leaves_to_search']}, "
+            if sc.get("num_leaves") else "")
+    return f"ScaNN {tree}AH, reorder {sc['reorder']}"
+
+
 def plot_report(rep: dict, path) -> None:
     """Write the four-panel PNG (matplotlib, Agg backend)."""
     import matplotlib
@@ -140,11 +151,7 @@ def plot_report(rep: dict, path) -> None:
     ax.axis("off")
     f = rep["filters"]
     idx = rep["index"]
-    sc = idx.get("scann") or {}
-    index_line = idx["type"] if not sc else (
-        "ScaNN brute force" if sc.get("brute_force") else
-        f"ScaNN {sc['num_leaves']} leaves / search {sc['leaves_to_search']}, AH, "
-        f"reorder {sc['reorder']}" if sc.get("num_leaves") else f"ScaNN AH, reorder {sc['reorder']}")
+    index_line = _index_line(idx)
     margin = lambda v: "off" if v < 0 else f"{v:g}"  # noqa: E731
     rank_max = "inf" if f["rank_max"] >= 1 << 30 else f["rank_max"]
     t = rep["timings"]

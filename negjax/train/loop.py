@@ -115,13 +115,12 @@ def train(cfg: Config) -> dict:
     pi, pc = distributed.initialize(cfg.distributed)
     workdir = Path(cfg.workdir).absolute()
     main = pi == 0
+    mesh = distributed.make_mesh()
+    distributed.local_batch_size(cfg.train.batch_size, mesh)
+    enc = load_encoder(cfg.model)
     if main:
         workdir.mkdir(parents=True, exist_ok=True)
         save_run_config(cfg, workdir)
-    mesh = distributed.make_mesh()
-    distributed.local_batch_size(cfg.train.batch_size, mesh)
-
-    enc = load_encoder(cfg.model)
     params = enc.params
     if cfg.model.name == "tiny":  # from scratch: initialisation follows the run's seed
         params = enc.init_params(jax.random.PRNGKey(cfg.train.seed))

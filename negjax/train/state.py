@@ -70,7 +70,7 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 def init_state(model_params, cfg: Config, *, dim: int, num_devices: int = 1,
                ema_params=None) -> TrainState:
     """A fresh state around `model_params` (not yet placed on a mesh)."""
-    params = {"model": model_params}
+    params = {"model": jax.tree.map(jnp.array, model_params)}  # a copy: the step donates it
     if cfg.loss.learnable_temperature:
         params["log_scale"] = init_log_scale(cfg.loss.temperature)
     opt_state = make_optimizer(cfg.train).init(params)

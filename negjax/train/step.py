@@ -105,9 +105,12 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
             extra_docs=bank, extra_doc_ids=bank_ids)
 
     def plain_grads(params, batch, rq, rd, bank, bank_ids):
+        # Keys as GradCache's first sub-batch: with one sub-batch both steps draw the same masks.
+        kq, kd = jax.random.fold_in(rq, 0), jax.random.fold_in(rd, 0)
+
         def loss_fn(p):
-            q = encode(p["model"], batch["q_tokens"], batch["q_mask"], "query", rq)
-            d = encode(p["model"], batch["d_tokens"], batch["d_mask"], "doc", rd)
+            q = encode(p["model"], batch["q_tokens"], batch["q_mask"], "query", kq)
+            d = encode(p["model"], batch["d_tokens"], batch["d_mask"], "doc", kd)
             loss, metrics = loss_of_embeddings(q, d, temperature_of(p, cfg), batch, bank, bank_ids)
             return loss, metrics
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -124,8 +127,9 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
 
         qt, qm = split(batch["q_tokens"], gc), split(batch["q_mask"], gc)
         dt, dm = split(batch["d_tokens"], gc * G), split(batch["d_mask"], gc * G)
-        kq = jax.random.split(rq, n)
-        kd = jax.random.split(rd, n)
+        # One key per sub-batch, used in both the embedding and the back-propagation pass.
+        kq = jax.vmap(lambda i: jax.random.fold_in(rq, i))(jnp.arange(n))
+        kd = jax.vmap(lambda i: jax.random.fold_in(rd, i))(jnp.arange(n))
         model = _vary(params["model"])
 
         # (1) embeddings of every sub-batch, no activations kept

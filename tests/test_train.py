@@ -1,0 +1,209 @@
+"""`negjax train` / `eval`: exact resume after kill -9, 2 processes x 4 devices == 1 x 8,
+eval vs ranx, clear errors before any work."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import REPO, free_port, run_negjax, subprocess_env
+
+CONFIG = """
+[model]
+name = "tiny"
+hidden_size = 32
+num_layers = 1
+num_heads = 2
+intermediate_size = 64
+query_max_len = 16
+doc_max_len = 32
+dropout = 0.1
+
+[data]
+dataset = "{data}"
+cache_dir = "{cache}"
+prefetch = 2
+
+[train]
+steps = {steps}
+batch_size = 16
+learning_rate = 1e-3
+warmup_steps = 2
+
+[checkpoint]
+every_steps = 3
+keep = 2
+
+[eval]
+max_queries = 40
+batch_size = 64
+"""
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """A small slice of the built-in WordNet data: 400 documents, 96 train queries, 40 dev."""
+    from negjax.data import wordnet
+
+    root = Path(wordnet.ensure_exported(tmp_path_factory.mktemp("cache")))
+    out = tmp_path_factory.mktemp("data")
+    train = [json.loads(x) for x in (root / "train.jsonl").read_text().splitlines()[:96]]
+    dev_q = [json.loads(x) for x in (root / "dev_queries.jsonl").read_text().splitlines()[:40]]
+    dev_ids = {q["id"] for q in dev_q}
+    qrels = [x.split("\t") for x in (root / "dev_qrels.tsv").read_text().splitlines()[1:]]
+    qrels = [r for r in qrels if r[0] in dev_ids]
+    needed = {p for t in train for p in t["pos"]} | {r[1] for r in qrels}
+    corpus = []
+    for i, line in enumerate((root / "corpus.jsonl").read_text().splitlines()):
+        doc = json.loads(line)
+        if doc["id"] in needed or i % 300 == 0:
+            corpus.append(line)
+    (out / "corpus.jsonl").write_text("\n".join(corpus) + "\n")
+    (out / "train.jsonl").write_text("".join(json.dumps(t) + "\n" for t in train))
+    (out / "dev_queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in dev_q))
+    (out / "dev_qrels.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join("\t".join(r) + "\n" for r in qrels))
+    return out
+
+
+def write_config(tmp_path, data, steps=12, name="c.toml"):
+    path = tmp_path / name
+    path.write_text(CONFIG.format(data=data, cache=tmp_path / "tokcache", steps=steps))
+    return path
+
+
+def final_params(workdir):
+    from negjax.train.checkpoint import load_trained
+
+    _, params, info = load_trained(workdir)
+    import jax
+
+    return info["step"], [np.asarray(x) for x in jax.tree.leaves(params)]
+
+
+def metric_steps(workdir):
+    return [json.loads(x)["step"] for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_cmd(cfg, workdir):
+    return [sys.executable, "-m", "negjax", "train", "--config", str(cfg), "--workdir", str(workdir)]
+
+
+def test_kill9_and_resume_is_exact(tmp_path, small_data):
+    cfg = write_config(tmp_path, small_data)
+    ref = tmp_path / "ref"
+    run = subprocess.run(train_cmd(cfg, ref), env=subprocess_env(4), capture_output=True, text=True,
+                         cwd=REPO, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    # Kill -9 after a random number of completed steps (past the first checkpoint).
+    kill_after = random.Random(os.getpid()).randint(4, 10)
+    work = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(cfg, work), env=subprocess_env(4), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = work / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= kill_after:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    resumed = subprocess.run(train_cmd(cfg, work), env=subprocess_env(4), capture_output=True,
+                             text=True, cwd=REPO, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    step_a, a = final_params(ref)
+    step_b, b = final_params(work)
+    assert step_a == step_b == 12
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert metric_steps(work) == list(range(1, 13))
+    ref_loss = [json.loads(x)["loss"] for x in (ref / "metrics.jsonl").read_text().splitlines()]
+    got_loss = [json.loads(x)["loss"] for x in (work / "metrics.jsonl").read_text().splitlines()]
+    assert ref_loss == got_loss
+
+
+def test_sigterm_saves_and_exits(tmp_path, small_data):
+    cfg = write_config(tmp_path, small_data, steps=200)
+    work = tmp_path / "term"
+    proc = subprocess.Popen(train_cmd(cfg, work), env=subprocess_env(2), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = work / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 4):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "preempted" in out
+    last = metric_steps(work)[-1]
+    from negjax.train.checkpoint import load_trained
+
+    assert load_trained(work)[2]["step"] == last
+
+
+def test_two_processes_match_one(tmp_path, small_data):
+    cfg = write_config(tmp_path, small_data, steps=4)
+    one = tmp_path / "one"
+    r = subprocess.run(train_cmd(cfg, one), env=subprocess_env(8), capture_output=True, text=True,
+                       cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = tmp_path / "two"
+    port = free_port()
+    procs = [subprocess.Popen(train_cmd(cfg, two), cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=subprocess_env(4, NEGJAX_COORDINATOR=f"localhost:{port}",
+                                                 NEGJAX_NUM_PROCESSES=2, NEGJAX_PROCESS_ID=i))
+             for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, e[-3000:]
+    la = [json.loads(x)["loss"] for x in (one / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert len(la) == len(lb) == 4
+    np.testing.assert_allclose(lb, la, rtol=1e-5)
+
+
+def test_eval_matches_ranx(tmp_path, small_data):
+    ranx = pytest.importorskip("ranx")
+    run_file = tmp_path / "run.trec"
+    r = run_negjax("eval", "--model", "tiny", "--corpus", small_data / "corpus.jsonl",
+                   "--queries", small_data / "dev_queries.jsonl", "--qrels", small_data / "dev_qrels.tsv",
+                   "--save-run", run_file, "--json", "--doc-max-length", 32,
+                   env=subprocess_env(2, NEGJAX_CACHE=tmp_path / "c"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ours = json.loads(r.stdout.strip().splitlines()[-1])
+    rows = [x.split("\t") for x in (small_data / "dev_qrels.tsv").read_text().splitlines()[1:]]
+    qrels = {}
+    for q, d, s in rows:
+        qrels.setdefault(q, {})[d] = int(s)
+    run = {}
+    for line in run_file.read_text().splitlines():
+        q, _, d, rank, score, _ = line.split()
+        run.setdefault(q, {})[d] = float(score) - 1e-9 * int(rank)  # ties: keep our order
+    theirs = ranx.evaluate(ranx.Qrels(qrels), ranx.Run(run),
+                           ["recall@1", "recall@10", "recall@100", "mrr@10", "ndcg@10"])
+    for m, v in theirs.items():
+        assert ours[m] == pytest.approx(v, abs=1e-6), m
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--set", "train.batch_size=0"], "train.batch_size"),
+    (["--set", "train.learning_rate=-1"], "train.learning_rate"),
+    (["--set", "data.dataset=/no/such/dir"], "/no/such/dir"),
+    (["--set", "data.negatives=/no/such/negs"], "/no/such/negs"),
+    (["--set", "data.corpus=/no/corpus.jsonl"], "/no/corpus.jsonl"),
+    (["--set", "model.name=/no/model"], "/no/model"),
+])
+def test_bad_config_or_paths_fail_fast(tmp_path, small_data, args, needle):
+    cfg = write_config(tmp_path, small_data)
+    r = run_negjax("train", "--config", cfg, "--workdir", tmp_path / "w", *args)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "w" / "checkpoints").exists()
