@@ -123,6 +123,17 @@ def test_kill9_and_resume_is_exact(tmp_path, small_data):
     assert step_a == step_b == 12
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
+    # ... and so are the exported Hugging Face weights.
+    from safetensors.numpy import load_file
+
+    tensors = []
+    for w in (ref, work):
+        r = run_negjax("export", "--checkpoint", w, "--out", tmp_path / f"hf_{w.name}", env=subprocess_env(1))
+        assert r.returncode == 0, r.stderr[-2000:]
+        tensors.append(load_file(tmp_path / f"hf_{w.name}" / "model.safetensors"))
+    assert tensors[0].keys() == tensors[1].keys() and len(tensors[0]) > 10
+    for key in tensors[0]:
+        np.testing.assert_array_equal(tensors[0][key], tensors[1][key])
     assert metric_steps(work) == list(range(1, 13))
     ref_loss = [json.loads(x)["loss"] for x in (ref / "metrics.jsonl").read_text().splitlines()]
     got_loss = [json.loads(x)["loss"] for x in (work / "metrics.jsonl").read_text().splitlines()]
