@@ -81,7 +81,10 @@ def _plot(rows: list[dict], out: Path) -> None:
 
 
 def quickstart(workdir, *, model: str = "tiny", steps: int | None = None,
-               batch_size: int | None = None, hard_negatives: int = 1) -> dict:
+               batch_size: int | None = None, hard_negatives: int = 1, data: str | None = None) -> dict:
+    """Run the four stages (see the module docstring). `data`: a directory with corpus.jsonl,
+    train.jsonl, test_queries.jsonl, test_qrels.tsv (and optionally dev_*) instead of the
+    built-in WordNet data."""
     import jax
 
     from negjax.data import wordnet
@@ -97,7 +100,15 @@ def quickstart(workdir, *, model: str = "tiny", steps: int | None = None,
         cfg1.train.steps = steps
     if batch_size:
         cfg1.train.batch_size = batch_size
-    data_dir = Path(wordnet.ensure_exported())
+    if data:
+        data_dir = Path(data).absolute()
+        for name in ("corpus.jsonl", "train.jsonl", "test_queries.jsonl", "test_qrels.tsv"):
+            if not (data_dir / name).is_file():
+                raise NegjaxError(f"{data_dir / name}: not found (quickstart --data needs corpus.jsonl, "
+                                  "train.jsonl, test_queries.jsonl, test_qrels.tsv)")
+        cfg1.data.dataset = str(data_dir)
+    else:
+        data_dir = Path(wordnet.ensure_exported())
     timings = {}
 
     print(f"[1/4] round 1: {cfg1.model.name}, {cfg1.train.steps} steps x batch "
@@ -117,6 +128,7 @@ def quickstart(workdir, *, model: str = "tiny", steps: int | None = None,
 
     cfg2 = base_config(model, workdir / "round2")
     cfg2.train.steps, cfg2.train.batch_size = cfg1.train.steps, cfg1.train.batch_size
+    cfg2.data.dataset = cfg1.data.dataset
     cfg2.data.negatives = str(neg_dir)
     cfg2.data.num_negatives = hard_negatives
     print(f"[3/4] round 2: same steps and batch, in-batch + {hard_negatives} mined hard "

@@ -12,6 +12,8 @@ def add_parser(sub):
     p.add_argument("--steps", type=int, help="training steps per round (default: 300 tiny, 60 minilm)")
     p.add_argument("--batch-size", type=int, help="global batch (default: 128 tiny, 32 minilm)")
     p.add_argument("--hard-negatives", type=int, default=1, help="mined negatives per query in round 2")
+    p.add_argument("--data", help="your own data directory (corpus.jsonl, train.jsonl, test_queries.jsonl, "
+                   "test_qrels.tsv) instead of the built-in WordNet data")
     return p
 
 
@@ -26,5 +28,5 @@ def run(args) -> int:
     if args.hard_negatives < 1:
         raise NegjaxError("--hard-negatives must be >= 1")
     quickstart(args.workdir, model=args.model, steps=args.steps, batch_size=args.batch_size,
-               hard_negatives=args.hard_negatives)
+               hard_negatives=args.hard_negatives, data=args.data)
     return 0

@@ -116,14 +116,19 @@ def load_trained(path, *, tower: str | None = None):
 
     from negjax.model import load_encoder
 
+    from negjax.train.state import init_state
+
     workdir, ckdir, step = _find_checkpoint(Path(path))
     cfg = load_config(workdir / CONFIG_NAME)
     enc = load_encoder(cfg.model)
+    # The target tree says "everything on this process' first device", whatever topology
+    # (devices, processes) the run that saved it had.
+    like = jax.eval_shape(lambda p: init_state(p, cfg, dim=enc.dim), enc.params)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), like)
     with ocp.CheckpointManager(ckdir, item_names=("state", "meta")) as mgr:
-        restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    state = restored["state"]
-    model = state["params"]["model"] if isinstance(state, dict) else state.params["model"]
-    params = jax.tree.map(np.asarray, model)
+        restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(like)))
+    params = jax.tree.map(np.asarray, restored["state"].params["model"])
     info = {"path": str(workdir), "step": int(step), "checkpoint": str(ckdir / str(step))}
     return enc, params, info
 

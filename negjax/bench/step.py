@@ -1,0 +1,457 @@
+"""`negjax bench step`: training-step throughput, FLOPs, MFU, memory and a time breakdown.
+
+    negjax bench step --model minilm --batch 64 --query-len 32 --doc-len 128 --negatives 1
+    negjax bench step --model tiny --hidden-size 768 --num-layers 12 --num-heads 12 \\
+        --intermediate-size 3072 --dtype bf16 --batch 512 --json      # BERT-base-sized
+
+Inputs are synthetic: random token ids (uniform over the vocabulary, [CLS]/[PAD] ignored),
+full masks, exactly --query-len / --doc-len tokens, B queries and B*(1+H) documents with
+distinct ids, so the step does the work of a real batch at the longest bucket. The step is
+the real one (`negjax.train.step.make_train_step`: shard_map over a 'data' mesh, dropout,
+AdamW, gradient clipping, GradCache with --grad-cache CHUNK = queries per device per
+sub-batch); any other setting comes from --config / --set (e.g. --set loss.chunk_size=1024).
+
+Timing: the step is compiled ahead (`compile_s`), run --warmup times, then --steps times,
+each call followed by block_until_ready; step time is reported as median and p10/p90.
+examples/s = B / median step time (an example is a query with its 1+H documents);
+tokens/s counts every (padded) query and document token.
+
+FLOPs and MFU: `negjax.bench.flops` (documented there: useful model FLOPs, 3x forward, the
+loss matmuls included, GradCache's re-forward and remat not counted). MFU = model FLOPs per
+step / median step time / (peak per device x devices). Peaks come from a table of known chips
+(bf16 or the default-precision fp32 figure, by --dtype); a CPU has no entry: pass
+--peak-tflops (per device; simulated CPU devices share the machine's cores).
+
+Memory: the devices' peak bytes in use where the backend reports it (GPU/TPU
+`memory_stats()`), and the process's peak RSS (Linux) before timing (compilation included)
+and during the timed steps (the high-water mark is reset after compilation).
+
+Breakdown (separately jitted pieces on the same shapes, timed like the step, median):
+  encoder     encode queries + documents forward and backward on each device's local batch
+              with a fixed cotangent (with GradCache: the activation-free pass plus the
+              re-encode + backward of every sub-batch), parameter gradients summed
+  loss        loss + gradients w.r.t. precomputed embeddings (includes its gather)
+  gather      all_gather of the document embeddings over 'data' and its transpose
+              (psum_scatter), the collectives the loss runs
+  grads       the step without the optimizer (`step.loss_and_grads`)
+  optimizer   step - grads (AdamW, clipping, the finite-check; derived, not measured)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from negjax.errors import NegjaxError
+
+_DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
+
+
+def add_arguments(p) -> None:
+    from negjax.cli import add_config_args
+
+    p.add_argument("--model", default="minilm", help="'tiny', 'minilm' or a model directory")
+    p.add_argument("--batch", type=int, default=64, help="global batch (queries)")
+    p.add_argument("--query-len", type=int, default=32, help="query tokens")
+    p.add_argument("--doc-len", type=int, default=128, help="document tokens")
+    p.add_argument("--negatives", type=int, default=1, help="hard negatives per query (H)")
+    p.add_argument("--grad-cache", type=int, default=0, metavar="CHUNK",
+                   help="GradCache sub-batch, queries per device; 0 = plain step")
+    p.add_argument("--dtype", default="fp32", choices=sorted(_DTYPES), help="compute dtype")
+    p.add_argument("--remat", action="store_true", help="rematerialise each layer")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument("--devices", type=int, default=0,
+                   help="devices in the mesh; 0 = all. On CPU this many devices are simulated")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="peak TFLOP/s per device for MFU (default: the table of known chips)")
+    p.add_argument("--no-breakdown", action="store_true", help="skip the per-piece timing")
+    p.add_argument("--dropout", type=float, default=-1.0,
+                   help="dropout rate; negative = the model's own (training default)")
+    p.add_argument("--tokenizer", default="", help="tokenizer dir for 'tiny' (sets its vocabulary); "
+                   "default: the built-in WordNet tokenizer")
+    p.add_argument("--hidden-size", type=int, default=0, help="'tiny' only: hidden size")
+    p.add_argument("--num-layers", type=int, default=0, help="'tiny' only: layers")
+    p.add_argument("--num-heads", type=int, default=0, help="'tiny' only: attention heads")
+    p.add_argument("--intermediate-size", type=int, default=0, help="'tiny' only: feed-forward size")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic batch")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.add_argument("--out", default="", help="also write the JSON results to this file")
+    add_config_args(p)
+
+
+def _config(args):
+    from negjax.config import load_config, validate
+
+    cfg = load_config(args.config, args.overrides)
+    m = cfg.model
+    m.name = args.model
+    m.dtype = _DTYPES[args.dtype]
+    m.remat = m.remat or args.remat
+    m.query_max_len, m.doc_max_len = args.query_len, args.doc_len
+    if args.dropout >= 0:
+        m.dropout = args.dropout
+    if args.tokenizer:
+        m.tokenizer = args.tokenizer
+    for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
+        value = getattr(args, name)
+        if value:
+            if args.model != "tiny":
+                raise NegjaxError(f"--{name.replace('_', '-')} applies to --model tiny only")
+            setattr(m, name, value)
+    cfg.train.batch_size = args.batch
+    cfg.train.grad_cache_chunk = args.grad_cache
+    cfg.data.num_negatives = args.negatives
+    for name in ("batch", "query_len", "doc_len", "steps"):
+        if getattr(args, name) < 1:
+            raise NegjaxError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.negatives < 0 or args.grad_cache < 0 or args.warmup < 0 or args.devices < 0:
+        raise NegjaxError("--negatives, --grad-cache, --warmup and --devices must be >= 0")
+    return validate(cfg)
+
+
+def _set_cpu_devices(n: int) -> None:
+    """Ask for `n` CPU devices (simulated) before JAX starts its backends; later it is too
+    late and `make_mesh` reports a shortage."""
+    import jax
+
+    if n:
+        try:
+            jax.config.update("jax_num_cpu_devices", n)
+        except RuntimeError:
+            pass
+
+
+def synthetic_batch(rng, *, batch: int, group_size: int, query_len: int, doc_len: int,
+                    vocab_size: int) -> dict:
+    """The pipeline's batch layout (numpy): random ids in [1, vocab), full masks, distinct
+    document ids 0..B*G-1, each query's positive id in `query_pos_ids` [B, 1]."""
+    import numpy as np
+
+    low = 1000 if vocab_size > 2000 else 1  # skip the special/unused ids of BERT vocabularies
+    n_docs = batch * group_size
+    doc_ids = np.arange(n_docs, dtype=np.int32)
+    return {
+        "q_tokens": rng.integers(low, vocab_size, (batch, query_len)).astype(np.int32),
+        "q_mask": np.ones((batch, query_len), np.int32),
+        "d_tokens": rng.integers(low, vocab_size, (n_docs, doc_len)).astype(np.int32),
+        "d_mask": np.ones((n_docs, doc_len), np.int32),
+        "doc_ids": doc_ids,
+        "query_pos_ids": doc_ids[::group_size, None].copy(),
+    }
+
+
+def _rss(field: str) -> int | None:
+    """VmHWM (peak) or VmRSS (current) of this process in bytes (Linux), else None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _device_peak(devices) -> int | None:
+    peaks = []
+    for dev in devices:
+        try:
+            stats = dev.memory_stats() or {}
+        except Exception:  # noqa: BLE001 - backends without memory stats raise
+            stats = {}
+        if stats.get("peak_bytes_in_use"):
+            peaks.append(int(stats["peak_bytes_in_use"]))
+    return max(peaks) if peaks else None
+
+
+def _time_calls(fn, n: int) -> list[float]:
+    import jax
+
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _summary(times: list[float]) -> dict:
+    import numpy as np
+
+    a = np.asarray(times)
+    return {"median_s": float(np.median(a)), "p10_s": float(np.percentile(a, 10)),
+            "p90_s": float(np.percentile(a, 90)), "min_s": float(a.min()), "max_s": float(a.max()),
+            "all_s": [round(t, 6) for t in times]}
+
+
+# ---------------------------------------------------------------------------------------
+# Breakdown pieces
+# ---------------------------------------------------------------------------------------
+
+def _pieces(enc, cfg, mesh, group_size: int):
+    """Jitted functions (params, batch, q_emb, d_emb, ct_q, ct_d) -> outputs for the
+    encoder / loss / gather pieces; see the module docstring."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+    from jax.sharding import PartitionSpec as P
+
+    from negjax.losses import contrastive_loss_and_metrics
+
+    axis, G, gc = "data", group_size, cfg.train.grad_cache_chunk
+    seed = cfg.train.seed
+
+    def encode(p, t, m, tower, key):
+        return enc.encode(p, t, m, tower=tower, rng=key, deterministic=False)
+
+    def encoder_body(params, qt, qm, dt, dm, cq, cd):
+        key = jax.random.fold_in(jax.random.key(seed), lax.axis_index(axis))
+        kq, kd = jax.random.split(key)
+        if not gc:
+            def f(p):
+                return encode(p, qt, qm, "query", kq), encode(p, dt, dm, "doc", kd)
+            _, vjp = jax.vjp(f, params)
+            return vjp((cq, cd))[0]  # invariant params: the transpose sums over devices
+        b = qt.shape[0]
+        if b % gc:
+            raise NegjaxError(f"--grad-cache {gc} must divide the per-device batch {b}")
+        n = b // gc
+        split = lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:])  # noqa: E731
+        xs = (split(qt), split(qm), split(dt), split(dm),
+              jax.random.split(kq, n), jax.random.split(kd, n))
+        model = jax.tree.map(lambda x: lax.pcast(x, axis, to="varying"), params)
+
+        def embed(_, x):
+            t1, m1, t2, m2, k1, k2 = x
+            return None, (encode(model, t1, m1, "query", k1), encode(model, t2, m2, "doc", k2))
+        _, (q, d) = lax.scan(embed, None, xs)
+
+        def backprop(acc, x):
+            t1, m1, t2, m2, k1, k2, g1, g2 = x
+            _, vjp = jax.vjp(lambda p: (encode(p, t1, m1, "query", k1),
+                                        encode(p, t2, m2, "doc", k2)), model)
+            return jax.tree.map(jnp.add, acc, vjp((g1, g2))[0]), None
+        # The embeddings feed the cotangents (as the loss gradient does in the step), so
+        # the first pass is not dead code.
+        cts = (split(cq) + 0 * q, split(cd) + 0 * d)
+        g, _ = lax.scan(backprop, jax.tree.map(jnp.zeros_like, model), xs + cts)
+        return lax.psum(g, axis)
+
+    def loss_body(q, d, pos, ids):
+        def f(q, d):
+            return contrastive_loss_and_metrics(
+                q, d, group_size=G, temperature=cfg.loss.temperature, query_pos_ids=pos,
+                doc_ids=ids, symmetric=cfg.loss.symmetric, chunk_size=cfg.loss.chunk_size or None)
+        (loss, metrics), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(q, d)
+        # Metrics are returned so that their computation (part of the step's loss) is kept.
+        return loss.reshape(1), jax.tree.map(lambda x: x.reshape(1), metrics), grads
+
+    def gather_body(d):
+        y, vjp = jax.vjp(lambda x: lax.all_gather(x, axis, tiled=True), d)
+        return vjp(y)[0]
+
+    S, R = P(axis), P()
+    encoder = jax.jit(jax.shard_map(encoder_body, mesh=mesh, in_specs=(R, S, S, S, S, S, S),
+                                    out_specs=R))
+    loss = jax.jit(jax.shard_map(loss_body, mesh=mesh, in_specs=(S, S, S, S), out_specs=S))
+    gather = jax.jit(jax.shard_map(gather_body, mesh=mesh, in_specs=S, out_specs=S))
+    return encoder, loss, gather
+
+
+def _breakdown(enc, cfg, mesh, group_size, state, step_fn, batch, n: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    encoder, loss, gather = _pieces(enc, cfg, mesh, group_size)
+    sh = NamedSharding(mesh, P("data"))
+    B, D = batch["q_tokens"].shape[0], enc.dim
+    kq, kd, kcq, kcd = jax.random.split(jax.random.key(1), 4)
+
+    def unit(k, rows):
+        x = jax.random.normal(k, (rows, D), jnp.float32)
+        return jax.device_put(x / jnp.linalg.norm(x, axis=1, keepdims=True), sh)
+    q, d = unit(kq, B), unit(kd, B * group_size)
+    cq = jax.device_put(1e-3 * jax.random.normal(kcq, q.shape), sh)
+    cd = jax.device_put(1e-3 * jax.random.normal(kcd, d.shape), sh)
+    params = state.params
+    calls = {
+        "encoder": lambda: encoder(params["model"], batch["q_tokens"], batch["q_mask"],
+                                   batch["d_tokens"], batch["d_mask"], cq, cd),
+        "loss": lambda: loss(q, d, batch["query_pos_ids"], batch["doc_ids"]),
+        "gather": lambda: gather(d),
+        "grads": lambda: step_fn.loss_and_grads(params, batch, state.step),
+    }
+    out = {}
+    for name, call in calls.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())  # compilation + first run
+        out[name] = dict(_summary(_time_calls(call, n)), first_call_s=time.perf_counter() - t0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# The benchmark
+# ---------------------------------------------------------------------------------------
+
+def measure(args) -> dict:
+    """Run the benchmark described by the parsed `args`; returns the results dict."""
+    cfg = _config(args)
+    _set_cpu_devices(args.devices)
+    import jax
+    import numpy as np
+
+    from negjax.bench.flops import Shape, peak_tflops, step_flops
+    from negjax.distributed import global_batch_from_local, make_mesh
+    from negjax.model import load_encoder
+    from negjax.train.state import init_state
+    from negjax.train.step import make_train_step, place_state
+
+    mesh = make_mesh(args.devices or None)
+    n_dev = mesh.shape["data"]
+    B, H = args.batch, args.negatives
+    G = 1 + H
+    if B % n_dev:
+        raise NegjaxError(f"--batch {B} must be divisible by the {n_dev} devices")
+    if args.grad_cache and (B // n_dev) % args.grad_cache:
+        raise NegjaxError(f"--grad-cache {args.grad_cache} must divide the per-device batch {B // n_dev}")
+
+    t0 = time.perf_counter()
+    enc = load_encoder(cfg.model)
+    load_s = time.perf_counter() - t0
+    bc = enc.config
+    state = place_state(init_state(enc.params, cfg, dim=enc.dim), mesh)
+    local = synthetic_batch(np.random.default_rng(args.seed), batch=B, group_size=G,
+                            query_len=args.query_len, doc_len=args.doc_len, vocab_size=bc.vocab_size)
+    batch = global_batch_from_local(local, mesh)
+    step_fn = make_train_step(enc, cfg, mesh, group_size=G)
+
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(state)
+    rss_before = _rss("VmHWM")
+    reset = _reset_peak_rss()
+
+    times = []
+    metrics = None
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
+    rss_steps = _rss("VmHWM") if reset else None
+    dev = mesh.devices.flat[0]
+    device_peak = _device_peak(list(mesh.devices.flat))
+    loss = float(jax.device_get(metrics["loss"]))
+
+    extra_fwd = int(bool(args.grad_cache)) + int(bool(cfg.model.remat))
+    flops = step_flops(Shape.of(bc), batch=B, query_len=args.query_len, doc_len=args.doc_len,
+                       group_size=G, dim=enc.dim, symmetric=cfg.loss.symmetric,
+                       extra_docs=cfg.loss.memory_bank_size,
+                       momentum_encoder=bool(cfg.loss.memory_bank_size), extra_forwards=extra_fwd)
+    t = _summary(times)
+    med = t["median_s"]
+    tokens = B * args.query_len + B * G * args.doc_len
+    peak = args.peak_tflops or peak_tflops(dev.device_kind, cfg.model.dtype)
+    achieved = flops["model"] / med / 1e12
+    res = {
+        "model": args.model, "source": enc.source,
+        "architecture": {"hidden_size": bc.hidden_size, "num_layers": bc.num_layers,
+                         "num_heads": bc.num_heads, "intermediate_size": bc.intermediate_size,
+                         "vocab_size": bc.vocab_size, "dropout": bc.hidden_dropout},
+        "dtype": cfg.model.dtype, "remat": bool(cfg.model.remat),
+        "batch": B, "query_len": args.query_len, "doc_len": args.doc_len, "negatives": H,
+        "group_size": G, "grad_cache": args.grad_cache,
+        "loss_chunk_size": cfg.loss.chunk_size, "symmetric": cfg.loss.symmetric,
+        "platform": dev.platform, "device_kind": dev.device_kind, "devices": n_dev,
+        "jax_version": jax.__version__,
+        "load_s": load_s, "compile_s": compile_s, "warmup_steps": args.warmup,
+        "steps": args.steps, "step_time": t,
+        "examples_per_s": B / med, "tokens_per_s": tokens / med, "batches_per_s": 1.0 / med,
+        "tokens_per_step": tokens,
+        "flops_per_step": flops, "tflops_per_s": achieved,
+        "hardware_tflops_per_s": flops["executed"] / med / 1e12,
+        "peak_tflops_per_device": peak,
+        "mfu": achieved / (peak * n_dev) if peak else None,
+        "device_peak_bytes": device_peak,
+        "peak_rss_bytes": max(x for x in (rss_before, rss_steps) if x is not None) if rss_before else None,
+        "peak_rss_before_timing_bytes": rss_before, "peak_rss_steps_bytes": rss_steps,
+        "final_loss": loss,
+    }
+    if not args.no_breakdown:
+        n = max(1, min(args.steps, 5))
+        bd = _breakdown(enc, cfg, mesh, G, state, step_fn, batch, n)
+        res["breakdown"] = {
+            "encoder_s": bd["encoder"]["median_s"], "loss_s": bd["loss"]["median_s"],
+            "gather_s": bd["gather"]["median_s"], "grads_s": bd["grads"]["median_s"],
+            "optimizer_s": med - bd["grads"]["median_s"], "repeats": n, "pieces": bd}
+    return res
+
+
+def _gib(x) -> str:
+    return "n/a" if x is None else f"{x / 2**30:.2f} GiB"
+
+
+def _report(r: dict) -> str:
+    a = r["architecture"]
+    t = r["step_time"]
+    fl = r["flops_per_step"]
+    lines = [
+        f"bench step: {r['model']} ({a['num_layers']} layers, hidden {a['hidden_size']}, "
+        f"{a['num_heads']} heads, ffn {a['intermediate_size']}), {r['dtype']}"
+        f"{', remat' if r['remat'] else ''}, batch {r['batch']} x (query {r['query_len']} + "
+        f"{r['group_size']} docs x {r['doc_len']} tokens)"
+        + (f", GradCache chunk {r['grad_cache']}" if r["grad_cache"] else "")
+        + f" on {r['devices']} x {r['device_kind']} ({r['platform']})",
+        f"  compile {r['compile_s']:.1f} s, {r['warmup_steps']} warm-up steps, {r['steps']} timed",
+        f"  step time   median {t['median_s'] * 1e3:.1f} ms  (p10 {t['p10_s'] * 1e3:.1f}, "
+        f"p90 {t['p90_s'] * 1e3:.1f})",
+        f"  throughput  {r['examples_per_s']:,.1f} examples/s, {r['tokens_per_s']:,.0f} tokens/s, "
+        f"{r['batches_per_s']:.3f} batches/s",
+        f"  FLOPs/step  {fl['model'] / 1e12:.4f} TFLOP model (encoder {fl['encoder'] / 1e12:.4f}, "
+        f"loss {fl['loss'] / 1e12:.5f}); executed {fl['executed'] / 1e12:.4f}",
+        f"  achieved    {r['tflops_per_s']:.3f} TFLOP/s model ({r['hardware_tflops_per_s']:.3f} executed); "
+        + (f"MFU {100 * r['mfu']:.1f}% of {r['peak_tflops_per_device']:g} TFLOP/s x {r['devices']}"
+           if r["mfu"] is not None else
+           f"MFU n/a (no known peak for '{r['device_kind']}': pass --peak-tflops)"),
+        f"  memory      device peak {_gib(r['device_peak_bytes'])}; process peak RSS "
+        f"{_gib(r['peak_rss_bytes'])} (during timed steps {_gib(r['peak_rss_steps_bytes'])})",
+    ]
+    if "breakdown" in r:
+        b = r["breakdown"]
+        med = t["median_s"]
+        def part(name, key):
+            return f"{name} {b[key] * 1e3:.1f} ms ({100 * b[key] / med:.0f}%)"
+        lines.append("  breakdown   " + ", ".join([
+            part("encoder fwd+bwd", "encoder_s"), part("loss+grad", "loss_s"),
+            part("gather", "gather_s")]))
+        lines.append("              " + ", ".join([
+            part("step w/o optimizer", "grads_s"), part("optimizer (step - that)", "optimizer_s")])
+            + f"; medians of {b['repeats']}")
+    lines.append(f"  final loss {r['final_loss']:.4f}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    res = measure(args)
+    text = json.dumps(res, indent=1)
+    if args.out:
+        from negjax.utils import atomic_write_text
+
+        atomic_write_text(args.out, text + "\n")
+    print(text if args.json else _report(res), flush=True)
+    return 0
+
