@@ -125,6 +125,9 @@ class MiningConfig:
     num_leaves: int = f(0, "ScaNN tree leaves; 0 = automatic (about sqrt(corpus size))")
     leaves_to_search: int = f(0, "ScaNN leaves searched per query; 0 = automatic")
     reorder: int = f(0, "ScaNN candidates re-scored exactly; 0 = automatic (max(4k, 250))")
+    target_recall: float = f(0.95, "raise the automatic ScaNN leaves_to_search / reorder until "
+                             "recall@k against exact search reaches this on a sample of "
+                             "audit_queries queries; 0 = use the settings as they are")
 
 
 @dataclass

@@ -196,6 +196,11 @@ def test_run_mining_end_to_end(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in chunks} == chunks
     assert m2["index"]["scann"]["num_leaves"] == 4 and not m2["index"]["scann"]["brute_force"]
     assert 0 < m2["index"]["audit"]["recall_at_k"] <= 1
+    # leaves_to_search was automatic (1 of 4): raised until recall@k >= 0.95 on other queries.
+    tuning = m2["index"]["tuning"]
+    assert tuning["reached"] and tuning["disjoint_from_audit"] and tuning["queries"] == 10
+    assert tuning["steps"][-1]["recall_at_k"] >= 0.95
+    assert m2["index"]["scann"]["leaves_to_search"] == tuning["leaves_to_search"] >= 1
     assert shards.verify(out)["counts"]["negatives"] == m2["counts"]["negatives"] > 0
     assert all(len(r["negative_ids"]) <= 6 for r in _rows(out))
 

@@ -21,7 +21,7 @@ _MINING_FLAGS = {"index": "index", "k": "k", "num_negatives": "num_negatives",
                  "max_score": "max_score", "min_score": "min_score",
                  "audit_queries": "audit_queries", "batch_size": "batch_size",
                  "num_leaves": "num_leaves", "leaves_to_search": "leaves_to_search",
-                 "reorder": "reorder", "shard_size": "shard_size", "encode_chunk": "encode_chunk"}
+                 "reorder": "reorder", "target_recall": "target_recall", "shard_size": "shard_size", "encode_chunk": "encode_chunk"}
 
 
 def add_parser(sub):
@@ -44,7 +44,10 @@ def add_parser(sub):
     g.add_argument("--num-leaves", type=int, help="ScaNN tree leaves (default ~sqrt(N))")
     g.add_argument("--leaves-to-search", type=int, help="ScaNN leaves searched per query")
     g.add_argument("--reorder", type=int, help="ScaNN candidates re-scored exactly")
-    g.add_argument("--audit-queries", type=int, help="queries searched exactly to measure recall")
+    g.add_argument("--target-recall", type=float, help="tune automatic ScaNN search settings "
+                   "until recall@k vs exact reaches this on a query sample (0 = off; default 0.95)")
+    g.add_argument("--audit-queries", type=int, help="queries searched exactly to measure "
+                   "(and tune) recall")
     g = p.add_argument_group("filters and sampling")
     g.add_argument("--rank-range", metavar="MIN:MAX", help="keep candidates ranked MIN..MAX (1-based)")
     g.add_argument("--relative-margin", type=float, metavar="M",

@@ -14,7 +14,11 @@ filesystem. Everything it computes is kept under `OUT/.work/` so that a rerun af
   atomically; KEY hashes the model (architecture, tokenizer, a fingerprint of the params of the
   tower), the input file's sha256 and the max length, so a chunk is reused only for identical
   inputs. Process p encodes chunks c with c % P == p; after a barrier every process reads all.
-- `index-KEY/`: the ScaNN index (built by process 0, saved, loaded by all).
+- `index-KEY/`: the ScaNN index (built by process 0, saved, loaded by all). ScaNN's tree
+  training is not bit-reproducible, so the index is saved before any shard is written and
+  every process and every resumed run searches that one saved index.
+- `tune-KEY.json`: the search-time settings (leaves_to_search, reorder) that reached
+  `target_recall` against exact search on a sample of queries (process 0 tunes, all apply).
 - `run.json`: the key of everything that decides the shard rows (embeddings, index, filters,
   sampling, shard size). Shards of another key are discarded (an unfinished run) or refused
   (a finished one, unless `overwrite`).
@@ -219,6 +223,66 @@ def scann_settings(n: int, dim: int, k: int, mining_cfg, overrides: dict | None 
     return sp
 
 
+def tunable_settings(mining_cfg, overrides: dict | None = None) -> set[str]:
+    """The search-time ScaNN settings the caller left automatic (these may be tuned)."""
+    given = {"leaves_to_search": mining_cfg.leaves_to_search, "reorder": mining_cfg.reorder}
+    for key in given:
+        if (overrides or {}).get(key) is not None:
+            given[key] = overrides[key]
+    return {key for key, v in given.items() if not v}
+
+
+def tune_search(index, q_emb: np.ndarray, doc_emb: np.ndarray, k: int, sample: np.ndarray,
+                target: float, tunable: set[str]) -> dict:
+    """Raise the index's search-time settings until recall@k against exact search on the
+    queries `sample` reaches `target`: each step doubles whichever of leaves_to_search and
+    reorder (those in `tunable`) gains more recall. `ScannParams.auto` fits clustered synthetic
+    data; real embeddings can need many more leaves (WordNet/MiniLM: 3% of the leaves gave
+    recall@100 0.75, experiments/mining/README.md). Mutates `index.params`; returns the
+    record of the steps."""
+    from negjax.mining.index import exact_search, recall_at_k
+
+    p = index.params
+    exact_ids, _ = exact_search(q_emb[sample], doc_emb, k, desc="tune (exact)")
+
+    def recall() -> float:
+        return recall_at_k(index.search(q_emb[sample], k)[0], exact_ids)
+
+    r = recall()
+    steps = [{"leaves_to_search": p.leaves_to_search, "reorder": p.reorder, "recall_at_k": r}]
+    while r < target:
+        options = []
+        if "leaves_to_search" in tunable and p.num_leaves and p.leaves_to_search < p.num_leaves:
+            options.append(("leaves_to_search", min(p.num_leaves, 2 * p.leaves_to_search)))
+        if "reorder" in tunable and p.reorder < min(index.n, 20 * k):
+            options.append(("reorder", min(index.n, 20 * k, 2 * max(p.reorder, k))))
+        if not options:
+            break
+        best = None
+        for name, value in options:
+            old = getattr(p, name)
+            setattr(p, name, value)
+            got = recall()
+            setattr(p, name, old)
+            if best is None or got > best[2]:
+                best = (name, value, got)
+        setattr(p, best[0], best[1])
+        r = best[2]
+        steps.append({"leaves_to_search": p.leaves_to_search, "reorder": p.reorder, "recall_at_k": r})
+    return {"target": target, "queries": int(len(sample)), "reached": bool(r >= target),
+            "leaves_to_search": p.leaves_to_search, "reorder": p.reorder, "steps": steps}
+
+
+def query_samples(nq: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(audit, tuning) samples of `n` query numbers each, disjoint when there are enough
+    queries (else the tuning sample is the audit sample)."""
+    perm = np.random.default_rng([seed, 1]).permutation(nq)
+    n = min(n, nq)
+    audit = np.sort(perm[:n])
+    tune = np.sort(perm[n:2 * n]) if nq >= 2 * n else audit
+    return audit, tune
+
+
 def _open_index(kind: str, doc_emb: np.ndarray, k: int, sp, directory: Path):
     """None for exact search; else the ScaNN index, built and saved by process 0 (or reused
     from an earlier run) and loaded from disk by every process."""
@@ -328,6 +392,8 @@ def _load_stats(path: Path) -> dict:
 def _check_cfg(mc, shard_size: int) -> None:
     if mc.index not in ("scann", "exact"):
         raise NegjaxError(f"mining.index {mc.index!r}: expected 'scann' or 'exact'")
+    if not 0 <= mc.target_recall <= 1:
+        raise NegjaxError(f"mining.target_recall must be in [0, 1], got {mc.target_recall}")
     if mc.sampling not in SAMPLING:
         raise NegjaxError(f"mining.sampling {mc.sampling!r}: expected one of {list(SAMPLING)}")
     minimum = {"shard_size": 1, "encode_chunk": 1, "batch_size": 1, "k": 0, "num_negatives": 0,
@@ -409,6 +475,8 @@ def run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, que
                     "num_negatives": mc.num_negatives, "sampling": mc.sampling, "seed": mc.seed}
     run_key = _hash({"version": JOB_VERSION, "doc": doc_key, "query": query_key,
                      "index": index_key, "filters": filters_info, "shard_size": shard_size,
+                     "target_recall": mc.target_recall if sp is not None else None,
+                     "audit": [mc.audit_queries, mc.seed],
                      "corpus_ids": corpus_sha, "train": train_sha})
 
     # -- resume / refuse / start fresh (every process decides alike, then process 0 acts) ---
@@ -463,6 +531,27 @@ def run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, que
     t = time.perf_counter()
     index, build_s = _open_index(mc.index, doc_emb, k, sp, work / f"index-{index_key[:16]}")
     timings["index_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    audit_sample, tune_sample = query_samples(nq, mc.audit_queries, mc.seed)
+    tunable = tunable_settings(mc, scann_overrides)
+    tuning = None
+    if (index is not None and not index.params.brute_force and mc.target_recall > 0
+            and len(tune_sample) and tunable):
+        tune_key = _hash([index_key, query_key, mc.target_recall, mc.audit_queries, mc.seed,
+                          sorted(tunable)])
+        tune_file = work / f"tune-{tune_key[:16]}.json"
+        if pi == 0 and _read_json(tune_file) is None:
+            res = tune_search(index, q_emb, doc_emb, k, tune_sample, mc.target_recall, tunable)
+            res["disjoint_from_audit"] = tune_sample is not audit_sample
+            atomic_write_text(tune_file, json.dumps(res, indent=1) + "\n")
+        _barrier("tune")
+        tuning = json.loads(tune_file.read_text())
+        index.params.leaves_to_search = tuning["leaves_to_search"]
+        index.params.reorder = tuning["reorder"]
+        _log(f"ScaNN search settings for recall@{k} >= {mc.target_recall}: "
+             f"leaves_to_search {tuning['leaves_to_search']}, reorder {tuning['reorder']} "
+             f"(recall {tuning['steps'][-1]['recall_at_k']:.4f} on {tuning['queries']} queries)")
+    timings["tune_s"] = time.perf_counter() - t
     groups = text_groups(corpus.texts) if settings.dedup_text else None
     edges = _score_edges(q_emb, doc_emb)
 
@@ -501,14 +590,14 @@ def run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, que
     # -- audit, report, manifest (process 0) ---------------------------------------------------
     if pi == 0:
         t = time.perf_counter()
-        audit_key = _hash([index_key, query_key, mc.audit_queries, mc.seed])[:16]
-        audit = audit_recall(index, q_emb, doc_emb, k, mc.audit_queries, mc.seed,
-                             work / f"audit-{audit_key}.json")
+        audit_key = _hash([index_key, query_key, audit_sample.tolist(),
+                           asdict(index.params) if index is not None else None])[:16]
+        audit = audit_recall(index, q_emb, doc_emb, k, audit_sample, work / f"audit-{audit_key}.json")
         timings["audit_s"] = time.perf_counter() - t
         parts = [_load_stats(stats_dir / f"shard-{s:05d}.npz") for s in range(n_shards)]
         counts = report_mod.merge_counts(parts)
         index_info = {"type": mc.index, "k": k, "corpus": n_docs, "dim": enc.dim,
-                      **({"scann": asdict(sp)} if sp else {}),
+                      **({"scann": asdict(index.params), "tuning": tuning} if sp else {}),
                       "audit": audit}
         timings["total_s"] = time.perf_counter() - t_start
         rep = report_mod.build_report(parts, edges=edges, k=k, counts=counts, filters=filters_info,
@@ -524,13 +613,13 @@ def run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, que
     return shard_io.read_manifest(out)
 
 
-def audit_recall(index, q_emb: np.ndarray, doc_emb: np.ndarray, k: int, n_audit: int, seed: int,
+def audit_recall(index, q_emb: np.ndarray, doc_emb: np.ndarray, k: int, sample: np.ndarray,
                  cache: Path | None = None) -> dict:
-    """Recall@k (and @100 when k >= 100) of the index against exact search on `n_audit`
-    queries drawn with `seed` (cached in `cache`). Exact search: recall 1 by construction."""
+    """Recall@k (and @100 when k >= 100) of the index against exact search on the queries
+    `sample` (cached in `cache`). Exact search: recall 1 by construction."""
     from negjax.mining.index import exact_search, recall_at_k
 
-    n = min(n_audit, len(q_emb))
+    n = len(sample)
     if index is None:
         return {"queries": 0, "recall_at_k": 1.0, "note": "exact search"}
     if n == 0:
@@ -539,7 +628,6 @@ def audit_recall(index, q_emb: np.ndarray, doc_emb: np.ndarray, k: int, n_audit:
         got = _read_json(cache)
         if got:
             return got
-    sample = np.sort(np.random.default_rng([seed, 1]).choice(len(q_emb), n, replace=False))
     t = time.perf_counter()
     exact_ids, _ = exact_search(q_emb[sample], doc_emb, k, desc="audit (exact)")
     exact_s = time.perf_counter() - t

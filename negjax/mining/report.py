@@ -85,6 +85,18 @@ def _index_line(index: dict) -> str:
     return f"ScaNN {tree}AH, reorder {sc['reorder']}"
 
 
+def _tuning_lines(index: dict) -> list[str]:
+    t = index.get("tuning")
+    if not t:
+        return []
+    first, last = t["steps"][0], t["steps"][-1]
+    return [f"tuned for recall >= {t['target']:g} on {t['queries']:,} queries: "
+            f"leaves {first['leaves_to_search']}->{last['leaves_to_search']}, "
+            f"reorder {first['reorder']}->{last['reorder']}",
+            f"  (recall {first['recall_at_k']:.3f}->{last['recall_at_k']:.3f}"
+            f"{'' if t['reached'] else ', target NOT reached'})"]
+
+
 def plot_report(rep: dict, path) -> None:
     """Write the four-panel PNG (matplotlib, Agg backend)."""
     import matplotlib
@@ -117,7 +129,7 @@ def plot_report(rep: dict, path) -> None:
     ax.set_xlabel("score (inner product)")
     ax.set_ylabel("count (log)")
     ax.set_title("Scores: positives vs candidates")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7.5, loc="upper left")
 
     ax = axes[0, 1]
     ranks = np.asarray(rep["positive_rank_hist"])
@@ -160,6 +172,7 @@ def plot_report(rep: dict, path) -> None:
         f"corpus: {idx['corpus']:,} docs  queries: {counts['queries']:,}  dim {idx['dim']}",
         f"index: {index_line}  k = {rep['k']}",
         f"audit: {_recall_line(idx)}",
+        *_tuning_lines(idx),
         f"filters: dedup text {f['dedup_text']}, ranks {f['rank_min']}:{rank_max}, "
         f"scores [{f['min_score']:g}, {f['max_score']:g}]",
         f"  relative margin {margin(f['relative_margin'])}, "
