@@ -126,6 +126,8 @@ def plot_report(rep: dict, path) -> None:
         pad = (hi - lo) * 0.05 + (edges[1] - edges[0])
         ax.set_xlim(lo - pad, hi + pad)
     ax.set_yscale("log")
+    peak = max(max(np.max(np.asarray(y), initial=0) for _, y, _ in series), 1)
+    ax.set_ylim(0.5, peak * 300)  # headroom above the curves for the legend
     ax.set_xlabel("score (inner product)")
     ax.set_ylabel("count (log)")
     ax.set_title("Scores: positives vs candidates")
@@ -182,8 +184,9 @@ def plot_report(rep: dict, path) -> None:
         f"({counts['negatives'] / max(counts['queries'], 1):.1f} per query)",
         f"queries short of {f['num_negatives']}: {counts['queries_short']:,}  "
         f"with none: {counts['queries_without_negatives']:,}",
-        "time (this run): " + ", ".join(f"{key[:-2]} {v:.0f}s" for key, v in t.items()),
     ]
+    times = [f"{key[:-2]} {v:.0f}s" for key, v in t.items()]
+    lines += ["time (this run): " + ", ".join(times[:4]), "  " + ", ".join(times[4:])]
     ax.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=8.5,
             transform=ax.transAxes)
     fig.suptitle(f"negjax mine — {_recall_line(idx)}", fontsize=13)
