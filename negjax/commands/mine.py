@@ -3,6 +3,7 @@
     negjax mine --model minilm --out negatives/                 # built-in WordNet data
     negjax mine --model DIR --corpus corpus.jsonl --train train.jsonl --out negatives/ \\
         --relative-margin 0.05 --num-negatives 32 --sampling random --seed 1
+    negjax mine --model runs/round1 --out negatives/   # a training workdir: latest checkpoint
 
 Settings come from the [mining] section of --config (and --set mining.key=value); the flags
 below override it. A rerun with the same settings resumes an interrupted run. Several
@@ -29,8 +30,9 @@ def add_parser(sub):
 
     p = sub.add_parser("mine", help="mine hard negatives: encode, ScaNN top-k, false-negative "
                        "filters, Parquet shards + manifest + report")
-    p.add_argument("--model", help="'minilm', 'tiny' or a Hugging Face / sentence-transformers "
-                   "directory (default: model.name from the config)")
+    p.add_argument("--model", help="'minilm', 'tiny', a Hugging Face / sentence-transformers "
+                   "directory or a negjax training workdir / checkpoint (default: model.name "
+                   "from the config)")
     p.add_argument("--corpus", help="corpus JSONL (default: the config's dataset, built-in WordNet)")
     p.add_argument("--train", help="training JSONL (default: the config's dataset)")
     p.add_argument("--train-qrels", help="qrels TSV when --train is a BEIR queries.jsonl")

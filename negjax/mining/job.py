@@ -65,14 +65,20 @@ KILL_ENV = "NEGJAX_MINE_KILL_AT"
 def resolve_model(name: str, model_cfg=None) -> tuple:
     """`--model NAME` -> (encoder, params in its tower layout, model_info {"path", "step"}).
 
-    NAME: 'tiny' (random init, seed 0), 'minilm' (packaged all-MiniLM-L6-v2) or a Hugging Face /
-    sentence-transformers directory; `model_cfg` (a `ModelConfig`) supplies the other model
-    settings. Hook for training checkpoints: a checkpoint directory is recognised here and
-    returns its encoder, params and {"path": dir, "step": step}.
+    NAME: 'tiny' (random init, seed 0), 'minilm' (packaged all-MiniLM-L6-v2), a Hugging Face /
+    sentence-transformers directory (`model_cfg`, a `ModelConfig`, supplies the other model
+    settings), or a negjax training workdir / checkpoint directory (its own saved config and
+    params via `negjax.train.checkpoint.load_trained`; model_info then names its step).
     """
     from negjax.config import ModelConfig
     from negjax.model import load_encoder
 
+    if name not in ("tiny", "minilm"):
+        from negjax.train.checkpoint import is_training_checkpoint, load_trained
+
+        if is_training_checkpoint(name):
+            enc, params, info = load_trained(name)
+            return enc, params, {"path": info["path"], "step": info["step"]}
     cfg = ModelConfig() if model_cfg is None else model_cfg
     cfg.name = name
     enc = load_encoder(cfg)
