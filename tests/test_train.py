@@ -248,3 +248,31 @@ def test_bad_config_or_paths_fail_fast(tmp_path, small_data, args, needle):
     assert r.returncode == 2, r.stderr[-2000:]
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_quickstart_end_to_end_on_small_data(tmp_path, small_data):
+    """The quickstart's four stages on a small data directory (the real run uses WordNet)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    shutil.copy(data / "dev_queries.jsonl", data / "test_queries.jsonl")
+    shutil.copy(data / "dev_qrels.tsv", data / "test_qrels.tsv")
+    work = tmp_path / "qs"
+    r = run_negjax("quickstart", "--workdir", work, "--data", data, "--steps", 4, "--batch-size", 16,
+                   env=subprocess_env(2, NEGJAX_CACHE=tmp_path / "cache"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((work / "results.json").read_text())
+    assert [row["round"] for row in rows] == [1, 2]
+    for row in rows:
+        assert row["steps"] == 4 and row["queries"] == 40
+        for m in ("recall@1", "recall@10", "recall@100", "mrr@10", "ndcg@10"):
+            assert 0.0 <= row[m] <= 1.0
+    assert "mrr@10" in r.stdout and str(work / "results.json") in r.stdout
+    assert (work / "results.png").stat().st_size > 0
+    from negjax.data.shards import verify
+
+    manifest = verify(work / "negatives")
+    assert manifest["model"]["step"] == 4
+    meta = json.loads((work / "round2" / "checkpoints" / "4" / "meta" / "metadata").read_text())
+    assert meta["negatives"] == str(work / "negatives") and meta["data"]["stats"]["negatives"] > 0
