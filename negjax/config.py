@@ -134,7 +134,8 @@ class MiningConfig:
 class EvalConfig:
     batch_size: int = f(256, "encoding batch size")
     index: str = f("exact", "'exact' or 'scann' for large corpora")
-    split: str = f("dev", "split evaluated during training: 'dev' or 'test'")
+    split: str = f("dev", "split evaluated during training: 'dev', 'test' or 'none' (no "
+                   "evaluation inside the run, e.g. when an outer script evaluates)")
     max_queries: int = f(0, "evaluate at most this many queries; 0 = all")
 
 
@@ -167,7 +168,7 @@ _CHOICES = {
     "mining.index": ("scann", "exact"),
     "mining.sampling": ("top", "random"),
     "eval.index": ("exact", "scann"),
-    "eval.split": ("dev", "test"),
+    "eval.split": ("dev", "test", "none"),
 }
 _POSITIVE = ("train.steps", "train.batch_size", "train.log_every", "checkpoint.every_steps",
              "checkpoint.keep", "model.query_max_len", "model.doc_max_len", "mining.batch_size",

@@ -24,9 +24,11 @@ step / median step time / (peak per device x devices). Peaks come from a table o
 
 Memory: the devices' peak bytes in use where the backend reports it (GPU/TPU
 `memory_stats()`), and the process's peak RSS (Linux) before timing (compilation included)
-and during the timed steps (the high-water mark is reset after compilation).
+and during the timed steps (the high-water mark is reset after compilation and warm-up).
 
-Breakdown (separately jitted pieces on the same shapes, timed like the step, median):
+Breakdown (separately jitted pieces on the same shapes, run round-robin together with the
+whole step for min(--steps, 5) rounds, medians; percentages are of the step's median in
+those same rounds, so load from elsewhere affects all of them alike):
   encoder     encode queries + documents forward and backward on each device's local batch
               with a fixed cotangent (with GradCache: the activation-free pass plus the
               re-encode + backward of every sub-batch), parameter gradients summed
@@ -34,7 +36,7 @@ Breakdown (separately jitted pieces on the same shapes, timed like the step, med
   gather      all_gather of the document embeddings over 'data' and its transpose
               (psum_scatter), the collectives the loss runs
   grads       the step without the optimizer (`step.loss_and_grads`)
-  optimizer   step - grads (AdamW, clipping, the finite-check; derived, not measured)
+  optimizer   step - grads (AdamW, clipping, the finite-check; derived, not measured alone)
 """
 
 from __future__ import annotations
@@ -267,7 +269,10 @@ def _pieces(enc, cfg, mesh, group_size: int):
     return encoder, loss, gather
 
 
-def _breakdown(enc, cfg, mesh, group_size, state, step_fn, batch, n: int) -> dict:
+def _breakdown(enc, cfg, mesh, group_size, holder, compiled, step_fn, batch, n: int) -> dict:
+    """Median times of the pieces and of the whole step, run round-robin (`n` rounds) so
+    that load from elsewhere on the machine affects all of them alike. `holder["state"]`
+    is the live train state (the step donates it, so it is replaced at every call)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
@@ -284,20 +289,31 @@ def _breakdown(enc, cfg, mesh, group_size, state, step_fn, batch, n: int) -> dic
     q, d = unit(kq, B), unit(kd, B * group_size)
     cq = jax.device_put(1e-3 * jax.random.normal(kcq, q.shape), sh)
     cd = jax.device_put(1e-3 * jax.random.normal(kcd, d.shape), sh)
-    params = state.params
+
+    def step():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        return holder["state"], metrics
+
     calls = {
-        "encoder": lambda: encoder(params["model"], batch["q_tokens"], batch["q_mask"],
-                                   batch["d_tokens"], batch["d_mask"], cq, cd),
+        "step": step,
+        "grads": lambda: step_fn.loss_and_grads(holder["state"].params, batch, holder["state"].step),
+        "encoder": lambda: encoder(holder["state"].params["model"], batch["q_tokens"],
+                                   batch["q_mask"], batch["d_tokens"], batch["d_mask"], cq, cd),
         "loss": lambda: loss(q, d, batch["query_pos_ids"], batch["doc_ids"]),
         "gather": lambda: gather(d),
-        "grads": lambda: step_fn.loss_and_grads(params, batch, state.step),
     }
-    out = {}
+    first = {}
     for name, call in calls.items():
         t0 = time.perf_counter()
         jax.block_until_ready(call())  # compilation + first run
-        out[name] = dict(_summary(_time_calls(call, n)), first_call_s=time.perf_counter() - t0)
-    return out
+        first[name] = time.perf_counter() - t0
+    times: dict = {name: [] for name in calls}
+    for _ in range(n):
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(call())
+            times[name].append(time.perf_counter() - t0)
+    return {name: dict(_summary(times[name]), first_call_s=first[name]) for name in calls}
 
 
 # ---------------------------------------------------------------------------------------
@@ -393,11 +409,12 @@ def measure(args) -> dict:
     }
     if not args.no_breakdown:
         n = max(1, min(args.steps, 5))
-        bd = _breakdown(enc, cfg, mesh, G, state, step_fn, batch, n)
+        bd = _breakdown(enc, cfg, mesh, G, {"state": state}, compiled, step_fn, batch, n)
+        med_of = {name: v["median_s"] for name, v in bd.items()}
         res["breakdown"] = {
-            "encoder_s": bd["encoder"]["median_s"], "loss_s": bd["loss"]["median_s"],
-            "gather_s": bd["gather"]["median_s"], "grads_s": bd["grads"]["median_s"],
-            "optimizer_s": med - bd["grads"]["median_s"], "repeats": n, "pieces": bd}
+            "encoder_s": med_of["encoder"], "loss_s": med_of["loss"], "gather_s": med_of["gather"],
+            "grads_s": med_of["grads"], "step_in_rounds_s": med_of["step"],
+            "optimizer_s": med_of["step"] - med_of["grads"], "rounds": n, "pieces": bd}
     return res
 
 
@@ -432,7 +449,7 @@ def _report(r: dict) -> str:
     ]
     if "breakdown" in r:
         b = r["breakdown"]
-        med = t["median_s"]
+        med = b["step_in_rounds_s"]
         def part(name, key):
             return f"{name} {b[key] * 1e3:.1f} ms ({100 * b[key] / med:.0f}%)"
         lines.append("  breakdown   " + ", ".join([
@@ -440,7 +457,7 @@ def _report(r: dict) -> str:
             part("gather", "gather_s")]))
         lines.append("              " + ", ".join([
             part("step w/o optimizer", "grads_s"), part("optimizer (step - that)", "optimizer_s")])
-            + f"; medians of {b['repeats']}")
+            + f"; % of the step's {med * 1e3:.1f} ms in the same {b['rounds']} rounds")
     lines.append(f"  final loss {r['final_loss']:.4f}")
     return "\n".join(lines)
 
