@@ -418,6 +418,14 @@ def measure(args) -> dict:
     return res
 
 
+def _si(x: float, unit: str) -> str:
+    """1.23e12 -> '1.23 T<unit>' (also G, M, k)."""
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}"
+
+
 def _gib(x) -> str:
     return "n/a" if x is None else f"{x / 2**30:.2f} GiB"
 
@@ -427,7 +435,7 @@ def _report(r: dict) -> str:
     t = r["step_time"]
     fl = r["flops_per_step"]
     lines = [
-        f"bench step: {r['model']} ({a['num_layers']} layers, hidden {a['hidden_size']}, "
+        f"bench step: {r['model']} ({a['num_layers']} layer{'s' if a['num_layers'] != 1 else ''}, hidden {a['hidden_size']}, "
         f"{a['num_heads']} heads, ffn {a['intermediate_size']}), {r['dtype']}"
         f"{', remat' if r['remat'] else ''}, batch {r['batch']} x (query {r['query_len']} + "
         f"{r['group_size']} docs x {r['doc_len']} tokens)"
@@ -438,9 +446,10 @@ def _report(r: dict) -> str:
         f"p90 {t['p90_s'] * 1e3:.1f})",
         f"  throughput  {r['examples_per_s']:,.1f} examples/s, {r['tokens_per_s']:,.0f} tokens/s, "
         f"{r['batches_per_s']:.3f} batches/s",
-        f"  FLOPs/step  {fl['model'] / 1e12:.4f} TFLOP model (encoder {fl['encoder'] / 1e12:.4f}, "
-        f"loss {fl['loss'] / 1e12:.5f}); executed {fl['executed'] / 1e12:.4f}",
-        f"  achieved    {r['tflops_per_s']:.3f} TFLOP/s model ({r['hardware_tflops_per_s']:.3f} executed); "
+        f"  FLOPs/step  {_si(fl['model'], 'FLOP')} model (encoder {_si(fl['encoder'], 'FLOP')}, "
+        f"loss {_si(fl['loss'], 'FLOP')}); executed {_si(fl['executed'], 'FLOP')}",
+        f"  achieved    {_si(r['tflops_per_s'] * 1e12, 'FLOP/s')} model "
+        f"({_si(r['hardware_tflops_per_s'] * 1e12, 'FLOP/s')} executed); "
         + (f"MFU {100 * r['mfu']:.1f}% of {r['peak_tflops_per_device']:g} TFLOP/s x {r['devices']}"
            if r["mfu"] is not None else
            f"MFU n/a (no known peak for '{r['device_kind']}': pass --peak-tflops)"),
