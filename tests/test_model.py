@@ -80,6 +80,36 @@ def test_dropout_needs_and_follows_rng(tiny, ref):
         tiny.encode(*args, deterministic=False)
 
 
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_dropout_keep_mask_statistics(rate):
+    """The hash-based keep-mask: the requested rate, a pure function of the key, no visible
+    correlation between neighbouring elements or between keys."""
+    from negjax.model.bert import dropout_keep_mask
+
+    shape = (16, 4, 128, 128)                       # 1,048,576 elements, an attention shape
+    n = int(np.prod(shape))
+    m1 = np.asarray(dropout_keep_mask(jax.random.key(3), 1 - rate, shape))
+    m1b = np.asarray(dropout_keep_mask(jax.random.key(3), 1 - rate, shape))
+    m2 = np.asarray(dropout_keep_mask(jax.random.fold_in(jax.random.key(3), 1), 1 - rate, shape))
+    assert m1.dtype == bool and m1.shape == shape
+    np.testing.assert_array_equal(m1, m1b)
+    tol = 6 * np.sqrt(rate * (1 - rate) / n)        # 6 standard errors
+    drop1, drop2 = 1 - m1.ravel(), 1 - m2.ravel()
+    assert abs(drop1.mean() - rate) < tol
+    assert abs(drop2.mean() - rate) < tol
+    # Pairs: P(both dropped) = rate^2 for neighbours along every axis and across keys.
+    tol2 = 6 * np.sqrt(rate**2 * (1 - rate**2) / n)
+    for axis in range(len(shape)):
+        a = np.moveaxis(1 - m1, axis, 0).astype(np.float64)
+        assert abs((a[1:] * a[:-1]).mean() - rate**2) < tol2 * 2, axis
+    assert abs((drop1 * drop2).mean() - rate**2) < tol2
+    # Every position is dropped at the rate (no stuck bits): mean over 64 keys per position.
+    keys = [jax.random.fold_in(jax.random.key(5), i) for i in range(64)]
+    per_pos = np.mean([1 - np.asarray(dropout_keep_mask(k, 1 - rate, (4096,))) for k in keys], axis=0)
+    assert abs(per_pos.mean() - rate) < 0.01
+    assert per_pos.min() < rate < per_pos.max()
+
+
 def test_towers(ref):
     tok_dir = str(TINY)  # any tokenizer dir works for 'tiny'; vocab comes from it
     cfg = ModelConfig(name="tiny", tokenizer=tok_dir, hidden_size=32, num_layers=1, num_heads=2,

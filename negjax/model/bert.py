@@ -92,9 +92,43 @@ def take_rows(table, ids):
     return jnp.take(table, ids, axis=0)
 
 
+def _mix32(x):
+    """A bijective 32-bit integer finaliser with full avalanche (lowbias32)."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def dropout_keep_mask(key, keep_prob: float, shape) -> jax.Array:
+    """Boolean keep-mask with P(True) = keep_prob, a pure function of (key, shape).
+
+    Two words drawn from `key` seed a counter-based hash of each element's flat index (two
+    rounds of a 32-bit avalanche finaliser), compared with keep_prob scaled to 2^32. This is
+    a statistical, not a cryptographic, generator -- like the Philox streams other frameworks
+    use for dropout -- and ~13x cheaper on CPU than threefry-based `jax.random.bernoulli`,
+    which cost ~20% of a MiniLM training step. Needs fewer than 2^32 elements.
+    """
+    n = 1
+    for s in shape:
+        n *= s
+    if n >= 2**32:
+        raise ValueError(f"dropout mask of {n} elements: at most 2^32 - 1")
+    seed = jax.random.bits(key, (2,), jnp.uint32)
+    idx = jax.lax.iota(jnp.uint32, n).reshape(shape)
+    x = _mix32(idx * jnp.uint32(0x9E3779B1) + seed[0])
+    x = _mix32(x ^ seed[1])
+    drop = min(int(round((1.0 - keep_prob) * 2**32)), 2**32 - 1)
+    return x >= jnp.uint32(drop)
+
+
 class Dropout(nn.Module):
-    """Inverted dropout on the 'dropout' rng stream. Unlike `nn.Dropout`, the keep-mask is
-    drawn with the sharding of `x`, so it works on batch-sharded arrays under Explicit axes."""
+    """Inverted dropout on the 'dropout' rng stream.
+
+    The keep-mask comes from `dropout_keep_mask` (a fast counter-based hash). For arrays
+    sharded with Explicit axes it is drawn with `jax.random.bernoulli` instead, with the
+    sharding of `x` (which `nn.Dropout` does not support)."""
 
     rate: float
 
@@ -103,8 +137,12 @@ class Dropout(nn.Module):
         if deterministic or self.rate == 0.0:
             return x
         keep_prob = 1.0 - self.rate
-        keep = jax.random.bernoulli(self.make_rng("dropout"), keep_prob, x.shape,
-                                    out_sharding=_explicit_spec(x))
+        key = self.make_rng("dropout")
+        spec = _explicit_spec(x)
+        if spec is None and x.size < 2**32:
+            keep = dropout_keep_mask(key, keep_prob, x.shape)
+        else:
+            keep = jax.random.bernoulli(key, keep_prob, x.shape, out_sharding=spec)
         return jnp.where(keep, x / keep_prob, jnp.zeros_like(x))
 
 
