@@ -64,3 +64,23 @@ def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", dis
         forced = os.environ.get("NEGJAX_PROGRESS")
         disable = (forced == "0") if forced is not None else not sys.stderr.isatty()
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
+
+
+def process_memory_bytes(field: str = "VmHWM") -> int | None:
+    """This process's memory from /proc/self/status (Linux): 'VmHWM' = peak resident set,
+    'VmRSS' = current. Where that is unavailable, the peak from getrusage (KiB on Linux,
+    bytes on macOS) for 'VmHWM', else None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if field != "VmHWM":
+        return None
+    try:
+        import resource
+    except ImportError:
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024

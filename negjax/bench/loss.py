@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from negjax.errors import NegjaxError
+from negjax.utils import process_memory_bytes
 
 
 def add_arguments(p):
@@ -160,19 +161,6 @@ def _print_row(r: dict) -> None:
 # Child process: one configuration
 # ---------------------------------------------------------------------------------------
 
-def _rss(field: str) -> int:
-    """VmHWM (peak) or VmRSS (current) of this process in bytes."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _child(spec: dict) -> dict:
     import jax
     import jax.numpy as jnp
@@ -202,7 +190,7 @@ def _child(spec: dict) -> dict:
     with jax.set_mesh(mesh):
         q, d, pos, ids = jax.jit(make, out_shardings=(sh, sh, sh, sh))(jax.random.key(0))
         jax.block_until_ready(q)
-        rss_setup = _rss("VmRSS")
+        rss_setup = process_memory_bytes("VmRSS")
         step = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)), in_shardings=(sh, sh, sh, sh),
                        out_shardings=(replicated(mesh), (sh, sh)))
         t0 = time.perf_counter()
@@ -217,7 +205,7 @@ def _child(spec: dict) -> dict:
         loss, (gq, gd) = outputs
     out = dict(spec, loss=float(loss), step_s=min(times), step_s_all=times, compile_s=compile_s,
                devices=jax.device_count(), platform=jax.devices()[0].platform,
-               rss_after_setup_bytes=rss_setup, peak_rss_bytes=_rss("VmHWM"))
+               rss_after_setup_bytes=rss_setup, peak_rss_bytes=process_memory_bytes("VmHWM"))
     stats = [dev.memory_stats() or {} for dev in jax.local_devices()]
     peaks = [s.get("peak_bytes_in_use") for s in stats if s.get("peak_bytes_in_use")]
     if peaks:

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import platform
-import resource
 import sys
 import time
 from contextlib import nullcontext
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from negjax.errors import NegjaxError, file_error
-from negjax.utils import atomic_write_text, progress
+from negjax.utils import atomic_write_text, process_memory_bytes, progress
 
 _GEN_CHUNK = 65536  # rows per generation chunk; part of the data's definition (seeded per chunk)
 
@@ -152,9 +151,7 @@ def _log(msg: str) -> None:
 
 
 def _peak_rss_mb() -> float:
-    # ru_maxrss is in KiB on Linux, bytes on macOS.
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024
+    return (process_memory_bytes("VmHWM") or 0) / 2**20
 
 
 def _recall(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:

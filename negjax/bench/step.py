@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 
 from negjax.errors import NegjaxError
+from negjax.utils import process_memory_bytes
 
 _DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
@@ -142,17 +143,6 @@ def synthetic_batch(rng, *, batch: int, group_size: int, query_len: int, doc_len
         "doc_ids": doc_ids,
         "query_pos_ids": doc_ids[::group_size, None].copy(),
     }
-
-
-def _rss(field: str) -> int | None:
-    """VmHWM (peak) or VmRSS (current) of this process in bytes (Linux), else None."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _reset_peak_rss() -> bool:
@@ -358,7 +348,7 @@ def measure(args) -> dict:
     for _ in range(args.warmup):
         state, metrics = compiled(state, batch)
     jax.block_until_ready(state)
-    rss_before = _rss("VmHWM")
+    rss_before = process_memory_bytes("VmHWM")
     reset = _reset_peak_rss()
 
     times = []
@@ -368,7 +358,7 @@ def measure(args) -> dict:
         state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
-    rss_steps = _rss("VmHWM") if reset else None
+    rss_steps = process_memory_bytes("VmHWM") if reset else None
     dev = mesh.devices.flat[0]
     device_peak = _device_peak(list(mesh.devices.flat))
     loss = float(jax.device_get(metrics["loss"]))

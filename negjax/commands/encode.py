@@ -6,7 +6,6 @@ in input order (row i = line i, blank lines skipped), written atomically.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from negjax.errors import NegjaxError, file_error
@@ -33,18 +32,13 @@ def read_texts(path: Path) -> list[str]:
     """Texts of a JSONL file in line order; a malformed line raises naming file:line."""
     if not path.is_file():
         raise NegjaxError(f"{path}: input file not found")
+    from negjax.data.formats import iter_jsonl
+
     texts = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise file_error(path, lineno, f"invalid JSON: {e.msg}") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise file_error(path, lineno, 'expected an object with a string "text"')
-            texts.append(rec["text"])
+    for lineno, rec in iter_jsonl(path):
+        if not isinstance(rec.get("text"), str):
+            raise file_error(path, lineno, 'expected an object with a string "text"')
+        texts.append(rec["text"])
     return texts
 
 
