@@ -53,6 +53,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=0, help="override train.steps (0 = config)")
     p.add_argument("--zero-shot", action="store_true", help="evaluate the untrained model only")
     p.add_argument("--json", help="write the result here")
+    p.add_argument("--save-run", help="write the rankings as a TREC run file (as `negjax eval --save-run`)")
     args = p.parse_args()
 
     try:
@@ -132,8 +133,17 @@ def main() -> int:
     c_emb = model.encode(data.corpus_texts, batch_size=256, normalize_embeddings=True, convert_to_numpy=True)
     model.max_seq_length = qlen
     q_emb = model.encode(data.query_texts, batch_size=256, normalize_embeddings=True, convert_to_numpy=True)
-    ids, _ = exact_search(q_emb, c_emb, min(100, len(data.corpus_ids)), show_progress=False)
+    ids, scores = exact_search(q_emb, c_emb, min(100, len(data.corpus_ids)), show_progress=False)
     run = {q: [data.corpus_ids[j] for j in row if j >= 0] for q, row in zip(data.query_ids, ids)}
+    if args.save_run:
+        Path(args.save_run).parent.mkdir(parents=True, exist_ok=True)
+        tmp_run = Path(args.save_run + ".tmp")
+        with open(tmp_run, "w") as f:
+            for q, row, srow in zip(data.query_ids, ids, scores):
+                for rank, (j, s) in enumerate(zip(row, srow), start=1):
+                    if j >= 0:
+                        f.write(f"{q} Q0 {data.corpus_ids[j]} {rank} {float(s):.6f} st\n")
+        tmp_run.rename(args.save_run)
     metrics = evaluate_rankings(run, data.qrels)
     out = {"side": "sentence-transformers", "torch": torch.__version__,
            "sentence_transformers": sentence_transformers.__version__, "seed": args.seed,
