@@ -122,3 +122,26 @@ def test_errors():
     proc = run_negjax("bench", "step", "--model", "minilm", "--hidden-size", 8,
                       env=subprocess_env(devices=1))
     assert proc.returncode == 2 and "--model tiny only" in proc.stderr
+
+
+def test_gpu_script_cpu_smoke(tmp_path):
+    """experiments/gpu/run.sh end to end with NEGJAX_GPU_SMOKE=1 (tiny shapes on the CPU):
+    every run it lists completes and the JSON it writes carries the figures."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    out = tmp_path / "gpu.json"
+    env = subprocess_env(devices=1, NEGJAX_GPU_SMOKE=1, PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(REPO / "experiments" / "gpu" / "run.sh"), str(out)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["env"]["smoke"] is True and res["env"]["platform"] == "cpu"
+    names = [r["name"] for r in res["runs"]]
+    assert names == ["minilm", "minilm-gradcache", "bert-base", "bert-base-gradcache", "bert-base-remat"]
+    for r in res["runs"]:
+        assert "error" not in r, r
+        assert r["examples_per_s"] > 0 and r["flops_per_step"]["model"] > 0 and np.isfinite(r["final_loss"])
+    assert "wrote" in proc.stdout and not (tmp_path / "gpu.json.tmp").exists()
