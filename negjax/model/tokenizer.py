@@ -6,6 +6,7 @@ Token arrays follow the project contract: `tokens [N, L] int32`, `mask [N, L] in
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +23,9 @@ def load_tokenizer(path: str | Path):
     Uses `AutoTokenizer` (which reads tokenizer_config.json when present); a directory with
     only tokenizer.json falls back to `PreTrainedTokenizerFast` over that file.
     """
+    # negjax runs without PyTorch by design; transformers' "PyTorch was not found" advice at
+    # import time would only confuse (an advisory, so this silences nothing else).
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = Path(path)
