@@ -48,6 +48,10 @@ def test_flops_match_hand_count():
     assert f["encoder_forward"] == HAND_FORWARD
     assert f["model"] == HAND_MODEL
     assert f["executed"] == HAND_EXECUTED_GRADCACHE
+    # Two layers double the encoder part only.
+    two = step_flops(Shape(hidden_size=8, num_layers=2, intermediate_size=16), batch=B, query_len=LQ,
+                     doc_len=LD, group_size=G, dim=D)
+    assert two["encoder"] == 2 * 3 * HAND_FORWARD and two["loss"] == HAND_LOSS
     # Symmetric: positives [4, 8] against queries [4, 8]: 2*4*4*8 = 256 forward, x3.
     assert step_flops(SHAPE, batch=B, query_len=LQ, doc_len=LD, group_size=G, dim=D,
                       symmetric=True)["loss"] == HAND_LOSS + 3 * 256
@@ -61,6 +65,7 @@ def test_peak_table():
     assert peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
     assert peak_tflops("NVIDIA H200", "bfloat16") == 989.0
     assert peak_tflops("NVIDIA A100-SXM4-80GB", "bfloat16") == 312.0
+    assert peak_tflops("NVIDIA A100-SXM4-40GB", "float32") == 156.0
     assert peak_tflops("TPU v4", "bfloat16") == 275.0
     assert peak_tflops("TPU v5 lite", "bfloat16") == 197.0
     assert peak_tflops("TPU v5p", "bfloat16") == 459.0

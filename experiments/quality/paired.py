@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from negjax.data.formats import read_qrels
 from negjax.evaluation.metrics import METRICS, query_metrics
 
 
@@ -33,19 +34,6 @@ def read_run(path: Path) -> dict[str, list[str]]:
                 raise SystemExit(f"{path}:{lineno}: expected 'qid Q0 doc rank score tag'")
             ranked[parts[0]].append((int(parts[3]), parts[2]))
     return {q: [d for _, d in sorted(v)] for q, v in ranked.items()}
-
-
-def read_qrels(path: Path) -> dict[str, dict[str, float]]:
-    qrels: dict[str, dict[str, float]] = defaultdict(dict)
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            parts = line.rstrip("\n").split("\t")
-            if lineno == 1 and parts[0] in ("query-id", "qid", "query_id"):
-                continue
-            if len(parts) != 3:
-                raise SystemExit(f"{path}:{lineno}: expected 'query-id<TAB>corpus-id<TAB>score'")
-            qrels[parts[0]][parts[1]] = float(parts[2])
-    return qrels
 
 
 def per_query(run, qrels) -> dict[str, np.ndarray]:
