@@ -2,7 +2,8 @@
 `add_parser(subparsers)` and `run(args) -> int`; heavy imports (jax, transformers) happen
 inside `run`, so `negjax --help` is instant.
 
-User errors (`NegjaxError`) print one line on stderr and exit with status 2.
+User errors (`NegjaxError`) print one line on stderr and exit with status 2. Third-party log
+lines (ScaNN's absl output, absl/orbax INFO logging) are hidden unless `--verbose`.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from negjax import __version__
-from negjax.errors import NegjaxError
+from negjax.errors import NegjaxDeprecationWarning, NegjaxError, warn_deprecated
 
 # Order is the order shown by --help. A module that does not exist yet is simply not listed.
 COMMANDS = ["quickstart", "train", "mine", "eval", "encode", "export", "bench", "data", "config"]
@@ -27,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="negjax", description="Dense-retriever training in JAX: global in-batch "
                      "negatives and offline-mined hard negatives.")
     parser.add_argument("--version", action="version", version=f"negjax {__version__}")
+    _add_verbose(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
         try:
@@ -36,8 +39,42 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         p = module.add_parser(sub)
+        _add_verbose(p)
         p.set_defaults(_run=module.run)
     return parser
+
+
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show third-party log lines (ScaNN, absl, orbax, jax)")
+
+
+class _DeprecatedFlag(argparse.Action):
+    """An old flag name: stores into the new flag's dest and warns."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kw):
+        self.new = new
+        super().__init__(option_strings, dest, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        warn_deprecated(f"flag {option_string}", self.new)
+        setattr(namespace, self.dest, values)
+
+
+def add_renamed_flag(p, old: str, new: str, **kw) -> None:
+    """Accept `old` (hidden from --help, with a deprecation warning) for the flag `new`."""
+    p.add_argument(old, dest=new.lstrip("-").replace("-", "_"), action=_DeprecatedFlag, new=new,
+                   default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    if issubclass(category, NegjaxDeprecationWarning):
+        print(f"negjax: warning: {message}", file=sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
 
 
 def add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -48,9 +85,13 @@ def add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from negjax.utils import set_verbose
+
+    warnings.showwarning = _show_warning
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        set_verbose(getattr(args, "verbose", False))
         if not getattr(args, "_run", None):
             parser.print_help()
             return 2

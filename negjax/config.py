@@ -3,12 +3,18 @@
     negjax config show --config experiments/configs/tiny-wordnet.toml --set train.steps=10
 
 Every field is documented where it is defined (the `doc` metadata, printed by
-`negjax config show --help-keys`). Unknown keys and wrong types raise `NegjaxError` naming the
-key. Defaults live here, next to the fields; each section only holds what its stage reads.
+`negjax config keys`). Unknown keys and wrong types raise `NegjaxError` naming the key.
+Defaults live here, next to the fields; each section only holds what its stage reads.
+
+Configs are frozen once loaded and validated: code that needs other values builds a new one
+with `updated(cfg, {"section.key": value})`, and runtime values (a checkpoint path, the
+hard-negative directory of a re-mining round) travel as arguments, never through a config.
+Renamed keys keep working for one release with a deprecation warning (`RENAMED`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import tomllib
 import types
@@ -17,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from negjax.errors import NegjaxError
+from negjax.errors import NegjaxError, warn_deprecated
 
 
 def f(default, doc: str):
@@ -27,7 +33,7 @@ def f(default, doc: str):
     return field(default=default, metadata={"doc": doc})
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     name: str = f("tiny", "'tiny' (small BERT from scratch), 'minilm' (packaged all-MiniLM-L6-v2), "
                   "or a path to a Hugging Face / sentence-transformers directory")
@@ -47,7 +53,7 @@ class ModelConfig:
     intermediate_size: int = f(512, "'tiny' only: feed-forward size")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     dataset: str = f("wordnet", "'wordnet' (built-in) or a directory with corpus.jsonl, train.jsonl, "
                      "dev_queries.jsonl, dev_qrels.tsv")
@@ -68,7 +74,7 @@ class DataConfig:
     prefetch_threads: int = f(1, "threads preparing prefetched batches")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LossConfig:
     temperature: float = f(0.05, "softmax temperature (initial value when learnable)")
     learnable_temperature: bool = f(False, "learn log(1/temperature), clipped to [min, max]")
@@ -80,7 +86,7 @@ class LossConfig:
     momentum: float = f(0.999, "EMA decay of the momentum document encoder feeding the bank")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = f(1000, "optimizer steps")
     seed: int = f(0, "seed of every random choice (data order, dropout, init)")
@@ -96,7 +102,7 @@ class TrainConfig:
     max_nonfinite: int = f(10, "abort after this many steps with a NaN/Inf loss (each is skipped)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     every_steps: int = f(500, "steps between checkpoints")
     keep: int = f(3, "most recent checkpoints kept")
@@ -104,12 +110,13 @@ class CheckpointConfig:
     async_save: bool = f(True, "write checkpoints in the background")
 
 
-@dataclass
+@dataclass(frozen=True)
 class MiningConfig:
     every_steps: int = f(0, "re-mine with the current parameters every N training steps; 0 = never")
     index: str = f("scann", "'scann' or 'exact'")
     k: int = f(0, "neighbours retrieved; 0 = 100 + the largest number of positives")
-    num_negatives: int = f(32, "negatives kept per query")
+    negatives_kept: int = f(32, "negatives written per query into the shards (training draws "
+                            "data.num_negatives of them per step)")
     sampling: str = f("top", "'top' or 'random' among the candidates that pass the filters")
     rank_range: str = f("", "keep ranks MIN:MAX (1-based, inclusive); empty = all")
     relative_margin: float = f(-1.0, "drop candidates scoring above pos*(1-M); negative = off")
@@ -119,7 +126,7 @@ class MiningConfig:
     dedup_text: bool = f(True, "drop candidates whose normalised text equals a positive's")
     seed: int = f(0, "seed of random sampling")
     audit_queries: int = f(1000, "queries searched exactly to measure ScaNN recall@k")
-    batch_size: int = f(256, "encoding batch size")
+    encode_batch_size: int = f(256, "texts per encoding batch (all local devices)")
     shard_size: int = f(4096, "queries per output shard (the unit of resume)")
     encode_chunk: int = f(8192, "texts per saved embedding chunk (the unit of resume while encoding)")
     num_leaves: int = f(0, "ScaNN tree leaves; 0 = automatic (about sqrt(corpus size))")
@@ -130,23 +137,23 @@ class MiningConfig:
                              "audit_queries queries; 0 = use the settings as they are")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
-    batch_size: int = f(256, "encoding batch size")
+    encode_batch_size: int = f(256, "texts per encoding batch (all local devices)")
     index: str = f("exact", "'exact' or 'scann' for large corpora")
     split: str = f("dev", "split evaluated during training: 'dev', 'test' or 'none' (no "
                    "evaluation inside the run, e.g. when an outer script evaluates)")
     max_queries: int = f(0, "evaluate at most this many queries; 0 = all")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistributedConfig:
     coordinator_address: str = f("", "host:port of process 0; empty = environment or single process")
     num_processes: int = f(0, "number of processes; 0 = environment or 1")
     process_id: int = f(-1, "this process' index; negative = environment or 0")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     workdir: str = f("", "run directory: checkpoints, metrics.jsonl, TensorBoard events, plots")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -171,14 +178,22 @@ _CHOICES = {
     "eval.split": ("dev", "test", "none"),
 }
 _POSITIVE = ("train.steps", "train.batch_size", "train.log_every", "checkpoint.every_steps",
-             "checkpoint.keep", "model.query_max_len", "model.doc_max_len", "mining.batch_size",
-             "eval.batch_size", "model.hidden_size", "model.num_layers", "model.num_heads",
+             "checkpoint.keep", "model.query_max_len", "model.doc_max_len", "mining.encode_batch_size",
+             "eval.encode_batch_size", "model.hidden_size", "model.num_layers", "model.num_heads",
              "model.intermediate_size", "data.max_positives")
 _NON_NEGATIVE = ("data.num_negatives", "loss.chunk_size", "loss.memory_bank_size",
                  "train.warmup_steps", "train.grad_cache_chunk", "train.eval_every",
-                 "mining.every_steps", "mining.k", "mining.num_negatives", "mining.audit_queries",
+                 "mining.every_steps", "mining.k", "mining.negatives_kept", "mining.audit_queries",
                  "data.prefetch", "train.max_nonfinite", "eval.max_queries",
                  "data.prefetch_threads")
+
+
+# Old key -> new key. Accepted (with a deprecation warning) until negjax 0.3.
+RENAMED = {
+    "mining.num_negatives": "mining.negatives_kept",
+    "mining.batch_size": "mining.encode_batch_size",
+    "eval.batch_size": "eval.encode_batch_size",
+}
 
 
 def _hints(cls) -> dict[str, Any]:
@@ -213,6 +228,10 @@ def _apply(obj, data: dict, prefix: str = "") -> None:
     names = {fl.name for fl in dataclasses.fields(obj)}
     for key, value in data.items():
         full = f"{prefix}{key}"
+        if full in RENAMED:
+            new = RENAMED[full]
+            warn_deprecated(f"config key {full!r}", f"{new!r}")
+            full, key = new, new.rsplit(".", 1)[-1]
         if key not in names:
             known = ", ".join(sorted(names))
             raise NegjaxError(f"unknown config key {full!r} (known in this section: {known})")
@@ -222,7 +241,7 @@ def _apply(obj, data: dict, prefix: str = "") -> None:
                 raise NegjaxError(f"config key {full!r}: expected a [{full}] table, got {value!r}")
             _apply(getattr(obj, key), value, prefix=f"{full}.")
         else:
-            setattr(obj, key, _check_type(full, value, typ))
+            object.__setattr__(obj, key, _check_type(full, value, typ))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -311,6 +330,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         keys, value = parse_override(text)
         _apply(cfg, _nest(keys, value))
     return validate(cfg)
+
+
+def updated(cfg: Config, changes: dict[str, Any]) -> Config:
+    """A validated copy of `cfg` with `{"section.key": value}` changed (`cfg` is unchanged)."""
+    new = copy.deepcopy(cfg)
+    for key, value in changes.items():
+        _apply(new, _nest(key.split("."), value))
+    return validate(new)
 
 
 def to_dict(cfg) -> dict:

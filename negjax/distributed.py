@@ -162,3 +162,13 @@ def local_rows(x):
             seen.add(key)
             parts.append(np.asarray(s.data))
     return np.concatenate(parts, axis=0)
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches the barrier `name` (a no-op in one process)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"negjax-{name}")

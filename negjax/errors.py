@@ -14,3 +14,15 @@ def file_error(path, line: int | None, msg: str) -> NegjaxError:
     """A `NegjaxError` that names the file (and line, 1-based) it is about."""
     where = f"{path}:{line}" if line is not None else f"{path}"
     return NegjaxError(f"{where}: {msg}")
+
+
+class NegjaxDeprecationWarning(FutureWarning):
+    """A renamed config key or flag was used (shown by default, unlike DeprecationWarning)."""
+
+
+def warn_deprecated(old: str, new: str, until: str = "0.3") -> None:
+    """Warn once per call site that `old` is deprecated in favour of `new`."""
+    import warnings
+
+    warnings.warn(f"{old} is deprecated and will be removed in negjax {until}: use {new}",
+                  NegjaxDeprecationWarning, stacklevel=3)

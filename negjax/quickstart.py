@@ -15,48 +15,40 @@ import json
 import time
 from pathlib import Path
 
-from negjax.config import Config, validate
+from negjax.config import Config, updated
 from negjax.errors import NegjaxError
 from negjax.utils import atomic_write_text
 
 METRICS = ("recall@1", "recall@10", "recall@100", "mrr@10", "ndcg@10")
 
 
-def base_config(model: str, workdir: Path) -> Config:
-    """Settings sized for a few minutes per round on 2 CPU cores."""
-    cfg = Config()
-    cfg.workdir = str(workdir)
-    cfg.data.dataset = "wordnet"
-    cfg.checkpoint.every_steps = 100
-    cfg.checkpoint.keep = 1
-    cfg.checkpoint.best_metric = ""
-    cfg.train.seed = 0
-    cfg.train.schedule = "linear"
-    cfg.eval.split = "none"                # both rounds are evaluated on the test split at the end
-    cfg.mining.relative_margin = 0.05      # NV-Retriever's TopK-PercPos 95%
-    cfg.mining.num_negatives = 16
-    cfg.mining.rank_range = "1:50"
-    cfg.mining.audit_queries = 300
-    cfg.data.negative_sampling = "random"  # one of the 16 kept per query, rotating per epoch
-    if model == "tiny":
-        cfg.model.name = "tiny"
-        cfg.model.hidden_size, cfg.model.num_layers = 128, 2
-        cfg.model.num_heads, cfg.model.intermediate_size = 2, 512
-        cfg.model.query_max_len, cfg.model.doc_max_len = 32, 64
-        cfg.model.dropout = 0.1
-        cfg.train.steps, cfg.train.batch_size = 300, 128
-        cfg.train.learning_rate, cfg.train.warmup_steps = 5e-4, 30
-        cfg.loss.temperature = 0.05
-    elif model == "minilm":
-        cfg.model.name = "minilm"
-        cfg.model.query_max_len, cfg.model.doc_max_len = 32, 64
-        cfg.train.steps, cfg.train.batch_size = 60, 32
-        cfg.train.learning_rate, cfg.train.warmup_steps = 2e-5, 6
-        cfg.loss.temperature = 0.05
-        cfg.mining.batch_size = 128
-    else:
+_COMMON = {
+    "data.dataset": "wordnet",
+    "checkpoint.every_steps": 100, "checkpoint.keep": 1, "checkpoint.best_metric": "",
+    "train.seed": 0, "train.schedule": "linear",
+    "eval.split": "none",                 # both rounds are evaluated on the test split at the end
+    "mining.relative_margin": 0.05,       # NV-Retriever's TopK-PercPos 95%
+    "mining.negatives_kept": 16, "mining.rank_range": "1:50", "mining.audit_queries": 300,
+    "data.negative_sampling": "random",   # one of the 16 kept per query, rotating per epoch
+}
+_MODELS = {
+    "tiny": {"model.name": "tiny", "model.hidden_size": 128, "model.num_layers": 2,
+             "model.num_heads": 2, "model.intermediate_size": 512, "model.query_max_len": 32,
+             "model.doc_max_len": 64, "model.dropout": 0.1, "train.steps": 300,
+             "train.batch_size": 128, "train.learning_rate": 5e-4, "train.warmup_steps": 30,
+             "loss.temperature": 0.05},
+    "minilm": {"model.name": "minilm", "model.query_max_len": 32, "model.doc_max_len": 64,
+               "train.steps": 60, "train.batch_size": 32, "train.learning_rate": 2e-5,
+               "train.warmup_steps": 6, "loss.temperature": 0.05,
+               "mining.encode_batch_size": 128},
+}
+
+
+def base_config(model: str, workdir: Path, **changes) -> Config:
+    """Settings sized for a few minutes per round on 2 CPU cores (+ `changes`, by key)."""
+    if model not in _MODELS:
         raise NegjaxError(f"quickstart --model {model!r}: expected 'tiny' or 'minilm'")
-    return validate(cfg)
+    return updated(Config(), {**_COMMON, **_MODELS[model], "workdir": str(workdir), **changes})
 
 
 def _plot(rows: list[dict], out: Path) -> None:
@@ -90,25 +82,22 @@ def quickstart(workdir, *, model: str = "tiny", steps: int | None = None,
     from negjax.data import wordnet
     from negjax.evaluation.evaluate import EvalSet, evaluate_encoder
     from negjax.mining.job import run_mining
-    from negjax.train.checkpoint import load_trained
+    from negjax.model.loader import load_model
     from negjax.train.loop import train
 
     workdir = Path(workdir).absolute()
     t0 = time.perf_counter()
-    cfg1 = base_config(model, workdir / "round1")
-    if steps:
-        cfg1.train.steps = steps
-    if batch_size:
-        cfg1.train.batch_size = batch_size
+    sizes = {key: v for key, v in (("train.steps", steps), ("train.batch_size", batch_size)) if v}
     if data:
         data_dir = Path(data).absolute()
         for name in ("corpus.jsonl", "train.jsonl", "test_queries.jsonl", "test_qrels.tsv"):
             if not (data_dir / name).is_file():
                 raise NegjaxError(f"{data_dir / name}: not found (quickstart --data needs corpus.jsonl, "
                                   "train.jsonl, test_queries.jsonl, test_qrels.tsv)")
-        cfg1.data.dataset = str(data_dir)
+        sizes["data.dataset"] = str(data_dir)
     else:
         data_dir = Path(wordnet.ensure_exported())
+    cfg1 = base_config(model, workdir / "round1", **sizes)
     timings = {}
 
     print(f"[1/4] round 1: {cfg1.model.name}, {cfg1.train.steps} steps x batch "
@@ -119,18 +108,15 @@ def quickstart(workdir, *, model: str = "tiny", steps: int | None = None,
 
     print("[2/4] mining hard negatives with the round-1 model", flush=True)
     t = time.perf_counter()
-    enc, params1, info1 = load_trained(workdir / "round1")
+    enc, params1, info1 = load_model(workdir / "round1")
     neg_dir = workdir / "negatives"
     run_mining(enc, params1, corpus_path=data_dir / "corpus.jsonl", train_path=data_dir / "train.jsonl",
                out_dir=neg_dir, mining_cfg=cfg1.mining, query_max_len=cfg1.model.query_max_len,
                doc_max_len=cfg1.model.doc_max_len, model_info={"path": info1["path"], "step": info1["step"]})
     timings["mining_s"] = time.perf_counter() - t
 
-    cfg2 = base_config(model, workdir / "round2")
-    cfg2.train.steps, cfg2.train.batch_size = cfg1.train.steps, cfg1.train.batch_size
-    cfg2.data.dataset = cfg1.data.dataset
-    cfg2.data.negatives = str(neg_dir)
-    cfg2.data.num_negatives = hard_negatives
+    cfg2 = base_config(model, workdir / "round2", **sizes,
+                       **{"data.negatives": str(neg_dir), "data.num_negatives": hard_negatives})
     print(f"[3/4] round 2: same steps and batch, in-batch + {hard_negatives} mined hard "
           "negative(s) per query", flush=True)
     t = time.perf_counter()
@@ -143,7 +129,7 @@ def quickstart(workdir, *, model: str = "tiny", steps: int | None = None,
                               data_dir / "test_qrels.tsv")
     rows = []
     for rnd, name in ((1, "round 1: in-batch negatives"), (2, "round 2: + mined hard negatives")):
-        enc, params, info = load_trained(workdir / f"round{rnd}")
+        enc, params, info = load_model(workdir / f"round{rnd}")
         res = evaluate_encoder(enc, params, test, batch_size=256, query_max_len=cfg1.model.query_max_len,
                                doc_max_len=cfg1.model.doc_max_len)
         rows.append({"round": rnd, "name": name, "model": cfg1.model.name, "steps": info["step"],

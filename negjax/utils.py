@@ -84,3 +84,51 @@ def process_memory_bytes(field: str = "VmHWM") -> int | None:
         return None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# Third-party log lines
+# ---------------------------------------------------------------------------------------------
+
+_VERBOSE = False
+
+
+def set_verbose(on: bool) -> None:
+    """`--verbose`: show third-party log lines (ScaNN's C++ absl logging, absl/orbax/jax
+    Python logging at INFO). Off: only warnings and errors from Python loggers, and the
+    native lines of a quiet block only when it fails."""
+    import logging
+
+    global _VERBOSE
+    _VERBOSE = bool(on)
+    level = logging.INFO if on else logging.WARNING
+    for name in ("absl", "orbax", "jax", "grain"):
+        logging.getLogger(name).setLevel(level)
+
+
+@contextmanager
+def quiet_native_logs():
+    """Silence what native code writes to file descriptor 2 inside the block (ScaNN logs
+    `I0000 ... partitioner_factory_base.cc` lines through its own copy of absl, which no
+    Python setting reaches). The lines are replayed if the block raises, or always with
+    `--verbose`. Python's own `sys.stderr` writes are unaffected (flushed before)."""
+    if _VERBOSE:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        failed = False
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if failed:
+                sink.seek(0)
+                sys.stderr.write(sink.read().decode(errors="replace"))
+                sys.stderr.flush()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from negjax.evaluation.metrics import evaluate_rankings
-from negjax.mining.index import ScannIndex, exact_search, recall_at_k
+from negjax.search.index import ScannIndex, exact_search, recall_at_k
 
 
 def test_exact_search_matches_argsort():

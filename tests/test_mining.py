@@ -109,16 +109,16 @@ def test_sampling_and_helpers():
 
 
 def test_scann_settings_overrides():
-    from negjax.mining.job import scann_settings
+    from negjax.search import scann_settings
 
-    auto = scann_settings(500, 32, 20, MiningConfig())
+    auto = scann_settings(500, 32, 20)
     assert auto.brute_force and auto.num_leaves == 0
-    tree = scann_settings(500, 32, 20, MiningConfig(num_leaves=10), {"reorder": 300})
+    tree = scann_settings(500, 32, 20, num_leaves=10, reorder=300)
     assert not tree.brute_force and (tree.num_leaves, tree.leaves_to_search, tree.reorder) == (10, 1, 300)
-    big = scann_settings(1_000_000, 384, 100, MiningConfig(leaves_to_search=5))
+    big = scann_settings(1_000_000, 384, 100, leaves_to_search=5)
     assert (big.num_leaves, big.leaves_to_search) == (1000, 5)
     with pytest.raises(NegjaxError, match="leaves_to_search"):
-        scann_settings(500, 32, 20, MiningConfig(num_leaves=10, leaves_to_search=11))
+        scann_settings(500, 32, 20, num_leaves=10, leaves_to_search=11)
 
 
 # ----------------------------------------------------------------------------- in-process run
@@ -130,12 +130,13 @@ def _rows(out):
 def test_run_mining_end_to_end(tmp_path):
     import matplotlib.image
 
-    from negjax.mining.job import resolve_model, run_mining
+    from negjax.mining.job import run_mining
+    from negjax.model.loader import load_model
 
     corpus_path, train_path = make_data(tmp_path / "data", 120, 40)
     corpus, examples = read_training(train_path, corpus_path)
-    enc, params, info = resolve_model("tiny", ModelConfig(**TINY))
-    cfg = MiningConfig(index="exact", num_negatives=6, sampling="random", seed=3,
+    enc, params, info = load_model("tiny", ModelConfig(**TINY))
+    cfg = MiningConfig(index="exact", negatives_kept=6, sampling="random", seed=3,
                        relative_margin=0.01, absolute_margin=0.001, encode_chunk=50,
                        shard_size=16, k=120, audit_queries=10)
     kw = dict(corpus_path=corpus_path, train_path=train_path, out_dir=tmp_path / "out",
@@ -210,9 +211,9 @@ def test_run_mining_end_to_end(tmp_path):
 def _mine_args(data, out, *extra):
     return ["mine", "--model", "tiny", *TINY_SET, "--corpus", data / "corpus.jsonl",
             "--train", data / "train.jsonl", "--out", out, "--shard-size", "8",
-            "--encode-chunk", "48", "--num-negatives", "4", "--sampling", "random", "--seed", "5",
-            "--relative-margin", "0.002", "--k", "40", "--batch-size", "16",
-            "--max-length", "32", "--query-max-length", "16", *extra]
+            "--encode-chunk", "48", "--negatives-kept", "4", "--sampling", "random", "--seed", "5",
+            "--relative-margin", "0.002", "--k", "40", "--encode-batch-size", "16",
+            "--doc-max-length", "32", "--query-max-length", "16", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -227,13 +228,18 @@ def reference(tmp_path_factory):
 def test_kill_9_and_resume_give_the_same_rows(reference):
     root, want = reference
     out = root / "killed"
-    env = lambda at: subprocess_env(devices=2, NEGJAX_MINE_KILL_AT=at)  # noqa: E731
+    env = subprocess_env(devices=2)
+
+    def killed_at(at):  # a real kill -9 at a known point, injected by tests/faults.py
+        return subprocess.run([sys.executable, str(REPO / "tests" / "faults.py"), at,
+                               *map(str, _mine_args(root / "data", out))],
+                              capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
     # Killed while encoding documents (after 2 of 5 chunks), then while writing shards.
-    p = run_negjax(*_mine_args(root / "data", out), env=env("doc:2"))
+    p = killed_at("doc:2")
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     chunks = {c: c.stat().st_mtime_ns for c in (out / ".work/emb").rglob("chunk-*.npy")}
     assert len(chunks) == 2 and not list(out.glob("shard-*"))
-    p = run_negjax(*_mine_args(root / "data", out), env=env("shard:2"))
+    p = killed_at("shard:2")
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     written = {s: s.stat().st_mtime_ns for s in out.glob("shard-*.parquet")}
     assert len(written) == 2 and not (out / "manifest.json").exists()

@@ -5,6 +5,7 @@ Fixtures come from tools/make_fixtures.py (a random 2-layer BertModel and its hi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -124,8 +125,7 @@ def test_towers(ref):
     d = sep.encode(sep.params, ref["tokens"], ref["mask"], tower="doc")
     assert np.abs(np.asarray(q) - np.asarray(d)).max() > 1e-3
 
-    cfg.tied_towers = True
-    tied = load_encoder(cfg)
+    tied = load_encoder(dataclasses.replace(cfg, tied_towers=True))
     assert set(tied.params) == {"encoder"}
     q = tied.encode(tied.params, ref["tokens"], ref["mask"], tower="query")
     d = tied.encode(tied.params, ref["tokens"], ref["mask"], tower="doc")

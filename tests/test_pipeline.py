@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from helpers import free_port, subprocess_env
-from negjax.config import Config
+from negjax.config import Config, updated
 from negjax.data.formats import TrainExamples, read_training
 from negjax.data.pipeline import Pipeline, build_pipeline, length_buckets
 from negjax.data.shards import NegativeLists, ShardWriter, load_negatives
@@ -234,14 +234,10 @@ def test_state_checks(data):
 
 
 def test_build_pipeline_from_config(data):
-    cfg = Config()
-    cfg.data.dataset = str(data)
-    cfg.data.negatives = str(data / "negatives")
-    cfg.data.num_negatives = 2
-    cfg.data.cache_dir = str(data / "cache")
-    cfg.data.length_buckets = [24]
-    cfg.train.batch_size = 8
-    cfg.model.query_max_len, cfg.model.doc_max_len = 32, 64
+    cfg = updated(Config(), {"data.dataset": str(data), "data.negatives": str(data / "negatives"),
+                             "data.num_negatives": 2, "data.cache_dir": str(data / "cache"),
+                             "data.length_buckets": [24], "train.batch_size": 8,
+                             "model.query_max_len": 32, "model.doc_max_len": 64})
     pipe = build_pipeline(cfg, minilm_tokenizer(data), process_index=1, process_count=2)
     batch = next(pipe)
     assert batch["q_tokens"].shape[0] == 4 and batch["d_tokens"].shape[0] == 12

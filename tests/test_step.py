@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from helpers import require_devices
-from negjax.config import Config, ModelConfig
+from negjax.config import Config, ModelConfig, updated
 from negjax.losses import contrastive_loss
 from negjax.model import load_encoder
 from negjax.model.packaged import minilm_dir
@@ -31,11 +31,7 @@ def enc():
 
 
 def make_cfg(**kw):
-    cfg = Config()
-    for key, value in kw.items():
-        sec, name = key.split("__")
-        setattr(getattr(cfg, sec), name, value)
-    return cfg
+    return updated(Config(), {key.replace("__", "."): value for key, value in kw.items()})
 
 
 def make_batch(seed=0, b=B, g=G):

@@ -79,9 +79,9 @@ def write_config(tmp_path, data, steps=12, name="c.toml"):
 
 
 def final_params(workdir):
-    from negjax.train.checkpoint import load_trained
+    from negjax.model.loader import load_model
 
-    _, params, info = load_trained(workdir)
+    _, params, info = load_model(workdir)
     import jax
 
     return info["step"], [np.asarray(x) for x in jax.tree.leaves(params)]
@@ -99,7 +99,7 @@ MINING = """
 [mining]
 every_steps = 5
 index = "exact"
-num_negatives = 4
+negatives_kept = 4
 audit_queries = 8
 """
 
@@ -184,9 +184,9 @@ def test_sigterm_saves_and_exits(tmp_path, small_data):
     assert proc.returncode == 0, err[-3000:]
     assert "preempted" in out
     last = metric_steps(work)[-1]
-    from negjax.train.checkpoint import load_trained
+    from negjax.model.loader import load_model
 
-    assert load_trained(work)[2]["step"] == last
+    assert load_model(work)[2]["step"] == last
 
 
 def test_two_processes_match_one(tmp_path, small_data):

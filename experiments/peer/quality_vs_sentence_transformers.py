@@ -30,7 +30,7 @@ query's own positives (rare after the pipeline's de-duplication), and the torch 
 (--seed) drives dropout only.
 
 Evaluation: the same reduced eval set (experiments/quality/make_eval_set.py), embeddings from
-the peer model (normalised), rankings by `negjax.mining.index.exact_search` and metrics by
+the peer model (normalised), rankings by `negjax.search.index.exact_search` and metrics by
 `negjax.evaluation.metrics.evaluate_rankings` -- the same code as `negjax eval`.
 `mine_hard_negatives` is not used: both sides train on negjax's mined shard directory.
 """
@@ -70,10 +70,11 @@ def main() -> int:
         from sentence_transformers import losses
 
     from negjax.config import load_config
-    from negjax.data.pipeline import build_pipeline, load_training_data
+    from negjax.data.layout import load_training_data
+    from negjax.data.pipeline import build_pipeline
     from negjax.evaluation.evaluate import EvalSet
     from negjax.evaluation.metrics import evaluate_rankings
-    from negjax.mining.index import exact_search
+    from negjax.search.index import exact_search
     from negjax.model.packaged import minilm_dir
     from negjax.model.tokenizer import load_tokenizer
 

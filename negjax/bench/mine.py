@@ -2,7 +2,7 @@
 
 One run measures, on the same data and queries:
 
-- exact brute force (`negjax.mining.index.exact_search`, blockwise GEMM) on the first
+- exact brute force (`negjax.search.index.exact_search`, blockwise GEMM) on the first
   `--exact-queries` queries: its QPS, and the reference top-k for recall;
 - ScaNN (`ScannIndex`, settings from `ScannParams.auto` unless overridden): build time, QPS of
   batched parallel search over all queries (build excluded; median of `--repeats` timed runs
@@ -155,7 +155,7 @@ def _peak_rss_mb() -> float:
 
 
 def _recall(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
-    from negjax.mining.index import recall_at_k
+    from negjax.search.index import recall_at_k
 
     return recall_at_k(approx_ids[:len(exact_ids)], exact_ids)
 
@@ -225,7 +225,7 @@ def bench(corpus: np.ndarray, queries: np.ndarray, k: int, *, params=None, exact
           threads: int | None = None, repeats: int = 3, sweep_leaves=(), sweep_reorder=(),
           faiss_nprobes=(8, 16, 32), run_faiss: bool = True) -> dict:
     """Measure exact vs ScaNN on `corpus [N, D]`, `queries [Q, D]` float32 -> result dict."""
-    from negjax.mining.index import ScannIndex, ScannParams, exact_search
+    from negjax.search.index import ScannIndex, ScannParams, exact_search
 
     n, dim = corpus.shape
     if not 0 < k <= n:
@@ -373,7 +373,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from negjax.mining.index import ScannParams
+    from negjax.search.index import ScannParams
 
     for name in ("synthetic", "dim", "exact_queries", "repeats", "k"):
         if getattr(args, name) <= 0:

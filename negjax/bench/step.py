@@ -85,33 +85,31 @@ def add_arguments(p) -> None:
 
 
 def _config(args):
-    from negjax.config import load_config, validate
+    """The loaded config with the flags' settings (a new, validated config)."""
+    from negjax.config import load_config, updated
 
-    cfg = load_config(args.config, args.overrides)
-    m = cfg.model
-    m.name = args.model
-    m.dtype = _DTYPES[args.dtype]
-    m.remat = m.remat or args.remat
-    m.query_max_len, m.doc_max_len = args.query_len, args.doc_len
-    if args.dropout >= 0:
-        m.dropout = args.dropout
-    if args.tokenizer:
-        m.tokenizer = args.tokenizer
-    for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
-        value = getattr(args, name)
-        if value:
-            if args.model != "tiny":
-                raise NegjaxError(f"--{name.replace('_', '-')} applies to --model tiny only")
-            setattr(m, name, value)
-    cfg.train.batch_size = args.batch
-    cfg.train.grad_cache_chunk = args.grad_cache
-    cfg.data.num_negatives = args.negatives
     for name in ("batch", "query_len", "doc_len", "steps"):
         if getattr(args, name) < 1:
             raise NegjaxError(f"--{name.replace('_', '-')} must be >= 1")
     if args.negatives < 0 or args.grad_cache < 0 or args.warmup < 0 or args.devices < 0:
         raise NegjaxError("--negatives, --grad-cache, --warmup and --devices must be >= 0")
-    return validate(cfg)
+    cfg = load_config(args.config, args.overrides)
+    changes = {"model.name": args.model, "model.dtype": _DTYPES[args.dtype],
+               "model.remat": cfg.model.remat or args.remat,
+               "model.query_max_len": args.query_len, "model.doc_max_len": args.doc_len,
+               "train.batch_size": args.batch, "train.grad_cache_chunk": args.grad_cache,
+               "data.num_negatives": args.negatives}
+    if args.dropout >= 0:
+        changes["model.dropout"] = args.dropout
+    if args.tokenizer:
+        changes["model.tokenizer"] = args.tokenizer
+    for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
+        value = getattr(args, name)
+        if value:
+            if args.model != "tiny":
+                raise NegjaxError(f"--{name.replace('_', '-')} applies to --model tiny only")
+            changes[f"model.{name}"] = value
+    return updated(cfg, changes)
 
 
 def _set_cpu_devices(n: int) -> None:
@@ -193,11 +191,13 @@ def _pieces(enc, cfg, mesh, group_size: int):
     """Jitted functions (params, batch, q_emb, d_emb, ct_q, ct_d) -> outputs for the
     encoder / loss / gather pieces; see the module docstring."""
     import jax
-    import jax.numpy as jnp
     from jax import lax
     from jax.sharding import PartitionSpec as P
 
+    from negjax.grad_cache import (backprop_sub_batches, embed_sub_batches, split_sub_batches,
+                                   sub_batch_keys)
     from negjax.losses import contrastive_loss_and_metrics
+    from negjax.train.step import dropout_keys
 
     axis, G, gc = "data", group_size, cfg.train.grad_cache_chunk
     seed = cfg.train.seed
@@ -205,38 +205,28 @@ def _pieces(enc, cfg, mesh, group_size: int):
     def encode(p, t, m, tower, key):
         return enc.encode(p, t, m, tower=tower, rng=key, deterministic=False)
 
+    def towers(p, x):
+        t1, m1, t2, m2, k1, k2 = x
+        return encode(p, t1, m1, "query", k1), encode(p, t2, m2, "doc", k2)
+
     def encoder_body(params, qt, qm, dt, dm, cq, cd):
-        key = jax.random.fold_in(jax.random.key(seed), lax.axis_index(axis))
-        kq, kd = jax.random.split(key)
-        if not gc:
-            def f(p):
-                return encode(p, qt, qm, "query", kq), encode(p, dt, dm, "doc", kd)
-            _, vjp = jax.vjp(f, params)
-            return vjp((cq, cd))[0]  # invariant params: the transpose sums over devices
+        kq, kd = dropout_keys(seed, 0)
         b = qt.shape[0]
-        if b % gc:
+        if gc and b % gc:
             raise NegjaxError(f"--grad-cache {gc} must divide the per-device batch {b}")
-        n = b // gc
-        split = lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:])  # noqa: E731
-        xs = (split(qt), split(qm), split(dt), split(dm),
-              jax.random.split(kq, n), jax.random.split(kd, n))
+        n = b // gc if gc else 1
+        split = lambda x: split_sub_batches(x, n)  # noqa: E731
+        xs = (split(qt), split(qm), split(dt), split(dm), sub_batch_keys(kq, n),
+              sub_batch_keys(kd, n))
+        if not gc:  # the plain step: one forward with activations, one backward
+            _, vjp = jax.vjp(lambda p: towers(p, jax.tree.map(lambda a: a[0], xs)), params)
+            return vjp((cq, cd))[0]  # invariant params: the transpose sums over devices
         model = jax.tree.map(lambda x: lax.pcast(x, axis, to="varying"), params)
-
-        def embed(_, x):
-            t1, m1, t2, m2, k1, k2 = x
-            return None, (encode(model, t1, m1, "query", k1), encode(model, t2, m2, "doc", k2))
-        _, (q, d) = lax.scan(embed, None, xs)
-
-        def backprop(acc, x):
-            t1, m1, t2, m2, k1, k2, g1, g2 = x
-            _, vjp = jax.vjp(lambda p: (encode(p, t1, m1, "query", k1),
-                                        encode(p, t2, m2, "doc", k2)), model)
-            return jax.tree.map(jnp.add, acc, vjp((g1, g2))[0]), None
+        q, d = embed_sub_batches(towers, model, xs)
         # The embeddings feed the cotangents (as the loss gradient does in the step), so
         # the first pass is not dead code.
         cts = (split(cq) + 0 * q, split(cd) + 0 * d)
-        g, _ = lax.scan(backprop, jax.tree.map(jnp.zeros_like, model), xs + cts)
-        return lax.psum(g, axis)
+        return lax.psum(backprop_sub_batches(towers, model, xs, cts), axis)
 
     def loss_body(q, d, pos, ids):
         def f(q, d):
@@ -319,7 +309,7 @@ def measure(args) -> dict:
 
     from negjax.bench.flops import Shape, peak_tflops, step_flops
     from negjax.distributed import global_batch_from_local, make_mesh
-    from negjax.model import load_encoder
+    from negjax.model.loader import load_model
     from negjax.train.state import init_state
     from negjax.train.step import make_train_step, place_state
 
@@ -333,10 +323,10 @@ def measure(args) -> dict:
         raise NegjaxError(f"--grad-cache {args.grad_cache} must divide the per-device batch {B // n_dev}")
 
     t0 = time.perf_counter()
-    enc = load_encoder(cfg.model)
+    enc, params, _ = load_model(None, cfg.model)
     load_s = time.perf_counter() - t0
     bc = enc.config
-    state = place_state(init_state(enc.params, cfg, dim=enc.dim), mesh)
+    state = place_state(init_state(params, cfg, dim=enc.dim), mesh)
     local = synthetic_batch(np.random.default_rng(args.seed), batch=B, group_size=G,
                             query_len=args.query_len, doc_len=args.doc_len, vocab_size=bc.vocab_size)
     batch = global_batch_from_local(local, mesh)

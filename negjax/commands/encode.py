@@ -12,16 +12,19 @@ from negjax.errors import NegjaxError, file_error
 
 
 def add_parser(sub):
-    from negjax.cli import add_config_args
+    from negjax.cli import add_config_args, add_renamed_flag
 
     p = sub.add_parser("encode", help="embed texts from JSONL into a float32 .npy [N, D]")
-    p.add_argument("--model", help="'minilm', 'tiny' or a Hugging Face / sentence-transformers "
-                   "directory (default: model.name from the config)")
+    p.add_argument("--model", help="'minilm', 'tiny', a Hugging Face / sentence-transformers "
+                   "directory or a negjax training workdir / checkpoint directory (default: "
+                   "model.name from the config)")
     p.add_argument("--input", required=True, help='JSONL, one {"text"} or {"id","text"} per line')
     p.add_argument("--output", required=True, help="output .npy, float32 [N, D]")
     p.add_argument("--max-length", type=int, default=0,
                    help="max tokens per text (default: the model's max_seq_length)")
-    p.add_argument("--batch-size", type=int, default=128, help="texts per batch (all devices)")
+    p.add_argument("--encode-batch-size", type=int, default=128,
+                   help="texts per encoding batch (all local devices)")
+    add_renamed_flag(p, "--batch-size", "--encode-batch-size", type=int)
     p.add_argument("--tower", choices=("query", "doc"), default="query",
                    help="which tower encodes (only matters with separate towers)")
     add_config_args(p)
@@ -46,20 +49,19 @@ def run(args) -> int:
     import numpy as np
 
     from negjax.config import load_config
-    from negjax.model import encode_texts, load_encoder
+    from negjax.model import encode_texts
+    from negjax.model.loader import load_model
     from negjax.utils import atomic_path
 
-    if args.batch_size <= 0:
-        raise NegjaxError(f"--batch-size must be > 0, got {args.batch_size}")
+    if args.encode_batch_size <= 0:
+        raise NegjaxError(f"--encode-batch-size must be > 0, got {args.encode_batch_size}")
     if args.max_length < 0:
         raise NegjaxError(f"--max-length must be > 0, got {args.max_length}")
     cfg = load_config(args.config, args.overrides)
-    if args.model:
-        cfg.model.name = args.model
     texts = read_texts(Path(args.input))
-    enc = load_encoder(cfg.model)
-    emb = encode_texts(enc, enc.params, texts, tower=args.tower,
-                       max_length=args.max_length or None, batch_size=args.batch_size)
+    enc, params, _ = load_model(args.model, cfg.model)
+    emb = encode_texts(enc, params, texts, tower=args.tower,
+                       max_length=args.max_length or None, batch_size=args.encode_batch_size)
     with atomic_path(args.output, suffix=".npy") as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, emb.astype(np.float32))

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from negjax.errors import NegjaxError
+
 
 def add_parser(sub):
+    from negjax.cli import add_renamed_flag
+
     p = sub.add_parser("eval", help="retrieval metrics (Recall@1/10/100, MRR@10, nDCG@10) of a model")
     p.add_argument("--model", required=True,
                    help="training workdir / checkpoint dir, a Hugging Face dir, 'minilm' or 'tiny'")
@@ -13,7 +17,9 @@ def add_parser(sub):
     p.add_argument("--split", choices=("dev", "test"), default="test",
                    help="built-in WordNet split when --queries/--qrels are not given")
     p.add_argument("--index", choices=("exact", "scann"), default="exact")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--encode-batch-size", type=int, default=256,
+                   help="texts per encoding batch (all local devices)")
+    add_renamed_flag(p, "--batch-size", "--encode-batch-size", type=int)
     p.add_argument("--query-max-length", type=int, default=32)
     p.add_argument("--doc-max-length", type=int, default=128)
     p.add_argument("--max-queries", type=int, default=0, help="evaluate at most N queries (0 = all)")
@@ -22,33 +28,14 @@ def add_parser(sub):
     return p
 
 
-def resolve_model(name: str):
-    """(enc, params, info) for a training checkpoint, a model directory, 'minilm' or 'tiny'."""
-    from pathlib import Path
-
-    from negjax.config import ModelConfig
-    from negjax.model import load_encoder
-    from negjax.train.checkpoint import is_training_checkpoint, load_trained
-
-    if name not in ("minilm", "tiny") and is_training_checkpoint(name):
-        return load_trained(name)
-    if name not in ("minilm", "tiny") and not Path(name).exists():
-        from negjax.errors import NegjaxError
-
-        raise NegjaxError(f"{name}: model not found (a training workdir, a Hugging Face "
-                          "directory, 'minilm' or 'tiny')")
-    enc = load_encoder(ModelConfig(name=name))
-    return enc, enc.params, {"path": name, "step": None}
-
-
 def run(args) -> int:
     import json
     from pathlib import Path
 
-    from negjax.errors import NegjaxError
     from negjax.evaluation.evaluate import TOP_K, EvalSet, rankings
     from negjax.evaluation.metrics import evaluate_rankings
     from negjax.model.encode import encode_texts
+    from negjax.model.loader import load_model
 
     if bool(args.queries) != bool(args.qrels):
         raise NegjaxError("--queries and --qrels go together")
@@ -64,14 +51,14 @@ def run(args) -> int:
     for path in (corpus, queries, qrels):
         if not Path(path).is_file():
             raise NegjaxError(f"{path}: file not found")
-    if args.batch_size < 1 or args.max_queries < 0:
-        raise NegjaxError("--batch-size must be >= 1 and --max-queries >= 0")
+    if args.encode_batch_size < 1 or args.max_queries < 0:
+        raise NegjaxError("--encode-batch-size must be >= 1 and --max-queries >= 0")
     data = EvalSet.from_files(corpus, queries, qrels, max_queries=args.max_queries)
-    enc, params, info = resolve_model(args.model)
+    enc, params, info = load_model(args.model)
     corpus_emb = encode_texts(enc, params, data.corpus_texts, tower="doc", max_length=args.doc_max_length,
-                              batch_size=args.batch_size, desc="encode corpus")
+                              batch_size=args.encode_batch_size, desc="encode corpus")
     query_emb = encode_texts(enc, params, data.query_texts, tower="query", max_length=args.query_max_length,
-                             batch_size=args.batch_size, desc="encode queries")
+                             batch_size=args.encode_batch_size, desc="encode queries")
     ids, scores = rankings(query_emb, corpus_emb, index=args.index, k=min(TOP_K, len(data.corpus_ids)))
     run_map = {q: [data.corpus_ids[j] for j in row if j >= 0] for q, row in zip(data.query_ids, ids)}
     metrics = evaluate_rankings(run_map, data.qrels)

@@ -8,10 +8,6 @@ directory, a Hugging Face directory (re-export) or 'minilm' / 'tiny'.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from negjax.errors import NegjaxError
-
 
 def add_parser(sub):
     from negjax.cli import add_config_args
@@ -30,27 +26,12 @@ def add_parser(sub):
 
 def run(args) -> int:
     from negjax.config import load_config
-    from negjax.model import export_hf, load_encoder
-
-    from negjax.train.checkpoint import is_training_checkpoint, load_trained
+    from negjax.model import export_hf
+    from negjax.model.loader import load_model
 
     cfg = load_config(args.config, args.overrides)
-    ckpt = args.checkpoint
-    step = None
-    if ckpt not in ("minilm", "tiny") and is_training_checkpoint(ckpt):
-        enc, params, info = load_trained(ckpt)
-        step = info["step"]
-    else:
-        if ckpt not in ("minilm", "tiny"):
-            path = Path(ckpt)
-            if not path.is_dir():
-                raise NegjaxError(f"{path}: checkpoint directory not found")
-            if not (path / "config.json").is_file():
-                raise NegjaxError(f"{path}: neither a training workdir/checkpoint (config.toml + "
-                                  "checkpoints/) nor a Hugging Face directory (config.json)")
-        cfg.model.name = ckpt
-        enc = load_encoder(cfg.model)
-        params = enc.params
+    enc, params, info = load_model(args.checkpoint, cfg.model)
+    step = info["step"]
     out = export_hf(enc, params, args.out, tower=args.tower, overwrite=args.overwrite)
     what = enc.source + (f" step {step}" if step is not None else "")
     print(f"exported {what} ({enc.config.num_layers} layers, dim {enc.dim}, "

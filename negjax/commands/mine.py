@@ -2,11 +2,11 @@
 
     negjax mine --model minilm --out negatives/                 # built-in WordNet data
     negjax mine --model DIR --corpus corpus.jsonl --train train.jsonl --out negatives/ \\
-        --relative-margin 0.05 --num-negatives 32 --sampling random --seed 1
+        --relative-margin 0.05 --negatives-kept 32 --sampling random --seed 1
     negjax mine --model runs/round1 --out negatives/   # a training workdir: latest checkpoint
 
 Settings come from the [mining] section of --config (and --set mining.key=value); the flags
-below override it. A rerun with the same settings resumes an interrupted run. Several
+below override it (they become `--set` overrides, validated like the file). A rerun with the same settings resumes an interrupted run. Several
 processes: start one per host with --coordinator HOST:PORT --num-processes N --process-id I
 (or NEGJAX_COORDINATOR / NEGJAX_NUM_PROCESSES / NEGJAX_PROCESS_ID) on a shared filesystem.
 """
@@ -15,18 +15,21 @@ from __future__ import annotations
 
 from negjax.errors import NegjaxError
 
-# flag attribute -> mining config field
-_MINING_FLAGS = {"index": "index", "k": "k", "num_negatives": "num_negatives",
-                 "sampling": "sampling", "seed": "seed", "rank_range": "rank_range",
-                 "relative_margin": "relative_margin", "absolute_margin": "absolute_margin",
-                 "max_score": "max_score", "min_score": "min_score",
-                 "audit_queries": "audit_queries", "batch_size": "batch_size",
-                 "num_leaves": "num_leaves", "leaves_to_search": "leaves_to_search",
-                 "reorder": "reorder", "target_recall": "target_recall", "shard_size": "shard_size", "encode_chunk": "encode_chunk"}
+# flag attribute -> config key
+_FLAG_KEYS = {
+    **{name: f"mining.{name}" for name in (
+        "index", "k", "negatives_kept", "sampling", "seed", "rank_range", "relative_margin",
+        "absolute_margin", "max_score", "min_score", "audit_queries", "encode_batch_size",
+        "num_leaves", "leaves_to_search", "reorder", "target_recall", "shard_size",
+        "encode_chunk")},
+    "model": "model.name", "doc_max_length": "model.doc_max_len",
+    "query_max_length": "model.query_max_len", "coordinator": "distributed.coordinator_address",
+    "num_processes": "distributed.num_processes", "process_id": "distributed.process_id",
+}
 
 
 def add_parser(sub):
-    from negjax.cli import add_config_args
+    from negjax.cli import add_config_args, add_renamed_flag
 
     p = sub.add_parser("mine", help="mine hard negatives: encode, ScaNN top-k, false-negative "
                        "filters, Parquet shards + manifest + report")
@@ -59,12 +62,15 @@ def add_parser(sub):
     g.add_argument("--min-score", type=float, help="drop candidates scoring below this")
     g.add_argument("--no-dedup-text", action="store_true",
                    help="keep candidates whose normalised text equals a positive's")
-    g.add_argument("--num-negatives", type=int, help="negatives kept per query")
+    g.add_argument("--negatives-kept", type=int, help="negatives written per query")
+    add_renamed_flag(g, "--num-negatives", "--negatives-kept", type=int)
     g.add_argument("--sampling", choices=("top", "random"))
     g.add_argument("--seed", type=int)
     g = p.add_argument_group("encoding and output")
-    g.add_argument("--batch-size", type=int, help="encoding batch (all local devices)")
-    g.add_argument("--max-length", type=int, help="document max tokens (default model.doc_max_len)")
+    g.add_argument("--encode-batch-size", type=int, help="texts per encoding batch (all local devices)")
+    add_renamed_flag(g, "--batch-size", "--encode-batch-size", type=int)
+    g.add_argument("--doc-max-length", type=int, help="document max tokens (default model.doc_max_len)")
+    add_renamed_flag(g, "--max-length", "--doc-max-length", type=int)
     g.add_argument("--query-max-length", type=int, help="query max tokens (default model.query_max_len)")
     g.add_argument("--shard-size", type=int, help="queries per shard")
     g.add_argument("--encode-chunk", type=int, help="texts per saved embedding chunk")
@@ -76,31 +82,17 @@ def add_parser(sub):
     return p
 
 
-def apply_flags(cfg, args):
-    """Flags given on the command line override the loaded config (then re-validated)."""
-    from negjax.config import parse_rank_range, validate
+def flag_overrides(args) -> dict:
+    """The config changes the command-line flags ask for ({"section.key": value})."""
+    from negjax.config import parse_rank_range
 
     if args.rank_range:
         parse_rank_range(args.rank_range, key="--rank-range")
-    for attr, key in _MINING_FLAGS.items():
-        value = getattr(args, attr, None)
-        if value is not None:
-            setattr(cfg.mining, key, value)
+    out = {key: getattr(args, attr) for attr, key in _FLAG_KEYS.items()
+           if getattr(args, attr, None) is not None}
     if args.no_dedup_text:
-        cfg.mining.dedup_text = False
-    if args.model:
-        cfg.model.name = args.model
-    if args.max_length is not None:
-        cfg.model.doc_max_len = args.max_length
-    if args.query_max_length is not None:
-        cfg.model.query_max_len = args.query_max_length
-    if args.coordinator:
-        cfg.distributed.coordinator_address = args.coordinator
-    if args.num_processes is not None:
-        cfg.distributed.num_processes = args.num_processes
-    if args.process_id is not None:
-        cfg.distributed.process_id = args.process_id
-    return validate(cfg)
+        out["mining.dedup_text"] = False
+    return out
 
 
 def input_paths(cfg, args) -> tuple:
@@ -109,7 +101,7 @@ def input_paths(cfg, args) -> tuple:
         raise NegjaxError("--corpus needs --train (the training queries to mine for)")
     if args.train:
         return args.corpus, args.train, args.train_qrels
-    from negjax.data.pipeline import resolve_dataset
+    from negjax.data.layout import resolve_dataset
 
     paths = resolve_dataset(cfg.data)
     if paths["train"] is None:
@@ -119,17 +111,18 @@ def input_paths(cfg, args) -> tuple:
 
 def run(args) -> int:
     from negjax import distributed
-    from negjax.config import load_config
+    from negjax.config import load_config, updated
 
-    cfg = apply_flags(load_config(args.config, args.overrides), args)
+    cfg = updated(load_config(args.config, args.overrides), flag_overrides(args))
     # Before anything touches a JAX device.
     pi, _ = distributed.initialize(cfg.distributed)
     corpus, train, qrels = input_paths(cfg, args)
 
-    from negjax.mining.job import resolve_model, run_mining
+    from negjax.mining.job import run_mining
     from negjax.mining.report import summary_text
+    from negjax.model.loader import load_model
 
-    enc, params, model_info = resolve_model(cfg.model.name, cfg.model)
+    enc, params, model_info = load_model(None, cfg.model)
     run_mining(enc, params, corpus_path=corpus, train_path=train, out_dir=args.out,
                mining_cfg=cfg.mining, query_max_len=cfg.model.query_max_len,
                doc_max_len=cfg.model.doc_max_len, model_info=model_info, train_qrels=qrels,

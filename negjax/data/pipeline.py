@@ -46,9 +46,10 @@ from pathlib import Path
 
 import numpy as np
 
-from negjax.data.formats import Corpus, TrainExamples
-from negjax.data.shards import NegativeLists
-from negjax.data.token_store import TokenStore
+from negjax.data.formats import TrainExamples
+from negjax.data.layout import load_training_data
+from negjax.data.shards import NegativeLists, load_negatives
+from negjax.data.token_store import TokenStore, build_token_store
 from negjax.errors import NegjaxError
 
 STATE_VERSION = 1
@@ -429,60 +430,15 @@ def _bucket(buckets: list[int], length: int) -> int:
 # From a config
 # ---------------------------------------------------------------------------------------------
 
-def resolve_dataset(data_cfg, cache_dir=None) -> dict[str, Path | None]:
-    """Paths of corpus, train, train_qrels, dev_queries, dev_qrels from `DataConfig`.
-
-    dataset: 'wordnet' (exported to the cache) or a directory with corpus.jsonl and
-    train.jsonl (or BEIR queries.jsonl + qrels/train.tsv) and dev_queries.jsonl +
-    dev_qrels.tsv (or qrels/dev.tsv). Explicit file fields override.
-    """
-    from negjax.data.token_store import default_cache_dir
-
-    root = None
-    if data_cfg.dataset == "wordnet":
-        from negjax.data import wordnet
-
-        root = Path(wordnet.ensure_exported(default_cache_dir(cache_dir or data_cfg.cache_dir)))
-    elif data_cfg.dataset:
-        root = Path(data_cfg.dataset)
-        if not root.is_dir():
-            raise NegjaxError(f"data.dataset {data_cfg.dataset!r}: not 'wordnet' nor a directory")
-
-    def pick(explicit, *names):
-        if explicit:
-            return Path(explicit)
-        for name in names:
-            if root is not None and (root / name).exists():
-                return root / name
-        return None
-
-    train = pick(data_cfg.train, "train.jsonl")
-    train_qrels = pick(getattr(data_cfg, "train_qrels", ""))
-    if train is None and root is not None and (root / "qrels" / "train.tsv").is_file():
-        train, train_qrels = root / "queries.jsonl", train_qrels or root / "qrels" / "train.tsv"
-    return {"corpus": pick(data_cfg.corpus, "corpus.jsonl"), "train": train,
-            "train_qrels": train_qrels,
-            "dev_queries": pick(data_cfg.dev_queries, "dev_queries.jsonl", "queries.jsonl"),
-            "dev_qrels": pick(data_cfg.dev_qrels, "dev_qrels.tsv", "qrels/dev.tsv")}
-
-
-def load_training_data(data_cfg, cache_dir=None) -> tuple[Corpus, TrainExamples]:
-    from negjax.data.formats import read_training
-
-    paths = resolve_dataset(data_cfg, cache_dir)
-    if paths["train"] is None:
-        raise NegjaxError("no training data: set data.dataset or data.train")
-    return read_training(paths["train"], paths["corpus"], qrels=paths["train_qrels"])
-
-
-def build_pipeline(cfg, tokenizer, *, process_index: int | None = None,
-                   process_count: int | None = None, cache_dir=None) -> Pipeline:
+def build_pipeline(cfg, tokenizer, *, negatives_dir: str | None = None,
+                   process_index: int | None = None, process_count: int | None = None,
+                   cache_dir=None) -> Pipeline:
     """The training pipeline for a `negjax.config.Config`: reads the data, builds (or reuses)
-    the token stores, loads and verifies hard-negative shards (data.negatives)."""
-    from negjax.data.shards import load_negatives
-    from negjax.data.token_store import build_token_store
-
+    the token stores, loads and verifies hard-negative shards. `negatives_dir`: the shard
+    directory in use (a re-mining round's, or a resumed run's); None = `data.negatives`."""
     d = cfg.data
+    if negatives_dir is None:
+        negatives_dir = d.negatives
     if process_index is None or process_count is None:
         import jax
 
@@ -493,8 +449,8 @@ def build_pipeline(cfg, tokenizer, *, process_index: int | None = None,
                                   max_len=cfg.model.doc_max_len, cache_dir=cache, name="docs")
     query_store = build_token_store(examples.queries, examples.query_ids, tokenizer,
                                     max_len=cfg.model.query_max_len, cache_dir=cache, name="queries")
-    if d.negatives:
-        negatives = load_negatives(d.negatives, examples, corpus)
+    if negatives_dir:
+        negatives = load_negatives(negatives_dir, examples, corpus)
     else:
         negatives = NegativeLists.from_lists(examples.negatives, "")
     return Pipeline(examples=examples, query_store=query_store, doc_store=doc_store,

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from negjax.evaluation.metrics import evaluate_rankings
+from negjax.model.encode import encode_texts
+from negjax.search import ScannIndex, exact_search, tune_search
 
 TOP_K = 100
 
@@ -39,11 +41,7 @@ class EvalSet:
 def rankings(query_emb: np.ndarray, corpus_emb: np.ndarray, *, index: str = "exact",
              k: int = TOP_K) -> tuple[np.ndarray, np.ndarray]:
     """Top-k corpus rows per query, exact (default) or ScaNN."""
-    from negjax.mining.index import ScannIndex, exact_search
-
     if index == "scann":
-        from negjax.mining.job import tune_search
-
         idx = ScannIndex.build(corpus_emb, k)
         # auto settings fit clustered data; real embeddings may need more leaves: tune the
         # search on a query sample to recall@k >= 0.95 against exact search first.
@@ -57,8 +55,6 @@ def evaluate_encoder(enc, params, data: EvalSet, *, batch_size: int = 256, query
                      doc_max_len: int = 128, index: str = "exact", corpus_emb: np.ndarray | None = None
                      ) -> dict:
     """Recall@1/10/100, MRR@10, nDCG@10 (+ 'queries' evaluated) of `enc` with `params`."""
-    from negjax.model.encode import encode_texts
-
     if corpus_emb is None:
         corpus_emb = encode_texts(enc, params, data.corpus_texts, tower="doc",
                                   max_length=doc_max_len, batch_size=batch_size, desc="encode corpus")

@@ -1,19 +1,24 @@
 """The mining job: encode -> index -> search -> filter -> sample -> shards + manifest + report.
 
-    from negjax.mining.job import run_mining, resolve_model
-    enc, params, info = resolve_model("minilm")
+    from negjax.mining.job import run_mining
+    from negjax.model.loader import load_model
+    enc, params, info = load_model("minilm")
     manifest = run_mining(enc, params, corpus_path="corpus.jsonl", train_path="train.jsonl",
                           out_dir="negatives", mining_cfg=cfg.mining, query_max_len=32,
                           doc_max_len=128, model_info=info)
+
+The pieces: `negjax.mining.embeddings` (the embedding cache), `negjax.search` (exact and
+ScaNN search, ScaNN settings, tuning and audit), `negjax.mining.filters` (false-negative
+filters and sampling), `negjax.data.shards` (the output format); this module orchestrates.
 
 Called collectively by every process of a (possibly multi-process) JAX job on a shared
 filesystem. Everything it computes is kept under `OUT/.work/` so that a rerun after a crash
 (even `kill -9`) redoes only what is missing:
 
-- `emb/{doc,query}-KEY/chunk-NNNNN.npy`: embeddings of `encode_chunk` texts each, written
-  atomically; KEY hashes the model (architecture, tokenizer, a fingerprint of the params of the
-  tower), the input file's sha256 and the max length, so a chunk is reused only for identical
-  inputs. Process p encodes chunks c with c % P == p; after a barrier every process reads all.
+- `emb/{doc,query}-KEY/chunk-NNNNN.npy`: embeddings of `encode_chunk` texts each
+  (`negjax.mining.embeddings`); KEY hashes the model (architecture, tokenizer, a fingerprint
+  of the params of the tower), the input file's sha256 and the max length. Process p encodes
+  chunks c with c % P == p; after a barrier every process reads all.
 - `index-KEY/`: the ScaNN index (built by process 0, saved, loaded by all). ScaNN's tree
   training is not bit-reproducible, so the index is saved before any shard is written and
   every process and every resumed run searches that one saved index.
@@ -36,284 +41,57 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import signal
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from negjax.data import shards as shard_io
+from negjax.data.formats import read_training
+from negjax.distributed import barrier
 from negjax.errors import NegjaxError
+from negjax.mining import report as report_mod
+from negjax.mining.embeddings import encode_chunked, model_identity, params_fingerprint
 from negjax.mining.filters import (FILTER_ORDER, SAMPLING, FilterSettings, filter_candidates,
                                    pair_scores, positive_ranks, sample_block, text_groups)
+from negjax.search import (ScannIndex, audit_recall, describe, exact_search, query_samples,
+                           scann_settings, tunable_settings, tune_search)
 from negjax.utils import atomic_path, atomic_write_text, progress, sha256_file
 
 WORK = ".work"
 JOB_VERSION = 1
-# Test hook: "doc:N", "query:N" or "shard:N" makes this process SIGKILL itself right after it
-# wrote its N-th embedding chunk / shard of this run (a real kill -9 at a known point).
-KILL_ENV = "NEGJAX_MINE_KILL_AT"
-
-
-# ---------------------------------------------------------------------------------------------
-# Model
-# ---------------------------------------------------------------------------------------------
-
-def resolve_model(name: str, model_cfg=None) -> tuple:
-    """`--model NAME` -> (encoder, params in its tower layout, model_info {"path", "step"}).
-
-    NAME: 'tiny' (random init, seed 0), 'minilm' (packaged all-MiniLM-L6-v2), a Hugging Face /
-    sentence-transformers directory (`model_cfg`, a `ModelConfig`, supplies the other model
-    settings), or a negjax training workdir / checkpoint directory (its own saved config and
-    params via `negjax.train.checkpoint.load_trained`; model_info then names its step).
-    """
-    from negjax.config import ModelConfig
-    from negjax.model import load_encoder
-
-    if name not in ("tiny", "minilm"):
-        from negjax.train.checkpoint import is_training_checkpoint, load_trained
-
-        if is_training_checkpoint(name):
-            enc, params, info = load_trained(name)
-            return enc, params, {"path": info["path"], "step": info["step"]}
-    cfg = ModelConfig() if model_cfg is None else model_cfg
-    cfg.name = name
-    enc = load_encoder(cfg)
-    path = name if name in ("tiny", "minilm") else str(Path(name).resolve())
-    return enc, enc.params, {"path": path, "step": None}
 
 
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def model_identity(enc) -> dict:
-    """What besides the params decides the embeddings: architecture, pooling, normalisation,
-    compute dtype and the tokenizer (hashed)."""
-    tok = json.loads(enc.tokenizer.backend_tokenizer.to_str())
-    # Truncation and padding are set per call (encode_texts changes them): not identity.
-    tok = json.dumps({key: v for key, v in tok.items() if key not in ("truncation", "padding")},
-                     sort_keys=True)
-    return {"config": asdict(enc.config), "pooling": enc.pooling, "normalize": enc.normalize,
-            "dtype": enc.dtype, "tokenizer": hashlib.sha256(tok.encode()).hexdigest()}
-
-
-def params_fingerprint(enc, params, tower: str) -> str:
-    """blake2b over the names, shapes, dtypes and bytes of one tower's params (host copies)."""
-    import jax
-
-    def host(x):  # training params may be multi-process global arrays
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            if x.is_fully_replicated:
-                return np.asarray(x.addressable_data(0))
-            from jax.experimental import multihost_utils
-
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return np.asarray(x)
-
-    h = hashlib.blake2b(digest_size=16)
-    leaves = jax.tree_util.tree_leaves_with_path(enc.tower_params(params, tower))
-    for path, leaf in sorted(leaves, key=lambda pl: jax.tree_util.keystr(pl[0])):
-        arr = np.ascontiguousarray(host(leaf))
-        h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}".encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------
-# Multi-process plumbing
-# ---------------------------------------------------------------------------------------------
-
 def _barrier(name: str) -> None:
-    import jax
-
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"negjax-mine-{name}")
-
-
-def _maybe_kill(stage: str, count: int) -> None:
-    spec = os.environ.get(KILL_ENV, "")
-    if spec and spec == f"{stage}:{count}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    barrier(f"mine-{name}")
 
 
 def _log(msg: str) -> None:
-    import jax
-
     if jax.process_index() == 0:
         print(f"[mine] {msg}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Encoding in resumable chunks
-# ---------------------------------------------------------------------------------------------
-
-def _chunk_ok(path: Path, rows: int, dim: int) -> bool:
-    try:
-        arr = np.load(path, mmap_mode="r")
-    except (OSError, ValueError):
-        return False
-    return arr.shape == (rows, dim) and arr.dtype == np.float32
-
-
-def encode_chunked(enc, params, texts, *, tower: str, max_length: int, batch_size: int,
-                   chunk: int, directory: Path, stage: str) -> tuple[np.ndarray, dict]:
-    """Embeddings `[N, D] float32` of `texts`, computed chunk by chunk into `directory`
-    (reusing chunks already there). Collective: process p encodes chunks c % P == p, then all
-    read all. Returns (embeddings, {"chunks", "encoded", "reused"} of this process)."""
-    import jax
-
-    from negjax.model import encode_texts
-
-    pi, pc = jax.process_index(), jax.process_count()
-    n, dim = len(texts), enc.dim
-    n_chunks = max(1, math.ceil(n / chunk))
-    directory.mkdir(parents=True, exist_ok=True)
-    info = {"chunks": n_chunks, "encoded": 0, "reused": 0}
-    for c in range(pi, n_chunks, pc):
-        lo, hi = c * chunk, min(n, (c + 1) * chunk)
-        path = directory / f"chunk-{c:05d}.npy"
-        if _chunk_ok(path, hi - lo, dim):
-            info["reused"] += 1
-            continue
-        emb = encode_texts(enc, params, texts[lo:hi], tower=tower, max_length=max_length,
-                           batch_size=batch_size, desc=f"encode {stage} {c + 1}/{n_chunks}")
-        with atomic_path(path, suffix=".npy") as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, emb.astype(np.float32, copy=False))
-        info["encoded"] += 1
-        _maybe_kill(stage, info["encoded"])
-    _barrier(f"encode-{stage}")
-    out = np.empty((n, dim), np.float32)
-    for c in range(n_chunks):
-        lo, hi = c * chunk, min(n, (c + 1) * chunk)
-        path = directory / f"chunk-{c:05d}.npy"
-        if not _chunk_ok(path, hi - lo, dim):
-            raise NegjaxError(f"{path}: embedding chunk missing or damaged after encoding "
-                              f"(did process {c % pc} fail?)")
-        out[lo:hi] = np.load(path)
-    return out, info
-
-
-# ---------------------------------------------------------------------------------------------
-# Index
-# ---------------------------------------------------------------------------------------------
-
-def scann_settings(n: int, dim: int, k: int, mining_cfg, overrides: dict | None = None):
-    """`ScannParams.auto` with the config's and the caller's overrides (0 / None = automatic).
-    Asking for a tree on a corpus small enough for brute force turns brute force off."""
-    from negjax.mining.index import ScannParams
-
-    sp = ScannParams.auto(n, dim, k)
-    kw = {"num_leaves": mining_cfg.num_leaves or None,
-          "leaves_to_search": mining_cfg.leaves_to_search or None,
-          "reorder": mining_cfg.reorder or None}
-    kw.update({key: v for key, v in (overrides or {}).items() if v is not None})
-    tree = bool(kw.get("num_leaves"))
-    sp.override(**kw)
-    if tree and sp.brute_force:
-        sp.brute_force = False
-    if sp.num_leaves:
-        if sp.num_leaves > n:
-            raise NegjaxError(f"ScaNN num_leaves {sp.num_leaves} exceeds the corpus size {n}")
-        if not sp.leaves_to_search:
-            sp.leaves_to_search = max(1, math.ceil(sp.num_leaves * 0.03))
-        if sp.leaves_to_search > sp.num_leaves:
-            raise NegjaxError(f"ScaNN leaves_to_search {sp.leaves_to_search} exceeds num_leaves "
-                              f"{sp.num_leaves}")
-    return sp
-
-
-def tunable_settings(mining_cfg, overrides: dict | None = None) -> set[str]:
-    """The search-time ScaNN settings the caller left automatic (these may be tuned)."""
-    given = {"leaves_to_search": mining_cfg.leaves_to_search, "reorder": mining_cfg.reorder}
-    for key in given:
-        if (overrides or {}).get(key) is not None:
-            given[key] = overrides[key]
-    return {key for key, v in given.items() if not v}
-
-
-def tune_search(index, q_emb: np.ndarray, doc_emb: np.ndarray, k: int, sample: np.ndarray,
-                target: float, tunable: set[str]) -> dict:
-    """Raise the index's search-time settings until recall@k against exact search on the
-    queries `sample` reaches `target`: each step doubles whichever of leaves_to_search and
-    reorder (those in `tunable`) gains more recall. `ScannParams.auto` fits clustered synthetic
-    data; real embeddings can need many more leaves (WordNet/MiniLM: 3% of the leaves gave
-    recall@100 0.75, experiments/mining/README.md). Mutates `index.params`; returns the
-    record of the steps."""
-    from negjax.mining.index import exact_search, recall_at_k
-
-    p = index.params
-    exact_ids, _ = exact_search(q_emb[sample], doc_emb, k, desc="tune (exact)")
-
-    def recall() -> float:
-        return recall_at_k(index.search(q_emb[sample], k)[0], exact_ids)
-
-    r = recall()
-    steps = [{"leaves_to_search": p.leaves_to_search, "reorder": p.reorder, "recall_at_k": r}]
-    while r < target:
-        options = []
-        if "leaves_to_search" in tunable and p.num_leaves and p.leaves_to_search < p.num_leaves:
-            options.append(("leaves_to_search", min(p.num_leaves, 2 * p.leaves_to_search)))
-        if "reorder" in tunable and p.reorder < min(index.n, 20 * k):
-            options.append(("reorder", min(index.n, 20 * k, 2 * max(p.reorder, k))))
-        if not options:
-            break
-        best = None
-        for name, value in options:
-            old = getattr(p, name)
-            setattr(p, name, value)
-            got = recall()
-            setattr(p, name, old)
-            if best is None or got > best[2]:
-                best = (name, value, got)
-        setattr(p, best[0], best[1])
-        r = best[2]
-        steps.append({"leaves_to_search": p.leaves_to_search, "reorder": p.reorder, "recall_at_k": r})
-    return {"target": target, "queries": int(len(sample)), "reached": bool(r >= target),
-            "leaves_to_search": p.leaves_to_search, "reorder": p.reorder, "steps": steps}
-
-
-def query_samples(nq: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(audit, tuning) samples of `n` query numbers each, disjoint when there are enough
-    queries (else the tuning sample is the audit sample)."""
-    perm = np.random.default_rng([seed, 1]).permutation(nq)
-    n = min(n, nq)
-    audit = np.sort(perm[:n])
-    tune = np.sort(perm[n:2 * n]) if nq >= 2 * n else audit
-    return audit, tune
 
 
 def _open_index(kind: str, doc_emb: np.ndarray, k: int, sp, directory: Path):
     """None for exact search; else the ScaNN index, built and saved by process 0 (or reused
     from an earlier run) and loaded from disk by every process."""
-    import jax
-
-    from negjax.mining.index import ScannIndex
-
     if kind == "exact":
         return None, 0.0
     build_s = 0.0
     if jax.process_index() == 0 and not (directory / "negjax_index.json").is_file():
-        _log(f"building ScaNN index over {len(doc_emb):,} documents ({_describe(sp)})")
+        _log(f"building ScaNN index over {len(doc_emb):,} documents ({describe(sp)})")
         t = time.perf_counter()
         ScannIndex.build(doc_emb, k, sp).save(directory)
         build_s = time.perf_counter() - t
     _barrier("index")
     # Every process (process 0 included) searches the saved index, so all search the same one.
     return ScannIndex.load(directory), build_s
-
-
-def _describe(sp) -> str:
-    if sp.brute_force:
-        return "brute force"
-    tree = f"{sp.num_leaves} leaves, search {sp.leaves_to_search}, " if sp.num_leaves else ""
-    return f"{tree}AH, reorder {sp.reorder}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,8 +113,6 @@ def mine_block(q_emb, doc_emb, index, k: int, pos_lists, query_index, *, setting
     rows `pos_lists`). Candidates come from `index` (None = exact search) and are re-scored
     exactly (the same arithmetic as the positive score, so margins compare like with like) and
     re-ranked by that score. Returns (columns of corpus rows, stats for the report)."""
-    from negjax.mining.index import exact_search
-
     if index is None:
         ids, _ = exact_search(q_emb, doc_emb, k, show_progress=False)
     else:
@@ -402,7 +178,8 @@ def _check_cfg(mc, shard_size: int) -> None:
         raise NegjaxError(f"mining.target_recall must be in [0, 1], got {mc.target_recall}")
     if mc.sampling not in SAMPLING:
         raise NegjaxError(f"mining.sampling {mc.sampling!r}: expected one of {list(SAMPLING)}")
-    minimum = {"shard_size": 1, "encode_chunk": 1, "batch_size": 1, "k": 0, "num_negatives": 0,
+    minimum = {"shard_size": 1, "encode_chunk": 1, "encode_batch_size": 1, "k": 0,
+               "negatives_kept": 0,
                "audit_queries": 0, "num_leaves": 0, "leaves_to_search": 0, "reorder": 0}
     for key, low in minimum.items():
         value = shard_size if key == "shard_size" else getattr(mc, key)
@@ -427,27 +204,20 @@ def _read_json(path: Path):
 
 
 def run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, query_max_len: int,
-               doc_max_len: int, model_info: dict | None = None,
-               scann_overrides: dict | None = None, shard_size: int | None = None,
-               train_qrels=None, overwrite: bool = False) -> dict:
+               doc_max_len: int, model_info: dict | None = None, train_qrels=None,
+               overwrite: bool = False) -> dict:
     """Mine hard negatives for every training query into `out_dir` (shards + manifest.json +
     report.json/report.png); returns the manifest. Collective over all processes.
 
     `params`: encoder params in `enc`'s tower layout (queries use tower 'query', documents
-    'doc'). `corpus_path` None: the training file carries inline texts. `scann_overrides`:
-    ScannParams fields (e.g. {"num_leaves": 500}). `shard_size` None: `mining_cfg.shard_size`.
+    'doc'). `corpus_path` None: the training file carries inline texts.
     A rerun resumes; a finished directory mined with the same settings is returned as is; one
     mined with other settings is refused unless `overwrite`.
     """
-    import jax
-
-    from negjax.data.formats import read_training
-    from negjax.mining import report as report_mod
-
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     mc = mining_cfg
-    shard_size = int(shard_size or mc.shard_size)
+    shard_size = mc.shard_size
     _check_cfg(mc, shard_size)
     settings = FilterSettings.from_config(mc)
     pi, pc = jax.process_index(), jax.process_count()
@@ -474,11 +244,13 @@ def run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, que
                      "max_length": doc_max_len, "chunk": mc.encode_chunk, "tower": "doc"})
     query_key = _hash({"model": ident, "params": fp_query, "input": train_sha, "n": nq,
                        "max_length": query_max_len, "chunk": mc.encode_chunk, "tower": "query"})
-    sp = scann_settings(n_docs, enc.dim, k, mc, scann_overrides) if mc.index == "scann" else None
+    sp = (scann_settings(n_docs, enc.dim, k, num_leaves=mc.num_leaves,
+                         leaves_to_search=mc.leaves_to_search, reorder=mc.reorder)
+          if mc.index == "scann" else None)
     index_key = _hash({"doc": doc_key, "index": mc.index, "k": k,
                        "params": asdict(sp) if sp else None})
     filters_info = {**settings.to_dict(), "order": list(FILTER_ORDER),
-                    "num_negatives": mc.num_negatives, "sampling": mc.sampling, "seed": mc.seed}
+                    "num_negatives": mc.negatives_kept, "sampling": mc.sampling, "seed": mc.seed}
     run_key = _hash({"version": JOB_VERSION, "doc": doc_key, "query": query_key,
                      "index": index_key, "filters": filters_info, "shard_size": shard_size,
                      "target_recall": mc.target_recall if sp is not None else None,
@@ -522,13 +294,13 @@ def run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, que
     _log(f"encoding {n_docs:,} documents and {nq:,} queries ({pc} process(es), "
          f"{jax.local_device_count()} local device(s) each)")
     doc_emb, doc_info = encode_chunked(enc, params, corpus.texts, tower="doc",
-                                       max_length=doc_max_len, batch_size=mc.batch_size,
+                                       max_length=doc_max_len, batch_size=mc.encode_batch_size,
                                        chunk=mc.encode_chunk, stage="doc",
                                        directory=work / "emb" / f"doc-{doc_key[:16]}")
     timings["encode_docs_s"] = time.perf_counter() - t
     t = time.perf_counter()
     q_emb, q_info = encode_chunked(enc, params, examples.queries, tower="query",
-                                   max_length=query_max_len, batch_size=mc.batch_size,
+                                   max_length=query_max_len, batch_size=mc.encode_batch_size,
                                    chunk=mc.encode_chunk, stage="query",
                                    directory=work / "emb" / f"query-{query_key[:16]}")
     timings["encode_queries_s"] = time.perf_counter() - t
@@ -539,7 +311,7 @@ def run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, que
     timings["index_s"] = time.perf_counter() - t
     t = time.perf_counter()
     audit_sample, tune_sample = query_samples(nq, mc.audit_queries, mc.seed)
-    tunable = tunable_settings(mc, scann_overrides)
+    tunable = tunable_settings(leaves_to_search=mc.leaves_to_search, reorder=mc.reorder)
     tuning = None
     if (index is not None and not index.params.brute_force and mc.target_recall > 0
             and len(tune_sample) and tunable):
@@ -572,12 +344,11 @@ def run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, que
     todo = [s for s in mine_ids if not (s in done and (stats_dir / f"shard-{s:05d}.npz").is_file())]
     bar = progress(total=sum(min(nq, (s + 1) * shard_size) - s * shard_size for s in todo),
                    desc="mine", unit="q", disable=None if pi == 0 else True)
-    written = 0
     for s in todo:
         lo, hi = s * shard_size, min(nq, (s + 1) * shard_size)
         cols, stats = mine_block(q_emb[lo:hi], doc_emb, index, k, examples.positives[lo:hi],
                                  np.arange(lo, hi), settings=settings, groups=groups,
-                                 num_negatives=mc.num_negatives, sampling=mc.sampling,
+                                 num_negatives=mc.negatives_kept, sampling=mc.sampling,
                                  seed=mc.seed, edges=edges)
         _save_stats(stats_dir / f"shard-{s:05d}.npz", stats, edges)
         ids = corpus.ids
@@ -586,9 +357,7 @@ def run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, que
                      negative_ids=[[ids[r] for r in rows] for rows in cols["negative_rows"]],
                      negative_scores=cols["negative_scores"], negative_ranks=cols["negative_ranks"],
                      positive_score=cols["positive_score"])
-        written += 1
         bar.update(hi - lo)
-        _maybe_kill("shard", written)
     bar.close()
     timings["mine_s"] = time.perf_counter() - t
     _barrier("shards")
@@ -617,33 +386,3 @@ def run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, que
                         counts={"corpus": n_docs, **counts})
     _barrier("manifest")
     return shard_io.read_manifest(out)
-
-
-def audit_recall(index, q_emb: np.ndarray, doc_emb: np.ndarray, k: int, sample: np.ndarray,
-                 cache: Path | None = None) -> dict:
-    """Recall@k (and @100 when k >= 100) of the index against exact search on the queries
-    `sample` (cached in `cache`). Exact search: recall 1 by construction."""
-    from negjax.mining.index import exact_search, recall_at_k
-
-    n = len(sample)
-    if index is None:
-        return {"queries": 0, "recall_at_k": 1.0, "note": "exact search"}
-    if n == 0:
-        return {"queries": 0, "recall_at_k": None, "note": "audit disabled (audit_queries = 0)"}
-    if cache is not None:
-        got = _read_json(cache)
-        if got:
-            return got
-    t = time.perf_counter()
-    exact_ids, _ = exact_search(q_emb[sample], doc_emb, k, desc="audit (exact)")
-    exact_s = time.perf_counter() - t
-    t = time.perf_counter()
-    approx_ids, _ = index.search(q_emb[sample], k)
-    approx_s = time.perf_counter() - t
-    res = {"queries": int(n), "k": int(k), "recall_at_k": recall_at_k(approx_ids, exact_ids),
-           "exact_qps": n / max(exact_s, 1e-9), "index_qps": n / max(approx_s, 1e-9)}
-    if k >= 100:
-        res["recall_at_100"] = recall_at_k(approx_ids[:, :100], exact_ids[:, :100])
-    if cache is not None:
-        atomic_write_text(cache, json.dumps(res) + "\n")
-    return res

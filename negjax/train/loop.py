@@ -7,6 +7,10 @@ Per step boundary, in order: re-mine (if `mining.every_steps` is due), evaluate 
 Restarting the same command resumes from the latest checkpoint and continues the same
 sequence of batches; metrics.jsonl keeps exactly one line per step.
 
+`Trainer` holds what changes during a run (state, pipeline, the hard-negative directory in
+use); the config stays as loaded. `model.name` may also be a training workdir or checkpoint
+(continue from its weights; `negjax.model.loader`).
+
 Outputs in the workdir: config.toml, checkpoints/<step>/, metrics.jsonl (one line per step),
 eval.jsonl (one line per evaluation), tb/ (TensorBoard events), negatives/step_<s>/ (re-mined
 hard negatives), diagnostics (cosine histograms over training).
@@ -20,17 +24,26 @@ import signal
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
+from negjax import distributed
 from negjax.config import Config
+from negjax.data.layout import resolve_dataset
+from negjax.data.pipeline import build_pipeline
 from negjax.errors import NegjaxError
+from negjax.evaluation.evaluate import EvalSet, evaluate_encoder
+from negjax.mining.job import run_mining
+from negjax.model.loader import load_model
+from negjax.train.checkpoint import Checkpointer, manifest_digest, save_run_config
+from negjax.train.diagnostics import Diagnostics
+from negjax.train.state import init_state, learning_rate_schedule
+from negjax.train.step import make_train_step, place_state
 from negjax.utils import atomic_write_text, progress
 
 
 def _check_inputs(cfg: Config) -> dict:
     """Fail before any work on bad paths and settings; returns the resolved dataset paths."""
-    from negjax.data.pipeline import resolve_dataset
-
     if not cfg.workdir:
         raise NegjaxError("config key 'workdir' is empty: set it, e.g. --set workdir=runs/x")
     paths = resolve_dataset(cfg.data)
@@ -84,8 +97,6 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
     def any_process(self) -> bool:
-        import jax
-
         if jax.process_count() == 1:
             return self.requested
         from jax.experimental import multihost_utils
@@ -98,166 +109,183 @@ def _to_float(x) -> float:
     return float(np.asarray(x))
 
 
-def train(cfg: Config) -> dict:
-    """Run (or resume) training; returns a summary dict (final step, last metrics, eval)."""
-    import jax
+def _eval_set(cfg: Config, paths: dict) -> EvalSet | None:
+    """The split evaluated during training (`eval.split`), or None."""
+    split = cfg.eval.split
+    if split == "none":
+        return None
+    queries, qrels = paths.get(f"{split}_queries"), paths.get(f"{split}_qrels")
+    beside = Path(paths["corpus"]).parent  # a corpus given as a file: look beside it
+    if queries is None and (beside / f"{split}_queries.jsonl").is_file():
+        queries, qrels = beside / f"{split}_queries.jsonl", beside / f"{split}_qrels.tsv"
+    if queries is None or qrels is None:
+        return None
+    return EvalSet.from_files(paths["corpus"], queries, qrels, max_queries=cfg.eval.max_queries)
 
-    from negjax import distributed
-    from negjax.data.pipeline import build_pipeline
-    from negjax.evaluation.evaluate import EvalSet, evaluate_encoder
-    from negjax.model import load_encoder
-    from negjax.train.checkpoint import Checkpointer, manifest_digest, save_run_config
-    from negjax.train.diagnostics import Diagnostics
-    from negjax.train.state import init_state, learning_rate_schedule
-    from negjax.train.step import make_train_step, place_state
 
-    paths = _check_inputs(cfg)
-    pi, pc = distributed.initialize(cfg.distributed)
-    workdir = Path(cfg.workdir).absolute()
-    main = pi == 0
-    mesh = distributed.make_mesh()
-    distributed.local_batch_size(cfg.train.batch_size, mesh)
-    enc = load_encoder(cfg.model)
-    if main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        save_run_config(cfg, workdir)
-    params = enc.params
-    if cfg.model.name == "tiny":  # from scratch: initialisation follows the run's seed
-        params = enc.init_params(jax.random.PRNGKey(cfg.train.seed))
+class Trainer:
+    """One training run (see the module docstring); `run()` trains to `train.steps`."""
 
-    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
-    state = init_state(params, cfg, dim=enc.dim)
-    negatives_dir = cfg.data.negatives
-    start = 0
-    latest = ckpt.latest_step()
-    meta = None
-    if latest is not None:
-        state, meta = ckpt.restore(latest, state)
-        start = int(meta["step"])
-        negatives_dir = meta.get("negatives", "")
-        if negatives_dir and manifest_digest(negatives_dir) != meta.get("negatives_sha256", ""):
-            raise NegjaxError(f"{negatives_dir}: the hard negatives changed since checkpoint "
-                              f"{latest} was written (manifest checksum differs)")
-    cfg.data.negatives = negatives_dir
-    pipeline = build_pipeline(cfg, enc.tokenizer, process_index=pi, process_count=pc)
-    if meta is not None:
-        pipeline.set_state(meta["data"])
-    state = place_state(state, mesh)
-    step_fn = make_train_step(enc, cfg, mesh, group_size=pipeline.group_size)
-    lr_at = learning_rate_schedule(cfg.train)
+    def __init__(self, cfg: Config, paths: dict):
+        self.cfg, self.paths = cfg, paths
+        self.pi, self.pc = distributed.initialize(cfg.distributed)
+        self.main = self.pi == 0
+        self.workdir = Path(cfg.workdir).absolute()
+        self.mesh = distributed.make_mesh()
+        distributed.local_batch_size(cfg.train.batch_size, self.mesh)
+        self.enc, params, _ = load_model(None, cfg.model)
+        if self.main:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            save_run_config(cfg, self.workdir)
+        if cfg.model.name == "tiny":  # from scratch: initialisation follows the run's seed
+            params = self.enc.init_params(jax.random.PRNGKey(cfg.train.seed))
+        self.ckpt = Checkpointer(self.workdir / "checkpoints", cfg.checkpoint)
+        state = init_state(params, cfg, dim=self.enc.dim)
+        self.negatives_dir = cfg.data.negatives
+        self.start, meta = 0, None
+        latest = self.ckpt.latest_step()
+        if latest is not None:
+            state, meta = self.ckpt.restore(latest, state)
+            self.start = int(meta["step"])
+            self.negatives_dir = meta.get("negatives", "")
+            if self.negatives_dir and (manifest_digest(self.negatives_dir)
+                                       != meta.get("negatives_sha256", "")):
+                raise NegjaxError(f"{self.negatives_dir}: the hard negatives changed since "
+                                  f"checkpoint {latest} was written (manifest checksum differs)")
+        self.pipeline = self._pipeline(meta["data"] if meta is not None else None)
+        self.state = place_state(state, self.mesh)
+        self.step_fn = make_train_step(self.enc, cfg, self.mesh,
+                                       group_size=self.pipeline.group_size)
+        self.lr_at = learning_rate_schedule(cfg.train)
+        self.dev = _eval_set(cfg, paths)
+        self.metrics_path = self.workdir / "metrics.jsonl"
+        self.eval_path = self.workdir / "eval.jsonl"
+        self.writer = None
+        if self.main:
+            _truncate_jsonl(self.metrics_path, self.start)
+            _truncate_jsonl(self.eval_path, self.start)
+            from tensorboardX import SummaryWriter
 
-    dev = None
-    if paths.get("dev_queries") and paths.get("dev_qrels") and cfg.eval.split == "dev":
-        dev = EvalSet.from_files(paths["corpus"], paths["dev_queries"], paths["dev_qrels"],
-                                 max_queries=cfg.eval.max_queries)
-    elif cfg.eval.split == "test":
-        root = Path(paths["corpus"]).parent
-        if (root / "test_queries.jsonl").is_file():
-            dev = EvalSet.from_files(paths["corpus"], root / "test_queries.jsonl",
-                                     root / "test_qrels.tsv", max_queries=cfg.eval.max_queries)
+            self.writer = SummaryWriter(str(self.workdir / "tb"),
+                                        purge_step=self.start + 1 if self.start else None)
+        self.diagnostics = Diagnostics(self.workdir, enabled=self.main)
+        self.last_eval: dict = {}
 
-    metrics_path = workdir / "metrics.jsonl"
-    eval_path = workdir / "eval.jsonl"
-    writer = None
-    if main:
-        _truncate_jsonl(metrics_path, start)
-        _truncate_jsonl(eval_path, start)
-        from tensorboardX import SummaryWriter
+    def _pipeline(self, data_state: dict | None):
+        pipe = build_pipeline(self.cfg, self.enc.tokenizer, negatives_dir=self.negatives_dir,
+                              process_index=self.pi, process_count=self.pc)
+        if data_state is not None:
+            pipe.set_state(data_state)
+        return pipe
 
-        writer = SummaryWriter(str(workdir / "tb"), purge_step=start + 1 if start else None)
-    diagnostics = Diagnostics(workdir, enabled=main)
-    last_eval: dict = {}
+    def _model_params(self):
+        return jax.device_get(self.state.params["model"])
 
-    def evaluate(step):
-        nonlocal last_eval
-        if dev is None or not main:
+    def evaluate(self, step: int) -> dict:
+        if self.dev is None or not self.main:
             return {}
-        res = evaluate_encoder(enc, jax.device_get(state.params["model"]), dev,
-                               batch_size=cfg.eval.batch_size, query_max_len=cfg.model.query_max_len,
-                               doc_max_len=cfg.model.doc_max_len, index=cfg.eval.index)
-        last_eval = res
-        with open(eval_path, "a") as f:
+        c = self.cfg
+        res = evaluate_encoder(self.enc, self._model_params(), self.dev,
+                               batch_size=c.eval.encode_batch_size,
+                               query_max_len=c.model.query_max_len,
+                               doc_max_len=c.model.doc_max_len, index=c.eval.index)
+        self.last_eval = res
+        with open(self.eval_path, "a") as f:
             f.write(json.dumps({"step": step, **res}) + "\n")
         for k, v in res.items():
-            writer.add_scalar(f"eval/{k}", v, step)
+            self.writer.add_scalar(f"eval/{k}", v, step)
         return res
 
-    def remine(step):
-        nonlocal pipeline, negatives_dir
-        from negjax.mining.job import run_mining
-
-        out = workdir / "negatives" / f"step_{step}"
-        manifest = run_mining(enc, jax.device_get(state.params["model"]), corpus_path=paths["corpus"],
-                              train_path=paths["train"], out_dir=out, mining_cfg=cfg.mining,
-                              query_max_len=cfg.model.query_max_len, doc_max_len=cfg.model.doc_max_len,
-                              model_info={"path": str(workdir), "step": step})
-        data_state = pipeline.get_state()
-        pipeline.close()
-        negatives_dir = str(out)
-        cfg.data.negatives = negatives_dir
-        pipeline = build_pipeline(cfg, enc.tokenizer, process_index=pi, process_count=pc)
-        pipeline.set_state(data_state)
+    def remine(self, step: int) -> dict:
+        """Mine with the current parameters into negatives/step_<step>; the pipeline continues
+        its sequence of batches with the new lists."""
+        c = self.cfg
+        out = self.workdir / "negatives" / f"step_{step}"
+        manifest = run_mining(self.enc, self._model_params(), corpus_path=self.paths["corpus"],
+                              train_path=self.paths["train"], out_dir=out, mining_cfg=c.mining,
+                              query_max_len=c.model.query_max_len,
+                              doc_max_len=c.model.doc_max_len,
+                              model_info={"path": str(self.workdir), "step": step},
+                              train_qrels=self.paths.get("train_qrels"))
+        data_state = self.pipeline.get_state()
+        self.pipeline.close()
+        self.negatives_dir = str(out)
+        self.pipeline = self._pipeline(data_state)
         return manifest
 
-    def save(step, metrics=None):
-        meta = {"step": step, "data": pipeline.get_state(), "negatives": negatives_dir,
-                "negatives_sha256": manifest_digest(negatives_dir), "seed": cfg.train.seed}
-        ckpt.save(step, state, meta, metrics=metrics or None)
+    def save(self, step: int, metrics: dict | None = None) -> None:
+        meta = {"step": step, "data": self.pipeline.get_state(), "negatives": self.negatives_dir,
+                "negatives_sha256": manifest_digest(self.negatives_dir), "seed": self.cfg.train.seed}
+        self.ckpt.save(step, self.state, meta, metrics=metrics or None)
 
-    total = cfg.train.steps
-    bar = progress(total=total, desc="train", unit="step", disable=None if main else True)
-    bar.update(start)
-    examples = 0
-    t_last = time.perf_counter()
-    status = "finished"
-    from negjax.distributed import global_batch_from_local
+    def _log_step(self, step: int, m: dict, dt: float, local: dict) -> None:
+        c = self.cfg
+        rec = {"step": step, **m, "lr": float(self.lr_at(step - 1)), "step_time": dt,
+               "examples_per_s": c.train.batch_size / dt if dt > 0 else 0.0}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        for k, v in rec.items():
+            if k != "step" and isinstance(v, float) and math.isfinite(v):
+                self.writer.add_scalar(f"train/{k}", v, step)
+        self.diagnostics.maybe_record(step, self.enc, self.state, local, c)
+        self.bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.2f}",
+                             ex_s=f"{rec['examples_per_s']:.0f}")
+        self.bar.update(1)
 
-    with _Preemption() as preempt:
-        step = start
-        while step < total:
-            local = next(pipeline)
-            batch = global_batch_from_local(local, mesh)
-            state, m = step_fn(state, batch)
-            m = {k: _to_float(v) for k, v in jax.device_get(m).items()}
-            step += 1
-            now = time.perf_counter()
-            dt, t_last = now - t_last, now
-            examples += cfg.train.batch_size
-            rec = {"step": step, **m, "lr": float(lr_at(step - 1)), "step_time": dt,
-                   "examples_per_s": cfg.train.batch_size / dt if dt > 0 else 0.0}
-            if main:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                for k, v in rec.items():
-                    if k != "step" and isinstance(v, float) and math.isfinite(v):
-                        writer.add_scalar(f"train/{k}", v, step)
-                diagnostics.maybe_record(step, enc, state, local, cfg)
-                bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.2f}",
-                                ex_s=f"{rec['examples_per_s']:.0f}")
-                bar.update(1)
-            nonfinite = int(state.nonfinite)
-            if nonfinite > cfg.train.max_nonfinite:
-                raise NegjaxError(f"training diverged: {nonfinite} steps had a NaN/Inf loss or "
-                                  f"gradient (limit train.max_nonfinite={cfg.train.max_nonfinite}); "
-                                  "lower train.learning_rate or check the data")
-            if cfg.mining.every_steps and step % cfg.mining.every_steps == 0 and step < total:
-                remine(step)
-            ev = None
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
-                ev = evaluate(step)
-            stop = step < total and preempt.any_process()
-            if step % cfg.checkpoint.every_steps == 0 or step == total or stop:
-                if step == total and dev is not None:
-                    ev = evaluate(step)
-                save(step, ev)
-            if stop:
-                status = "preempted"
-                break
-    bar.close()
-    ckpt.close()
-    pipeline.close()
-    if writer is not None:
-        writer.close()
-    diagnostics.close()
-    return {"status": status, "step": step, "workdir": str(workdir), "eval": last_eval,
-            "nonfinite": int(state.nonfinite), "data_stats": pipeline.stats}
+    def run(self) -> dict:
+        c = self.cfg
+        total = c.train.steps
+        self.bar = progress(total=total, desc="train", unit="step",
+                            disable=None if self.main else True)
+        self.bar.update(self.start)
+        t_last = time.perf_counter()
+        status = "finished"
+        step = self.start
+        with _Preemption() as preempt:
+            while step < total:
+                local = next(self.pipeline)
+                batch = distributed.global_batch_from_local(local, self.mesh)
+                self.state, m = self.step_fn(self.state, batch)
+                m = {k: _to_float(v) for k, v in jax.device_get(m).items()}
+                step += 1
+                now = time.perf_counter()
+                dt, t_last = now - t_last, now
+                if self.main:
+                    self._log_step(step, m, dt, local)
+                nonfinite = int(self.state.nonfinite)
+                if nonfinite > c.train.max_nonfinite:
+                    raise NegjaxError(
+                        f"training diverged: {nonfinite} steps had a NaN/Inf loss or gradient "
+                        f"(limit train.max_nonfinite={c.train.max_nonfinite}); lower "
+                        "train.learning_rate or check the data")
+                if c.mining.every_steps and step % c.mining.every_steps == 0 and step < total:
+                    self.remine(step)
+                ev = None
+                if c.train.eval_every and step % c.train.eval_every == 0 and step < total:
+                    ev = self.evaluate(step)
+                stop = step < total and preempt.any_process()
+                if step % c.checkpoint.every_steps == 0 or step == total or stop:
+                    if step == total and self.dev is not None:
+                        ev = self.evaluate(step)
+                    self.save(step, ev)
+                if stop:
+                    status = "preempted"
+                    break
+        self.close()
+        return {"status": status, "step": step, "workdir": str(self.workdir),
+                "eval": self.last_eval, "nonfinite": int(self.state.nonfinite),
+                "data_stats": self.pipeline.stats}
+
+    def close(self) -> None:
+        self.bar.close()
+        self.ckpt.close()
+        self.pipeline.close()
+        if self.writer is not None:
+            self.writer.close()
+        self.diagnostics.close()
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) training; returns a summary dict (final step, last metrics, eval)."""
+    paths = _check_inputs(cfg)
+    return Trainer(cfg, paths).run()

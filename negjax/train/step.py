@@ -14,12 +14,11 @@ the transpose of the implicit broadcast (shard_map's varying-axis tracking).
 Randomness: the dropout key of a step is fold_in(fold_in(key(seed), step), device index), so a
 resumed run, and 2 processes x 4 devices vs 1 x 8, draw the same masks.
 
-GradCache (`train.grad_cache_chunk = s`, Gao et al. 2021): each device splits its `b` queries
-into `b/s` sub-batches (and their documents), (1) encodes them with no activations kept,
-(2) takes the loss gradient w.r.t. all embeddings (across devices), (3) re-encodes each
-sub-batch with the same dropout key and back-propagates its cached embedding gradient,
-accumulating parameter gradients in a `lax.scan`. Peak activation memory is that of one
-sub-batch; the result equals the plain step's gradient.
+GradCache (`train.grad_cache_chunk = s`, `negjax.grad_cache`): each device splits its `b`
+queries into `b/s` sub-batches (and their documents), (1) encodes them with no activations
+kept, (2) takes the loss gradient w.r.t. all embeddings (across devices), (3) re-encodes each
+sub-batch with the same dropout key and back-propagates its cached embedding gradient. Peak
+activation memory is that of one sub-batch; the result equals the plain step's gradient.
 """
 
 from __future__ import annotations
@@ -35,6 +34,8 @@ from jax.sharding import PartitionSpec as P
 
 from negjax.config import Config
 from negjax.errors import NegjaxError
+from negjax.grad_cache import (backprop_sub_batches, embed_sub_batches, merge_sub_batches,
+                               split_sub_batches, sub_batch_keys)
 from negjax.losses import contrastive_loss_and_metrics, temperature_from_log_scale
 from negjax.train.state import TrainState, make_optimizer
 
@@ -84,6 +85,12 @@ def _vary(tree):
     return jax.tree.map(cast, tree)
 
 
+def dropout_keys(seed: int, step):
+    """(query key, document key) of `step` on this device (inside shard_map over 'data')."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), lax.axis_index(AXIS))
+    return jax.random.split(key)
+
+
 def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
     """Build the jitted step `(state, batch) -> (state, metrics)`; see the module docstring."""
     G = group_size
@@ -104,13 +111,22 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
             doc_ids=batch["doc_ids"], symmetric=sym, chunk_size=chunk,
             extra_docs=bank, extra_doc_ids=bank_ids)
 
+    def towers(p, x):
+        # One (sub-)batch: queries and their documents, each with its dropout key.
+        qt, qm, dt, dm, kq, kd = x
+        return encode(p, qt, qm, "query", kq), encode(p, dt, dm, "doc", kd)
+
+    def sub_batches(batch, rq, rd, n):
+        split = lambda x: split_sub_batches(x, n)  # noqa: E731
+        return (split(batch["q_tokens"]), split(batch["q_mask"]), split(batch["d_tokens"]),
+                split(batch["d_mask"]), sub_batch_keys(rq, n), sub_batch_keys(rd, n))
+
     def plain_grads(params, batch, rq, rd, bank, bank_ids):
-        # Keys as GradCache's first sub-batch: with one sub-batch both steps draw the same masks.
-        kq, kd = jax.random.fold_in(rq, 0), jax.random.fold_in(rd, 0)
+        # The keys of GradCache's first sub-batch: with one sub-batch both draw the same masks.
+        x = jax.tree.map(lambda a: a[0], sub_batches(batch, rq, rd, 1))
 
         def loss_fn(p):
-            q = encode(p["model"], batch["q_tokens"], batch["q_mask"], "query", kq)
-            d = encode(p["model"], batch["d_tokens"], batch["d_mask"], "doc", kd)
+            q, d = towers(p["model"], x)
             loss, metrics = loss_of_embeddings(q, d, temperature_of(p, cfg), batch, bank, bank_ids)
             return loss, metrics
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -120,25 +136,10 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
         b = batch["q_tokens"].shape[0]
         if b % gc:
             raise NegjaxError(f"train.grad_cache_chunk={gc} must divide the per-device batch {b}")
-        n = b // gc
-
-        def split(x, per):  # [n*per*..., L] -> [n, per, L]
-            return x.reshape((n, x.shape[0] // n) + x.shape[1:])
-
-        qt, qm = split(batch["q_tokens"], gc), split(batch["q_mask"], gc)
-        dt, dm = split(batch["d_tokens"], gc * G), split(batch["d_mask"], gc * G)
-        # One key per sub-batch, used in both the embedding and the back-propagation pass.
-        kq = jax.vmap(lambda i: jax.random.fold_in(rq, i))(jnp.arange(n))
-        kd = jax.vmap(lambda i: jax.random.fold_in(rd, i))(jnp.arange(n))
+        xs = sub_batches(batch, rq, rd, b // gc)
         model = _vary(params["model"])
-
         # (1) embeddings of every sub-batch, no activations kept
-        def embed(_, xs):
-            t1, m1, t2, m2, k1, k2 = xs
-            return None, (encode(model, t1, m1, "query", k1), encode(model, t2, m2, "doc", k2))
-        _, (q, d) = lax.scan(embed, None, (qt, qm, dt, dm, kq, kd))
-        q = lax.stop_gradient(q.reshape(b, -1))
-        d = lax.stop_gradient(d.reshape(b * G, -1))
+        q, d = jax.tree.map(merge_sub_batches, embed_sub_batches(towers, model, xs))
 
         # (2) loss gradient w.r.t. the embeddings (the loss gathers across devices)
         def emb_loss(q, d, p_temp):
@@ -148,20 +149,10 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
                                                               has_aux=True)(q, d, temp_params)
 
         # (3) re-encode each sub-batch (same keys) and back-propagate its cached gradient
-        gq, gd = split(gq, gc), split(gd, gc * G)
-
-        def backprop(acc, xs):
-            t1, m1, t2, m2, k1, k2, g1, g2 = xs
-            def f(p):
-                return encode(p, t1, m1, "query", k1), encode(p, t2, m2, "doc", k2)
-            _, vjp = jax.vjp(f, model)
-            (g,) = vjp((g1, g2))
-            return jax.tree.map(jnp.add, acc, g), None
-        zeros = jax.tree.map(jnp.zeros_like, model)
-        gmodel, _ = lax.scan(backprop, zeros, (qt, qm, dt, dm, kq, kd, gq, gd))
-        gmodel = lax.psum(gmodel, AXIS)
-        grads = {"model": gmodel, **gtemp}
-        return loss, metrics, grads
+        n = b // gc
+        cts = (split_sub_batches(gq, n), split_sub_batches(gd, n))
+        gmodel = lax.psum(backprop_sub_batches(towers, model, xs, cts), AXIS)
+        return loss, metrics, {"model": gmodel, **gtemp}
 
     def body(state: TrainState, batch):
         params = state.params
@@ -204,8 +195,7 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
     batch_spec = {k: P(AXIS) for k in BATCH_KEYS}
 
     def grads_body(params, batch, step, bank, bank_ids):
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), lax.axis_index(AXIS))
-        rq, rd = jax.random.split(key)
+        rq, rd = dropout_keys(seed, step)
         compute = cached_grads if gc else plain_grads
         out = compute(params, batch, rq, rd, bank, bank_ids)
         if mesh.shape[AXIS] == 1:

@@ -1,6 +1,8 @@
 """Nearest-neighbour search over embeddings: exact (blockwise matmul) and ScaNN.
 
-One implementation serves mining (hard negatives) and evaluation (rankings). Scores are inner
+One implementation serves mining (hard negatives) and evaluation (rankings); the ScaNN
+settings, their tuning against exact search and the recall audit are in
+`negjax.search.tuning`. Scores are inner
 products (cosine for L2-normalised embeddings). Results are `(ids [Q, k] int64, scores [Q, k]
 float32)`, best first; ties are broken by the smaller corpus row, so exact search is
 deterministic.
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from negjax.errors import NegjaxError
-from negjax.utils import progress
+from negjax.utils import progress, quiet_native_logs
 
 
 # ----------------------------------------------------------------------------- exact search
@@ -172,7 +174,8 @@ class ScannIndex:
             builder = builder.score_ah(params.dims_per_block,
                                        anisotropic_quantization_threshold=params.anisotropic_threshold)
             builder = builder.reorder(max(params.reorder, k))
-        searcher = builder.build()
+        with quiet_native_logs():
+            searcher = builder.build()
         if num_threads:
             searcher.set_num_threads(num_threads)
         return cls(searcher, params, n)
@@ -185,8 +188,9 @@ class ScannIndex:
             kw["pre_reorder_num_neighbors"] = max(self.params.reorder, k)
             if self.params.num_leaves:
                 kw["leaves_to_search"] = self.params.leaves_to_search
-        ids, scores = self.searcher.search_batched_parallel(queries, final_num_neighbors=k,
-                                                            batch_size=batch_size, **kw)
+        with quiet_native_logs():
+            ids, scores = self.searcher.search_batched_parallel(queries, final_num_neighbors=k,
+                                                                batch_size=batch_size, **kw)
         ids = np.asarray(ids, dtype=np.int64)
         scores = np.asarray(scores, dtype=np.float32)
         # ScaNN pads with id 2^32-1 / NaN when fewer than k neighbours exist; normalise to -1.
@@ -221,8 +225,9 @@ class ScannIndex:
         assets = (directory / "scann_assets.pbtxt").read_text()
         assets = re.sub(r'asset_path: "([^"]*/)?([^"/]+)"',
                         lambda m: f'asset_path: "{directory.resolve() / m.group(2)}"', assets)
-        searcher = scann_ops_pybind.ScannSearcher(
-            scann_ops_pybind.scann_pybind.ScannNumpy(str(directory), assets), None)
+        with quiet_native_logs():
+            searcher = scann_ops_pybind.ScannSearcher(
+                scann_ops_pybind.scann_pybind.ScannNumpy(str(directory), assets), None)
         return cls(searcher, ScannParams(**meta["params"]), meta["n"])
 
 

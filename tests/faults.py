@@ -1,0 +1,55 @@
+"""Fault injection for tests, from the outside: run the negjax CLI in this process and make it
+SIGKILL itself at a known point (a real `kill -9`, nothing in negjax reads a test hook).
+
+    python tests/faults.py doc:2 mine --model tiny ...     # killed after its 2nd doc chunk
+    python tests/faults.py shard:2 mine ...                # killed after its 2nd shard
+
+STAGE is 'doc' or 'query' (embedding chunks written by `negjax.mining.embeddings.save_chunk`)
+or 'shard' (`negjax.data.shards.ShardWriter.write`); N counts this run's writes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+
+def _kill_after(stage: str, n: int) -> None:
+    from negjax.data import shards
+    from negjax.mining import embeddings
+
+    count = [0]
+
+    def tick():
+        count[0] += 1
+        if count[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    if stage in ("doc", "query"):
+        save = embeddings.save_chunk
+
+        def save_chunk(path, emb):
+            save(path, emb)
+            if Path(path).parent.name.startswith(f"{stage}-"):
+                tick()
+        embeddings.save_chunk = save_chunk
+    elif stage == "shard":
+        write = shards.ShardWriter.write
+
+        def write_shard(self, *args, **kwargs):
+            out = write(self, *args, **kwargs)
+            tick()
+            return out
+        shards.ShardWriter.write = write_shard
+    else:
+        raise SystemExit(f"faults.py: unknown stage {stage!r}")
+
+
+if __name__ == "__main__":
+    stage, n = sys.argv[1].split(":")
+    _kill_after(stage, int(n))
+    from negjax.cli import main
+
+    sys.exit(main(sys.argv[2:]))
