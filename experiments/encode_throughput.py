@@ -47,10 +47,9 @@ def wordnet_glosses(n: int, seed: int = 0) -> list[str]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=2000)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=3)
+    for flag, default in (("--n", 2000), ("--batch-size", 128), ("--max-length", 128),
+                          ("--rounds", 3)):
+        ap.add_argument(flag, type=int, default=default)
     ap.add_argument("--devices", type=int, default=1,
                     help="simulated XLA CPU devices for negjax (1 = one device using all cores)")
     args = ap.parse_args()

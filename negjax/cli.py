@@ -32,16 +32,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbose(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"negjax.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"negjax.commands.{name}":
-                continue
-            raise
+        module = import_if_present(f"negjax.commands.{name}")
+        if module is None:
+            continue
         p = module.add_parser(sub)
         _add_verbose(p)
         p.set_defaults(_run=module.run)
     return parser
+
+
+def import_if_present(name: str):
+    """The module `name`, or None when it does not exist (a subcommand not built yet); an
+    import error inside an existing module propagates."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name == name:
+            return None
+        raise
 
 
 def _add_verbose(p: argparse.ArgumentParser) -> None:

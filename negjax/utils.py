@@ -49,6 +49,15 @@ def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """cache_dir, else $NEGJAX_CACHE, else ~/.cache/negjax (token stores, the exported
+    WordNet data, the unpacked MiniLM)."""
+    if cache_dir:
+        return Path(cache_dir)
+    env = os.environ.get("NEGJAX_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "negjax"
+
+
 def stable_hash64(text: str) -> int:
     """A stable signed 63-bit hash of a string (same on every run, host and Python version)."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()

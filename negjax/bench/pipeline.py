@@ -65,7 +65,8 @@ def run(args) -> int:
     from negjax.data.formats import read_training
     from negjax.data.pipeline import Pipeline
     from negjax.data.shards import ShardWriter, load_negatives
-    from negjax.data.token_store import build_token_store, default_cache_dir
+    from negjax.data.token_store import build_token_store
+    from negjax.utils import default_cache_dir
     from negjax.errors import NegjaxError
 
     res: dict = {"batch_size": args.batch_size, "query_len": args.query_len,

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 BENCHES = {
     "step": "training-step throughput: examples/s, tokens/s, MFU, breakdown",
     "loss": "time and peak memory of loss+gradients vs global batch (chunked / unchunked)",
@@ -16,13 +14,12 @@ BENCHES = {
 def add_parser(sub):
     p = sub.add_parser("bench", help="benchmarks: step throughput, loss memory, mining speed")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    from negjax.cli import import_if_present
+
     for name, help_text in BENCHES.items():
-        try:
-            module = importlib.import_module(f"negjax.bench.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"negjax.bench.{name}":
-                continue
-            raise
+        module = import_if_present(f"negjax.bench.{name}")
+        if module is None:
+            continue
         bp = bsub.add_parser(name, help=help_text)
         module.add_arguments(bp)
         bp.set_defaults(_bench_run=module.run)

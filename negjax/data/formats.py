@@ -85,6 +85,10 @@ class TrainExamples:
     path: str = ""
     format: str = ""
 
+    @classmethod
+    def empty(cls, path, fmt: str) -> "TrainExamples":
+        return cls([], [], [], [], [], str(path), fmt)
+
     def __len__(self) -> int:
         return len(self.query_ids)
 
@@ -342,30 +346,44 @@ def _query_id(obj, path, line, seen: dict) -> str:
 
 
 def _read_pairs_ids(path: Path, corpus: Corpus) -> TrainExamples:
-    ex = TrainExamples([], [], [], [], [], str(path), "pairs")
+    ex = TrainExamples.empty(path, "pairs")
     seen: dict[str, int] = {}
+
+    def doc_row(d, key, j, line) -> int:
+        if isinstance(d, bool) or not isinstance(d, (str, int)):
+            raise file_error(path, line, f"{key}[{j}] must be a corpus id (string), got "
+                             f"{type(d).__name__}")
+        r = corpus.index.get(str(d))
+        if r is None:
+            raise file_error(path, line, f"{key}[{j}]: unknown corpus id {str(d)!r} "
+                             f"(not in {corpus.path or 'the corpus'})")
+        return r
+
     for line, obj in iter_jsonl(path):
         qid = _query_id(obj, path, line, seen)
         query = _text(obj, "query", path, line, what="query text")
-        rows = []
-        for key in ("pos", "neg"):
-            out = []
-            for j, d in enumerate(_list(obj, key, path, line, required=key == "pos")):
-                if isinstance(d, bool) or not isinstance(d, (str, int)):
-                    raise file_error(path, line, f"{key}[{j}] must be a corpus id (string), got "
-                                     f"{type(d).__name__}")
-                r = corpus.index.get(str(d))
-                if r is None:
-                    raise file_error(path, line, f"{key}[{j}]: unknown corpus id {str(d)!r} "
-                                     f"(not in {corpus.path or 'the corpus'})")
-                out.append(r)
-            rows.append(_dedup(out))
-        pos, neg = rows
+        pos, neg = _pos_neg(obj, doc_row, "pos", "neg", path, line)
         _check_disjoint(pos, neg, corpus, path, line)
         ex.add(qid, query, pos, neg, line)
     if not ex.query_ids:
         raise NegjaxError(f"{path}: no training examples")
     return ex
+
+
+def _pos_neg(obj, doc_row, pos_key: str, neg_key: str, path, line) -> tuple[list, list]:
+    """(positive rows, negative rows) of a record, each entry mapped by
+    `doc_row(entry, key, j, line)`, duplicates dropped; positives are required."""
+    pos = _dedup([doc_row(x, pos_key, j, line) for j, x in
+                  enumerate(_list(obj, pos_key, path, line, required=True))])
+    neg = _dedup([doc_row(x, neg_key, j, line) for j, x in
+                  enumerate(_list(obj, neg_key, path, line, required=False))])
+    return pos, neg
+
+
+def _expect(value, typ, path, line, what: str, hint: str = "") -> None:
+    """Raise naming file:line unless `value` is a `typ` (`what` says what was expected)."""
+    if not isinstance(value, typ):
+        raise file_error(path, line, f"{what}, got {type(value).__name__}{hint}")
 
 
 def _check_disjoint(pos, neg, corpus, path, line):
@@ -378,13 +396,12 @@ def _check_disjoint(pos, neg, corpus, path, line):
 def _read_pairs_texts(path: Path) -> tuple[Corpus, TrainExamples]:
     """FlagEmbedding style: pos/neg are texts; documents are deduplicated by normalised text."""
     ids, texts, index = [], [], {}
-    ex = TrainExamples([], [], [], [], [], str(path), "pairs-text")
+    ex = TrainExamples.empty(path, "pairs-text")
     seen: dict[str, int] = {}
 
     def doc_row(t, key, j, line) -> int:
-        if not isinstance(t, str):
-            raise file_error(path, line, f"{key}[{j}] must be a text (string), got "
-                             f"{type(t).__name__} (pass --corpus when entries are corpus ids)")
+        _expect(t, str, path, line, f"{key}[{j}] must be a text (string)",
+                hint=" (pass --corpus when entries are corpus ids)")
         if not t.strip():
             raise file_error(path, line, f"{key}[{j}] is an empty text")
         did = text_id(t)
@@ -398,10 +415,7 @@ def _read_pairs_texts(path: Path) -> tuple[Corpus, TrainExamples]:
     for line, obj in iter_jsonl(path):
         qid = _query_id(obj, path, line, seen)
         query = _text(obj, "query", path, line, what="query text")
-        pos = _dedup([doc_row(t, "pos", j, line) for j, t in
-                      enumerate(_list(obj, "pos", path, line, required=True))])
-        neg = _dedup([doc_row(t, "neg", j, line) for j, t in
-                      enumerate(_list(obj, "neg", path, line, required=False))])
+        pos, neg = _pos_neg(obj, doc_row, "pos", "neg", path, line)
         if set(pos) & set(neg):
             raise file_error(path, line, "a negative text equals a positive text (after "
                              "normalising case and whitespace)")
@@ -417,13 +431,11 @@ def _read_tevatron(path: Path, corpus: Corpus | None) -> tuple[Corpus, TrainExam
     must carry the same text)."""
     own = corpus is None
     ids, texts, titles, index, doc_line = [], [], [], {}, {}
-    ex = TrainExamples([], [], [], [], [], str(path), "tevatron")
+    ex = TrainExamples.empty(path, "tevatron")
     seen: dict[str, int] = {}
 
     def doc_row(p, key, j, line) -> int:
-        if not isinstance(p, dict):
-            raise file_error(path, line, f"{key}[{j}] must be an object with docid/text, got "
-                             f"{type(p).__name__}")
+        _expect(p, dict, path, line, f"{key}[{j}] must be an object with docid/text")
         did = _id(p, ("docid", "_id", "id"), path, line, f"{key}[{j}] docid")
         if not own:
             r = corpus.index.get(did)
@@ -452,10 +464,7 @@ def _read_tevatron(path: Path, corpus: Corpus | None) -> tuple[Corpus, TrainExam
             raise file_error(path, line, f"duplicate query_id {qid!r} (first on line {seen[qid]})")
         seen[qid] = line
         query = _text(obj, "query", path, line, what="query text")
-        pos = _dedup([doc_row(p, "positive_passages", j, line) for j, p in
-                      enumerate(_list(obj, "positive_passages", path, line, required=True))])
-        neg = _dedup([doc_row(p, "negative_passages", j, line) for j, p in
-                      enumerate(_list(obj, "negative_passages", path, line, required=False))])
+        pos, neg = _pos_neg(obj, doc_row, "positive_passages", "negative_passages", path, line)
         if set(pos) & set(neg):
             doc = (ids if own else corpus.ids)[min(set(pos) & set(neg))]
             raise file_error(path, line, f"negative passage {doc!r} is also a positive")
@@ -473,7 +482,7 @@ def _read_beir(path: Path, corpus: Corpus, qrels_path: Path) -> TrainExamples:
     file); a judged query without any positive is an error."""
     queries = read_queries(path)
     qrels = read_qrels(qrels_path, corpus=corpus, query_ids=queries.ids)
-    ex = TrainExamples([], [], [], [], [], str(path), "beir")
+    ex = TrainExamples.empty(path, "beir")
     qline = {}
     for line, obj in iter_jsonl(path):
         qline[str(obj.get("_id", obj.get("id")))] = line

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from negjax.data.formats import Corpus, TrainExamples, read_training
-from negjax.data.token_store import default_cache_dir
+from negjax.utils import default_cache_dir
 from negjax.errors import NegjaxError
 
 

@@ -31,18 +31,10 @@ from typing import Sequence
 import numpy as np
 
 from negjax.errors import NegjaxError
-from negjax.utils import progress
+from negjax.utils import default_cache_dir, progress
 
 FORMAT_VERSION = 1
 _CHUNK = 8192  # texts per encode_batch call
-
-
-def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """cache_dir, else $NEGJAX_CACHE, else ~/.cache/negjax."""
-    if cache_dir:
-        return Path(cache_dir)
-    env = os.environ.get("NEGJAX_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "negjax"
 
 
 # ---------------------------------------------------------------------------------------------

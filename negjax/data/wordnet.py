@@ -142,7 +142,7 @@ def ensure_exported(cache_dir: str | os.PathLike | None = None) -> Path:
     processes of one job) never see a half-written directory; the loser of the race discards
     its copy.
     """
-    from negjax.data.token_store import default_cache_dir
+    from negjax.utils import default_cache_dir
 
     root = default_cache_dir(cache_dir)
     target = root / f"wordnet-{version()}"

@@ -290,20 +290,18 @@ def run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, que
     _barrier("prepared")
 
     # -- encode ------------------------------------------------------------------------------
-    t = time.perf_counter()
     _log(f"encoding {n_docs:,} documents and {nq:,} queries ({pc} process(es), "
          f"{jax.local_device_count()} local device(s) each)")
-    doc_emb, doc_info = encode_chunked(enc, params, corpus.texts, tower="doc",
-                                       max_length=doc_max_len, batch_size=mc.encode_batch_size,
-                                       chunk=mc.encode_chunk, stage="doc",
-                                       directory=work / "emb" / f"doc-{doc_key[:16]}")
-    timings["encode_docs_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    q_emb, q_info = encode_chunked(enc, params, examples.queries, tower="query",
-                                   max_length=query_max_len, batch_size=mc.encode_batch_size,
-                                   chunk=mc.encode_chunk, stage="query",
-                                   directory=work / "emb" / f"query-{query_key[:16]}")
-    timings["encode_queries_s"] = time.perf_counter() - t
+    emb, enc_info = {}, {}
+    for tower, texts, max_len, key, what in (
+            ("doc", corpus.texts, doc_max_len, doc_key, "docs"),
+            ("query", examples.queries, query_max_len, query_key, "queries")):
+        t = time.perf_counter()
+        emb[tower], enc_info[tower] = encode_chunked(
+            enc, params, texts, tower=tower, max_length=max_len, batch_size=mc.encode_batch_size,
+            chunk=mc.encode_chunk, stage=tower, directory=work / "emb" / f"{tower}-{key[:16]}")
+        timings[f"encode_{what}_s"] = time.perf_counter() - t
+    doc_emb, q_emb = emb["doc"], emb["query"]
 
     # -- index -------------------------------------------------------------------------------
     t = time.perf_counter()
@@ -377,7 +375,7 @@ def run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, que
         timings["total_s"] = time.perf_counter() - t_start
         rep = report_mod.build_report(parts, edges=edges, k=k, counts=counts, filters=filters_info,
                                       index=index_info, model=model_info, timings=timings,
-                                      encode={"doc": doc_info, "query": q_info},
+                                      encode=enc_info,
                                       inputs={"corpus": str(corpus_path or ""),
                                               "train": str(train_path)},
                                       out_dir=str(out), build_seconds=build_s)

@@ -21,9 +21,29 @@ from jax.sharding import PartitionSpec as P
 
 from negjax.errors import NegjaxError
 
+_INV_SQRT2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@jax.custom_jvp
+def gelu_exact(x):
+    """The exact (erf) GELU, x * Phi(x). Its own derivative Phi(x) + x * phi(x): under
+    `shard_map` with varying-axis checks, jax 0.12's differentiation of `jax.nn.gelu(...,
+    approximate=False)` fails (erf's JVP builds a polynomial from unvarying constants)."""
+    return x * (0.5 * (1.0 + jax.lax.erf(x * jnp.asarray(_INV_SQRT2, x.dtype))))
+
+
+@gelu_exact.defjvp
+def _gelu_exact_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    cdf = 0.5 * (1.0 + jax.lax.erf(x * jnp.asarray(_INV_SQRT2, x.dtype)))
+    pdf = jnp.exp(-0.5 * x * x) * jnp.asarray(_INV_SQRT_2PI, x.dtype)
+    return x * cdf, (cdf + x * pdf) * t
+
+
 # Hugging Face `hidden_act` names -> activation. "gelu" is the exact (erf) GELU.
 _ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu_exact,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),

@@ -9,7 +9,7 @@ NAME is one of
 - 'tiny': a small BERT from scratch (random init, seed 0; `model_cfg` sets its shape);
 - 'minilm': the packaged all-MiniLM-L6-v2;
 - a Hugging Face / sentence-transformers directory (config.json + safetensors);
-- a negjax training workdir (its latest checkpoint), its `checkpoints/` directory or one
+- a training workdir (its latest checkpoint), its `checkpoints/` directory or one
   `checkpoints/<step>/` directory: the encoder its saved config.toml describes, with the
   parameters of that step.
 
@@ -53,7 +53,7 @@ def find_checkpoint(path) -> tuple[Path, Path, int]:
             elif step not in steps:
                 raise NegjaxError(f"{ckdir}: no checkpoint for step {step}")
             return workdir, ckdir, step
-    raise NegjaxError(f"{path}: not a negjax training workdir or checkpoint "
+    raise NegjaxError(f"{path}: not a training workdir or checkpoint "
                       f"(expected {CONFIG_NAME} and {CHECKPOINTS}/<step>/)")
 
 
@@ -93,7 +93,7 @@ def _encoder_of(name: str, model_cfg: ModelConfig | None) -> tuple[Encoder, dict
                      "_ckdir": ckdir}
     if name not in BUILT_IN and not Path(name).expanduser().exists():
         raise NegjaxError(f"{name}: model not found (expected 'tiny', 'minilm', a Hugging Face "
-                          "directory, or a negjax training workdir / checkpoint directory)")
+                          "directory, or a training workdir / checkpoint directory)")
     if name not in BUILT_IN and not (Path(name).expanduser() / "config.json").is_file() \
             and not (Path(name).expanduser() / "modules.json").is_file():
         raise NegjaxError(f"{name}: neither a training workdir/checkpoint ({CONFIG_NAME} + "

