@@ -80,3 +80,55 @@ def test_console_script_installed():
                            "print([e.value for e in m.entry_points(group='console_scripts') if e.name == 'negjax'])"],
                           capture_output=True, text=True)
     assert "negjax.cli:entry" in proc.stdout
+
+
+def test_configs_are_frozen_and_updated_makes_a_validated_copy():
+    import dataclasses
+
+    cfg = config.load_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.steps = 3
+    new = config.updated(cfg, {"train.steps": 3, "mining.negatives_kept": 4})
+    assert (new.train.steps, new.mining.negatives_kept) == (3, 4)
+    assert cfg.train.steps == 1000 and cfg.mining.negatives_kept == 32  # unchanged
+    with pytest.raises(NegjaxError, match="train.steps"):
+        config.updated(cfg, {"train.steps": 0})
+
+
+@pytest.mark.parametrize("old, new, value", [(o, n, 7) for o, n in config.RENAMED.items()])
+def test_renamed_keys_still_work_with_a_warning(tmp_path, old, new, value):
+    from negjax.errors import NegjaxDeprecationWarning
+
+    section, key = old.split(".")
+    path = tmp_path / "old.toml"
+    path.write_text(f"[{section}]\n{key} = {value}\n")
+    for args in ((path, []), (None, [f"{old}={value}"])):
+        with pytest.warns(NegjaxDeprecationWarning, match=f"{old}.*use '{new}'"):
+            cfg = config.load_config(*args)
+        got = cfg
+        for part in new.split("."):
+            got = getattr(got, part)
+        assert got == value
+    assert old not in config.to_toml(cfg) and new.split(".")[1] in config.to_toml(cfg)
+
+
+def test_renamed_flags_still_work_with_a_warning():
+    from negjax.cli import build_parser
+    from negjax.errors import NegjaxDeprecationWarning
+
+    parser = build_parser()
+    with pytest.warns(NegjaxDeprecationWarning, match="--num-negatives.*--negatives-kept"):
+        args = parser.parse_args(["mine", "--out", "x", "--num-negatives", "3", "--batch-size",
+                                  "8", "--max-length", "40"])
+    assert (args.negatives_kept, args.encode_batch_size, args.doc_max_length) == (3, 8, 40)
+    args = parser.parse_args(["mine", "--out", "x", "--negatives-kept", "5"])
+    assert args.negatives_kept == 5 and args.encode_batch_size is None
+    with pytest.warns(NegjaxDeprecationWarning, match="--batch-size"):
+        args = parser.parse_args(["eval", "--model", "tiny", "--batch-size", "16"])
+    assert args.encode_batch_size == 16
+    assert parser.parse_args(["encode", "--input", "i", "--output", "o"]).encode_batch_size == 128
+    # the CLI prints the warning as one readable line
+    proc = run_negjax("mine", "--out", "/nonexistent/x", "--num-negatives", "3", "--rank-range", "5:2")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 2
+    assert lines[0].startswith("negjax: warning: flag --num-negatives is deprecated")

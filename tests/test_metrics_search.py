@@ -1,10 +1,12 @@
 """Search and metrics against independent implementations (NumPy argsort, ranx)."""
 
+import os
+
 import numpy as np
 import pytest
 
 from negjax.evaluation.metrics import evaluate_rankings
-from negjax.search.index import ScannIndex, exact_search, recall_at_k
+from negjax.search.index import ScannIndex, ScannParams, exact_search, recall_at_k
 
 
 def test_exact_search_matches_argsort():
@@ -65,3 +67,25 @@ def test_metrics_match_ranx():
     theirs = ranx.evaluate(r_qrels, r_run, ["recall@1", "recall@10", "recall@100", "mrr@10", "ndcg@10"])
     for m, v in theirs.items():
         assert ours[m] == pytest.approx(v, abs=1e-9), m
+
+
+def test_scann_native_log_lines_hidden_unless_verbose(capfd):
+    from negjax.utils import quiet_native_logs, set_verbose
+
+    x = np.random.default_rng(0).normal(size=(3000, 16)).astype(np.float32)
+    params = ScannParams(num_leaves=20, leaves_to_search=4, reorder=50)
+    try:
+        capfd.readouterr()
+        ScannIndex.build(x, 10, params)       # ScaNN logs its partitioner through absl (fd 2)
+        assert "partitioner" not in capfd.readouterr().err
+        set_verbose(True)
+        ScannIndex.build(x, 10, params)
+        assert "partitioner" in capfd.readouterr().err
+    finally:
+        set_verbose(False)
+    # A failing quiet block replays what native code wrote, then raises.
+    with pytest.raises(RuntimeError, match="boom"):
+        with quiet_native_logs():
+            os.write(2, b"native detail\n")
+            raise RuntimeError("boom")
+    assert "native detail" in capfd.readouterr().err

@@ -43,7 +43,7 @@ keep = 2
 
 [eval]
 max_queries = 40
-batch_size = 64
+encode_batch_size = 64
 """
 
 
@@ -276,3 +276,41 @@ def test_quickstart_end_to_end_on_small_data(tmp_path, small_data):
     assert manifest["model"]["step"] == 4
     meta = json.loads((work / "round2" / "checkpoints" / "4" / "meta" / "metadata").read_text())
     assert meta["negatives"] == str(work / "negatives") and meta["data"]["stats"]["negatives"] > 0
+
+
+def test_training_workdir_is_a_model_for_every_command(tmp_path, small_data):
+    """One loader: a workdir, its checkpoints dir and a step dir load the same trained params,
+    and encode / export / eval / mine accept them like any other --model."""
+    from negjax.model import encode_texts
+    from negjax.model.loader import load_model
+
+    cfg = write_config(tmp_path, small_data, steps=3)
+    work = tmp_path / "w"
+    r = subprocess.run(train_cmd(cfg, work), env=subprocess_env(2), capture_output=True,
+                       text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    enc, params, info = load_model(work)
+    assert info["step"] == 3 and info["path"] == str(work.absolute())
+    for other in (work / "checkpoints", work / "checkpoints" / "3"):
+        _, p2, i2 = load_model(other)
+        assert i2["step"] == 3
+        assert all(np.array_equal(a, b) for a, b in zip(jax_leaves(params), jax_leaves(p2)))
+    texts = ["a quick test", "another sentence about words"]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    r = run_negjax("encode", "--model", work / "checkpoints" / "3", "--input", tmp_path / "in.jsonl",
+                   "--output", tmp_path / "e.npy", env=subprocess_env(1))
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = encode_texts(enc, params, texts, tower="query", batch_size=8)
+    np.testing.assert_allclose(np.load(tmp_path / "e.npy"), want, rtol=1e-5, atol=1e-6)
+    r = run_negjax("export", "--checkpoint", work, "--out", tmp_path / "hf", env=subprocess_env(1))
+    assert r.returncode == 0 and "step 3" in r.stdout, r.stderr[-3000:]
+    r = run_negjax("encode", "--model", tmp_path / "nowhere", "--input", tmp_path / "in.jsonl",
+                   "--output", tmp_path / "x.npy", env=subprocess_env(1))
+    assert r.returncode == 2 and "model not found" in r.stderr
+    assert not (tmp_path / "x.npy").exists()
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)

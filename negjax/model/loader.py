@@ -34,6 +34,7 @@ from negjax.model.encoder import Encoder, load_encoder
 CONFIG_NAME = "config.toml"      # the resolved config of a training run, in its workdir
 CHECKPOINTS = "checkpoints"      # orbax: one directory per step
 STATE_ITEM = "state"             # the TrainState item of a checkpoint (params["model"] inside)
+META_ITEM = "meta"               # its JSON item (data iterator state, negatives in use, step)
 BUILT_IN = ("tiny", "minilm")
 
 
@@ -72,7 +73,8 @@ def restore_model_params(ckdir: Path, step: int) -> dict:
     import orbax.checkpoint as ocp
 
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    with ocp.CheckpointManager(ckdir, item_names=(STATE_ITEM,)) as mgr:
+    handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(), META_ITEM: ocp.JsonCheckpointHandler()}
+    with ocp.CheckpointManager(ckdir, item_handlers=handlers) as mgr:
         meta = mgr.item_metadata(step)[STATE_ITEM]
         tree = getattr(meta, "tree", meta)
         like = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)

@@ -21,7 +21,7 @@ import jax
 
 from negjax.config import Config, CheckpointConfig, load_config
 from negjax.errors import NegjaxError
-from negjax.model.loader import CONFIG_NAME, STATE_ITEM
+from negjax.model.loader import CONFIG_NAME, META_ITEM, STATE_ITEM
 
 
 class Checkpointer:
@@ -40,7 +40,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=cm.AnyPreservationPolicy(policies),
             enable_async_checkpointing=cfg.async_save, create=True)
-        self.manager = ocp.CheckpointManager(self.dir, options=options, item_names=(STATE_ITEM, "meta"))
+        self.manager = ocp.CheckpointManager(self.dir, options=options, item_names=(STATE_ITEM, META_ITEM))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
