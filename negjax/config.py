@@ -82,6 +82,9 @@ class LossConfig:
     max_temperature: float = f(1.0, "upper clip of a learnable temperature")
     symmetric: bool = f(False, "add the document->query direction over positives")
     chunk_size: int = f(0, "columns per block of the chunked loss; 0 = materialise the matrix")
+    collective: str = f("gather", "'gather' (all-gather the documents to every device) or 'ring' "
+                        "(pass them around the devices; O(chunk) instead of O(global batch) "
+                        "memory per device, for very large global batches)")
     memory_bank_size: int = f(0, "MoCo-style queue of past document embeddings; 0 = off")
     momentum: float = f(0.999, "EMA decay of the momentum document encoder feeding the bank")
 
@@ -171,6 +174,7 @@ _CHOICES = {
     "model.pooling": ("", "mean", "cls"),
     "data.negative_sampling": ("top", "random"),
     "loss.chunk_size": None,
+    "loss.collective": ("gather", "ring"),
     "train.schedule": ("linear", "cosine", "constant"),
     "mining.index": ("scann", "exact"),
     "mining.sampling": ("top", "random"),

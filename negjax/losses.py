@@ -27,6 +27,16 @@ owners. Called from inside a shard_map that is already manual over `data` (of an
 included), the arguments are taken as the local shards, the collectives are used directly and
 the results are the same on every device.
 
+Ring (`collective="ring"`, Inf-CL, arXiv 2410.17243): nothing is gathered. Each device cuts its
+columns (documents, then its memory-bank shard) into pieces of `chunk_size` columns, and every
+piece travels once around the devices (`lax.ppermute` to the next device, the next hop's
+transfer issued before the current piece's matmul); each device folds the pieces that pass
+into its own queries' online log-sum-exp. The backward pass (a custom VJP) sends the pieces
+around again, each carrying the gradient accumulated for it, so after a full circle a piece's
+gradient arrives back at its owner. Per-device memory is O(b x c + c x D) beyond the inputs
+instead of O(B x G x D); masks, groups, symmetric, bank columns and temperature are those of
+the gather path (same column ids, same targets), and so are the results.
+
 Chunking (`chunk_size=c`): columns are processed in blocks of `c` with an online log-sum-exp
 inside a `custom_vjp` whose backward pass recomputes each block, so per-device memory is
 O(b x c) instead of O(b x N). A column count that `c` does not divide is padded (padding is
@@ -51,6 +61,7 @@ from jax import lax
 from negjax.errors import NegjaxError
 
 AXIS = "data"
+COLLECTIVES = ("gather", "ring")
 # TPUs/GPUs would otherwise run f32 matmuls in bf16/tf32; logits are divided by a small
 # temperature, so their error would be amplified ~20x.
 _PRECISION = lax.Precision.HIGHEST
@@ -68,12 +79,12 @@ def _key_match(row_keys, col_keys):
     return eq.any(axis=(2, 3))
 
 
-def _block_masks(col_start, ncols, targets, row_keys, col_keys, n_valid):
-    """(onehot, neg) [b, c] bool for columns col_start..col_start+ncols: the target column, and
-    the columns that enter the softmax as negatives."""
-    col = col_start + jnp.arange(ncols)
-    onehot = col[None, :] == targets[:, None]
-    neg = ~onehot & (col[None, :] < n_valid)
+def _block_masks(col_ids, valid, targets, row_keys, col_keys):
+    """(onehot, neg) [b, c] bool for a block of columns with global ids `col_ids [c]` (-1 for
+    columns that are nobody's target: memory-bank columns, padding) and `valid [c]` (False
+    for padding): the target column, and the columns that enter the softmax as negatives."""
+    onehot = col_ids[None, :] == targets[:, None]
+    neg = ~onehot & valid[None, :]
     if row_keys is not None:
         neg = neg & ~_key_match(row_keys, col_keys)
     return onehot, neg
@@ -130,7 +141,8 @@ def _dense_ce(rows, cols, scale, targets, row_keys, col_keys, with_stats):
     Returns (loss_sum [] f32, stats dict of [] f32 sums, or None)."""
     sim = jnp.matmul(rows, cols.T, precision=_PRECISION)
     logits = sim * scale
-    onehot, neg = _block_masks(0, cols.shape[0], targets, row_keys, col_keys, cols.shape[0])
+    ids = jnp.arange(cols.shape[0])
+    onehot, neg = _block_masks(ids, ids >= 0, targets, row_keys, col_keys)
     lse = jax.nn.logsumexp(jnp.where(onehot | neg, logits, -jnp.inf), axis=1)
     tgt = jnp.sum(jnp.where(onehot, logits, 0.0), axis=1)
     loss_sum = jnp.sum(lse - tgt)
@@ -145,55 +157,89 @@ def _dense_ce(rows, cols, scale, targets, row_keys, col_keys, with_stats):
 # The chunked core: online log-sum-exp + recomputing custom VJP
 # ---------------------------------------------------------------------------------------
 
-def _pad_cols(cols, col_keys, chunk):
+def _pad_cols(cols, col_keys, chunk, col_ids=None):
+    """Columns [n, D] (+ keys [n, Pc], ids [n]) -> blocks [nblocks, chunk, ...] padded with
+    invalid columns; also returns the blocks' ids (default: 0..n-1), validity and count."""
     n = cols.shape[0]
     nblocks = -(-n // chunk)
     pad = nblocks * chunk - n
+    if col_ids is None:
+        col_ids = jnp.arange(n)
+    valid = jnp.pad(jnp.ones((n,), bool), (0, pad)).reshape(nblocks, chunk)
+    ids = jnp.pad(col_ids, (0, pad), constant_values=-1).reshape(nblocks, chunk)
     cols = jnp.pad(cols, ((0, pad), (0, 0))).reshape(nblocks, chunk, cols.shape[1])
     if col_keys is not None:
         col_keys = jnp.pad(col_keys, ((0, pad), (0, 0)), constant_values=-1)
         col_keys = col_keys.reshape(nblocks, chunk, col_keys.shape[1])
-    return cols, col_keys, nblocks
+    return cols, col_keys, ids, valid, nblocks
 
 
-def _chunked_forward(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats):
-    n = cols.shape[0]
+def _init_carry(rows, with_stats, *refs):
+    """The online log-sum-exp state of `rows`: (running max, running sum, target logit,
+    statistics), typed like `refs` inside shard_map."""
     b = rows.shape[0]
-    blocks, key_blocks, nblocks = _pad_cols(cols, col_keys, chunk)
-    inv_r = _inv_norm(rows) if with_stats else None
     ninf = jnp.float32(-jnp.inf)
-
-    def step(carry, xs):
-        k, blk, kblk = xs
-        m, l, tgt, st = carry
-        sim = jnp.matmul(rows, blk.T, precision=_PRECISION)
-        logits = sim * scale
-        onehot, neg = _block_masks(k * chunk, chunk, targets, row_keys, kblk, n)
-        keep = onehot | neg
-        m_new = jnp.maximum(m, jnp.max(jnp.where(keep, logits, ninf), axis=1))
-        # Rows whose columns so far were all masked keep m = -inf; shift by 0 then.
-        shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        l = l * jnp.exp(m - shift) + jnp.sum(jnp.where(keep, jnp.exp(logits - shift[:, None]), 0.0), axis=1)
-        tgt = tgt + jnp.sum(jnp.where(onehot, logits, 0.0), axis=1)
-        if with_stats:
-            s = _block_stats(sim, onehot, neg, inv_r, _inv_norm(blk))
-            st = dict(
-                tgt_sim=st["tgt_sim"] + s["tgt_sim"], pos_cos=st["pos_cos"] + s["pos_cos"],
-                best_neg_sim=jnp.maximum(st["best_neg_sim"], s["best_neg_sim"]),
-                hard_cos=jnp.maximum(st["hard_cos"], s["hard_cos"]),
-                neg_cos=st["neg_cos"] + s["neg_cos"], neg_count=st["neg_count"] + s["neg_count"])
-        return (m_new, l, tgt, st), None
-
     zeros = jnp.zeros((b,), jnp.float32)
     st0 = None
     if with_stats:
         st0 = dict(tgt_sim=zeros, pos_cos=zeros, best_neg_sim=jnp.full((b,), ninf),
                    hard_cos=jnp.full((b,), ninf), neg_cos=zeros, neg_count=zeros)
-    init = _match_vma((jnp.full((b,), ninf), zeros, zeros, st0), rows, cols, scale)
-    (m, l, tgt, st), _ = lax.scan(step, init, (jnp.arange(nblocks), blocks, key_blocks))
+    return _match_vma((jnp.full((b,), ninf), zeros, zeros, st0), rows, *refs)
+
+
+def _fwd_block(carry, rows, blk, ids, valid, kblk, scale, targets, row_keys, inv_r):
+    """Fold one block of columns into the online log-sum-exp state `carry`."""
+    m, l, tgt, st = carry
+    ninf = jnp.float32(-jnp.inf)
+    sim = jnp.matmul(rows, blk.T, precision=_PRECISION)
+    logits = sim * scale
+    onehot, neg = _block_masks(ids, valid, targets, row_keys, kblk)
+    keep = onehot | neg
+    m_new = jnp.maximum(m, jnp.max(jnp.where(keep, logits, ninf), axis=1))
+    # Rows whose columns so far were all masked keep m = -inf; shift by 0 then.
+    shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    l = l * jnp.exp(m - shift) + jnp.sum(jnp.where(keep, jnp.exp(logits - shift[:, None]), 0.0), axis=1)
+    tgt = tgt + jnp.sum(jnp.where(onehot, logits, 0.0), axis=1)
+    if st is not None:
+        s = _block_stats(sim, onehot, neg, inv_r, _inv_norm(blk))
+        st = dict(
+            tgt_sim=st["tgt_sim"] + s["tgt_sim"], pos_cos=st["pos_cos"] + s["pos_cos"],
+            best_neg_sim=jnp.maximum(st["best_neg_sim"], s["best_neg_sim"]),
+            hard_cos=jnp.maximum(st["hard_cos"], s["hard_cos"]),
+            neg_cos=st["neg_cos"] + s["neg_cos"], neg_count=st["neg_count"] + s["neg_count"])
+    return m_new, l, tgt, st
+
+
+def _finish_forward(carry, with_stats):
+    """(loss sum, stats or None, lse [b]) of a finished online log-sum-exp state."""
+    m, l, tgt, st = carry
     lse = m + jnp.log(l)
-    stats = _finish_stats(st) if with_stats else None
-    return jnp.sum(lse - tgt), stats, lse
+    return jnp.sum(lse - tgt), (_finish_stats(st) if with_stats else None), lse
+
+
+def _bwd_block(rows, blk, ids, valid, kblk, scale, targets, row_keys, lse, g):
+    """One block's share of the backward pass: (d rows, d scale, d block)."""
+    sim = jnp.matmul(rows, blk.T, precision=_PRECISION)
+    logits = sim * scale
+    onehot, neg = _block_masks(ids, valid, targets, row_keys, kblk)
+    p = jnp.where(onehot | neg, jnp.exp(logits - lse[:, None]), 0.0)
+    dlogits = g * (p - onehot.astype(jnp.float32))       # d loss_sum / d logits
+    dsim = dlogits * scale
+    return (jnp.matmul(dsim, blk, precision=_PRECISION), jnp.sum(dlogits * sim),
+            jnp.matmul(dsim.T, rows, precision=_PRECISION))
+
+
+def _chunked_forward(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats):
+    blocks, key_blocks, ids, valid, _ = _pad_cols(cols, col_keys, chunk)
+    inv_r = _inv_norm(rows) if with_stats else None
+
+    def step(carry, xs):
+        blk, kblk, bids, bvalid = xs
+        return _fwd_block(carry, rows, blk, bids, bvalid, kblk, scale, targets, row_keys, inv_r), None
+
+    carry, _ = lax.scan(step, _init_carry(rows, with_stats, cols, scale),
+                        (blocks, key_blocks, ids, valid))
+    return _finish_forward(carry, with_stats)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -212,23 +258,16 @@ def _chunked_ce_bwd(chunk, with_stats, res, cotangents):
     rows, cols, scale, targets, row_keys, col_keys, lse = res
     g = cotangents[0]  # the statistics carry no gradient
     n, dim = cols.shape
-    blocks, key_blocks, nblocks = _pad_cols(cols, col_keys, chunk)
+    blocks, key_blocks, ids, valid, nblocks = _pad_cols(cols, col_keys, chunk)
 
     def step(carry, xs):
-        k, blk, kblk = xs
+        blk, kblk, bids, bvalid = xs
         drows, dscale = carry
-        sim = jnp.matmul(rows, blk.T, precision=_PRECISION)
-        logits = sim * scale
-        onehot, neg = _block_masks(k * chunk, chunk, targets, row_keys, kblk, n)
-        p = jnp.where(onehot | neg, jnp.exp(logits - lse[:, None]), 0.0)
-        dlogits = g * (p - onehot.astype(jnp.float32))       # d loss_sum / d logits
-        dsim = dlogits * scale
-        drows = drows + jnp.matmul(dsim, blk, precision=_PRECISION)
-        dblk = jnp.matmul(dsim.T, rows, precision=_PRECISION)
-        return (drows, dscale + jnp.sum(dlogits * sim)), dblk
+        dr, ds, dblk = _bwd_block(rows, blk, bids, bvalid, kblk, scale, targets, row_keys, lse, g)
+        return (drows + dr, dscale + ds), dblk
 
     init = _match_vma((jnp.zeros_like(rows), jnp.zeros((), jnp.float32)), rows, cols, scale)
-    (drows, dscale), dblocks = lax.scan(step, init, (jnp.arange(nblocks), blocks, key_blocks))
+    (drows, dscale), dblocks = lax.scan(step, init, (blocks, key_blocks, ids, valid))
     dcols = dblocks.reshape(nblocks * chunk, dim)[:n]
     return drows, dcols, dscale.astype(scale.dtype), None, None, None
 
@@ -247,14 +286,106 @@ def _ce(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats):
 
 
 # ---------------------------------------------------------------------------------------
+# The ring: column blocks travel around the devices instead of being gathered
+# ---------------------------------------------------------------------------------------
+
+def _ring_pieces(cols, col_keys, col_ids, chunk):
+    """This device's columns as the pieces that travel the ring: `chunk` columns each (all of
+    them when chunk is None), so a device holds O(chunk x D) of other devices' columns."""
+    size = cols.shape[0] if chunk is None else min(chunk, cols.shape[0])
+    return _pad_cols(cols, col_keys, size, col_ids)
+
+
+def _ring_forward(rows, cols, scale, targets, row_keys, col_keys, col_ids, chunk, with_stats, axis):
+    n = lax.axis_size(axis)
+    perm = [(i, (i + 1) % n) for i in range(n)]
+    blocks, key_blocks, ids, valid, _ = _ring_pieces(cols, col_keys, col_ids, chunk)
+    inv_r = _inv_norm(rows) if with_stats else None
+
+    def piece(carry, own):
+        def hop(inner, _):
+            carry, cur = inner
+            nxt = lax.ppermute(cur, axis, perm)   # issued before this hop's compute
+            blk, kblk, bids, bvalid = cur
+            carry = _fwd_block(carry, rows, blk, bids, bvalid, kblk, scale, targets, row_keys,
+                               inv_r)
+            return (carry, nxt), None
+        own = _match_vma(own, rows, cols, scale)  # e.g. the padding mask is a constant
+        (carry, _), _ = lax.scan(hop, (carry, own), None, length=n)
+        return carry, None
+
+    carry, _ = lax.scan(piece, _init_carry(rows, with_stats, cols, scale),
+                        (blocks, key_blocks, ids, valid))
+    return _finish_forward(carry, with_stats)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _ring_ce(rows, cols, scale, targets, row_keys, col_keys, col_ids, chunk, with_stats, axis):
+    """`_chunked_ce` over the columns of every device of `axis`, without gathering them: each
+    piece of this device's columns `cols [m, D]` (global ids `col_ids [m]`, -1 = nobody's
+    target) visits every device once, which folds it into its rows' online log-sum-exp."""
+    loss_sum, stats, _ = _ring_forward(rows, cols, scale, targets, row_keys, col_keys, col_ids,
+                                       chunk, with_stats, axis)
+    return loss_sum, stats
+
+
+def _ring_ce_fwd(rows, cols, scale, targets, row_keys, col_keys, col_ids, chunk, with_stats, axis):
+    loss_sum, stats, lse = _ring_forward(rows, cols, scale, targets, row_keys, col_keys, col_ids,
+                                         chunk, with_stats, axis)
+    return (loss_sum, stats), (rows, cols, scale, targets, row_keys, col_keys, col_ids, lse)
+
+
+def _ring_ce_bwd(chunk, with_stats, axis, res, cotangents):
+    rows, cols, scale, targets, row_keys, col_keys, col_ids, lse = res
+    g = cotangents[0]
+    n = lax.axis_size(axis)
+    perm = [(i, (i + 1) % n) for i in range(n)]
+    m, dim = cols.shape
+    blocks, key_blocks, ids, valid, nblocks = _ring_pieces(cols, col_keys, col_ids, chunk)
+
+    def piece(carry, own):
+        # The piece travels with the gradient accumulated for it; after n hops both are back
+        # at the piece's owner (Inf-CL returns column gradients the same way).
+        def hop(inner, _):
+            (drows, dscale), cur, dacc = inner
+            nxt = lax.ppermute(cur, axis, perm)
+            blk, kblk, bids, bvalid = cur
+            dr, ds, dblk = _bwd_block(rows, blk, bids, bvalid, kblk, scale, targets, row_keys,
+                                      lse, g)
+            dacc = lax.ppermute(dacc + dblk, axis, perm)
+            return ((drows + dr, dscale + ds), nxt, dacc), None
+        own, dacc0 = _match_vma((own, jnp.zeros_like(own[0])), rows, cols, scale)
+        (carry, _, dacc), _ = lax.scan(hop, (carry, own, dacc0), None, length=n)
+        return carry, dacc
+
+    init = _match_vma((jnp.zeros_like(rows), jnp.zeros((), jnp.float32)), rows, cols, scale)
+    (drows, dscale), dblocks = lax.scan(piece, init, (blocks, key_blocks, ids, valid))
+    dcols = dblocks.reshape(nblocks * blocks.shape[1], dim)[:m]
+    return drows, dcols, dscale.astype(scale.dtype), None, None, None, None
+
+
+_ring_ce.defvjp(_ring_ce_fwd, _ring_ce_bwd)
+
+
+def _ring(rows, cols, scale, targets, row_keys, col_keys, col_ids, chunk, with_stats, axis):
+    rows, cols, scale = _match_vma((rows, cols, scale), rows, cols, scale)
+    return _ring_ce(rows, cols, scale, targets, row_keys, col_keys, col_ids, chunk, with_stats,
+                    axis)
+
+
+# ---------------------------------------------------------------------------------------
 # Per-device body and the mesh dispatch
 # ---------------------------------------------------------------------------------------
 
 def _local_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, *, group_size, symmetric,
-                 chunk, with_stats, axis):
+                 chunk, with_stats, axis, collective="gather"):
     """Sums over this device's queries. q [b, D], d [b*G, D] (local shards, or the whole batch
     when axis is None), pos_keys [b, P+1] / doc_ids [b*G] int or None, extra [k, D] / extra_ids
     [k] or None. Returns (fwd_sum, bwd_sum or None, stats or None), unreduced."""
+    if collective == "ring" and axis is not None:
+        return _ring_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids,
+                           group_size=group_size, symmetric=symmetric, chunk=chunk,
+                           with_stats=with_stats, axis=axis)
     b = q.shape[0]
     if axis is None:
         offset = 0
@@ -282,6 +413,32 @@ def _local_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, *, group_size
     return fwd, bwd, stats
 
 
+def _ring_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, *, group_size, symmetric,
+                chunk, with_stats, axis):
+    """`_local_terms` with the columns passed around the ring instead of gathered: the same
+    columns (documents, then the memory bank's), ids, masks and targets."""
+    b = q.shape[0]
+    offset = lax.axis_index(axis) * b
+    qidx = offset + jnp.arange(b)
+    cols, col_ids = d, offset * group_size + jnp.arange(d.shape[0])
+    col_keys = None if doc_ids is None else doc_ids[:, None]
+    if extra is not None:
+        cols = jnp.concatenate([cols, lax.stop_gradient(extra)], axis=0)
+        col_ids = jnp.concatenate([col_ids, jnp.full((extra.shape[0],), -1, col_ids.dtype)])
+        if col_keys is not None:
+            eids = (jnp.full((extra.shape[0],), -1, col_keys.dtype) if extra_ids is None
+                    else extra_ids.astype(col_keys.dtype))
+            col_keys = jnp.concatenate([col_keys, eids[:, None]], axis=0)
+    fwd, stats = _ring(q, cols, scale, qidx * group_size, pos_keys, col_keys, col_ids, chunk,
+                       with_stats, axis)
+    bwd = None
+    if symmetric:
+        row_keys = None if doc_ids is None else doc_ids[::group_size][:, None]
+        bwd, _ = _ring(d[::group_size], q, scale, qidx, row_keys, pos_keys, qidx, chunk, False,
+                       axis)
+    return fwd, bwd, stats
+
+
 def _data_axis():
     """(size of the mesh's 'data' axis or 1, whether it is already manual (inside shard_map),
     whether it is Explicit)."""
@@ -294,7 +451,10 @@ def _data_axis():
     return size, manual, explicit
 
 
-def _check(q, d, group_size, query_pos_ids, doc_ids, chunk_size, extra, extra_ids):
+def _check(q, d, group_size, query_pos_ids, doc_ids, chunk_size, extra, extra_ids, collective):
+    if collective not in COLLECTIVES:
+        raise NegjaxError(f"contrastive loss: collective {collective!r} is not one of "
+                          f"{list(COLLECTIVES)}")
     if q.ndim != 2 or d.ndim != 2:
         raise NegjaxError(f"contrastive loss: q and d must be 2-D, got {q.shape} and {d.shape}")
     if group_size < 1 or d.shape != (q.shape[0] * group_size, q.shape[1]):
@@ -318,14 +478,14 @@ def _check(q, d, group_size, query_pos_ids, doc_ids, chunk_size, extra, extra_id
 
 
 def _contrastive(q, d, *, group_size, temperature, query_pos_ids, doc_ids, symmetric,
-                 chunk_size, extra, extra_ids, with_stats):
+                 chunk_size, extra, extra_ids, with_stats, collective="gather"):
     q = jnp.asarray(q, jnp.float32)
     d = jnp.asarray(d, jnp.float32)
     as_int = lambda x: None if x is None else jnp.asarray(x, jnp.int32)  # noqa: E731
     doc_ids, query_pos_ids, extra_ids = as_int(doc_ids), as_int(query_pos_ids), as_int(extra_ids)
     if extra is not None:
         extra = jnp.asarray(extra, jnp.float32)
-    _check(q, d, group_size, query_pos_ids, doc_ids, chunk_size, extra, extra_ids)
+    _check(q, d, group_size, query_pos_ids, doc_ids, chunk_size, extra, extra_ids, collective)
     chunk_size = chunk_size or None  # 0 (the config's "off") = materialise the matrix
     scale = (1.0 / jnp.asarray(temperature, jnp.float32)).reshape(())
     pos_keys = None
@@ -335,7 +495,8 @@ def _contrastive(q, d, *, group_size, temperature, query_pos_ids, doc_ids, symme
             pos_keys = jnp.concatenate([query_pos_ids, pos_keys], axis=1)
 
     n, manual, explicit = _data_axis()
-    kw = dict(group_size=group_size, symmetric=symmetric, chunk=chunk_size, with_stats=with_stats)
+    kw = dict(group_size=group_size, symmetric=symmetric, chunk=chunk_size, with_stats=with_stats,
+              collective=collective)
     args = (q, d, scale, pos_keys, doc_ids, extra, extra_ids)
     if n == 1 and not manual:
         fwd, bwd, stats = _local_terms(*args, axis=None, **kw)
@@ -384,23 +545,25 @@ def _contrastive(q, d, *, group_size, temperature, query_pos_ids, doc_ids, symme
 # ---------------------------------------------------------------------------------------
 
 def contrastive_loss(q, d, *, group_size, temperature, query_pos_ids=None, doc_ids=None,
-                     symmetric=False, chunk_size=None):
+                     symmetric=False, chunk_size=None, collective="gather"):
     """InfoNCE over the global in-batch similarity matrix (see the module docstring).
 
     q [B, D] float, d [B*group_size, D] float (grouped per query, positive first),
     temperature: float or traced [] float32, query_pos_ids [B, P] int (-1 padded),
-    doc_ids [B*group_size] int, chunk_size: columns per block (None or 0 = dense).
+    doc_ids [B*group_size] int, chunk_size: columns per block (None or 0 = dense),
+    collective: 'gather' (all-gather the documents) or 'ring' (pass them around the devices).
     Returns the mean over the B global queries, [] float32.
     """
     loss, _ = _contrastive(q, d, group_size=group_size, temperature=temperature,
                            query_pos_ids=query_pos_ids, doc_ids=doc_ids, symmetric=symmetric,
-                           chunk_size=chunk_size, extra=None, extra_ids=None, with_stats=False)
+                           chunk_size=chunk_size, extra=None, extra_ids=None, with_stats=False,
+                           collective=collective)
     return loss
 
 
 def contrastive_loss_and_metrics(q, d, *, group_size, temperature, query_pos_ids=None,
                                  doc_ids=None, symmetric=False, chunk_size=None,
-                                 extra_docs=None, extra_doc_ids=None):
+                                 extra_docs=None, extra_doc_ids=None, collective="gather"):
     """`contrastive_loss` plus in-batch metrics and optional extra negative columns.
 
     extra_docs [K, D]: negatives appended after the batch's documents (a memory bank); they
@@ -420,7 +583,7 @@ def contrastive_loss_and_metrics(q, d, *, group_size, temperature, query_pos_ids
     return _contrastive(q, d, group_size=group_size, temperature=temperature,
                         query_pos_ids=query_pos_ids, doc_ids=doc_ids, symmetric=symmetric,
                         chunk_size=chunk_size, extra=extra_docs, extra_ids=extra_doc_ids,
-                        with_stats=True)
+                        with_stats=True, collective=collective)
 
 
 def temperature_from_log_scale(log_scale, min_temperature, max_temperature):

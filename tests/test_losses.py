@@ -137,9 +137,12 @@ def in_mesh(mesh):
     return jax.set_mesh(mesh) if mesh is not None else _NoMesh()
 
 
-# variants: (symmetric, chunk_size, with ids)
-VARIANTS = [(False, None, True), (True, None, True), (False, 3, True), (True, 3, True),
-            (False, 5, False), (True, 4, True)]
+# variants: (symmetric, chunk_size, with ids, collective)
+VARIANTS = [(False, None, True, "gather"), (True, None, True, "gather"),
+            (False, 3, True, "gather"), (True, 3, True, "gather"), (False, 5, False, "gather"),
+            (True, 4, True, "gather"),
+            (False, None, True, "ring"), (True, None, True, "ring"), (True, 3, True, "ring"),
+            (False, 5, False, "ring")]
 
 
 @functools.cache
@@ -148,10 +151,11 @@ def _matrix_fn(G):
     so each (devices, G) case compiles once."""
     def all_variants(q, d, pos_ids, doc_ids, temp):
         out = []
-        for sym, chunk, ids in VARIANTS:
+        for sym, chunk, ids, coll in VARIANTS:
             f = lambda q, d, t: contrastive_loss(  # noqa: E731
                 q, d, group_size=G, temperature=t, query_pos_ids=pos_ids if ids else None,
-                doc_ids=doc_ids if ids else None, symmetric=sym, chunk_size=chunk)
+                doc_ids=doc_ids if ids else None, symmetric=sym, chunk_size=chunk,
+                collective=coll)
             out.append(jax.value_and_grad(f, argnums=(0, 1, 2))(q, d, temp))
         return out
     return jax.jit(all_variants)
@@ -165,8 +169,8 @@ def test_matches_numpy_reference(ndev, G):
     with in_mesh(mesh):
         args = put(mesh, q, d, pos_ids, doc_ids)
         results = _matrix_fn(G)(*args, jnp.float32(TEMP))
-    for (sym, chunk, ids), (loss, (gq, gd, gt)) in zip(VARIANTS, results):
-        what = f"devices={ndev} G={G} symmetric={sym} chunk={chunk} ids={ids}"
+    for (sym, chunk, ids, coll), (loss, (gq, gd, gt)) in zip(VARIANTS, results):
+        what = f"devices={ndev} G={G} symmetric={sym} chunk={chunk} ids={ids} {coll}"
         rl, rq, rd, rt, _ = reference(q, d, G, TEMP, pos_ids if ids else None,
                                       doc_ids if ids else None, sym)
         np.testing.assert_allclose(loss, rl, rtol=1e-5, err_msg=what)
@@ -187,8 +191,8 @@ def test_masking_is_exercised():
     np.testing.assert_allclose(got, masked, rtol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [None, 5])
-def test_gathered_layout_targets_own_positive(chunk):
+@pytest.mark.parametrize("chunk, collective", [(None, "gather"), (5, "gather"), (5, "ring")])
+def test_gathered_layout_targets_own_positive(chunk, collective):
     """Catches the interleaved-gather bug: on 4 devices with hard negatives every query is
     identical to its own positive and orthogonal to all other documents, so the loss is tiny
     and top-1 is always the target column i*G. Any other gathered order scores a query
@@ -201,7 +205,7 @@ def test_gathered_layout_targets_own_positive(chunk):
     with jax.set_mesh(mesh):
         qs, ds = put(mesh, q, d)
         loss, metrics = jax.jit(lambda q, d: contrastive_loss_and_metrics(
-            q, d, group_size=G, temperature=0.05, chunk_size=chunk))(qs, ds)
+            q, d, group_size=G, temperature=0.05, chunk_size=chunk, collective=collective))(qs, ds)
     assert float(loss) < 1e-6
     assert float(metrics["accuracy"]) == 1.0
     np.testing.assert_allclose(metrics["pos_cos"], 1.0, rtol=1e-6)
@@ -213,8 +217,9 @@ def test_gathered_layout_targets_own_positive(chunk):
     assert float(bad) > 5.0
 
 
-@pytest.mark.parametrize("chunk", [None, 7])
-def test_metrics_and_memory_bank(chunk):
+@pytest.mark.parametrize("chunk, collective", [(None, "gather"), (7, "gather"), (None, "ring"),
+                                               (7, "ring")])
+def test_metrics_and_memory_bank(chunk, collective):
     """Extra negative columns (memory bank): in the softmax, masked by id, no gradient; the
     metrics match the reference on 4 devices."""
     G, K = 2, 8
@@ -231,7 +236,7 @@ def test_metrics_and_memory_bank(chunk):
     def f(q, d, bank):
         return contrastive_loss_and_metrics(q, d, group_size=G, temperature=TEMP, query_pos_ids=pos_ids,
                                             doc_ids=doc_ids, chunk_size=chunk, extra_docs=bank,
-                                            extra_doc_ids=bank_ids)
+                                            extra_doc_ids=bank_ids, collective=collective)
     with jax.set_mesh(mesh):
         args = put(mesh, q, d, bank)
         (loss, metrics), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(*args)
@@ -246,8 +251,8 @@ def test_metrics_and_memory_bank(chunk):
     assert abs(rl - reference(q, d, G, TEMP, pos_ids, doc_ids)[0]) > 1e-3
 
 
-@pytest.mark.parametrize("ndev", [1, 4])
-def test_inside_user_shard_map_and_unsharded_inputs(ndev):
+@pytest.mark.parametrize("ndev, collective", [(1, "gather"), (4, "gather"), (4, "ring")])
+def test_inside_user_shard_map_and_unsharded_inputs(ndev, collective):
     """Called inside a shard_map that is already manual over 'data' (the train step, GradCache)
     the arguments are the local shards; gradients taken inside it, also w.r.t. a replicated
     temperature through the chunked custom VJP, are right. With unsharded inputs under the
@@ -255,7 +260,7 @@ def test_inside_user_shard_map_and_unsharded_inputs(ndev):
     G = 2
     mesh = jax.make_mesh((ndev,), ("data",), devices=jax.devices()[:ndev])
     q, d, pos_ids, doc_ids = make_batch(G, seed=9)
-    kw = dict(group_size=G, symmetric=True, chunk_size=3)
+    kw = dict(group_size=G, symmetric=True, chunk_size=3, collective=collective)
     rl, rq, rd, rt, _ = reference(q, d, G, TEMP, pos_ids, doc_ids, symmetric=True)
 
     def inner(q, d, t, p, i):
@@ -322,6 +327,8 @@ def test_bad_arguments():
                                reference(q, d, 2, TEMP)[0], rtol=1e-5)
     with pytest.raises(NegjaxError, match="chunk_size"):
         contrastive_loss(q, d, group_size=2, temperature=TEMP, chunk_size=-1)
+    with pytest.raises(NegjaxError, match="collective 'allreduce'"):
+        contrastive_loss(q, d, group_size=2, temperature=TEMP, collective="allreduce")
     mesh = mesh_of(8)
     with jax.set_mesh(mesh), pytest.raises(NegjaxError, match="divide"):
         contrastive_loss(q[:4], d[:8], group_size=2, temperature=TEMP)

@@ -232,7 +232,8 @@ def _pieces(enc, cfg, mesh, group_size: int):
         def f(q, d):
             return contrastive_loss_and_metrics(
                 q, d, group_size=G, temperature=cfg.loss.temperature, query_pos_ids=pos,
-                doc_ids=ids, symmetric=cfg.loss.symmetric, chunk_size=cfg.loss.chunk_size or None)
+                doc_ids=ids, symmetric=cfg.loss.symmetric, chunk_size=cfg.loss.chunk_size or None,
+                collective=cfg.loss.collective)
         (loss, metrics), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(q, d)
         # Metrics are returned so that their computation (part of the step's loss) is kept.
         return loss.reshape(1), jax.tree.map(lambda x: x.reshape(1), metrics), grads

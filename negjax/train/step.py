@@ -109,7 +109,7 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
         return contrastive_loss_and_metrics(
             q, d, group_size=G, temperature=temp, query_pos_ids=batch["query_pos_ids"],
             doc_ids=batch["doc_ids"], symmetric=sym, chunk_size=chunk,
-            extra_docs=bank, extra_doc_ids=bank_ids)
+            extra_docs=bank, extra_doc_ids=bank_ids, collective=cfg.loss.collective)
 
     def towers(p, x):
         # One (sub-)batch: queries and their documents, each with its dropout key.
