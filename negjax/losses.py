@@ -296,26 +296,52 @@ def _ring_pieces(cols, col_keys, col_ids, chunk):
     return _pad_cols(cols, col_keys, size, col_ids)
 
 
+def _row_tiles(x, r, fill):
+    """[b, ...] -> [ceil(b/r), r, ...], padded with `fill` (None stays None)."""
+    if x is None:
+        return None
+    pad = -x.shape[0] % r
+    if pad:
+        x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1), constant_values=fill)
+    return x.reshape((x.shape[0] // r, r) + x.shape[1:])
+
+
+def _ring_rows(rows, targets, row_keys, chunk):
+    """The rows in tiles of `chunk` (so a block's logits are [chunk, chunk], not [b, chunk]):
+    padding rows have target -2 (no column has it) and no keys."""
+    r = rows.shape[0] if chunk is None else min(chunk, rows.shape[0])
+    return (_row_tiles(rows, r, 0.0), _row_tiles(targets, r, -2), _row_tiles(row_keys, r, -1), r)
+
+
 def _ring_forward(rows, cols, scale, targets, row_keys, col_keys, col_ids, chunk, with_stats, axis):
     n = lax.axis_size(axis)
     perm = [(i, (i + 1) % n) for i in range(n)]
+    b = rows.shape[0]
     blocks, key_blocks, ids, valid, _ = _ring_pieces(cols, col_keys, col_ids, chunk)
-    inv_r = _inv_norm(rows) if with_stats else None
+    rows_t, targets_t, keys_t, r = _ring_rows(rows, targets, row_keys, chunk)
+    inv_t = _row_tiles(_inv_norm(rows), r, 1.0) if with_stats else None
+    nt = rows_t.shape[0]
+    carry0 = jax.tree.map(lambda x: _row_tiles(x, r, 0.0),
+                          _init_carry(rows, with_stats, cols, scale))
+
+    def fold(carry, blk, bids, bvalid, kblk):  # one piece into every row tile's state
+        def tile(_, xs):
+            c, rw, tg, rk, ir = xs
+            return None, _fwd_block(c, rw, blk, bids, bvalid, kblk, scale, tg, rk, ir)
+        _, carry = lax.scan(tile, None, (carry, rows_t, targets_t, keys_t, inv_t))
+        return carry
 
     def piece(carry, own):
         def hop(inner, _):
             carry, cur = inner
             nxt = lax.ppermute(cur, axis, perm)   # issued before this hop's compute
-            blk, kblk, bids, bvalid = cur
-            carry = _fwd_block(carry, rows, blk, bids, bvalid, kblk, scale, targets, row_keys,
-                               inv_r)
-            return (carry, nxt), None
+            return (fold(carry, *cur), nxt), None
         own = _match_vma(own, rows, cols, scale)  # e.g. the padding mask is a constant
         (carry, _), _ = lax.scan(hop, (carry, own), None, length=n)
         return carry, None
 
-    carry, _ = lax.scan(piece, _init_carry(rows, with_stats, cols, scale),
-                        (blocks, key_blocks, ids, valid))
+    carry, _ = lax.scan(piece, carry0, (blocks, ids, valid, key_blocks))
+    carry = jax.tree.map(lambda x: x.reshape((nt * r,) + x.shape[2:])[:b], carry)
     return _finish_forward(carry, with_stats)
 
 
@@ -323,7 +349,8 @@ def _ring_forward(rows, cols, scale, targets, row_keys, col_keys, col_ids, chunk
 def _ring_ce(rows, cols, scale, targets, row_keys, col_keys, col_ids, chunk, with_stats, axis):
     """`_chunked_ce` over the columns of every device of `axis`, without gathering them: each
     piece of this device's columns `cols [m, D]` (global ids `col_ids [m]`, -1 = nobody's
-    target) visits every device once, which folds it into its rows' online log-sum-exp."""
+    target) visits every device once, which folds it into its rows' online log-sum-exp, a
+    tile of `chunk` rows at a time."""
     loss_sum, stats, _ = _ring_forward(rows, cols, scale, targets, row_keys, col_keys, col_ids,
                                        chunk, with_stats, axis)
     return loss_sum, stats
@@ -340,8 +367,20 @@ def _ring_ce_bwd(chunk, with_stats, axis, res, cotangents):
     g = cotangents[0]
     n = lax.axis_size(axis)
     perm = [(i, (i + 1) % n) for i in range(n)]
+    b = rows.shape[0]
     m, dim = cols.shape
     blocks, key_blocks, ids, valid, nblocks = _ring_pieces(cols, col_keys, col_ids, chunk)
+    rows_t, targets_t, keys_t, r = _ring_rows(rows, targets, row_keys, chunk)
+    lse_t = _row_tiles(lse, r, jnp.inf)   # padding rows: p = exp(-inf) = 0, no gradient
+
+    def grads(dr, blk, bids, bvalid, kblk):  # one piece against every row tile
+        def tile(dblk, xs):
+            rw, tg, rk, ls = xs
+            d_rows, d_scale, d_blk = _bwd_block(rw, blk, bids, bvalid, kblk, scale, tg, rk, ls, g)
+            return dblk + d_blk, (d_rows, d_scale)
+        dblk0 = _match_vma(jnp.zeros_like(blk), rows, cols, scale)
+        dblk, (d_rows, d_scale) = lax.scan(tile, dblk0, (rows_t, targets_t, keys_t, lse_t))
+        return dr + d_rows, jnp.sum(d_scale), dblk
 
     def piece(carry, own):
         # The piece travels with the gradient accumulated for it; after n hops both are back
@@ -349,17 +388,16 @@ def _ring_ce_bwd(chunk, with_stats, axis, res, cotangents):
         def hop(inner, _):
             (drows, dscale), cur, dacc = inner
             nxt = lax.ppermute(cur, axis, perm)
-            blk, kblk, bids, bvalid = cur
-            dr, ds, dblk = _bwd_block(rows, blk, bids, bvalid, kblk, scale, targets, row_keys,
-                                      lse, g)
+            drows, ds, dblk = grads(drows, *cur)
             dacc = lax.ppermute(dacc + dblk, axis, perm)
-            return ((drows + dr, dscale + ds), nxt, dacc), None
+            return ((drows, dscale + ds), nxt, dacc), None
         own, dacc0 = _match_vma((own, jnp.zeros_like(own[0])), rows, cols, scale)
         (carry, _, dacc), _ = lax.scan(hop, (carry, own, dacc0), None, length=n)
         return carry, dacc
 
-    init = _match_vma((jnp.zeros_like(rows), jnp.zeros((), jnp.float32)), rows, cols, scale)
-    (drows, dscale), dblocks = lax.scan(piece, init, (blocks, key_blocks, ids, valid))
+    init = _match_vma((jnp.zeros_like(rows_t), jnp.zeros((), jnp.float32)), rows, cols, scale)
+    (drows, dscale), dblocks = lax.scan(piece, init, (blocks, ids, valid, key_blocks))
+    drows = drows.reshape(-1, dim)[:b]
     dcols = dblocks.reshape(nblocks * blocks.shape[1], dim)[:m]
     return drows, dcols, dscale.astype(scale.dtype), None, None, None, None
 

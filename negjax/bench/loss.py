@@ -1,7 +1,14 @@
 """`negjax bench loss`: time and peak memory of the contrastive loss + gradients w.r.t. the
-embeddings, unchunked vs chunked, as the global batch grows.
+embeddings, unchunked vs chunked, gather vs ring, as the global batch grows.
 
     negjax bench loss --batches 4096,32768 --group-size 2 --dim 384 --chunk-size 1024
+    negjax bench loss --batches 1048576 --dim 768 --modes chunked --chunk-size 4096 \
+        --collective gather,ring --compile-only        # per-device memory, nothing run
+
+With `--compile-only` nothing is allocated or run: the inputs are abstract (shapes and
+shardings) and each configuration reports the compiled executable's `memory_analysis()` per
+device (temporaries, arguments, outputs), so memory at a million queries is measurable on a
+CPU. Otherwise:
 
 Each (batch, mode) runs in its own child process (so its peak RSS is its own) on
 `--devices` simulated CPU devices (0 = the machine's real devices; then device memory is
@@ -10,7 +17,8 @@ devices, sharded over a 'data' mesh axis; every document has its own id and each
 its positive (so the id masking runs). Timed: one jitted value_and_grad, compiled ahead;
 `step_s` is the fastest of `--repeats` runs. Unchunked runs whose [B, B*G] float32 logits
 exceed `--max-matrix-gib` are skipped. Where both modes ran, the loss and the gradients are
-compared (`max_rel_diff` = max |chunked - unchunked| / max |unchunked| over q and d grads).
+compared with the batch's first run (`max_rel_diff` = max |this - first| / max |first| over
+q and d grads): chunked vs unchunked, ring vs gather.
 """
 
 from __future__ import annotations
@@ -33,6 +41,10 @@ def add_arguments(p):
     p.add_argument("--dim", type=int, default=384, help="embedding size")
     p.add_argument("--chunk-size", type=int, default=1024, help="columns per block of the chunked loss")
     p.add_argument("--modes", default="unchunked,chunked", help="comma-separated: unchunked, chunked")
+    p.add_argument("--collective", default="gather",
+                   help="comma-separated: gather (all-gather the documents), ring (ppermute)")
+    p.add_argument("--compile-only", action="store_true",
+                   help="report the compiled executable's per-device memory; run nothing")
     p.add_argument("--devices", type=int, default=8,
                    help="simulated CPU devices per child; 0 = the real devices of this machine")
     p.add_argument("--symmetric", action="store_true", help="add the document->query direction")
@@ -54,6 +66,9 @@ def _parse(args):
         raise NegjaxError(f"--batches {args.batches!r}: need positive integers")
     if not modes or any(m not in ("unchunked", "chunked") for m in modes):
         raise NegjaxError(f"--modes {args.modes!r}: choose from unchunked, chunked")
+    collectives = [c.strip() for c in str(args.collective).split(",") if c.strip()]
+    if not collectives or any(c not in ("gather", "ring") for c in collectives):
+        raise NegjaxError(f"--collective {args.collective!r}: choose from gather, ring")
     for name in ("group_size", "dim", "chunk_size", "repeats"):
         if getattr(args, name) < 1:
             raise NegjaxError(f"--{name.replace('_', '-')} must be >= 1")
@@ -63,7 +78,7 @@ def _parse(args):
         bad = [b for b in batches if b % args.devices]
         if bad:
             raise NegjaxError(f"--batches {bad}: must be divisible by --devices {args.devices}")
-    return batches, modes
+    return batches, modes, collectives
 
 
 def _child_env(devices: int) -> dict:
@@ -102,36 +117,38 @@ def _compare(a: dict, b: dict) -> dict:
 
 
 def run(args) -> int:
-    batches, modes = _parse(args)
+    batches, modes, collectives = _parse(args)
     results = []
     with tempfile.TemporaryDirectory(prefix="negjax-bench-loss-") as tmp:
         for batch in batches:
             matrix_gib = batch * batch * args.group_size * 4 / 2 ** 30
-            done = {}
-            unchunked_runs = "unchunked" in modes and matrix_gib <= args.max_matrix_gib
-            compare = unchunked_runs and "chunked" in modes
-            for mode in modes:
-                spec = dict(batch=batch, group_size=args.group_size, dim=args.dim, mode=mode,
-                            chunk_size=args.chunk_size if mode == "chunked" else None,
-                            symmetric=bool(args.symmetric), repeats=args.repeats,
-                            save=str(Path(tmp) / f"{batch}-{mode}") if compare else "")
-                if mode == "unchunked" and not unchunked_runs:
-                    res = {**spec, "skipped": f"logits {matrix_gib:.1f} GiB > --max-matrix-gib {args.max_matrix_gib}"}
-                else:
-                    res = _run_child(spec, args.devices, args.timeout)
-                res.pop("save", None)
-                done[mode] = res
-                if not args.json:
-                    _print_row(res)
-            if all(m in done and "loss" in done[m] for m in ("chunked", "unchunked")):
-                cmp = _compare(done["chunked"], done["unchunked"])
-                done["chunked"].update(cmp)
-                if not args.json:
-                    print(f"    batch {batch}: chunked vs unchunked loss rel diff {cmp['loss_rel_diff']:.2e}, "
-                          f"grads max rel diff {cmp['max_rel_diff']:.2e} -> {'match' if cmp['match'] else 'MISMATCH'}")
-            for res in done.values():
-                res.pop("grads", None)
-                results.append(res)
+            unchunked_runs = "unchunked" in modes and (matrix_gib <= args.max_matrix_gib
+                                                       or args.compile_only)
+            compare = not args.compile_only and len(modes) * len(collectives) > 1
+            first = None
+            for collective in collectives:
+                for mode in modes:
+                    spec = dict(batch=batch, group_size=args.group_size, dim=args.dim, mode=mode,
+                                collective=collective,
+                                chunk_size=args.chunk_size if mode == "chunked" else None,
+                                symmetric=bool(args.symmetric), repeats=args.repeats,
+                                compile_only=bool(args.compile_only),
+                                save=str(Path(tmp) / f"{batch}-{mode}-{collective}") if compare else "")
+                    if mode == "unchunked" and not unchunked_runs:
+                        res = {**spec, "skipped": f"logits {matrix_gib:.1f} GiB > --max-matrix-gib {args.max_matrix_gib}"}
+                    else:
+                        res = _run_child(spec, args.devices, args.timeout)
+                    res.pop("save", None)
+                    if "loss" in res and compare:
+                        if first is None:
+                            first = res
+                        else:
+                            res.update(_compare(res, first))
+                    if not args.json:
+                        _print_row(res, first)
+                    results.append(res)
+    for res in results:
+        res.pop("grads", None)
     text = json.dumps(results, indent=2)
     if args.out:
         from negjax.utils import atomic_write_text
@@ -143,18 +160,27 @@ def run(args) -> int:
     return 1 if failed else 0
 
 
-def _print_row(r: dict) -> None:
-    head = f"batch {r['batch']:>7} x G {r['group_size']} x dim {r['dim']}  {r['mode']:<9}"
+def _print_row(r: dict, first: dict | None) -> None:
+    head = f"batch {r['batch']:>7} x G {r['group_size']} x dim {r['dim']}  {r['collective']:<6} {r['mode']:<9}"
     if r.get("chunk_size"):
         head += f" (chunk {r['chunk_size']})"
     if "skipped" in r:
         print(f"{head}  skipped: {r['skipped']}")
     elif "error" in r:
         print(f"{head}  ERROR: {r['error']}")
+    elif r.get("compile_only"):
+        m = r["memory"]
+        print(f"{head}  per device: temporaries {m['temp_bytes'] / 2**30:.3f} GiB, arguments "
+              f"{m['argument_bytes'] / 2**30:.3f} GiB, outputs {m['output_bytes'] / 2**30:.3f} GiB "
+              f"(compile {r['compile_s']:.1f} s)", flush=True)
     else:
         dev = f", device peak {r['device_peak_bytes'] / 2**30:.2f} GiB" if r.get("device_peak_bytes") else ""
         print(f"{head}  loss {r['loss']:.6f}  step {r['step_s']:.3f} s (compile {r['compile_s']:.1f} s)  "
               f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB{dev}", flush=True)
+        if "match" in r:
+            print(f"    vs {first['collective']} {first['mode']}: loss rel diff "
+                  f"{r['loss_rel_diff']:.2e}, grads max rel diff {r['max_rel_diff']:.2e} -> "
+                  f"{'match' if r['match'] else 'MISMATCH'}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -185,14 +211,26 @@ def _child(spec: dict) -> dict:
 
     def loss_fn(q, d, pos, ids):
         return contrastive_loss(q, d, group_size=G, temperature=0.05, query_pos_ids=pos, doc_ids=ids,
-                                symmetric=spec["symmetric"], chunk_size=spec["chunk_size"])
+                                symmetric=spec["symmetric"], chunk_size=spec["chunk_size"],
+                                collective=spec.get("collective", "gather"))
 
     with jax.set_mesh(mesh):
+        step = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)), in_shardings=(sh, sh, sh, sh),
+                       out_shardings=(replicated(mesh), (sh, sh)))
+        if spec.get("compile_only"):
+            abstract = jax.eval_shape(make, jax.random.key(0))
+            abstract = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh) for a in abstract]
+            t0 = time.perf_counter()
+            compiled = step.lower(*abstract).compile()
+            ma = compiled.memory_analysis()
+            memory = {name: int(getattr(ma, f"{name}_size_in_bytes")) for name in
+                      ("temp", "argument", "output", "generated_code")}
+            return dict(spec, compile_s=time.perf_counter() - t0, devices=jax.device_count(),
+                        platform=jax.devices()[0].platform,
+                        memory={f"{k}_bytes": v for k, v in memory.items()})
         q, d, pos, ids = jax.jit(make, out_shardings=(sh, sh, sh, sh))(jax.random.key(0))
         jax.block_until_ready(q)
         rss_setup = process_memory_bytes("VmRSS")
-        step = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)), in_shardings=(sh, sh, sh, sh),
-                       out_shardings=(replicated(mesh), (sh, sh)))
         t0 = time.perf_counter()
         compiled = step.lower(q, d, pos, ids).compile()
         compile_s = time.perf_counter() - t0
