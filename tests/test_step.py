@@ -77,11 +77,13 @@ def assert_trees_close(a, b, rtol=1e-5):
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 8])
-@pytest.mark.parametrize("mode", ["plain", "gradcache", "chunked_symmetric"])
+@pytest.mark.parametrize("mode", ["plain", "gradcache", "chunked_symmetric", "ring_gradcache"])
 def test_grads_match_reference(enc, n, mode):
     require_devices(n)
     kw = dict(train__grad_cache_chunk=0)
-    if mode == "gradcache":
+    if mode == "ring_gradcache":  # the ring loss inside the GradCache step
+        kw.update(loss__collective="ring", loss__chunk_size=5, loss__symmetric=True)
+    if mode in ("gradcache", "ring_gradcache"):
         if B // n < 2:
             kw["train__grad_cache_chunk"] = 1
         else:
