@@ -345,10 +345,25 @@ def _query_id(obj, path, line, seen: dict) -> str:
     return qid
 
 
-def _read_pairs_ids(path: Path, corpus: Corpus) -> TrainExamples:
-    ex = TrainExamples.empty(path, "pairs")
+def _read_pairs(path: Path, fmt: str, doc_row, clash) -> TrainExamples:
+    """The records of a pairs JSONL ({"query", "pos", "neg"?, "id"?}), pos/neg entries mapped
+    to corpus rows by `doc_row(entry, key, j, line)`; `clash(rows)` is the error when a
+    negative is also a positive."""
+    ex = TrainExamples.empty(path, fmt)
     seen: dict[str, int] = {}
+    for line, obj in iter_jsonl(path):
+        qid = _query_id(obj, path, line, seen)
+        query = _text(obj, "query", path, line, what="query text")
+        pos, neg = _pos_neg(obj, doc_row, "pos", "neg", path, line)
+        if set(pos) & set(neg):
+            raise file_error(path, line, clash(set(pos) & set(neg)))
+        ex.add(qid, query, pos, neg, line)
+    if not ex.query_ids:
+        raise NegjaxError(f"{path}: no training examples")
+    return ex
 
+
+def _read_pairs_ids(path: Path, corpus: Corpus) -> TrainExamples:
     def doc_row(d, key, j, line) -> int:
         if isinstance(d, bool) or not isinstance(d, (str, int)):
             raise file_error(path, line, f"{key}[{j}] must be a corpus id (string), got "
@@ -359,15 +374,8 @@ def _read_pairs_ids(path: Path, corpus: Corpus) -> TrainExamples:
                              f"(not in {corpus.path or 'the corpus'})")
         return r
 
-    for line, obj in iter_jsonl(path):
-        qid = _query_id(obj, path, line, seen)
-        query = _text(obj, "query", path, line, what="query text")
-        pos, neg = _pos_neg(obj, doc_row, "pos", "neg", path, line)
-        _check_disjoint(pos, neg, corpus, path, line)
-        ex.add(qid, query, pos, neg, line)
-    if not ex.query_ids:
-        raise NegjaxError(f"{path}: no training examples")
-    return ex
+    return _read_pairs(path, "pairs", doc_row, lambda rows: f"negative {corpus.ids[min(rows)]!r} "
+                       "is also a positive of this query")
 
 
 def _pos_neg(obj, doc_row, pos_key: str, neg_key: str, path, line) -> tuple[list, list]:
@@ -386,18 +394,9 @@ def _expect(value, typ, path, line, what: str, hint: str = "") -> None:
         raise file_error(path, line, f"{what}, got {type(value).__name__}{hint}")
 
 
-def _check_disjoint(pos, neg, corpus, path, line):
-    clash = set(pos) & set(neg)
-    if clash:
-        doc = corpus.ids[min(clash)]
-        raise file_error(path, line, f"negative {doc!r} is also a positive of this query")
-
-
 def _read_pairs_texts(path: Path) -> tuple[Corpus, TrainExamples]:
     """FlagEmbedding style: pos/neg are texts; documents are deduplicated by normalised text."""
     ids, texts, index = [], [], {}
-    ex = TrainExamples.empty(path, "pairs-text")
-    seen: dict[str, int] = {}
 
     def doc_row(t, key, j, line) -> int:
         _expect(t, str, path, line, f"{key}[{j}] must be a text (string)",
@@ -412,16 +411,8 @@ def _read_pairs_texts(path: Path) -> tuple[Corpus, TrainExamples]:
             texts.append(t)
         return r
 
-    for line, obj in iter_jsonl(path):
-        qid = _query_id(obj, path, line, seen)
-        query = _text(obj, "query", path, line, what="query text")
-        pos, neg = _pos_neg(obj, doc_row, "pos", "neg", path, line)
-        if set(pos) & set(neg):
-            raise file_error(path, line, "a negative text equals a positive text (after "
-                             "normalising case and whitespace)")
-        ex.add(qid, query, pos, neg, line)
-    if not ex.query_ids:
-        raise NegjaxError(f"{path}: no training examples")
+    ex = _read_pairs(path, "pairs-text", doc_row, lambda rows: "a negative text equals a "
+                     "positive text (after normalising case and whitespace)")
     return Corpus(ids, texts, [""] * len(ids), str(path), index), ex
 
 
