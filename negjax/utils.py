@@ -75,6 +75,16 @@ def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", dis
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set (VmHWM) to its current size, so a later
+    `process_memory_bytes("VmHWM")` is the peak since now (Linux >= 4.0); False elsewhere."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def process_memory_bytes(field: str = "VmHWM") -> int | None:
     """This process's memory from /proc/self/status (Linux): 'VmHWM' = peak resident set,
     'VmRSS' = current. Where that is unavailable, the peak from getrusage (KiB on Linux,

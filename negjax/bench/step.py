@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 from negjax.errors import NegjaxError
-from negjax.utils import process_memory_bytes
+from negjax.utils import process_memory_bytes, reset_peak_rss
 
 _DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
@@ -141,14 +141,6 @@ def synthetic_batch(rng, *, batch: int, group_size: int, query_len: int, doc_len
         "doc_ids": doc_ids,
         "query_pos_ids": doc_ids[::group_size, None].copy(),
     }
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
 
 
 def _device_peak(devices) -> int | None:
@@ -340,7 +332,7 @@ def measure(args) -> dict:
         state, metrics = compiled(state, batch)
     jax.block_until_ready(state)
     rss_before = process_memory_bytes("VmHWM")
-    reset = _reset_peak_rss()
+    reset = reset_peak_rss()
 
     times = []
     metrics = None
