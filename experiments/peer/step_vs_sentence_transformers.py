@@ -63,20 +63,16 @@ def negjax_worker(args):
     import jax
     import numpy as np
 
-    from negjax.config import Config
+    from negjax.config import Config, updated
     from negjax.distributed import global_batch_from_local, make_mesh
     from negjax.model import load_encoder
     from negjax.train.state import init_state
     from negjax.train.step import make_train_step, place_state
 
-    cfg = Config()
-    cfg.model.name = "minilm"
-    cfg.train.learning_rate = 5e-5
-    cfg.train.warmup_steps = 0
-    cfg.train.weight_decay = 0.01
-    cfg.train.max_grad_norm = 1.0
-    cfg.loss.temperature = 0.05
-    cfg.train.grad_cache_chunk = args.grad_cache if args.mode == "cached" else 0
+    cfg = updated(Config(), {
+        "model.name": "minilm", "train.learning_rate": 5e-5, "train.warmup_steps": 0,
+        "train.weight_decay": 0.01, "train.max_grad_norm": 1.0, "loss.temperature": 0.05,
+        "train.grad_cache_chunk": args.grad_cache if args.mode == "cached" else 0})
     enc = load_encoder(cfg.model)
     g = 1 + args.negatives
     q, d = batch_arrays(args.batch, args.negatives, args.query_len, args.doc_len)
