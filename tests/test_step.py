@@ -175,3 +175,19 @@ def test_memory_bank_rotates_and_gets_no_gradient(enc):
     with jax.set_mesh(mesh):
         g_bank = jax.grad(loss_wrt_bank)(state.bank)
     assert float(jnp.abs(g_bank).max()) == 0.0
+
+
+def test_memory_bank_with_gradcache_enqueues_the_same_embeddings(enc):
+    """The momentum encoder encodes in GradCache sub-batches: the queue gets what the plain
+    step's whole-batch encode gives."""
+    mesh = mesh_of(2)
+    banks = []
+    for chunk in (0, B // 2 // 2):
+        cfg = make_cfg(loss__memory_bank_size=2 * B * G, loss__momentum=0.5,
+                       train__grad_cache_chunk=chunk)
+        state = place_state(init_state(enc.params, cfg, dim=enc.dim), mesh)
+        state, _ = make_train_step(enc, cfg, mesh, group_size=G)(state, put(make_batch(4), mesh))
+        banks.append((np.asarray(state.bank), np.asarray(state.bank_ids)))
+    np.testing.assert_array_equal(banks[0][1], banks[1][1])
+    assert np.abs(banks[0][0]).max() > 0
+    np.testing.assert_allclose(banks[1][0], banks[0][0], rtol=1e-5, atol=1e-6)

@@ -2,8 +2,11 @@
 in-batch negatives over training, the loss curve, and an embedding-collapse signal (mean
 pairwise cosine and effective rank of a batch's document embeddings).
 
-Recorded on process 0 from its slice of the batch, about 20 times per run, into
-WORKDIR/diagnostics.jsonl; `plot` draws WORKDIR/diagnostics.png.
+Recorded on process 0 from the first `SAMPLE` queries of its slice of the batch (and their
+documents), about 20 times per run, into WORKDIR/diagnostics.jsonl; `plot` draws
+WORKDIR/diagnostics.png. The sample bounds the cost: the in-batch similarity matrix and the
+collapse signal are quadratic in the rows, and a GradCache batch of thousands of queries
+would otherwise be encoded (and compared) whole.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 BINS = np.linspace(-1.0, 1.0, 41)
+SAMPLE = 256  # queries per record (with their 1 + H documents each)
 
 
 def batch_similarities(q: np.ndarray, d: np.ndarray, group_size: int) -> dict:
@@ -64,9 +68,13 @@ class Diagnostics:
             self._encode = jax.jit(lambda p, t, m, tower: enc.encode(p, t, m, tower=tower),
                                    static_argnums=(3,))
         params = state.params["model"]
-        q = np.asarray(self._encode(params, local_batch["q_tokens"], local_batch["q_mask"], "query"))
-        d = np.asarray(self._encode(params, local_batch["d_tokens"], local_batch["d_mask"], "doc"))
-        group = d.shape[0] // q.shape[0]
+        b = local_batch["q_tokens"].shape[0]
+        group = local_batch["d_tokens"].shape[0] // b
+        nq = min(b, SAMPLE)
+        q = np.asarray(self._encode(params, local_batch["q_tokens"][:nq],
+                                    local_batch["q_mask"][:nq], "query"))
+        d = np.asarray(self._encode(params, local_batch["d_tokens"][:nq * group],
+                                    local_batch["d_mask"][:nq * group], "doc"))
         sims = batch_similarities(q, d, group)
         rec = {"step": step, **collapse_signal(d)}
         for name, values in sims.items():

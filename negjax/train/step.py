@@ -179,7 +179,11 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
             ema = {"encoder": new_tower}
         else:
             ema = dict(old.ema, doc=new_tower)
-        keys = lax.stop_gradient(encode(ema, batch["d_tokens"], batch["d_mask"], "doc", None))
+        # The momentum encoder honours GradCache: one sub-batch's activations at a time.
+        n = batch["q_tokens"].shape[0] // gc if gc else 1
+        xs = (split_sub_batches(batch["d_tokens"], n), split_sub_batches(batch["d_mask"], n))
+        keys = merge_sub_batches(embed_sub_batches(
+            lambda p, x: encode(p, x[0], x[1], "doc", None), ema, xs))
         ids = batch["doc_ids"].astype(jnp.int32)
         n_new = keys.shape[0]
         ptr = old.bank_ptr
