@@ -241,6 +241,7 @@ def test_eval_matches_ranx(tmp_path, small_data):
     (["--set", "data.negatives=/no/such/negs"], "/no/such/negs"),
     (["--set", "data.corpus=/no/corpus.jsonl"], "/no/corpus.jsonl"),
     (["--set", "model.name=/no/model"], "/no/model"),
+    (["--set", f"data.negatives={REPO}"], "data.num_negatives is 0"),
 ])
 def test_bad_config_or_paths_fail_fast(tmp_path, small_data, args, needle):
     cfg = write_config(tmp_path, small_data)

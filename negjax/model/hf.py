@@ -68,7 +68,8 @@ def read_config(model_dir: Path) -> BertConfig:
     if not model_dir.is_dir():
         raise NegjaxError(f"{model_dir}: model directory not found")
     if not path.is_file():
-        raise NegjaxError(f"{model_dir}: no config.json (not a Hugging Face model directory)")
+        raise NegjaxError(f"{model_dir}: no config.json (not a Hugging Face model directory; a "
+                          "training workdir has config.toml and checkpoints/)")
     raw = _read_json(path)
     if not isinstance(raw, dict):
         raise file_error(path, None, "expected a JSON object")

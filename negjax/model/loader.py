@@ -96,10 +96,6 @@ def _encoder_of(name: str, model_cfg: ModelConfig | None) -> tuple[Encoder, dict
     if name not in BUILT_IN and not Path(name).expanduser().exists():
         raise NegjaxError(f"{name}: model not found (expected 'tiny', 'minilm', a Hugging Face "
                           "directory, or a training workdir / checkpoint directory)")
-    if name not in BUILT_IN and not (Path(name).expanduser() / "config.json").is_file() \
-            and not (Path(name).expanduser() / "modules.json").is_file():
-        raise NegjaxError(f"{name}: neither a training workdir/checkpoint ({CONFIG_NAME} + "
-                          f"{CHECKPOINTS}/) nor a Hugging Face directory (config.json)")
     cfg = dataclasses.replace(model_cfg or ModelConfig(), name=name)
     return load_encoder(cfg), None
 

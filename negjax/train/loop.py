@@ -55,6 +55,10 @@ def _check_inputs(cfg: Config) -> dict:
     for key in ("dev_queries", "dev_qrels"):
         if paths.get(key) is not None and not Path(paths[key]).is_file():
             raise NegjaxError(f"{paths[key]}: {key} file not found")
+    if cfg.data.negatives and not cfg.data.num_negatives:
+        raise NegjaxError(f"data.negatives={cfg.data.negatives!r} is set but data.num_negatives "
+                          "is 0, so no mined negative would be used: set data.num_negatives "
+                          "(hard negatives per query)")
     if cfg.data.negatives and not (Path(cfg.data.negatives) / "manifest.json").is_file():
         raise NegjaxError(f"{cfg.data.negatives}: not a hard-negative directory (no manifest.json)")
     if cfg.mining.every_steps and not cfg.data.num_negatives:
