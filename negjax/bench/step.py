@@ -186,10 +186,9 @@ def _pieces(enc, cfg, mesh, group_size: int):
     from jax import lax
     from jax.sharding import PartitionSpec as P
 
-    from negjax.grad_cache import (backprop_sub_batches, embed_sub_batches, split_sub_batches,
-                                   sub_batch_keys)
+    from negjax.grad_cache import backprop_sub_batches, embed_sub_batches, split_sub_batches
     from negjax.losses import contrastive_loss_and_metrics
-    from negjax.train.step import dropout_keys
+    from negjax.train.step import dropout_keys, sub_batches, tower_fn, vary
 
     axis, G, gc = "data", group_size, cfg.train.grad_cache_chunk
     seed = cfg.train.seed
@@ -197,9 +196,7 @@ def _pieces(enc, cfg, mesh, group_size: int):
     def encode(p, t, m, tower, key):
         return enc.encode(p, t, m, tower=tower, rng=key, deterministic=False)
 
-    def towers(p, x):
-        t1, m1, t2, m2, k1, k2 = x
-        return encode(p, t1, m1, "query", k1), encode(p, t2, m2, "doc", k2)
+    towers = tower_fn(enc)
 
     def encoder_body(params, qt, qm, dt, dm, cq, cd):
         kq, kd = dropout_keys(seed, 0)
@@ -207,17 +204,15 @@ def _pieces(enc, cfg, mesh, group_size: int):
         if gc and b % gc:
             raise NegjaxError(f"--grad-cache {gc} must divide the per-device batch {b}")
         n = b // gc if gc else 1
-        split = lambda x: split_sub_batches(x, n)  # noqa: E731
-        xs = (split(qt), split(qm), split(dt), split(dm), sub_batch_keys(kq, n),
-              sub_batch_keys(kd, n))
+        xs = sub_batches({"q_tokens": qt, "q_mask": qm, "d_tokens": dt, "d_mask": dm}, kq, kd, n)
         if not gc:  # the plain step: one forward with activations, one backward
             _, vjp = jax.vjp(lambda p: towers(p, jax.tree.map(lambda a: a[0], xs)), params)
             return vjp((cq, cd))[0]  # invariant params: the transpose sums over devices
-        model = jax.tree.map(lambda x: lax.pcast(x, axis, to="varying"), params)
+        model = vary(params)
         q, d = embed_sub_batches(towers, model, xs)
         # The embeddings feed the cotangents (as the loss gradient does in the step), so
         # the first pass is not dead code.
-        cts = (split(cq) + 0 * q, split(cd) + 0 * d)
+        cts = (split_sub_batches(cq, n) + 0 * q, split_sub_batches(cd, n) + 0 * d)
         return lax.psum(backprop_sub_batches(towers, model, xs, cts), axis)
 
     def loss_body(q, d, pos, ids):

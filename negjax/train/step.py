@@ -75,7 +75,7 @@ def _is_varying(x) -> bool:
     return AXIS in jax.typeof(x).manual_axis_type.varying
 
 
-def _vary(tree):
+def vary(tree):
     """Mark replicated values as device-varying, so gradients w.r.t. them stay local (no
     all-reduce per GradCache sub-batch); one psum at the end sums them."""
     def cast(x):
@@ -89,6 +89,25 @@ def dropout_keys(seed: int, step):
     """(query key, document key) of `step` on this device (inside shard_map over 'data')."""
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), lax.axis_index(AXIS))
     return jax.random.split(key)
+
+
+def tower_fn(enc):
+    """`towers(params, x)`: one (sub-)batch x = (q tokens, q mask, d tokens, d mask, q key, d key)
+    -> (query, document) embeddings, dropout on (keys None: off). The encode of the step and of
+    `negjax bench step`'s breakdown."""
+    def towers(p, x):
+        qt, qm, dt, dm, kq, kd = x
+        return (enc.encode(p, qt, qm, tower="query", rng=kq, deterministic=kq is None),
+                enc.encode(p, dt, dm, tower="doc", rng=kd, deterministic=kd is None))
+    return towers
+
+
+def sub_batches(batch, rq, rd, n: int):
+    """The step's batch as `n` GradCache sub-batches for `tower_fn` (leading axis n), each with
+    its own dropout keys (`sub_batch_keys`)."""
+    split = lambda x: split_sub_batches(x, n)  # noqa: E731
+    return (split(batch["q_tokens"]), split(batch["q_mask"]), split(batch["d_tokens"]),
+            split(batch["d_mask"]), sub_batch_keys(rq, n), sub_batch_keys(rd, n))
 
 
 def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
@@ -111,15 +130,7 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
             doc_ids=batch["doc_ids"], symmetric=sym, chunk_size=chunk,
             extra_docs=bank, extra_doc_ids=bank_ids, collective=cfg.loss.collective)
 
-    def towers(p, x):
-        # One (sub-)batch: queries and their documents, each with its dropout key.
-        qt, qm, dt, dm, kq, kd = x
-        return encode(p, qt, qm, "query", kq), encode(p, dt, dm, "doc", kd)
-
-    def sub_batches(batch, rq, rd, n):
-        split = lambda x: split_sub_batches(x, n)  # noqa: E731
-        return (split(batch["q_tokens"]), split(batch["q_mask"]), split(batch["d_tokens"]),
-                split(batch["d_mask"]), sub_batch_keys(rq, n), sub_batch_keys(rd, n))
+    towers = tower_fn(enc)
 
     def plain_grads(params, batch, rq, rd, bank, bank_ids):
         # The keys of GradCache's first sub-batch: with one sub-batch both draw the same masks.
@@ -137,7 +148,7 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
         if b % gc:
             raise NegjaxError(f"train.grad_cache_chunk={gc} must divide the per-device batch {b}")
         xs = sub_batches(batch, rq, rd, b // gc)
-        model = _vary(params["model"])
+        model = vary(params["model"])
         # (1) embeddings of every sub-batch, no activations kept
         q, d = jax.tree.map(merge_sub_batches, embed_sub_batches(towers, model, xs))
 
