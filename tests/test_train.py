@@ -36,6 +36,7 @@ steps = {steps}
 batch_size = 16
 learning_rate = 1e-3
 warmup_steps = 2
+log_every = 1
 
 [checkpoint]
 every_steps = 3
@@ -315,3 +316,47 @@ def jax_leaves(tree):
     import jax
 
     return jax.tree.leaves(tree)
+
+
+def test_loop_fetches_only_at_logging_points(tmp_path, small_data, monkeypatch):
+    """20 steps with train.log_every = 10: every device-to-host read happens at step 10 or 20
+    (CPU arrays have no transfer guard, so count reads of jax arrays' host values), one
+    metric fetch per window, and metrics.jsonl holds the window means of the per-step values
+    (checked against a log_every = 1 run)."""
+    from jax._src.array import ArrayImpl
+
+    from negjax.config import load_config, updated
+    from negjax.train.loop import Trainer, _check_inputs
+
+    base = load_config(write_config(tmp_path, small_data, steps=20))
+    base = updated(base, {"checkpoint.every_steps": 100, "eval.split": "none"})
+    reads, dispatched = [], [0]
+    value = ArrayImpl._value
+
+    def counted(self):
+        reads.append(dispatched[0])
+        return value.fget(self)
+    cfg = updated(base, {"workdir": str(tmp_path / "w10"), "train.log_every": 10})
+    trainer = Trainer(cfg, _check_inputs(cfg))
+    step_fn = trainer.step_fn
+
+    def step_counted(state, batch):
+        dispatched[0] += 1
+        return step_fn(state, batch)
+    trainer.step_fn = step_counted
+    monkeypatch.setattr(ArrayImpl, "_value", property(counted))
+    out = trainer.run()
+    monkeypatch.undo()
+    assert out["step"] == 20 and out["fetches"] == 2
+    assert {r for r in reads if r > 0} == {10, 20}, sorted(set(reads))  # reads are seen
+    lines = [json.loads(x) for x in (tmp_path / "w10" / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["window_steps"]) for x in lines] == [(10, 10), (20, 10)]
+
+    cfg = updated(base, {"workdir": str(tmp_path / "w1"), "train.log_every": 1})
+    Trainer(cfg, _check_inputs(cfg)).run()
+    per_step = [json.loads(x) for x in (tmp_path / "w1" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in per_step] == list(range(1, 21))
+    for window, lo in zip(lines, (0, 10)):
+        for key in ("loss", "accuracy", "grad_norm"):
+            want = np.mean([x[key] for x in per_step[lo:lo + 10]])
+            assert window[key] == pytest.approx(want, rel=1e-5), key

@@ -3,7 +3,7 @@ in-batch negatives over training, the loss curve, and an embedding-collapse sign
 pairwise cosine and effective rank of a batch's document embeddings).
 
 Recorded on process 0 from the first `SAMPLE` queries of its slice of the batch (and their
-documents), about 20 times per run, into WORKDIR/diagnostics.jsonl; `plot` draws
+documents), about 20 times per run (at the loop's logging points), into WORKDIR/diagnostics.jsonl; `plot` draws
 WORKDIR/diagnostics.png. The sample bounds the cost: the in-batch similarity matrix and the
 collapse signal are quadratic in the rows, and a GradCache batch of thousands of queries
 would otherwise be encoded (and compared) whole.
@@ -55,13 +55,16 @@ class Diagnostics:
         self.enabled = enabled
         self.times = times
         self._encode = None
+        self._last = None
 
     def maybe_record(self, step: int, enc, state, local_batch: dict, cfg) -> None:
         if not self.enabled:
             return
+        # Called at the loop's logging points: record at the first, then once per `every` steps.
         every = max(cfg.train.steps // self.times, 1)
-        if step % every and step != 1:
+        if self._last is not None and step // every <= self._last // every:
             return
+        self._last = step
         import jax
 
         if self._encode is None:

@@ -5,13 +5,15 @@
 Per step boundary, in order: re-mine (if `mining.every_steps` is due), evaluate (if
 `train.eval_every` is due), checkpoint (if `checkpoint.every_steps` is due or on SIGTERM).
 Restarting the same command resumes from the latest checkpoint and continues the same
-sequence of batches; metrics.jsonl keeps exactly one line per step.
+sequence of batches; metrics.jsonl keeps exactly one line per logging window (below).
 
 `Trainer` holds what changes during a run (state, pipeline, the hard-negative directory in
 use); the config stays as loaded. `model.name` may also be a training workdir or checkpoint
 (continue from its weights; `negjax.model.loader`).
 
-Outputs in the workdir: config.toml, checkpoints/<step>/, metrics.jsonl (one line per step),
+Outputs in the workdir: config.toml, checkpoints/<step>/, metrics.jsonl (one line per logging
+window: the means over `window_steps` steps ending at `step`, written every `train.log_every`
+steps and at every evaluation, re-mining and checkpoint),
 eval.jsonl (one line per evaluation), tb/ (TensorBoard events), negatives/step_<s>/ (re-mined
 hard negatives), diagnostics (cosine histograms over training).
 """
@@ -22,6 +24,7 @@ import json
 import math
 import signal
 import time
+from collections import deque
 from pathlib import Path
 
 import jax
@@ -111,6 +114,12 @@ class _Preemption:
 
 def _to_float(x) -> float:
     return float(np.asarray(x))
+
+
+@jax.jit
+def _add(window: dict, metrics: dict) -> dict:
+    """Metric sums of a logging window, kept on the devices."""
+    return jax.tree.map(lambda a, b: a + b.astype(a.dtype), window, metrics)
 
 
 def _eval_set(cfg: Config, paths: dict) -> EvalSet | None:
@@ -222,62 +231,103 @@ class Trainer:
                 "negatives_sha256": manifest_digest(self.negatives_dir), "seed": self.cfg.train.seed}
         self.ckpt.save(step, self.state, meta, metrics=metrics or None)
 
-    def _log_step(self, step: int, m: dict, dt: float, local: dict) -> None:
+    def _flush(self, step: int, preempt=None) -> bool:
+        """A logging point: fetch the window's metric sums (one device-to-host transfer), write
+        one metrics.jsonl line of window means, check the non-finite counter, record
+        diagnostics; returns whether any process asked to stop (preemption agreement)."""
         c = self.cfg
-        rec = {"step": step, **m, "lr": float(self.lr_at(step - 1)), "step_time": dt,
-               "examples_per_s": c.train.batch_size / dt if dt > 0 else 0.0}
+        with jax.transfer_guard_device_to_host("allow"):
+            if self._window is not None:
+                sums, nonfinite = jax.device_get((self._window, self.state.nonfinite))
+                self.fetches += 1
+                n = step - self._window_start
+                now = time.perf_counter()
+                dt = (now - self._t_window) / max(n, 1)
+                self._t_window, self._window, self._window_start = now, None, step
+                m = {k: _to_float(v) / n for k, v in sums.items()}
+                if self.main:
+                    self._log_window(step, n, m, dt)
+                if int(nonfinite) > c.train.max_nonfinite:
+                    raise NegjaxError(
+                        f"training diverged: {int(nonfinite)} steps had a NaN/Inf loss or "
+                        f"gradient (limit train.max_nonfinite={c.train.max_nonfinite}); lower "
+                        "train.learning_rate or check the data")
+                if self.main:
+                    self.diagnostics.maybe_record(step, self.enc, self.state, self._local, c)
+            return preempt is not None and preempt.any_process()
+
+    def _log_window(self, step: int, n: int, m: dict, dt: float) -> None:
+        c = self.cfg
+        rec = {"step": step, "window_steps": n, **m, "lr": float(self.lr_at(step - 1)),
+               "step_time": dt, "examples_per_s": c.train.batch_size / dt if dt > 0 else 0.0}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         for k, v in rec.items():
-            if k != "step" and isinstance(v, float) and math.isfinite(v):
+            if k not in ("step", "window_steps") and isinstance(v, float) and math.isfinite(v):
                 self.writer.add_scalar(f"train/{k}", v, step)
-        self.diagnostics.maybe_record(step, self.enc, self.state, local, c)
         self.bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.2f}",
                              ex_s=f"{rec['examples_per_s']:.0f}")
-        self.bar.update(1)
+
+    def _next_batch(self):
+        """The next local batch from the pipeline and its global device arrays (the transfer
+        starts now and overlaps the step already dispatched)."""
+        local = next(self.pipeline)
+        return local, distributed.global_batch_from_local(local, self.mesh)
 
     def run(self) -> dict:
+        """Train to `train.steps`. Nothing is fetched from the devices between logging points:
+        metrics are summed on device and fetched every `train.log_every` steps (and at every
+        evaluation, re-mining, checkpoint and the end), where the non-finite guard and the
+        cross-process preemption agreement also run. The next batch is transferred while the
+        current step runs; at most two steps are in flight."""
         c = self.cfg
         total = c.train.steps
         self.bar = progress(total=total, desc="train", unit="step",
                             disable=None if self.main else True)
         self.bar.update(self.start)
-        t_last = time.perf_counter()
         status = "finished"
         step = self.start
+        self.fetches = 0
+        self._window, self._window_start, self._t_window = None, step, time.perf_counter()
+        inflight: deque = deque()
         with _Preemption() as preempt:
+            nxt = self._next_batch() if step < total else None
             while step < total:
-                local = next(self.pipeline)
-                batch = distributed.global_batch_from_local(local, self.mesh)
+                self._local, batch = nxt
                 self.state, m = self.step_fn(self.state, batch)
-                m = {k: _to_float(v) for k, v in jax.device_get(m).items()}
+                self._window = m if self._window is None else _add(self._window, m)
                 step += 1
-                now = time.perf_counter()
-                dt, t_last = now - t_last, now
-                if self.main:
-                    self._log_step(step, m, dt, local)
-                nonfinite = int(self.state.nonfinite)
-                if nonfinite > c.train.max_nonfinite:
-                    raise NegjaxError(
-                        f"training diverged: {nonfinite} steps had a NaN/Inf loss or gradient "
-                        f"(limit train.max_nonfinite={c.train.max_nonfinite}); lower "
-                        "train.learning_rate or check the data")
-                if c.mining.every_steps and step % c.mining.every_steps == 0 and step < total:
-                    self.remine(step)
-                ev = None
-                if c.train.eval_every and step % c.train.eval_every == 0 and step < total:
-                    ev = self.evaluate(step)
-                stop = step < total and preempt.any_process()
-                if step % c.checkpoint.every_steps == 0 or step == total or stop:
-                    if step == total and self.dev is not None:
-                        ev = self.evaluate(step)
-                    self.save(step, ev)
+                self.bar.update(1)
+                inflight.append(m["loss"])
+                if len(inflight) > 2:  # bound how far the host runs ahead (no transfer)
+                    inflight.popleft().block_until_ready()
+                remine = bool(c.mining.every_steps and step % c.mining.every_steps == 0
+                              and step < total)
+                evaluate = bool(c.train.eval_every and step % c.train.eval_every == 0
+                                and step < total)
+                ckpt = step % c.checkpoint.every_steps == 0 or step == total
+                # one process's SIGTERM is seen at once; all agree at the next logging point
+                stop = step < total and preempt.requested and jax.process_count() == 1
+                if step % c.train.log_every == 0 or remine or evaluate or ckpt or stop:
+                    stop = self._flush(step, preempt if step < total else None) or stop
+                    with jax.transfer_guard_device_to_host("allow"):
+                        if remine:
+                            self.remine(step)
+                        ev = self.evaluate(step) if evaluate else None
+                        if ckpt or stop:
+                            if step == total and self.dev is not None:
+                                ev = self.evaluate(step)
+                            self.save(step, ev)
                 if stop:
                     status = "preempted"
                     break
+                if step < total:
+                    nxt = self._next_batch()
         self.close()
+        with jax.transfer_guard_device_to_host("allow"):
+            nonfinite = int(self.state.nonfinite)
         return {"status": status, "step": step, "workdir": str(self.workdir),
-                "eval": self.last_eval, "nonfinite": int(self.state.nonfinite),
+                "eval": self.last_eval, "nonfinite": nonfinite, "fetches": self.fetches,
                 "data_stats": self.pipeline.stats}
 
     def close(self) -> None:
