@@ -85,6 +85,8 @@ class LossConfig:
     collective: str = f("gather", "'gather' (all-gather the documents to every device) or 'ring' "
                         "(pass them around the devices; O(chunk) instead of O(global batch) "
                         "memory per device, for very large global batches)")
+    precision: str = f("highest", "matmul precision of the similarity matrix: 'highest' (true "
+                       "float32), 'high' (bf16_3x/tf32 on accelerators) or 'default' (fastest)")
     memory_bank_size: int = f(0, "MoCo-style queue of past document embeddings; 0 = off")
     momentum: float = f(0.999, "EMA decay of the momentum document encoder feeding the bank")
 
@@ -154,6 +156,9 @@ class DistributedConfig:
     coordinator_address: str = f("", "host:port of process 0; empty = environment or single process")
     num_processes: int = f(0, "number of processes; 0 = environment or 1")
     process_id: int = f(-1, "this process' index; negative = environment or 0")
+    fsdp: int = f(1, "devices per FSDP group: parameters, gradients and optimizer state are "
+                  "sharded over this many devices (mesh axis 'fsdp', the batch over all); "
+                  "1 = replicated")
 
 
 @dataclass(frozen=True)
@@ -180,11 +185,12 @@ _CHOICES = {
     "mining.sampling": ("top", "random"),
     "eval.index": ("exact", "scann"),
     "eval.split": ("dev", "test", "none"),
+    "loss.precision": ("highest", "high", "default"),
 }
 _POSITIVE = ("train.steps", "train.batch_size", "train.log_every", "checkpoint.every_steps",
              "checkpoint.keep", "model.query_max_len", "model.doc_max_len", "mining.encode_batch_size",
              "eval.encode_batch_size", "model.hidden_size", "model.num_layers", "model.num_heads",
-             "model.intermediate_size", "data.max_positives")
+             "model.intermediate_size", "data.max_positives", "distributed.fsdp")
 _NON_NEGATIVE = ("data.num_negatives", "loss.chunk_size", "loss.memory_bank_size",
                  "train.warmup_steps", "train.grad_cache_chunk", "train.eval_every",
                  "mining.every_steps", "mining.k", "mining.negatives_kept", "mining.audit_queries",

@@ -3,10 +3,12 @@
     from negjax import distributed
     distributed.initialize(cfg.distributed)          # before any other JAX call
     mesh = distributed.make_mesh()                   # 1-D mesh, axis 'data', all devices
+                                                     # (fsdp=F: axes 'data' x 'fsdp')
     with jax.set_mesh(mesh):
         batch = distributed.global_batch_from_local(local_numpy_batch, mesh)
 
-Every array of a batch is split along its leading axis over 'data': device k of the mesh
+Every array of a batch is split along its leading axis over 'data' (and 'fsdp', in device
+order, when the mesh has it): device k of the mesh
 holds rows [k*b, (k+1)*b) of the queries and rows [k*b*G, (k+1)*b*G) of the documents, so the
 grouping of documents per query survives sharding (negjax.losses relies on it). Each process
 passes its own consecutive slice of the global batch (global_batch // process_count rows),
@@ -26,6 +28,8 @@ import os
 from negjax.errors import NegjaxError
 
 AXIS = "data"
+FSDP = "fsdp"
+BATCH_AXES = (AXIS, FSDP)
 _ENV_COORD, _ENV_NUM, _ENV_ID = "NEGJAX_COORDINATOR", "NEGJAX_NUM_PROCESSES", "NEGJAX_PROCESS_ID"
 
 
@@ -83,11 +87,14 @@ def initialize(dist_cfg=None) -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
-def make_mesh(num_devices: int | None = None, axis_type: str = "explicit"):
-    """A 1-D `Mesh` with axis 'data' over `num_devices` devices (default: all, every process).
+def make_mesh(num_devices: int | None = None, axis_type: str = "explicit", fsdp: int = 1):
+    """The device mesh over `num_devices` devices (default: all, every process).
 
-    A subset (`num_devices` < device count) is only possible in a single process. `axis_type`:
-    'explicit' (jax 0.10's default) or 'auto'."""
+    fsdp = 1 (default): 1-D, axis 'data'. fsdp = F > 1: 2-D, axes ('data', 'fsdp') of shape
+    (n / F, F): the batch is split over all n devices (`batch_axes`), parameters, gradients and
+    optimizer state over the F devices of 'fsdp' (negjax.train.step). A subset (`num_devices`
+    < device count) is only possible in a single process. `axis_type`: 'explicit' (jax's
+    default) or 'auto'."""
     import jax
 
     total = jax.device_count()
@@ -99,15 +106,32 @@ def make_mesh(num_devices: int | None = None, axis_type: str = "explicit"):
     types = {"explicit": jax.sharding.AxisType.Explicit, "auto": jax.sharding.AxisType.Auto}
     if axis_type not in types:
         raise NegjaxError(f"mesh: axis_type must be 'explicit' or 'auto', got {axis_type!r}")
+    if fsdp < 1 or n % fsdp:
+        raise NegjaxError(f"distributed.fsdp={fsdp} must be >= 1 and divide the {n} devices")
     devices = jax.devices()[:n] if n < total else None
-    return jax.make_mesh((n,), (AXIS,), (types[axis_type],), devices=devices)
+    if fsdp == 1:
+        return jax.make_mesh((n,), (AXIS,), (types[axis_type],), devices=devices)
+    return jax.make_mesh((n // fsdp, fsdp), (AXIS, FSDP), (types[axis_type],) * 2, devices=devices)
+
+
+def batch_axes(mesh) -> tuple:
+    """The mesh axes a batch is split over, in order: ('data',) or ('data', 'fsdp')."""
+    return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def batch_devices(mesh) -> int:
+    """How many shards a batch is cut into (the product of `batch_axes`)."""
+    n = 1
+    for a in batch_axes(mesh):
+        n *= mesh.shape[a]
+    return n
 
 
 def data_sharding(mesh):
-    """Leading axis split over 'data' (batches, embeddings, memory-bank queues)."""
+    """Leading axis split over every batch axis (batches, embeddings, memory-bank queues)."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    return NamedSharding(mesh, P(AXIS))
+    return NamedSharding(mesh, P(batch_axes(mesh)))
 
 
 def replicated(mesh):
@@ -122,10 +146,10 @@ def local_batch_size(global_batch: int, mesh) -> int:
     the processes and the mesh's 'data' axis."""
     import jax
 
-    n = mesh.shape[AXIS]
+    n = batch_devices(mesh)
     if global_batch % n or global_batch % jax.process_count():
         raise NegjaxError(f"global batch {global_batch} must be divisible by the {n} devices of "
-                          f"the 'data' axis and the {jax.process_count()} processes")
+                          f"the mesh and the {jax.process_count()} processes")
     return global_batch // jax.process_count()
 
 
@@ -142,9 +166,9 @@ def global_batch_from_local(local: dict, mesh) -> dict:
         if arr.ndim == 0:
             raise NegjaxError(f"batch field {name!r}: a scalar cannot be split over 'data'")
         global_shape = (arr.shape[0] * jax.process_count(), *arr.shape[1:])
-        if global_shape[0] % mesh.shape[AXIS]:
+        if global_shape[0] % batch_devices(mesh):
             raise NegjaxError(f"batch field {name!r}: {global_shape[0]} rows do not divide over "
-                              f"the {mesh.shape[AXIS]} devices of 'data'")
+                              f"the {batch_devices(mesh)} devices of the mesh")
         out[name] = jax.make_array_from_process_local_data(sharding, arr, global_shape)
     return out
 

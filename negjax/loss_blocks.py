@@ -15,6 +15,9 @@ from jax import lax
 # TPUs/GPUs would otherwise run f32 matmuls in bf16/tf32; logits are divided by a small
 # temperature, so their error would be amplified ~20x.
 _PRECISION = lax.Precision.HIGHEST
+PRECISIONS = {"highest": lax.Precision.HIGHEST, "high": lax.Precision.HIGH,
+              "default": lax.Precision.DEFAULT}
+EMPTY = -2  # the key of an empty memory-bank slot: such a column is not in the softmax
 
 
 # ---------------------------------------------------------------------------------------
@@ -33,6 +36,8 @@ def _block_masks(col_ids, valid, targets, row_keys, col_keys):
     """(onehot, neg) [b, c] bool for a block of columns with global ids `col_ids [c]` (-1 for
     columns that are nobody's target: memory-bank columns, padding) and `valid [c]` (False
     for padding): the target column, and the columns that enter the softmax as negatives."""
+    if col_keys is not None:  # empty memory-bank slots are no columns at all
+        valid = valid & (col_keys[:, 0] != EMPTY)
     onehot = col_ids[None, :] == targets[:, None]
     neg = ~onehot & valid[None, :]
     if row_keys is not None:
@@ -83,13 +88,13 @@ def _finish_stats(s):
     )
 
 
-def _dense_ce(rows, cols, scale, targets, row_keys, col_keys, with_stats):
+def _dense_ce(rows, cols, scale, targets, row_keys, col_keys, with_stats, precision=_PRECISION):
     """Sum over rows of softmax cross-entropy, materialising the [b, N] logits.
 
     rows [b, D] f32, cols [N, D] f32, scale [] f32 (1/temperature), targets [b] int (column
     of each row's target), row_keys [b, Pr] / col_keys [N, Pc] int or None.
     Returns (loss_sum [] f32, stats dict of [] f32 sums, or None)."""
-    sim = jnp.matmul(rows, cols.T, precision=_PRECISION)
+    sim = jnp.matmul(rows, cols.T, precision=precision)
     logits = sim * scale
     ids = jnp.arange(cols.shape[0])
     onehot, neg = _block_masks(ids, ids >= 0, targets, row_keys, col_keys)
@@ -137,11 +142,12 @@ def _init_carry(rows, with_stats, *refs):
     return _match_vma((jnp.full((b,), ninf), zeros, zeros, st0), rows, *refs)
 
 
-def _fwd_block(carry, rows, blk, ids, valid, kblk, scale, targets, row_keys, inv_r):
+def _fwd_block(carry, rows, blk, ids, valid, kblk, scale, targets, row_keys, inv_r,
+               precision=_PRECISION):
     """Fold one block of columns into the online log-sum-exp state `carry`."""
     m, l, tgt, st = carry
     ninf = jnp.float32(-jnp.inf)
-    sim = jnp.matmul(rows, blk.T, precision=_PRECISION)
+    sim = jnp.matmul(rows, blk.T, precision=precision)
     logits = sim * scale
     onehot, neg = _block_masks(ids, valid, targets, row_keys, kblk)
     keep = onehot | neg
@@ -167,44 +173,48 @@ def _finish_forward(carry, with_stats):
     return jnp.sum(lse - tgt), (_finish_stats(st) if with_stats else None), lse
 
 
-def _bwd_block(rows, blk, ids, valid, kblk, scale, targets, row_keys, lse, g):
+def _bwd_block(rows, blk, ids, valid, kblk, scale, targets, row_keys, lse, g,
+               precision=_PRECISION):
     """One block's share of the backward pass: (d rows, d scale, d block)."""
-    sim = jnp.matmul(rows, blk.T, precision=_PRECISION)
+    sim = jnp.matmul(rows, blk.T, precision=precision)
     logits = sim * scale
     onehot, neg = _block_masks(ids, valid, targets, row_keys, kblk)
     p = jnp.where(onehot | neg, jnp.exp(logits - lse[:, None]), 0.0)
     dlogits = g * (p - onehot.astype(jnp.float32))       # d loss_sum / d logits
     dsim = dlogits * scale
-    return (jnp.matmul(dsim, blk, precision=_PRECISION), jnp.sum(dlogits * sim),
-            jnp.matmul(dsim.T, rows, precision=_PRECISION))
+    return (jnp.matmul(dsim, blk, precision=precision), jnp.sum(dlogits * sim),
+            jnp.matmul(dsim.T, rows, precision=precision))
 
 
-def _chunked_forward(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats):
+def _chunked_forward(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats, precision):
     blocks, key_blocks, ids, valid, _ = _pad_cols(cols, col_keys, chunk)
     inv_r = _inv_norm(rows) if with_stats else None
 
     def step(carry, xs):
         blk, kblk, bids, bvalid = xs
-        return _fwd_block(carry, rows, blk, bids, bvalid, kblk, scale, targets, row_keys, inv_r), None
+        return _fwd_block(carry, rows, blk, bids, bvalid, kblk, scale, targets, row_keys, inv_r,
+                          precision), None
 
     carry, _ = lax.scan(step, _init_carry(rows, with_stats, cols, scale),
                         (blocks, key_blocks, ids, valid))
     return _finish_forward(carry, with_stats)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _chunked_ce(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats):
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _chunked_ce(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats, precision):
     """Same contract as `_dense_ce`, with columns processed `chunk` at a time."""
-    loss_sum, stats, _ = _chunked_forward(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats)
+    loss_sum, stats, _ = _chunked_forward(rows, cols, scale, targets, row_keys, col_keys, chunk,
+                                          with_stats, precision)
     return loss_sum, stats
 
 
-def _chunked_ce_fwd(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats):
-    loss_sum, stats, lse = _chunked_forward(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats)
+def _chunked_ce_fwd(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats, precision):
+    loss_sum, stats, lse = _chunked_forward(rows, cols, scale, targets, row_keys, col_keys, chunk,
+                                            with_stats, precision)
     return (loss_sum, stats), (rows, cols, scale, targets, row_keys, col_keys, lse)
 
 
-def _chunked_ce_bwd(chunk, with_stats, res, cotangents):
+def _chunked_ce_bwd(chunk, with_stats, precision, res, cotangents):
     rows, cols, scale, targets, row_keys, col_keys, lse = res
     g = cotangents[0]  # the statistics carry no gradient
     n, dim = cols.shape
@@ -213,7 +223,8 @@ def _chunked_ce_bwd(chunk, with_stats, res, cotangents):
     def step(carry, xs):
         blk, kblk, bids, bvalid = xs
         drows, dscale = carry
-        dr, ds, dblk = _bwd_block(rows, blk, bids, bvalid, kblk, scale, targets, row_keys, lse, g)
+        dr, ds, dblk = _bwd_block(rows, blk, bids, bvalid, kblk, scale, targets, row_keys, lse, g,
+                                  precision)
         return (drows + dr, dscale + ds), dblk
 
     init = _match_vma((jnp.zeros_like(rows), jnp.zeros((), jnp.float32)), rows, cols, scale)
@@ -225,13 +236,13 @@ def _chunked_ce_bwd(chunk, with_stats, res, cotangents):
 _chunked_ce.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
 
 
-def ce(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats):
+def ce(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats, precision=_PRECISION):
     """Sum over rows of softmax cross-entropy (+ statistics): dense, or chunked when `chunk`
     is smaller than the column count."""
     if chunk is None or chunk >= cols.shape[0]:
-        return _dense_ce(rows, cols, scale, targets, row_keys, col_keys, with_stats)
+        return _dense_ce(rows, cols, scale, targets, row_keys, col_keys, with_stats, precision)
     # Inside shard_map the custom VJP's cotangents must have their primals' device-variance;
     # they are computed from all three, so give all three the same variance up front (the
     # transpose of this cast sums e.g. a replicated scale's per-device cotangents).
     rows, cols, scale = _match_vma((rows, cols, scale), rows, cols, scale)
-    return _chunked_ce(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats)
+    return _chunked_ce(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats, precision)

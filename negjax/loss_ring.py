@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from negjax.loss_blocks import (_bwd_block, _finish_forward, _fwd_block, _init_carry,
+from negjax.loss_blocks import (_PRECISION, _bwd_block, _finish_forward, _fwd_block, _init_carry,
                                 _inv_norm, _match_vma, _pad_cols)
 
 
@@ -43,7 +43,8 @@ def _ring_rows(rows, targets, row_keys, chunk):
     return (_row_tiles(rows, r, 0.0), _row_tiles(targets, r, -2), _row_tiles(row_keys, r, -1), r)
 
 
-def _ring_forward(rows, cols, scale, targets, row_keys, col_keys, col_ids, chunk, with_stats, axis):
+def _ring_forward(rows, cols, scale, targets, row_keys, col_keys, col_ids, chunk, with_stats, axis,
+                  precision):
     n = lax.axis_size(axis)
     perm = [(i, (i + 1) % n) for i in range(n)]
     b = rows.shape[0]
@@ -57,7 +58,7 @@ def _ring_forward(rows, cols, scale, targets, row_keys, col_keys, col_ids, chunk
     def fold(carry, blk, bids, bvalid, kblk):  # one piece into every row tile's state
         def tile(_, xs):
             c, rw, tg, rk, ir = xs
-            return None, _fwd_block(c, rw, blk, bids, bvalid, kblk, scale, tg, rk, ir)
+            return None, _fwd_block(c, rw, blk, bids, bvalid, kblk, scale, tg, rk, ir, precision)
         _, carry = lax.scan(tile, None, (carry, rows_t, targets_t, keys_t, inv_t))
         return carry
 
@@ -75,24 +76,26 @@ def _ring_forward(rows, cols, scale, targets, row_keys, col_keys, col_ids, chunk
     return _finish_forward(carry, with_stats)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _ring_ce(rows, cols, scale, targets, row_keys, col_keys, col_ids, chunk, with_stats, axis):
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _ring_ce(rows, cols, scale, targets, row_keys, col_keys, col_ids, chunk, with_stats, axis,
+             precision):
     """`_chunked_ce` over the columns of every device of `axis`, without gathering them: each
     piece of this device's columns `cols [m, D]` (global ids `col_ids [m]`, -1 = nobody's
     target) visits every device once, which folds it into its rows' online log-sum-exp, a
     tile of `chunk` rows at a time."""
     loss_sum, stats, _ = _ring_forward(rows, cols, scale, targets, row_keys, col_keys, col_ids,
-                                       chunk, with_stats, axis)
+                                       chunk, with_stats, axis, precision)
     return loss_sum, stats
 
 
-def _ring_ce_fwd(rows, cols, scale, targets, row_keys, col_keys, col_ids, chunk, with_stats, axis):
+def _ring_ce_fwd(rows, cols, scale, targets, row_keys, col_keys, col_ids, chunk, with_stats, axis,
+                 precision):
     loss_sum, stats, lse = _ring_forward(rows, cols, scale, targets, row_keys, col_keys, col_ids,
-                                         chunk, with_stats, axis)
+                                         chunk, with_stats, axis, precision)
     return (loss_sum, stats), (rows, cols, scale, targets, row_keys, col_keys, col_ids, lse)
 
 
-def _ring_ce_bwd(chunk, with_stats, axis, res, cotangents):
+def _ring_ce_bwd(chunk, with_stats, axis, precision, res, cotangents):
     rows, cols, scale, targets, row_keys, col_keys, col_ids, lse = res
     g = cotangents[0]
     n = lax.axis_size(axis)
@@ -106,7 +109,8 @@ def _ring_ce_bwd(chunk, with_stats, axis, res, cotangents):
     def grads(dr, blk, bids, bvalid, kblk):  # one piece against every row tile
         def tile(dblk, xs):
             rw, tg, rk, ls = xs
-            d_rows, d_scale, d_blk = _bwd_block(rw, blk, bids, bvalid, kblk, scale, tg, rk, ls, g)
+            d_rows, d_scale, d_blk = _bwd_block(rw, blk, bids, bvalid, kblk, scale, tg, rk, ls, g,
+                                                precision)
             return dblk + d_blk, (d_rows, d_scale)
         dblk0 = _match_vma(jnp.zeros_like(blk), rows, cols, scale)
         dblk, (d_rows, d_scale) = lax.scan(tile, dblk0, (rows_t, targets_t, keys_t, lse_t))
@@ -135,9 +139,10 @@ def _ring_ce_bwd(chunk, with_stats, axis, res, cotangents):
 _ring_ce.defvjp(_ring_ce_fwd, _ring_ce_bwd)
 
 
-def ring_ce(rows, cols, scale, targets, row_keys, col_keys, col_ids, chunk, with_stats, axis):
+def ring_ce(rows, cols, scale, targets, row_keys, col_keys, col_ids, chunk, with_stats, axis,
+            precision=_PRECISION):
     """`loss_blocks.ce` over the columns of every device of `axis` (this device holds `cols`,
     global ids `col_ids`), passed around the ring."""
     rows, cols, scale = _match_vma((rows, cols, scale), rows, cols, scale)
     return _ring_ce(rows, cols, scale, targets, row_keys, col_keys, col_ids, chunk, with_stats,
-                    axis)
+                    axis, precision)

@@ -57,10 +57,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from negjax.errors import NegjaxError
-from negjax.loss_blocks import ce
+from negjax.loss_blocks import EMPTY, PRECISIONS, ce
 from negjax.loss_ring import ring_ce
 
 AXIS = "data"
+BATCH_AXES = ("data", "fsdp")  # a batch is split over those of these the mesh has
 COLLECTIVES = ("gather", "ring")
 
 
@@ -68,15 +69,28 @@ COLLECTIVES = ("gather", "ring")
 # Per-device body and the mesh dispatch
 # ---------------------------------------------------------------------------------------
 
+def _extra_keys(n_docs, doc_keys, k, extra_ids):
+    """Column keys [n_docs + k, 1] with the extra columns' ids (an empty slot, id -1, gets the
+    key EMPTY: not a column), or `doc_keys` unchanged when there are no extra ids."""
+    if extra_ids is None:
+        if doc_keys is None:
+            return None
+        return jnp.concatenate([doc_keys, jnp.full((k, 1), -1, doc_keys.dtype)])
+    eids = jnp.where(extra_ids < 0, EMPTY, extra_ids).astype(jnp.int32)[:, None]
+    if doc_keys is None:
+        doc_keys = jnp.full((n_docs, 1), -1, jnp.int32)
+    return jnp.concatenate([doc_keys.astype(jnp.int32), eids], axis=0)
+
+
 def _local_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, *, group_size, symmetric,
-                 chunk, with_stats, axis, collective="gather"):
+                 chunk, with_stats, axis, precision, collective="gather"):
     """Sums over this device's queries. q [b, D], d [b*G, D] (local shards, or the whole batch
     when axis is None), pos_keys [b, P+1] / doc_ids [b*G] int or None, extra [k, D] / extra_ids
     [k] or None. Returns (fwd_sum, bwd_sum or None, stats or None), unreduced."""
     if collective == "ring" and axis is not None:
         return _ring_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids,
                            group_size=group_size, symmetric=symmetric, chunk=chunk,
-                           with_stats=with_stats, axis=axis)
+                           with_stats=with_stats, axis=axis, precision=precision)
     b = q.shape[0]
     if axis is None:
         offset = 0
@@ -88,24 +102,25 @@ def _local_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, *, group_size
     cols = gather(d)
     col_keys = None if doc_ids is None else gather(doc_ids)[:, None]
     if extra is not None:
-        cols = jnp.concatenate([cols, lax.stop_gradient(gather(extra))], axis=0)
-        if col_keys is not None:
-            eids = (jnp.full((extra.shape[0],), -1, col_keys.dtype) if extra_ids is None
-                    else extra_ids.astype(col_keys.dtype))
-            col_keys = jnp.concatenate([col_keys, gather(eids)[:, None]], axis=0)
-    fwd, stats = ce(q, cols, scale, qidx * group_size, pos_keys, col_keys, chunk, with_stats)
+        extra = gather(extra)
+        col_keys = _extra_keys(cols.shape[0], col_keys, extra.shape[0],
+                               None if extra_ids is None else gather(extra_ids))
+        cols = jnp.concatenate([cols, lax.stop_gradient(extra)], axis=0)
+    fwd, stats = ce(q, cols, scale, qidx * group_size, pos_keys, col_keys, chunk, with_stats,
+                    precision)
     bwd = None
     if symmetric:
         # Positives against all queries; masked where the positive's id is another query's
         # positive id.
         row_keys = None if doc_ids is None else doc_ids[::group_size][:, None]
         qkeys = None if pos_keys is None else gather(pos_keys)
-        bwd, _ = ce(d[::group_size], gather(q), scale, qidx, row_keys, qkeys, chunk, False)
+        bwd, _ = ce(d[::group_size], gather(q), scale, qidx, row_keys, qkeys, chunk, False,
+                    precision)
     return fwd, bwd, stats
 
 
 def _ring_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, *, group_size, symmetric,
-                chunk, with_stats, axis):
+                chunk, with_stats, axis, precision):
     """`_local_terms` with the columns passed around the ring instead of gathered: the same
     columns (documents, then the memory bank's), ids, masks and targets."""
     b = q.shape[0]
@@ -114,32 +129,34 @@ def _ring_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, *, group_size,
     cols, col_ids = d, offset * group_size + jnp.arange(d.shape[0])
     col_keys = None if doc_ids is None else doc_ids[:, None]
     if extra is not None:
+        col_keys = _extra_keys(cols.shape[0], col_keys, extra.shape[0], extra_ids)
         cols = jnp.concatenate([cols, lax.stop_gradient(extra)], axis=0)
         col_ids = jnp.concatenate([col_ids, jnp.full((extra.shape[0],), -1, col_ids.dtype)])
-        if col_keys is not None:
-            eids = (jnp.full((extra.shape[0],), -1, col_keys.dtype) if extra_ids is None
-                    else extra_ids.astype(col_keys.dtype))
-            col_keys = jnp.concatenate([col_keys, eids[:, None]], axis=0)
     fwd, stats = ring_ce(q, cols, scale, qidx * group_size, pos_keys, col_keys, col_ids, chunk,
-                       with_stats, axis)
+                         with_stats, axis, precision)
     bwd = None
     if symmetric:
         row_keys = None if doc_ids is None else doc_ids[::group_size][:, None]
         bwd, _ = ring_ce(d[::group_size], q, scale, qidx, row_keys, pos_keys, qidx, chunk, False,
-                       axis)
+                         axis, precision)
     return fwd, bwd, stats
 
 
 def _data_axis():
-    """(size of the mesh's 'data' axis or 1, whether it is already manual (inside shard_map),
-    whether it is Explicit)."""
+    """(the batch axes of the current mesh (those of 'data', 'fsdp' it has; () without a
+    mesh), their total size, whether they are already manual (inside shard_map), whether
+    they are Explicit)."""
     am = jax.sharding.get_abstract_mesh()
-    if am.empty or AXIS not in am.axis_names:
-        return 1, False, False
-    size = am.shape[AXIS]
-    manual = AXIS in am.manual_axes
-    explicit = dict(zip(am.axis_names, am.axis_types))[AXIS] == jax.sharding.AxisType.Explicit
-    return size, manual, explicit
+    axes = () if am.empty else tuple(a for a in BATCH_AXES if a in am.axis_names)
+    if not axes:
+        return (), 1, False, False
+    size = 1
+    for a in axes:
+        size *= am.shape[a]
+    manual = all(a in am.manual_axes for a in axes)
+    types = dict(zip(am.axis_names, am.axis_types))
+    explicit = any(types[a] == jax.sharding.AxisType.Explicit for a in axes)
+    return axes, size, manual, explicit
 
 
 def _check(q, d, group_size, query_pos_ids, doc_ids, chunk_size, extra, extra_ids, collective):
@@ -169,7 +186,8 @@ def _check(q, d, group_size, query_pos_ids, doc_ids, chunk_size, extra, extra_id
 
 
 def _contrastive(q, d, *, group_size, temperature, query_pos_ids, doc_ids, symmetric,
-                 chunk_size, extra, extra_ids, with_stats, collective="gather"):
+                 chunk_size, extra, extra_ids, with_stats, collective="gather",
+                 precision="highest"):
     q = jnp.asarray(q, jnp.float32)
     d = jnp.asarray(d, jnp.float32)
     as_int = lambda x: None if x is None else jnp.asarray(x, jnp.int32)  # noqa: E731
@@ -177,6 +195,9 @@ def _contrastive(q, d, *, group_size, temperature, query_pos_ids, doc_ids, symme
     if extra is not None:
         extra = jnp.asarray(extra, jnp.float32)
     _check(q, d, group_size, query_pos_ids, doc_ids, chunk_size, extra, extra_ids, collective)
+    if precision not in PRECISIONS:
+        raise NegjaxError(f"contrastive loss: precision {precision!r} is not one of "
+                          f"{list(PRECISIONS)}")
     chunk_size = chunk_size or None  # 0 (the config's "off") = materialise the matrix
     scale = (1.0 / jnp.asarray(temperature, jnp.float32)).reshape(())
     pos_keys = None
@@ -185,18 +206,20 @@ def _contrastive(q, d, *, group_size, temperature, query_pos_ids, doc_ids, symme
         if query_pos_ids is not None:
             pos_keys = jnp.concatenate([query_pos_ids, pos_keys], axis=1)
 
-    n, manual, explicit = _data_axis()
+    axes, n, manual, explicit = _data_axis()
     kw = dict(group_size=group_size, symmetric=symmetric, chunk=chunk_size, with_stats=with_stats,
-              collective=collective)
+              collective=collective, precision=PRECISIONS[precision])
     args = (q, d, scale, pos_keys, doc_ids, extra, extra_ids)
-    if n == 1 and not manual:
+    # One device without a manual axis: no collective. (A 1-device Explicit mesh still goes
+    # through shard_map: outside it, its arrays' shardings clash in the matmul.)
+    if n == 1 and not manual and not explicit:
         fwd, bwd, stats = _local_terms(*args, axis=None, **kw)
         global_b = q.shape[0]
     else:
         def body(q, d, scale, pos_keys, doc_ids, extra, extra_ids):
             fwd, bwd, stats = _local_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids,
-                                           axis=AXIS, **kw)
-            return lax.psum((fwd, bwd, stats), AXIS)
+                                           axis=axes, **kw)
+            return lax.psum((fwd, bwd, stats), axes)
 
         if manual:  # already inside a shard_map over 'data': arguments are local shards
             fwd, bwd, stats = body(*args)
@@ -204,10 +227,11 @@ def _contrastive(q, d, *, group_size, temperature, query_pos_ids, doc_ids, symme
         else:
             if q.shape[0] % n or (extra is not None and extra.shape[0] % n):
                 raise NegjaxError(f"contrastive loss: the batch ({q.shape[0]} queries) and the "
-                                  f"extra negatives must divide over the {n} devices of 'data'")
+                                  f"extra negatives must divide over the {n} devices of "
+                                  f"{'x'.join(axes)}")
             from jax.sharding import PartitionSpec as P
 
-            spec = (P(AXIS), P(AXIS), P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS))
+            spec = (P(axes), P(axes), P(), P(axes), P(axes), P(axes), P(axes))
             spec = tuple(None if a is None else s for a, s in zip(args, spec))
             if explicit:  # Explicit axes: shard_map requires inputs already laid out so
                 args = tuple(a if s is None or s == P() else jax.sharding.reshard(a, s)
@@ -236,30 +260,36 @@ def _contrastive(q, d, *, group_size, temperature, query_pos_ids, doc_ids, symme
 # ---------------------------------------------------------------------------------------
 
 def contrastive_loss(q, d, *, group_size, temperature, query_pos_ids=None, doc_ids=None,
-                     symmetric=False, chunk_size=None, collective="gather"):
+                     symmetric=False, chunk_size=None, collective="gather", precision="highest"):
     """InfoNCE over the global in-batch similarity matrix (see the module docstring).
 
     q [B, D] float, d [B*group_size, D] float (grouped per query, positive first),
     temperature: float or traced [] float32, query_pos_ids [B, P] int (-1 padded),
     doc_ids [B*group_size] int, chunk_size: columns per block (None or 0 = dense),
-    collective: 'gather' (all-gather the documents) or 'ring' (pass them around the devices).
+    collective: 'gather' (all-gather the documents) or 'ring' (pass them around the devices),
+    precision: of the similarity matmuls, 'highest' (true float32; the default), 'high'
+    (bf16_3x / tf32 on accelerators) or 'default' (the backend's fastest); the log-sum-exp is
+    float32 in every case.
     Returns the mean over the B global queries, [] float32.
     """
     loss, _ = _contrastive(q, d, group_size=group_size, temperature=temperature,
                            query_pos_ids=query_pos_ids, doc_ids=doc_ids, symmetric=symmetric,
                            chunk_size=chunk_size, extra=None, extra_ids=None, with_stats=False,
-                           collective=collective)
+                           collective=collective, precision=precision)
     return loss
 
 
 def contrastive_loss_and_metrics(q, d, *, group_size, temperature, query_pos_ids=None,
                                  doc_ids=None, symmetric=False, chunk_size=None,
-                                 extra_docs=None, extra_doc_ids=None, collective="gather"):
+                                 extra_docs=None, extra_doc_ids=None, collective="gather",
+                                 precision="highest"):
     """`contrastive_loss` plus in-batch metrics and optional extra negative columns.
 
     extra_docs [K, D]: negatives appended after the batch's documents (a memory bank); they
-    receive no gradient and, under a mesh, must be sharded along 'data' (K divisible by the
-    axis size). extra_doc_ids [K] int: their ids, masked like in-batch columns (-1 = none).
+    receive no gradient and, under a mesh, must be sharded along the batch axes ('data', and
+    'fsdp' if the mesh has it; K divisible by their size). extra_doc_ids [K] int: their ids,
+    masked like in-batch columns; -1 = an empty slot (a memory bank not yet full), which is
+    not a column: it enters neither the softmax nor the metrics.
 
     Returns (loss [] f32, metrics) with metrics of the query->document direction, computed in
     the same pass on both the dense and the chunked path (no gradient), [] f32 each:
@@ -274,7 +304,7 @@ def contrastive_loss_and_metrics(q, d, *, group_size, temperature, query_pos_ids
     return _contrastive(q, d, group_size=group_size, temperature=temperature,
                         query_pos_ids=query_pos_ids, doc_ids=doc_ids, symmetric=symmetric,
                         chunk_size=chunk_size, extra=extra_docs, extra_ids=extra_doc_ids,
-                        with_stats=True, collective=collective)
+                        with_stats=True, collective=collective, precision=precision)
 
 
 def temperature_from_log_scale(log_scale, min_temperature, max_temperature):

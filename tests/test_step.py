@@ -191,3 +191,50 @@ def test_memory_bank_with_gradcache_enqueues_the_same_embeddings(enc):
     np.testing.assert_array_equal(banks[0][1], banks[1][1])
     assert np.abs(banks[0][0]).max() > 0
     np.testing.assert_allclose(banks[1][0], banks[0][0], rtol=1e-5, atol=1e-6)
+
+
+def device_bytes(tree):
+    """The largest per-device total of `tree`'s shards (bytes)."""
+    per = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            per[shard.device] = per.get(shard.device, 0) + shard.data.nbytes
+    return max(per.values())
+
+
+@pytest.mark.parametrize("mode", ["plain", "gradcache_bank_temperature"])
+def test_fsdp_matches_replicated(enc, mode):
+    """8 devices as ('data' 8), ('data' 1 x 'fsdp' 8) and ('data' 2 x 'fsdp' 4): the same
+    losses for 5 steps and the same parameters after them, with parameters + optimizer state
+    cut to 1/8 and 1/4 per device."""
+    from negjax.distributed import make_mesh
+
+    require_devices(8)
+    kw = dict(train__learning_rate=1e-3, train__warmup_steps=0)
+    if mode != "plain":
+        kw.update(train__grad_cache_chunk=1, loss__memory_bank_size=2 * B * G,
+                  loss__momentum=0.5, loss__learnable_temperature=True)
+    cfg = make_cfg(**kw)
+    batches = [make_batch(20 + s) for s in range(5)]
+    runs = {}
+    for fsdp in (1, 8, 4):
+        mesh = make_mesh(8, fsdp=fsdp)
+        state = place_state(init_state(enc.params, cfg, dim=enc.dim), mesh)
+        size = device_bytes((state.params, state.opt_state))
+        step_fn = make_train_step(enc, cfg, mesh, group_size=G)
+        losses = []
+        for b in batches:
+            state, m = step_fn(state, put(b, mesh))
+            losses.append(float(m["loss"]))
+        runs[fsdp] = (losses, size, jax.tree.map(np.asarray, state.params), state)
+    losses, size, params, ref_state = runs[1]
+    for fsdp in (8, 4):
+        np.testing.assert_allclose(runs[fsdp][0], losses, rtol=1e-5)
+        assert_trees_close(runs[fsdp][2], params, rtol=1e-4)
+        assert runs[fsdp][1] <= size / fsdp * 1.05, (fsdp, runs[fsdp][1], size)
+    if mode != "plain":  # the queue and the momentum encoder follow too
+        for fsdp in (8, 4):
+            state = runs[fsdp][3]
+            np.testing.assert_array_equal(np.asarray(state.bank_ids), np.asarray(ref_state.bank_ids))
+            np.testing.assert_allclose(np.asarray(state.bank), np.asarray(ref_state.bank),
+                                       rtol=1e-4, atol=1e-5)

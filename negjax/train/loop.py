@@ -24,6 +24,7 @@ import json
 import math
 import signal
 import time
+import weakref
 from collections import deque
 from pathlib import Path
 
@@ -38,10 +39,13 @@ from negjax.errors import NegjaxError
 from negjax.evaluation.evaluate import EvalSet, evaluate_encoder
 from negjax.mining.job import run_mining
 from negjax.model.loader import load_model
-from negjax.train.checkpoint import Checkpointer, manifest_digest, save_run_config
+from negjax.model.loader import CHECKPOINTS, CONFIG_NAME
+from negjax.train.checkpoint import (Checkpointer, manifest_digest, save_run_config,
+                                     select_checkpoint)
 from negjax.train.diagnostics import Diagnostics
 from negjax.train.state import init_state, learning_rate_schedule
 from negjax.train.step import make_train_step, place_state
+from negjax.train.workdir_lock import WorkdirLock
 from negjax.utils import atomic_write_text, progress
 
 
@@ -66,7 +70,63 @@ def _check_inputs(cfg: Config) -> dict:
         raise NegjaxError(f"{cfg.data.negatives}: not a hard-negative directory (no manifest.json)")
     if cfg.mining.every_steps and not cfg.data.num_negatives:
         raise NegjaxError("mining.every_steps needs data.num_negatives > 0 (mined negatives per query)")
+    _check_resume_negatives(cfg)
     return paths
+
+
+def _check_resume_negatives(cfg: Config) -> None:
+    """A resume (a checkpoint exists in the workdir) must name the hard negatives the run
+    started with: the `data.negatives` of the workdir's config.toml, written when the run
+    started (a resume that passes rewrites it unchanged). Not the checkpoint's own
+    `negatives`: a run that re-mines (`mining.every_steps`) continues on
+    WORKDIR/negatives/step_N, so the same command must still resume it. A different
+    `data.negatives` (or one added or dropped) is refused naming both directories; equal
+    strings or paths that resolve to the same directory pass."""
+    workdir = Path(cfg.workdir)
+    saved, ckdir = workdir / CONFIG_NAME, workdir / CHECKPOINTS
+    if not saved.is_file() or not ckdir.is_dir() or not any(p.name.isdigit() for p in ckdir.iterdir()):
+        return
+    import tomllib
+
+    try:
+        started = tomllib.loads(saved.read_text()).get("data", {}).get("negatives", "")
+    except (tomllib.TOMLDecodeError, OSError):
+        return  # not ours to judge here; save_run_config reports a broken config.toml
+    given = cfg.data.negatives
+    if started == given or (started and given and Path(started).resolve() == Path(given).resolve()):
+        return
+    raise NegjaxError(f"{workdir}: resuming a run started with data.negatives="
+                      f"{started or '(none)'} but data.negatives={given or '(none)'} was given; "
+                      "resume with the run's own data.negatives (re-mined lists are picked up "
+                      "from the checkpoint) or train in a new workdir")
+
+
+def _claim_workdir(workdir: Path, main: bool, count: int):
+    """Process 0 locks the workdir (`WorkdirLock`) and picks the checkpoint to resume from
+    (`select_checkpoint`: the newest that verifies, damaged newer ones moved aside); the other
+    processes learn the step, or that process 0 refused, from one broadcast. Returns
+    (lock or None, step or None)."""
+    lock, step, err = None, None, None
+    if main:
+        try:
+            lock = WorkdirLock(workdir).acquire()
+            step = select_checkpoint(workdir / CHECKPOINTS, move_damaged=True)
+        except NegjaxError as e:
+            err = e
+            if lock is not None:
+                lock.release()
+    if count > 1:
+        from jax.experimental import multihost_utils
+
+        got = np.asarray(multihost_utils.broadcast_one_to_all(
+            np.array([err is not None, -1 if step is None else step], np.int32)))
+        if not main:
+            if got[0]:
+                raise NegjaxError(f"{workdir}: process 0 refused the run (its error says why)")
+            step = None if got[1] < 0 else int(got[1])
+    if err is not None:
+        raise err
+    return lock, step
 
 
 def _truncate_jsonl(path: Path, last_step: int) -> None:
@@ -144,9 +204,11 @@ class Trainer:
         self.pi, self.pc = distributed.initialize(cfg.distributed)
         self.main = self.pi == 0
         self.workdir = Path(cfg.workdir).absolute()
-        self.mesh = distributed.make_mesh()
+        self.mesh = distributed.make_mesh(fsdp=cfg.distributed.fsdp)
         distributed.local_batch_size(cfg.train.batch_size, self.mesh)
         self.enc, params, _ = load_model(None, cfg.model)
+        lock, resume_step = _claim_workdir(self.workdir, self.main, self.pc)  # before any write
+        self._unlock = weakref.finalize(self, lock.release) if lock else lambda: None
         if self.main:
             self.workdir.mkdir(parents=True, exist_ok=True)
             save_run_config(cfg, self.workdir)
@@ -156,7 +218,7 @@ class Trainer:
         state = init_state(params, cfg, dim=self.enc.dim)
         self.negatives_dir = cfg.data.negatives
         self.start, meta = 0, None
-        latest = self.ckpt.latest_step()
+        latest = resume_step
         if latest is not None:
             state, meta = self.ckpt.restore(latest, state)
             self.start = int(meta["step"])
@@ -195,7 +257,9 @@ class Trainer:
         return jax.device_get(self.state.params["model"])
 
     def evaluate(self, step: int) -> dict:
-        if self.dev is None or not self.main:
+        """Collective: every process encodes a slice of the dev corpus and queries; all return
+        the same metrics; process 0 writes them."""
+        if self.dev is None:
             return {}
         c = self.cfg
         res = evaluate_encoder(self.enc, self._model_params(), self.dev,
@@ -203,6 +267,8 @@ class Trainer:
                                query_max_len=c.model.query_max_len,
                                doc_max_len=c.model.doc_max_len, index=c.eval.index)
         self.last_eval = res
+        if not self.main:
+            return res
         with open(self.eval_path, "a") as f:
             f.write(json.dumps({"step": step, **res}) + "\n")
         for k, v in res.items():
@@ -337,6 +403,7 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
         self.diagnostics.close()
+        self._unlock()
 
 
 def train(cfg: Config) -> dict:

@@ -58,10 +58,29 @@ def _decay_mask(params):
     return jax.tree.map(lambda x: x.ndim >= 2, params)
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float, norm=optax.tree.norm) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm (same state, same formula) with the norm computed by `norm`:
+    under FSDP each device holds a shard of the gradients and the norm needs a collective
+    (negjax.train.step.global_norm)."""
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        del params
+        g = norm(updates)
+        trigger = jnp.squeeze(g < max_norm)
+        clip = lambda t: jnp.where(trigger, t, (t / g.astype(t.dtype)) * max_norm)  # noqa: E731
+        return jax.tree.map(clip, updates), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(cfg: TrainConfig, norm=optax.tree.norm) -> optax.GradientTransformation:
+    """Clip by global norm (`norm` of the gradient tree), then AdamW with the schedule."""
     parts = []
     if cfg.max_grad_norm > 0:
-        parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
+        parts.append(clip_by_global_norm(cfg.max_grad_norm, norm))
     parts.append(optax.adamw(learning_rate_schedule(cfg), b1=0.9, b2=0.999, eps=1e-6,
                              weight_decay=cfg.weight_decay, mask=_decay_mask))
     return optax.chain(*parts)

@@ -33,13 +33,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from negjax.config import Config
+from negjax.distributed import BATCH_AXES, FSDP, batch_axes, batch_devices
 from negjax.errors import NegjaxError
 from negjax.grad_cache import (backprop_sub_batches, embed_sub_batches, merge_sub_batches,
                                split_sub_batches, sub_batch_keys)
 from negjax.losses import contrastive_loss_and_metrics, temperature_from_log_scale
 from negjax.train.state import TrainState, make_optimizer
 
-AXIS = "data"
 BATCH_KEYS = ("q_tokens", "q_mask", "d_tokens", "d_mask", "doc_ids", "query_pos_ids")
 
 
@@ -50,44 +50,99 @@ def temperature_of(params, cfg: Config):
     return jnp.asarray(cfg.loss.temperature, jnp.float32)
 
 
+def fsdp_spec(shape, fsdp: int) -> P:
+    """Where FSDP cuts an array of `shape`: its largest dimension that `fsdp` divides (the
+    first of equals), or nowhere (P(): replicated) if none does or fsdp = 1."""
+    dims = [i for i, n in enumerate(shape) if n >= fsdp and n % fsdp == 0]
+    if fsdp == 1 or not dims:
+        return P()
+    i = max(dims, key=lambda i: (shape[i], -i))
+    return P(*([None] * i), FSDP)
+
+
+def _fsdp_dim(spec: P):
+    return next((i for i, a in enumerate(spec) if a == FSDP), None)
+
+
+def state_specs(state: TrainState, mesh) -> TrainState:
+    """PartitionSpecs of the state on `mesh`: every array by `fsdp_spec` (so a parameter, its
+    optimizer moments and its momentum-encoder copy are cut alike; all replicated without an
+    'fsdp' axis), the memory bank split over the batch axes."""
+    f = mesh.shape.get(FSDP, 1)
+    out = jax.tree.map(lambda x: fsdp_spec(x.shape, f), state)
+    if state.bank is not None:
+        axes = batch_axes(mesh)
+        out = out.replace(bank=P(axes), bank_ids=P(axes), bank_ptr=P())
+    return out
+
+
 def state_shardings(state: TrainState, mesh) -> TrainState:
-    """Replicated everywhere except the memory bank (sharded along 'data')."""
-    rep = NamedSharding(mesh, P())
-    sharded = NamedSharding(mesh, P(AXIS))
-    out = jax.tree.map(lambda _: rep, state)
-    if state.bank is not None:
-        out = out.replace(bank=sharded, bank_ids=sharded)
-    return out
-
-
-def state_specs(state: TrainState) -> TrainState:
-    out = jax.tree.map(lambda _: P(), state)
-    if state.bank is not None:
-        out = out.replace(bank=P(AXIS), bank_ids=P(AXIS))
-    return out
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), state_specs(state, mesh),
+                        is_leaf=lambda x: isinstance(x, P))
 
 
 def place_state(state: TrainState, mesh) -> TrainState:
     return jax.device_put(state, state_shardings(state, mesh))
 
 
-def _is_varying(x) -> bool:
-    return AXIS in jax.typeof(x).manual_axis_type.varying
+def _map_specs(fn, specs, tree):
+    return jax.tree.map(fn, specs, tree, is_leaf=lambda x: isinstance(x, P))
+
+
+def gather_params(tree, specs):
+    """Inside the step's shard_map: full arrays from this device's FSDP shards (all-gather over
+    'fsdp'; its transpose, a reduce-scatter, returns gradients to the shards)."""
+    def leaf(spec, x):
+        d = _fsdp_dim(spec)
+        return x if d is None else lax.all_gather(x, FSDP, axis=d, tiled=True)
+    return _map_specs(leaf, specs, tree)
+
+
+def reduce_grads(tree, specs, axes):
+    """Per-device gradients of full parameters -> the gradient of this device's shard: summed
+    over every batch axis (reduce-scattered over 'fsdp' where the parameter is cut)."""
+    def leaf(spec, g):
+        d = _fsdp_dim(spec)
+        if d is None:
+            return lax.psum(g, axes)
+        g = lax.psum(g, tuple(a for a in axes if a != FSDP)) if len(axes) > 1 else g
+        return lax.psum_scatter(g, FSDP, scatter_dimension=d, tiled=True)
+    return _map_specs(leaf, specs, tree)
+
+
+def global_norm(tree, specs):
+    """The global L2 norm of a tree of FSDP shards (optax.tree.norm of the full tree)."""
+    def sq(spec, x):
+        s = jnp.sum(jnp.square(x))
+        return s if _fsdp_dim(spec) is None else lax.psum(s, FSDP)
+    return jnp.sqrt(sum(jax.tree.leaves(_map_specs(sq, specs, tree))))
+
+
+def _manual_axes() -> tuple:
+    am = jax.sharding.get_abstract_mesh()
+    return tuple(a for a in BATCH_AXES if a in am.manual_axes)
+
+
+def _varying_axes(x) -> frozenset:
+    return frozenset(jax.typeof(x).manual_axis_type.varying)
 
 
 def vary(tree):
-    """Mark replicated values as device-varying, so gradients w.r.t. them stay local (no
-    all-reduce per GradCache sub-batch); one psum at the end sums them."""
+    """Mark values as device-varying over every batch axis, so gradients w.r.t. them stay local
+    (no all-reduce per GradCache sub-batch); one reduction at the end sums them."""
+    axes = _manual_axes()
+
     def cast(x):
-        if _is_varying(x):
-            return x
-        return lax.pcast(x, AXIS, to="varying")
+        missing = tuple(a for a in axes if a not in _varying_axes(x))
+        return lax.pcast(x, missing, to="varying") if missing else x
     return jax.tree.map(cast, tree)
 
 
 def dropout_keys(seed: int, step):
-    """(query key, document key) of `step` on this device (inside shard_map over 'data')."""
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), lax.axis_index(AXIS))
+    """(query key, document key) of `step` on this device (inside the step's shard_map): the
+    device's index along the batch axes, so ('data' 8) and ('data' 2 x 'fsdp' 4) draw alike."""
+    device = lax.axis_index(_manual_axes())
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), device)
     return jax.random.split(key)
 
 
@@ -118,7 +173,8 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
     chunk = cfg.loss.chunk_size or None
     gc = cfg.train.grad_cache_chunk
     momentum = cfg.loss.momentum
-    opt = make_optimizer(cfg.train)
+    axes = batch_axes(mesh)
+    n_dev = batch_devices(mesh)
 
     def encode(params, tokens, mask, tower, rng):
         return enc.encode(params, tokens, mask, tower=tower, rng=rng,
@@ -128,27 +184,28 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
         return contrastive_loss_and_metrics(
             q, d, group_size=G, temperature=temp, query_pos_ids=batch["query_pos_ids"],
             doc_ids=batch["doc_ids"], symmetric=sym, chunk_size=chunk,
-            extra_docs=bank, extra_doc_ids=bank_ids, collective=cfg.loss.collective)
+            extra_docs=bank, extra_doc_ids=bank_ids, collective=cfg.loss.collective,
+            precision=cfg.loss.precision)
 
     towers = tower_fn(enc)
 
-    def plain_grads(params, batch, rq, rd, bank, bank_ids):
+    def plain_grads(params, model, batch, rq, rd, bank, bank_ids):
         # The keys of GradCache's first sub-batch: with one sub-batch both draw the same masks.
         x = jax.tree.map(lambda a: a[0], sub_batches(batch, rq, rd, 1))
+        rest = {k: v for k, v in params.items() if k != "model"}
 
-        def loss_fn(p):
-            q, d = towers(p["model"], x)
-            loss, metrics = loss_of_embeddings(q, d, temperature_of(p, cfg), batch, bank, bank_ids)
-            return loss, metrics
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return loss, metrics, grads
+        def loss_fn(pm, rest):
+            q, d = towers(pm, x)
+            return loss_of_embeddings(q, d, temperature_of(rest, cfg), batch, bank, bank_ids)
+        (loss, metrics), (gmodel, grest) = jax.value_and_grad(
+            loss_fn, argnums=(0, 1), has_aux=True)(model, rest)
+        return loss, metrics, gmodel, grest
 
-    def cached_grads(params, batch, rq, rd, bank, bank_ids):
+    def cached_grads(params, model, batch, rq, rd, bank, bank_ids):
         b = batch["q_tokens"].shape[0]
         if b % gc:
             raise NegjaxError(f"train.grad_cache_chunk={gc} must divide the per-device batch {b}")
         xs = sub_batches(batch, rq, rd, b // gc)
-        model = vary(params["model"])
         # (1) embeddings of every sub-batch, no activations kept
         q, d = jax.tree.map(merge_sub_batches, embed_sub_batches(towers, model, xs))
 
@@ -162,26 +219,27 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
         # (3) re-encode each sub-batch (same keys) and back-propagate its cached gradient
         n = b // gc
         cts = (split_sub_batches(gq, n), split_sub_batches(gd, n))
-        gmodel = lax.psum(backprop_sub_batches(towers, model, xs, cts), AXIS)
-        return loss, metrics, {"model": gmodel, **gtemp}
+        return loss, metrics, backprop_sub_batches(towers, model, xs, cts), gtemp
 
-    def body(state: TrainState, batch):
-        params = state.params
-        loss, metrics, grads = grads_body(params, batch, state.step, state.bank, state.bank_ids)
-        gnorm = optax.tree.norm(grads)
-        updates, new_opt = opt.update(grads, state.opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
-        new_state = state.replace(params=keep(new_params, params), opt_state=keep(new_opt, state.opt_state),
-                                  step=state.step + 1, nonfinite=state.nonfinite + (~ok).astype(jnp.int32))
-        if state.bank is not None:
-            new_state = _update_bank(new_state, state, batch, ok)
-        metrics = dict(metrics, loss=loss, grad_norm=gnorm, temperature=temperature_of(params, cfg),
-                       skipped=(~ok).astype(jnp.float32))
-        return new_state, metrics
+    def grads_body(params, batch, step, bank, bank_ids, specs):
+        """(loss, metrics, grads of this device's parameter shards)."""
+        rq, rd = dropout_keys(seed, step)
+        # Full parameters on every device, typed device-varying: each device's gradient stays
+        # local until the one reduction below (a reduce-scatter onto the shards under FSDP).
+        model = vary(gather_params(params["model"], specs["model"]))
+        compute = cached_grads if gc else plain_grads
+        loss, metrics, gmodel, grest = compute(params, model, batch, rq, rd, bank, bank_ids)
+        out = (loss, metrics, {"model": reduce_grads(gmodel, specs["model"], axes), **grest})
+        if n_dev == 1:
+            # On a single device the loss takes its collective-free path, whose results are
+            # still typed device-varying; a psum over the size-1 axes marks them replicated.
+            def invariant(x):
+                v = tuple(a for a in axes if a in _varying_axes(x))
+                return lax.psum(x, v) if v else x
+            out = jax.tree.map(invariant, out)
+        return out
 
-    def _update_bank(new_state, old, batch, ok):
+    def _update_bank(new_state, old, batch, ok, ema_specs):
         # EMA of the document tower, then enqueue this step's documents encoded by it.
         doc_params = enc.tower_params(new_state.params["model"], "doc")
         ema_tower = enc.tower_params(old.ema, "doc")
@@ -194,7 +252,7 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
         n = batch["q_tokens"].shape[0] // gc if gc else 1
         xs = (split_sub_batches(batch["d_tokens"], n), split_sub_batches(batch["d_mask"], n))
         keys = merge_sub_batches(embed_sub_batches(
-            lambda p, x: encode(p, x[0], x[1], "doc", None), ema, xs))
+            lambda p, x: encode(p, x[0], x[1], "doc", None), gather_params(ema, ema_specs), xs))
         ids = batch["doc_ids"].astype(jnp.int32)
         n_new = keys.shape[0]
         ptr = old.bank_ptr
@@ -207,36 +265,55 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
             bank_ids=keep(bank_ids, old.bank_ids),
             bank_ptr=keep((ptr + n_new) % local_k, ptr))
 
-    batch_spec = {k: P(AXIS) for k in BATCH_KEYS}
+    batch_spec = {k: P(axes) for k in BATCH_KEYS}
 
-    def grads_body(params, batch, step, bank, bank_ids):
-        rq, rd = dropout_keys(seed, step)
-        compute = cached_grads if gc else plain_grads
-        out = compute(params, batch, rq, rd, bank, bank_ids)
-        if mesh.shape[AXIS] == 1:
-            # On a single device the loss takes its collective-free path, whose results are
-            # still typed device-varying; a psum over the size-1 axis marks them replicated.
-            out = jax.tree.map(lambda x: lax.psum(x, AXIS) if _is_varying(x) else x, out)
-        return out
-
-    def loss_and_grads(params, batch, step, bank=None, bank_ids=None):
-        bspec = None if bank is None else P(AXIS)
-        fn = jax.shard_map(grads_body, mesh=mesh,
-                           in_specs=(P(), batch_spec, P(), bspec, bspec), out_specs=P())
-        return fn(params, {k: batch[k] for k in BATCH_KEYS}, step, bank, bank_ids)
-
-    def step(state: TrainState, batch):
+    def _check_bank(state, batch):
         if state.bank is not None:
-            local_k = state.bank.shape[0] // mesh.shape[AXIS]
-            local_docs = batch["d_tokens"].shape[0] // mesh.shape[AXIS]
+            local_k = state.bank.shape[0] // n_dev
+            local_docs = batch["d_tokens"].shape[0] // n_dev
             if local_k % local_docs:
                 raise NegjaxError(f"loss.memory_bank_size={state.bank.shape[0]}: each device's "
                                   f"share ({local_k}) must be a multiple of its documents per "
                                   f"step ({local_docs})")
-        specs = state_specs(state)
+
+    def step(state: TrainState, batch):
+        _check_bank(state, batch)
+        specs = state_specs(state, mesh)
+        pspecs = specs.params
+        # The optimizer sees this device's shards: its clip norm is the global one.
+        opt = make_optimizer(cfg.train, norm=lambda g: global_norm(g, pspecs))
+
+        def body(state: TrainState, batch):
+            params = state.params
+            loss, metrics, grads = grads_body(params, batch, state.step, state.bank,
+                                              state.bank_ids, pspecs)
+            gnorm = global_norm(grads, pspecs)
+            updates, new_opt = opt.update(grads, state.opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+            new_state = state.replace(params=keep(new_params, params),
+                                      opt_state=keep(new_opt, state.opt_state),
+                                      step=state.step + 1,
+                                      nonfinite=state.nonfinite + (~ok).astype(jnp.int32))
+            if state.bank is not None:
+                new_state = _update_bank(new_state, state, batch, ok, specs.ema)
+            metrics = dict(metrics, loss=loss, grad_norm=gnorm,
+                           temperature=temperature_of(params, cfg),
+                           skipped=(~ok).astype(jnp.float32))
+            return new_state, metrics
+
         fn = jax.shard_map(body, mesh=mesh, in_specs=(specs, batch_spec),
                            out_specs=(specs, P()))
         return fn(state, {k: batch[k] for k in BATCH_KEYS})
+
+    def loss_and_grads(params, batch, step, bank=None, bank_ids=None):
+        pspecs = jax.tree.map(lambda x: fsdp_spec(x.shape, mesh.shape.get(FSDP, 1)), params)
+        bspec = None if bank is None else P(axes)
+        fn = jax.shard_map(lambda *a: grads_body(*a, pspecs), mesh=mesh,
+                           in_specs=(pspecs, batch_spec, P(), bspec, bspec),
+                           out_specs=(P(), P(), pspecs))
+        return fn(params, {k: batch[k] for k in BATCH_KEYS}, step, bank, bank_ids)
 
     jitted = jax.jit(step, donate_argnums=(0,))
     # (params, batch, step[, bank, bank_ids]) -> (loss, metrics, grads): the step's gradient
@@ -246,4 +323,4 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
 
 
 def batch_shardings(mesh) -> dict:
-    return {k: NamedSharding(mesh, P(AXIS)) for k in BATCH_KEYS}
+    return {k: NamedSharding(mesh, P(batch_axes(mesh))) for k in BATCH_KEYS}
