@@ -52,6 +52,8 @@ def reference(q, d, G, T, pos_ids=None, doc_ids=None, symmetric=False, extra=Non
     d = np.asarray(d, np.float64)
     nq, s = len(q), 1.0 / T
     pos = _positive_sets(G, pos_ids, doc_ids, nq)
+    if extra is not None and extra_ids is not None:  # empty slots (id -1) are no columns
+        extra, extra_ids = np.asarray(extra)[extra_ids >= 0], np.asarray(extra_ids)[extra_ids >= 0]
     cols = d if extra is None else np.concatenate([d, np.asarray(extra, np.float64)])
     ids = None
     if doc_ids is not None:
@@ -355,19 +357,75 @@ def test_bench_loss_command_compares_modes(tmp_path):
     assert bad.returncode == 2 and "divisible" in bad.stderr
 
 
-def test_two_axis_mesh():
-    """A mesh with a second axis (room for 'model'/'fsdp'): the loss shards over 'data' only."""
+@pytest.mark.parametrize("second, collective", [("model", "gather"), ("fsdp", "gather"),
+                                                ("fsdp", "ring")])
+def test_two_axis_mesh(second, collective):
+    """A mesh with a second axis: a 'model' axis is not a batch axis (the loss shards over
+    'data' only); 'fsdp' is (the batch is split over 'data' x 'fsdp', 8 shards)."""
     require_devices(8)
     G = 2
-    mesh = jax.make_mesh((4, 2), ("data", "model"))
+    mesh = jax.make_mesh((4, 2), ("data", second))
     q, d, pos_ids, doc_ids = make_batch(G, seed=13)
+    axes = ("data",) if second == "model" else ("data", "fsdp")
 
     def f(q, d):
         return contrastive_loss(q, d, group_size=G, temperature=TEMP, query_pos_ids=pos_ids,
-                                doc_ids=doc_ids, symmetric=True, chunk_size=3)
+                                doc_ids=doc_ids, symmetric=True, chunk_size=3,
+                                collective=collective)
     with jax.set_mesh(mesh):
-        loss, (gq, gd) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(*put(mesh, q, d))
+        args = tuple(jax.device_put(a, NamedSharding(mesh, P(axes))) for a in (q, d))
+        loss, (gq, gd) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(*args)
     rl, rq, rd, _, _ = reference(q, d, G, TEMP, pos_ids, doc_ids, symmetric=True)
     np.testing.assert_allclose(loss, rl, rtol=1e-5)
     np.testing.assert_allclose(gq, rq, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(gd, rd, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ndev", [1, 4])
+def test_empty_bank_slots_are_not_columns(ndev):
+    """A memory bank not yet full (slots of id -1 holding zero vectors): the loss, gradients
+    and metrics equal those with only the filled slots (a zero vector would otherwise add a
+    logit of 0 to every row's softmax). On one device under an Explicit mesh too."""
+    G, K = 2, 8
+    mesh = jax.make_mesh((ndev,), ("data",), devices=jax.devices()[:ndev])
+    q, d, pos_ids, doc_ids = make_batch(G, seed=21)
+    rng = np.random.default_rng(22)
+    bank = rng.normal(size=(K, D)).astype(np.float32)
+    bank_ids = rng.integers(100, 200, size=K).astype(np.int32)
+    bank[1::2], bank_ids[1::2] = 0.0, -1                # every other slot empty
+
+    def f(q, d, bank, ids):
+        return contrastive_loss_and_metrics(q, d, group_size=G, temperature=TEMP,
+                                            query_pos_ids=pos_ids, doc_ids=doc_ids,
+                                            extra_docs=bank, extra_doc_ids=ids, chunk_size=5)
+    with jax.set_mesh(mesh):
+        (loss, m), g = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(
+            *put(mesh, q, d, bank, bank_ids))
+    full = bank[::2]
+    rl, rq, rd, _, rm = reference(q, d, G, TEMP, pos_ids, doc_ids, extra=full, extra_ids=bank_ids[::2])
+    np.testing.assert_allclose(loss, rl, rtol=1e-5)
+    np.testing.assert_allclose(g[0], rq, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(g[1], rd, rtol=1e-5, atol=1e-6)
+    for k, v in rm.items():
+        np.testing.assert_allclose(m[k], v, rtol=1e-5, err_msg=k)
+    # with the empty slots counted as columns the loss would differ
+    with np.errstate(invalid="ignore"):  # cosines of zero vectors
+        zero_cols = reference(q, d, G, TEMP, pos_ids, doc_ids, extra=bank, extra_ids=None)[0]
+    assert abs(zero_cols - rl) > 1e-3
+
+
+def test_precision_reaches_the_matmuls():
+    """loss.precision: 'highest' (default) compiles float32 matmuls as HIGHEST, 'default'
+    leaves the backend's choice; an unknown value is refused."""
+    G = 2
+    q, d, _, doc_ids = make_batch(G, seed=3)
+
+    def text(precision, chunk):
+        f = lambda q, d: contrastive_loss(q, d, group_size=G, temperature=TEMP,  # noqa: E731
+                                          doc_ids=doc_ids, chunk_size=chunk, precision=precision)
+        return jax.jit(jax.grad(f)).lower(q, d).as_text()
+    for chunk in (None, 5):
+        assert "HIGHEST" in text("highest", chunk)
+        assert "HIGHEST" not in text("default", chunk) and "HIGH" in text("high", chunk)
+    with pytest.raises(NegjaxError, match="precision"):
+        contrastive_loss(q, d, group_size=G, temperature=TEMP, precision="fast")
