@@ -14,7 +14,7 @@ import sys
 import warnings
 
 from negjax import __version__
-from negjax.errors import NegjaxDeprecationWarning, NegjaxError, warn_deprecated
+from negjax.errors import NegjaxDeprecationWarning, NegjaxError, NegjaxWarning, warn_deprecated
 
 # Order is the order shown by --help. A module that does not exist yet is simply not listed.
 COMMANDS = ["quickstart", "train", "mine", "eval", "encode", "export", "bench", "data", "config"]
@@ -76,7 +76,7 @@ def add_renamed_flag(p, old: str, new: str, **kw) -> None:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    if issubclass(category, NegjaxDeprecationWarning):
+    if issubclass(category, (NegjaxDeprecationWarning, NegjaxWarning)):
         print(f"negjax: warning: {message}", file=sys.stderr)
     else:
         _default_showwarning(message, category, filename, lineno, file, line)

@@ -16,6 +16,17 @@ def file_error(path, line: int | None, msg: str) -> NegjaxError:
     return NegjaxError(f"{where}: {msg}")
 
 
+class NegjaxWarning(UserWarning):
+    """Something the user should know that does not stop the command (the CLI prints it as
+    one `negjax: warning: ...` line), e.g. a damaged checkpoint skipped on resume."""
+
+
+def warn(msg: str) -> None:
+    import warnings
+
+    warnings.warn(msg, NegjaxWarning, stacklevel=2)
+
+
 class NegjaxDeprecationWarning(FutureWarning):
     """A renamed config key or flag was used (shown by default, unlike DeprecationWarning)."""
 

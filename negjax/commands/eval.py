@@ -20,8 +20,10 @@ def add_parser(sub):
     p.add_argument("--encode-batch-size", type=int, default=256,
                    help="texts per encoding batch (all local devices)")
     add_renamed_flag(p, "--batch-size", "--encode-batch-size", type=int)
-    p.add_argument("--query-max-length", type=int, default=32)
-    p.add_argument("--doc-max-length", type=int, default=128)
+    p.add_argument("--query-max-length", type=int,
+                   help="query max tokens (default: a training workdir's model.query_max_len, else 32)")
+    p.add_argument("--doc-max-length", type=int,
+                   help="document max tokens (default: a training workdir's model.doc_max_len, else 128)")
     p.add_argument("--max-queries", type=int, default=0, help="evaluate at most N queries (0 = all)")
     p.add_argument("--save-run", help="write the rankings as a TREC run file (qid Q0 doc rank score tag)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -35,7 +37,7 @@ def run(args) -> int:
     from negjax.evaluation.evaluate import TOP_K, EvalSet, rankings
     from negjax.evaluation.metrics import evaluate_rankings
     from negjax.model.encode import encode_texts
-    from negjax.model.loader import load_model
+    from negjax.model.loader import load_model, saved_config
 
     if bool(args.queries) != bool(args.qrels):
         raise NegjaxError("--queries and --qrels go together")
@@ -55,9 +57,15 @@ def run(args) -> int:
         raise NegjaxError("--encode-batch-size must be >= 1 and --max-queries >= 0")
     data = EvalSet.from_files(corpus, queries, qrels, max_queries=args.max_queries)
     enc, params, info = load_model(args.model)
-    corpus_emb = encode_texts(enc, params, data.corpus_texts, tower="doc", max_length=args.doc_max_length,
+    saved = saved_config(args.model)  # a training workdir: the lengths it trained with
+    qlen, dlen = args.query_max_length, args.doc_max_length
+    if qlen is None:
+        qlen = saved.model.query_max_len if saved else 32
+    if dlen is None:
+        dlen = saved.model.doc_max_len if saved else 128
+    corpus_emb = encode_texts(enc, params, data.corpus_texts, tower="doc", max_length=dlen,
                               batch_size=args.encode_batch_size, desc="encode corpus")
-    query_emb = encode_texts(enc, params, data.query_texts, tower="query", max_length=args.query_max_length,
+    query_emb = encode_texts(enc, params, data.query_texts, tower="query", max_length=qlen,
                              batch_size=args.encode_batch_size, desc="encode queries")
     ids, scores = rankings(query_emb, corpus_emb, index=args.index, k=min(TOP_K, len(data.corpus_ids)))
     run_map = {q: [data.corpus_ids[j] for j in row if j >= 0] for q, row in zip(data.query_ids, ids)}

@@ -4,6 +4,7 @@
     negjax mine --model DIR --corpus corpus.jsonl --train train.jsonl --out negatives/ \\
         --relative-margin 0.05 --negatives-kept 32 --sampling random --seed 1
     negjax mine --model runs/round1 --out negatives/   # a training workdir: latest checkpoint
+                                                       # (and its query/document lengths)
 
 Settings come from the [mining] section of --config (and --set mining.key=value); the flags
 below override it (they become `--set` overrides, validated like the file). A rerun with the same settings resumes an interrupted run. Several
@@ -12,6 +13,8 @@ processes: start one per host with --coordinator HOST:PORT --num-processes N --p
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from negjax.errors import NegjaxError
 
@@ -69,9 +72,11 @@ def add_parser(sub):
     g = p.add_argument_group("encoding and output")
     g.add_argument("--encode-batch-size", type=int, help="texts per encoding batch (all local devices)")
     add_renamed_flag(g, "--batch-size", "--encode-batch-size", type=int)
-    g.add_argument("--doc-max-length", type=int, help="document max tokens (default model.doc_max_len)")
+    g.add_argument("--doc-max-length", type=int, help="document max tokens (default: a training "
+                   "workdir's model.doc_max_len, else model.doc_max_len)")
     add_renamed_flag(g, "--max-length", "--doc-max-length", type=int)
-    g.add_argument("--query-max-length", type=int, help="query max tokens (default model.query_max_len)")
+    g.add_argument("--query-max-length", type=int, help="query max tokens (default: a training "
+                   "workdir's model.query_max_len, else model.query_max_len)")
     g.add_argument("--shard-size", type=int, help="queries per shard")
     g.add_argument("--encode-chunk", type=int, help="texts per saved embedding chunk")
     g = p.add_argument_group("multi-process")
@@ -109,11 +114,34 @@ def input_paths(cfg, args) -> tuple:
     return paths["corpus"], paths["train"], paths["train_qrels"]
 
 
+_LENGTHS = ("model.query_max_len", "model.doc_max_len")
+
+
+def workdir_lengths(cfg, args) -> dict:
+    """{key: value} of the query/document lengths a training workdir given as the model was
+    trained with, for those the user did not set (a flag, --set, or --config's [model])."""
+    import tomllib
+
+    from negjax.config import parse_override
+    from negjax.model.loader import saved_config
+
+    saved = saved_config(cfg.model.name)
+    if saved is None:
+        return {}
+    explicit = {".".join(parse_override(t)[0]) for t in args.overrides}
+    explicit |= {key for key in flag_overrides(args) if key in _LENGTHS}
+    if args.config:
+        section = tomllib.loads(Path(args.config).read_text()).get("model", {})
+        explicit |= {f"model.{k}" for k in section}
+    return {key: getattr(saved.model, key.split(".")[1]) for key in _LENGTHS if key not in explicit}
+
+
 def run(args) -> int:
     from negjax import distributed
     from negjax.config import load_config, updated
 
     cfg = updated(load_config(args.config, args.overrides), flag_overrides(args))
+    cfg = updated(cfg, workdir_lengths(cfg, args))
     # Before anything touches a JAX device.
     pi, _ = distributed.initialize(cfg.distributed)
     corpus, train, qrels = input_paths(cfg, args)

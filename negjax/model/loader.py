@@ -17,11 +17,17 @@ For 'tiny', 'minilm' and model directories the other settings (pooling, dtype, d
 towers, ...) come from `model_cfg`; a training checkpoint brings its own. The layout of a
 training workdir (config.toml, checkpoints/<step>/state) is stated here, below the train
 package, so that mining and evaluation load trained models without importing it.
+
+Every checkpoint written since checksums were introduced holds `checksums.json` (the sha256
+of each file of its items, written at save before orbax commits the step); loading a step
+verifies it and refuses a damaged one by name. A checkpoint without the file (older runs)
+loads unverified, as before.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import jax
@@ -35,6 +41,7 @@ CONFIG_NAME = "config.toml"      # the resolved config of a training run, in its
 CHECKPOINTS = "checkpoints"      # orbax: one directory per step
 STATE_ITEM = "state"             # the TrainState item of a checkpoint (params["model"] inside)
 META_ITEM = "meta"               # its JSON item (data iterator state, negatives in use, step)
+CHECKSUMS = "checksums.json"     # in a step dir: sha256 of every file of its items
 BUILT_IN = ("tiny", "minilm")
 
 
@@ -65,6 +72,54 @@ def is_training_checkpoint(path) -> bool:
         (path.name.isdigit() and (path.parent.parent / CONFIG_NAME).is_file())
 
 
+def write_checksums(step_dir) -> dict:
+    """Write CHECKSUMS into `step_dir`: {name, bytes, sha256} of every file under its items
+    (the shard manifest's scheme, `negjax.data.shards`). Returns what it wrote."""
+    from negjax.utils import atomic_write_text, sha256_file
+
+    step_dir = Path(step_dir)
+    files = []
+    for item in (STATE_ITEM, META_ITEM):
+        for path in sorted((step_dir / item).rglob("*")):
+            if path.is_file():
+                files.append({"name": path.relative_to(step_dir).as_posix(),
+                              "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+    if not files:
+        raise NegjaxError(f"{step_dir}: no checkpoint files to checksum")
+    out = {"format_version": 1, "files": files}
+    atomic_write_text(step_dir / CHECKSUMS, json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def verify_checkpoint(step_dir) -> bool:
+    """Check a step dir against its CHECKSUMS (size, then sha256 of every listed file).
+    NegjaxError naming the checkpoint and the file when one is missing or differs; False when
+    the step has no CHECKSUMS (written before checksums existed: not verifiable), else True."""
+    from negjax.utils import sha256_file
+
+    step_dir = Path(step_dir)
+    path = step_dir / CHECKSUMS
+    if not path.is_file():
+        return False
+    what = f"checkpoint {step_dir} is damaged"
+    try:
+        files = json.loads(path.read_text())["files"]
+        listed = [(f["name"], int(f["bytes"]), str(f["sha256"])) for f in files]
+    except (ValueError, KeyError, TypeError) as e:
+        raise NegjaxError(f"{what}: unreadable {CHECKSUMS} ({e})") from None
+    for name, size, digest in listed:
+        f = step_dir / name
+        if not f.is_file():
+            raise NegjaxError(f"{what}: {name} is missing")
+        if f.stat().st_size != size:
+            raise NegjaxError(f"{what}: {name} has {f.stat().st_size} bytes, {CHECKSUMS} says {size}")
+        got = sha256_file(f)
+        if got != digest:
+            raise NegjaxError(f"{what}: {name} sha256 {got[:12]}... does not match {CHECKSUMS} "
+                              f"({digest[:12]}...)")
+    return True
+
+
 def restore_model_params(ckdir: Path, step: int) -> dict:
     """The encoder params (`state.params["model"]`, tower layout) of checkpoint `step` as
     numpy arrays, whatever topology (devices, processes) the run that saved it had: the
@@ -72,6 +127,7 @@ def restore_model_params(ckdir: Path, step: int) -> dict:
     device."""
     import orbax.checkpoint as ocp
 
+    verify_checkpoint(Path(ckdir) / str(step))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(), META_ITEM: ocp.JsonCheckpointHandler()}
     with ocp.CheckpointManager(ckdir, item_handlers=handlers) as mgr:
@@ -83,6 +139,15 @@ def restore_model_params(ckdir: Path, step: int) -> dict:
     state = restored[STATE_ITEM]
     params = state["params"] if isinstance(state, dict) else state.params
     return jax.tree.map(np.asarray, params["model"])
+
+
+def saved_config(name):
+    """The `Config` a training workdir / checkpoint NAME was trained with (its config.toml), or
+    None when NAME is not one ('tiny', 'minilm', a model directory)."""
+    if name is None or str(name) in BUILT_IN or not is_training_checkpoint(name):
+        return None
+    workdir, _, _ = find_checkpoint(name)
+    return load_config(workdir / CONFIG_NAME)
 
 
 def _encoder_of(name: str, model_cfg: ModelConfig | None) -> tuple[Encoder, dict | None]:

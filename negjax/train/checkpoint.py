@@ -6,6 +6,13 @@
 
 The rng needs no storage: every random choice derives from (train.seed, step). Saving is
 asynchronous; the last `keep` checkpoints are kept plus the best one by `best_metric`.
+
+Each step dir also holds `checksums.json` (sha256 per file, `negjax.model.loader.write_checksums`).
+It is written by orbax's post-finalization callback: in the background, on process 0, after
+every process has written its files and before orbax renames `<step>.orbax-checkpoint-tmp`
+to `<step>`; so a committed step always has its checksums (orbax is always run in async mode
+for this; `async_save = false` waits for the save to finish). `select_checkpoint` picks the
+newest step that verifies for a resume.
 The workdir layout (config.toml, checkpoints/<step>/state) is defined in
 `negjax.model.loader`, whose `load_model(workdir)` turns a checkpoint back into (encoder,
 params) for export, evaluation and mining.
@@ -21,7 +28,10 @@ import jax
 
 from negjax.config import Config, CheckpointConfig, load_config
 from negjax.errors import NegjaxError
-from negjax.model.loader import CONFIG_NAME, META_ITEM, STATE_ITEM
+from negjax.model.loader import (CONFIG_NAME, META_ITEM, STATE_ITEM, verify_checkpoint,
+                                  write_checksums)
+
+DAMAGED = "checkpoints.damaged"  # in the workdir: damaged steps moved aside on resume
 
 
 class Checkpointer:
@@ -37,10 +47,26 @@ class Checkpointer:
             metric = cfg.best_metric
             policies.append(cm.BestN(get_metric_fn=lambda m: m[metric], reverse=False, n=1,
                                      keep_checkpoints_without_metrics=False))
+        # Always orbax's async checkpointer: only it runs the callback that writes the
+        # checksums before the step is committed; a synchronous save waits for it.
+        self.sync = not cfg.async_save
+        self._saving: int | None = None
         options = ocp.CheckpointManagerOptions(
             preservation_policy=cm.AnyPreservationPolicy(policies),
-            enable_async_checkpointing=cfg.async_save, create=True)
+            enable_async_checkpointing=True, create=True,
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._write_checksums))
         self.manager = ocp.CheckpointManager(self.dir, options=options, item_names=(STATE_ITEM, META_ITEM))
+
+    def _write_checksums(self) -> None:
+        """orbax's post-finalization callback (process 0, background thread): the step's files
+        are complete and still in orbax's temporary directory, which is renamed next. An
+        error here leaves the step uncommitted (and surfaces on the next save or wait)."""
+        step = self._saving
+        tmp = sorted(self.dir.glob(f"{step}.orbax-checkpoint-tmp*"), key=lambda p: p.stat().st_mtime)
+        target = tmp[-1] if tmp else self.dir / str(step)  # commit-file filesystems: in place
+        if not (target / STATE_ITEM).is_dir():
+            raise RuntimeError(f"checkpoint {step}: no directory to checksum in {self.dir}")
+        write_checksums(target)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -53,9 +79,14 @@ class Checkpointer:
 
         if step in self.manager.all_steps():
             return False
-        return self.manager.save(step, args=ocp.args.Composite(
+        self.manager.wait_until_finished()  # one save (and its checksum callback) at a time
+        self._saving = step
+        saved = self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
             metrics=metrics, force=True)
+        if self.sync:
+            self.manager.wait_until_finished()
+        return saved
 
     def restore(self, step: int, like_state):
         """(state, meta) of `step`; `like_state` gives structure, shapes and shardings."""
@@ -72,6 +103,46 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def select_checkpoint(ckdir, *, move_damaged: bool = False) -> int | None:
+    """The newest step under `ckdir` whose checksums verify (or that has none: written before
+    checksums existed), None when there is no checkpoint. Each newer damaged step is
+    reported with a warning naming it; with `move_damaged` (process 0 of a resume) it is
+    moved to WORKDIR/checkpoints.damaged/ so that the run saves that step afresh and
+    `load_model(workdir)` finds the good one. NegjaxError, with nothing moved, when checkpoints
+    exist and none verifies."""
+    import shutil
+
+    from negjax.errors import warn
+
+    ckdir = Path(ckdir)
+    steps = sorted((int(p.name) for p in ckdir.iterdir() if p.name.isdigit() and p.is_dir()),
+                   reverse=True) if ckdir.is_dir() else []
+    damaged: list[tuple[int, str]] = []
+    for step in steps:
+        try:
+            verify_checkpoint(ckdir / str(step))
+        except NegjaxError as e:
+            damaged.append((step, str(e)))
+            continue
+        for bad, why in damaged:
+            note = ""
+            if move_damaged:
+                dest = ckdir.parent / DAMAGED / str(bad)
+                k = 1
+                while dest.exists():
+                    dest, k = ckdir.parent / DAMAGED / f"{bad}-{k}", k + 1
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(ckdir / str(bad)), str(dest))
+                note = f"; moved to {dest}"
+            warn(f"{why}; resuming from checkpoint {step} instead{note}")
+        return step
+    if damaged:
+        raise NegjaxError(f"{damaged[0][1]}; no checkpoint in {ckdir} verifies "
+                          f"(steps {', '.join(str(s) for s, _ in damaged)}): restore one from a "
+                          "backup or start over in a new workdir")
+    return None
 
 
 def manifest_digest(negatives_dir: str) -> str:
