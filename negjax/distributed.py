@@ -188,6 +188,23 @@ def local_rows(x):
     return np.concatenate(parts, axis=0)
 
 
+def to_host(x):
+    """A host (numpy) copy of an array or a tree of arrays, also of multi-process global arrays
+    (FSDP-sharded parameters): those are all-gathered, so every process must call it."""
+    import jax
+    import numpy as np
+
+    def leaf(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            if a.is_fully_replicated:
+                return np.asarray(a.addressable_data(0))
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+        return np.asarray(a)
+    return jax.tree.map(leaf, x)
+
+
 def barrier(name: str) -> None:
     """Wait until every process reaches the barrier `name` (a no-op in one process)."""
     import jax

@@ -29,6 +29,7 @@ def run(args) -> int:
     if jax.process_index() == 0:
         ev = summary.get("eval") or {}
         evs = "  ".join(f"{k}={v:.4f}" for k, v in ev.items() if k != "queries")
-        print(f"negjax train: {summary['status']} at step {summary['step']}; workdir {summary['workdir']}"
+        print(f"negjax train: {summary['status']} at step {summary['step']} (mesh "
+              f"{summary['mesh']}); workdir {summary['workdir']}"
               + (f"\n  dev: {evs}" if evs else ""))
     return 0

@@ -22,9 +22,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from negjax.distributed import barrier
+from negjax.distributed import barrier, to_host
 from negjax.errors import NegjaxError
-from negjax.model.encode import encode_texts
+from negjax.model.encode import encode_texts, rows_per_device
+from negjax.multihost import process_chunks
 from negjax.utils import atomic_path
 
 
@@ -39,23 +40,12 @@ def model_identity(enc) -> dict:
             "dtype": enc.dtype, "tokenizer": hashlib.sha256(tok.encode()).hexdigest()}
 
 
-def _host(x) -> np.ndarray:
-    """A host copy of a (possibly multi-process global) array."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        if x.is_fully_replicated:
-            return np.asarray(x.addressable_data(0))
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-
 def params_fingerprint(enc, params, tower: str) -> str:
     """blake2b over the names, shapes, dtypes and bytes of one tower's params (host copies)."""
     h = hashlib.blake2b(digest_size=16)
     leaves = jax.tree_util.tree_leaves_with_path(enc.tower_params(params, tower))
     for path, leaf in sorted(leaves, key=lambda pl: jax.tree_util.keystr(pl[0])):
-        arr = np.ascontiguousarray(_host(leaf))
+        arr = np.ascontiguousarray(to_host(leaf))
         h.update(f"{jax.tree_util.keystr(path)}|{arr.dtype}|{arr.shape}".encode())
         h.update(arr.tobytes())
     return h.hexdigest()
@@ -81,26 +71,27 @@ def encode_chunked(enc, params, texts, *, tower: str, max_length: int, batch_siz
                    chunk: int, directory: Path, stage: str) -> tuple[np.ndarray, dict]:
     """Embeddings `[N, D] float32` of `texts`, computed chunk by chunk into `directory`
     (reusing chunks already there). Collective: process p encodes chunks c % P == p, then all
-    read all. Returns (embeddings, {"chunks", "encoded", "reused"} of this process)."""
-    pi, pc = jax.process_index(), jax.process_count()
+    read all. `batch_size` counts the texts of a batch over all devices of all processes (a
+    fixed per-device batch, so the embeddings do not depend on the number of processes).
+    Returns (embeddings, {"chunks", "encoded", "reused"} of this process)."""
+    pc = jax.process_count()
     n, dim = len(texts), enc.dim
     n_chunks = max(1, math.ceil(n / chunk))
     directory.mkdir(parents=True, exist_ok=True)
     info = {"chunks": n_chunks, "encoded": 0, "reused": 0}
-    for c in range(pi, n_chunks, pc):
-        lo, hi = c * chunk, min(n, (c + 1) * chunk)
+    for c, lo, hi in process_chunks(n, chunk):
         path = directory / f"chunk-{c:05d}.npy"
         if chunk_ok(path, hi - lo, dim):
             info["reused"] += 1
             continue
         emb = encode_texts(enc, params, texts[lo:hi], tower=tower, max_length=max_length,
-                           batch_size=batch_size, desc=f"encode {stage} {c + 1}/{n_chunks}")
+                           batch_size=batch_size, desc=f"encode {stage} {c + 1}/{n_chunks}",
+                           per_device=rows_per_device(batch_size))
         save_chunk(path, emb)
         info["encoded"] += 1
     barrier(f"mine-encode-{stage}")
     out = np.empty((n, dim), np.float32)
-    for c in range(n_chunks):
-        lo, hi = c * chunk, min(n, (c + 1) * chunk)
+    for c, lo, hi in process_chunks(n, chunk, 0, 1):  # every chunk
         path = directory / f"chunk-{c:05d}.npy"
         if not chunk_ok(path, hi - lo, dim):
             raise NegjaxError(f"{path}: embedding chunk missing or damaged after encoding "

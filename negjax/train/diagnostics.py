@@ -57,20 +57,23 @@ class Diagnostics:
         self._encode = None
         self._last = None
 
-    def maybe_record(self, step: int, enc, state, local_batch: dict, cfg) -> None:
-        if not self.enabled:
-            return
+    def maybe_record(self, step: int, enc, params_fn, local_batch: dict, cfg) -> None:
+        """Record at `step` if due; `params_fn()` gives the encoder's parameters (host copies),
+        called only then. Called by every process (under FSDP gathering the parameters is a
+        collective); only an enabled one (process 0) records."""
         # Called at the loop's logging points: record at the first, then once per `every` steps.
         every = max(cfg.train.steps // self.times, 1)
         if self._last is not None and step // every <= self._last // every:
             return
         self._last = step
+        params = params_fn()
+        if not self.enabled:
+            return
         import jax
 
         if self._encode is None:
             self._encode = jax.jit(lambda p, t, m, tower: enc.encode(p, t, m, tower=tower),
                                    static_argnums=(3,))
-        params = state.params["model"]
         b = local_batch["q_tokens"].shape[0]
         group = local_batch["d_tokens"].shape[0] // b
         nq = min(b, SAMPLE)

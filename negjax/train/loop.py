@@ -254,7 +254,8 @@ class Trainer:
         return pipe
 
     def _model_params(self):
-        return jax.device_get(self.state.params["model"])
+        """Host copies of the encoder's parameters (gathered from their FSDP shards)."""
+        return distributed.to_host(self.state.params["model"])
 
     def evaluate(self, step: int) -> dict:
         """Collective: every process encodes a slice of the dev corpus and queries; all return
@@ -318,8 +319,7 @@ class Trainer:
                         f"training diverged: {int(nonfinite)} steps had a NaN/Inf loss or "
                         f"gradient (limit train.max_nonfinite={c.train.max_nonfinite}); lower "
                         "train.learning_rate or check the data")
-                if self.main:
-                    self.diagnostics.maybe_record(step, self.enc, self.state, self._local, c)
+                self.diagnostics.maybe_record(step, self.enc, self._model_params, self._local, c)
             return preempt is not None and preempt.any_process()
 
     def _log_window(self, step: int, n: int, m: dict, dt: float) -> None:
@@ -393,6 +393,7 @@ class Trainer:
         with jax.transfer_guard_device_to_host("allow"):
             nonfinite = int(self.state.nonfinite)
         return {"status": status, "step": step, "workdir": str(self.workdir),
+                "mesh": " x ".join(f"{k} {v}" for k, v in self.mesh.shape.items()),
                 "eval": self.last_eval, "nonfinite": nonfinite, "fetches": self.fetches,
                 "data_stats": self.pipeline.stats}
 
