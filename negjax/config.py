@@ -131,7 +131,7 @@ class MiningConfig:
     dedup_text: bool = f(True, "drop candidates whose normalised text equals a positive's")
     seed: int = f(0, "seed of random sampling")
     audit_queries: int = f(1000, "queries searched exactly to measure ScaNN recall@k")
-    encode_batch_size: int = f(256, "texts per encoding batch (all local devices)")
+    encode_batch_size: int = f(256, "texts per encoding batch over all devices of all processes")
     shard_size: int = f(4096, "queries per output shard (the unit of resume)")
     encode_chunk: int = f(8192, "texts per saved embedding chunk (the unit of resume while encoding)")
     num_leaves: int = f(0, "ScaNN tree leaves; 0 = automatic (about sqrt(corpus size))")
@@ -144,7 +144,7 @@ class MiningConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    encode_batch_size: int = f(256, "texts per encoding batch (all local devices)")
+    encode_batch_size: int = f(256, "texts per encoding batch over all devices of all processes")
     index: str = f("exact", "'exact' or 'scann' for large corpora")
     split: str = f("dev", "split evaluated during training: 'dev', 'test' or 'none' (no "
                    "evaluation inside the run, e.g. when an outer script evaluates)")

@@ -430,11 +430,41 @@ def _bucket(buckets: list[int], length: int) -> int:
 # From a config
 # ---------------------------------------------------------------------------------------------
 
+def shared_token_stores(build, cache_dir=None):
+    """`build()` (which builds or opens token stores under `cache_dir`) run once per host: in
+    a multi-process job the processes that see the same resolved cache directory on the same
+    host elect a leader (the lowest process index), the leader builds, all wait at a barrier,
+    then the others call `build()` too, which opens the stores the leader wrote (or, should
+    they not be there, e.g. a directory that is not what it seems, builds its own; a store is
+    renamed into place complete, so concurrent builders stay safe). Hosts that share a
+    network cache each tokenise once. Collective; one process: `build()`."""
+    import jax
+
+    if jax.process_count() == 1:
+        return build()
+    from negjax.distributed import barrier
+    from negjax.multihost import host_leader
+    from negjax.utils import default_cache_dir
+
+    leader = host_leader(default_cache_dir(cache_dir) / "tokens")
+    out, error = None, None
+    if leader:
+        try:
+            out = build()
+        except Exception as e:  # reach the barrier first: the others then fail alike or build
+            error = e
+    barrier("token-stores")
+    if error is not None:
+        raise error
+    return out if leader else build()
+
+
 def build_pipeline(cfg, tokenizer, *, negatives_dir: str | None = None,
                    process_index: int | None = None, process_count: int | None = None,
                    cache_dir=None) -> Pipeline:
     """The training pipeline for a `negjax.config.Config`: reads the data, builds (or reuses)
-    the token stores, loads and verifies hard-negative shards. `negatives_dir`: the shard
+    the token stores (once per host: `shared_token_stores`; collective in a multi-process
+    job), loads and verifies hard-negative shards. `negatives_dir`: the shard
     directory in use (a re-mining round's, or a resumed run's); None = `data.negatives`."""
     d = cfg.data
     if negatives_dir is None:
@@ -445,10 +475,14 @@ def build_pipeline(cfg, tokenizer, *, negatives_dir: str | None = None,
         process_index, process_count = jax.process_index(), jax.process_count()
     corpus, examples = load_training_data(d, cache_dir)
     cache = cache_dir or d.cache_dir or None
-    doc_store = build_token_store(corpus.texts, corpus.ids, tokenizer,
-                                  max_len=cfg.model.doc_max_len, cache_dir=cache, name="docs")
-    query_store = build_token_store(examples.queries, examples.query_ids, tokenizer,
-                                    max_len=cfg.model.query_max_len, cache_dir=cache, name="queries")
+
+    def stores():
+        return (build_token_store(corpus.texts, corpus.ids, tokenizer,
+                                  max_len=cfg.model.doc_max_len, cache_dir=cache, name="docs"),
+                build_token_store(examples.queries, examples.query_ids, tokenizer,
+                                  max_len=cfg.model.query_max_len, cache_dir=cache, name="queries"))
+
+    doc_store, query_store = shared_token_stores(stores, cache)
     if negatives_dir:
         negatives = load_negatives(negatives_dir, examples, corpus)
     else:

@@ -15,7 +15,9 @@ Its name is a hash of (keys, texts, tokenizer.json, max_len, format version): th
 exactly what was tokenised, so a changed input file, a different tokenizer or max_len lands in
 a new directory and a store is never stale. It is built in a temporary directory and renamed
 into place, so a crash never leaves a half store under the final name, and concurrent
-builders (several processes of one job) all end up reading the one that won the rename.
+builders all end up reading the one that won the rename. A multi-process training job builds
+each store once per host (`negjax.data.pipeline.shared_token_stores`: one leader process per
+host and cache directory tokenises, the others open its store after a barrier).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Retrieval evaluation of an encoder: encode the corpus (document tower) and the queries
-(query tower), search top-100, score the rankings against qrels (negjax.evaluation.metrics)."""
+(query tower), search top-100, score the rankings against qrels (negjax.evaluation.metrics).
+In a multi-process job every process encodes a slice; process 0 searches and scores."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from negjax.evaluation.metrics import evaluate_rankings
-from negjax.model.encode import encode_texts
+from negjax.evaluation.metrics import METRICS, evaluate_rankings
+from negjax.model.encode import encode_across_processes
+from negjax.multihost import broadcast_floats
 from negjax.search import ScannIndex, exact_search, tune_search
 
 TOP_K = 100
@@ -54,12 +56,27 @@ def rankings(query_emb: np.ndarray, corpus_emb: np.ndarray, *, index: str = "exa
 def evaluate_encoder(enc, params, data: EvalSet, *, batch_size: int = 256, query_max_len: int = 32,
                      doc_max_len: int = 128, index: str = "exact", corpus_emb: np.ndarray | None = None
                      ) -> dict:
-    """Recall@1/10/100, MRR@10, nDCG@10 (+ 'queries' evaluated) of `enc` with `params`."""
+    """Recall@1/10/100, MRR@10, nDCG@10 (+ 'queries' evaluated) of `enc` with `params`.
+
+    Collective in a multi-process job (every process calls it): the corpus and query encodes
+    are split over the processes (`encode_across_processes`: each encodes a slice on its own
+    devices, the embeddings are all-gathered), process 0 searches and scores, and every process
+    returns process 0's metrics. The result equals a one-process run on as many devices.
+    `batch_size`: texts per encoding batch over all devices."""
+    import jax
+
     if corpus_emb is None:
-        corpus_emb = encode_texts(enc, params, data.corpus_texts, tower="doc",
-                                  max_length=doc_max_len, batch_size=batch_size, desc="encode corpus")
-    query_emb = encode_texts(enc, params, data.query_texts, tower="query", max_length=query_max_len,
-                             batch_size=batch_size, desc="encode queries")
-    ids, _ = rankings(query_emb, corpus_emb, index=index, k=min(TOP_K, len(data.corpus_ids)))
-    run = {q: [data.corpus_ids[j] for j in row if j >= 0] for q, row in zip(data.query_ids, ids)}
-    return evaluate_rankings(run, data.qrels)
+        corpus_emb = encode_across_processes(enc, params, data.corpus_texts, tower="doc",
+                                             max_length=doc_max_len, batch_size=batch_size,
+                                             desc="encode corpus")
+    query_emb = encode_across_processes(enc, params, data.query_texts, tower="query",
+                                        max_length=query_max_len, batch_size=batch_size,
+                                        desc="encode queries")
+    keys = (*METRICS, "queries")
+    res = dict.fromkeys(keys, 0.0)
+    if jax.process_index() == 0:
+        ids, _ = rankings(query_emb, corpus_emb, index=index, k=min(TOP_K, len(data.corpus_ids)))
+        run = {q: [data.corpus_ids[j] for j in row if j >= 0] for q, row in zip(data.query_ids, ids)}
+        res = evaluate_rankings(run, data.qrels)
+    values = broadcast_floats([res[k] for k in keys])
+    return {k: (int(v) if k == "queries" else float(v)) for k, v in zip(keys, values)}

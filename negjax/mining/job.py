@@ -31,9 +31,10 @@ filesystem. Everything it computes is kept under `OUT/.work/` so that a rerun af
   the report of a resumed run covers every shard.
 
 Shard k holds queries [k*S, (k+1)*S) in training-file order and is written by process k % P.
-Every random choice depends on (seed, global query index), and every process computes with the
-same number of local devices, so a resumed run and a multi-process run write the rows a single
-uninterrupted run writes. Process 0 writes the report and, last, the manifest.
+Every random choice depends on (seed, global query index), and an embedding does not depend on
+which process encodes it (a fixed per-device batch of `encode_batch_size` / all devices of the
+job), so a resumed run and a multi-process run write the rows a single uninterrupted run on as
+many devices writes. Process 0 writes the report and, last, the manifest.
 """
 
 from __future__ import annotations

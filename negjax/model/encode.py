@@ -1,15 +1,22 @@
 """Batch inference: texts (or token rows) -> embeddings [N, D] float32, in input order.
 
-Rows are sorted by length and cut into batches; each batch is padded to the smallest of a
-few bucket lengths (powers of two up to the max length) that holds its longest row, so
+Each row goes to the smallest of a few bucket lengths (powers of two up to the max length)
+that holds it; rows are sorted by length and cut into batches that never mix buckets, so
 padding waste stays low and only one program per bucket is compiled. A batch is padded to a
 multiple of the local device count and split over a `Mesh` with axis 'data'; params are
 replicated. Batches are dispatched ahead of reading results back so that host work
 (padding, copies) overlaps device work.
+
+Reproducibility: a row's embedding depends on its own tokens, its bucket and the per-device
+batch shape, not on which other rows share its batch (checked on CPU: any order, any split of
+the input). `rows_per_device` fixes that shape, so the result does not depend on the local
+device count either; `encode_across_processes` uses it to split an encode over the processes
+of a multi-process job with the result of a one-process run on as many devices.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Callable, Sequence
 
@@ -50,16 +57,29 @@ def _addressable(x):
     return x
 
 
+def rows_per_device(batch_size: int) -> int:
+    """Rows per device of a `batch_size`-text batch spread over every device of the job (all
+    processes): the fixed per-device batch that makes an encode independent of how its rows
+    are split over processes (`encode_across_processes`, the mining job's chunks)."""
+    return max(1, math.ceil(int(batch_size) / jax.device_count()))
+
+
 def _run_batches(enc, params, lengths: np.ndarray, rows: Callable[[np.ndarray, int], tuple],
-                 *, tower: str, batch_size: int, buckets: Sequence[int], desc: str) -> np.ndarray:
-    """The shared loop: `rows(indices, L)` -> (tokens, mask) [len(indices), L] int32."""
+                 *, tower: str, batch_size: int, buckets: Sequence[int], desc: str,
+                 per_device: int | None = None) -> np.ndarray:
+    """The shared loop: `rows(indices, L)` -> (tokens, mask) [len(indices), L] int32.
+    `per_device`: every batch has exactly per_device x local devices rows (None: batch_size,
+    or fewer for a short input, rounded up to a multiple of the local device count)."""
     n = len(lengths)
     out = np.zeros((n, enc.dim), np.float32)
     if n == 0:
         return out
     mesh = local_mesh()
     ndev = mesh.devices.size
-    bs = -(-min(batch_size, n) // ndev) * ndev  # pad to a multiple of the device count
+    if per_device:
+        bs = int(per_device) * ndev
+    else:
+        bs = -(-min(batch_size, n) // ndev) * ndev  # pad to a multiple of the device count
     data = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
     one = jax.device_put(jax.tree.map(_addressable, enc.tower_params(params, tower)), replicated)
@@ -67,8 +87,15 @@ def _run_batches(enc, params, lengths: np.ndarray, rows: Callable[[np.ndarray, i
 
     step = enc.jitted_encode(tower)
 
-    buckets = sorted(buckets)
-    order = np.argsort(-lengths, kind="stable")  # longest first
+    buckets = np.asarray(sorted(set(buckets)))
+    # Each row's bucket depends on its own length only, and a batch never mixes buckets.
+    row_bucket = buckets[np.minimum(np.searchsorted(buckets, lengths), len(buckets) - 1)]
+    order = np.lexsort((-lengths, -row_bucket))  # longest bucket first, longest rows first
+    sorted_neg = -row_bucket[order]
+    batches = []
+    for b in buckets[::-1]:
+        lo, hi = np.searchsorted(sorted_neg, -b), np.searchsorted(sorted_neg, -b, side="right")
+        batches += [order[s:min(s + bs, hi)] for s in range(int(lo), int(hi), bs)]
     pending: deque = deque()
     bar = progress(total=n, desc=desc, unit="text")
 
@@ -80,10 +107,8 @@ def _run_batches(enc, params, lengths: np.ndarray, rows: Callable[[np.ndarray, i
 
     # Our own mesh as the context, whatever mesh the caller (a training loop) has set.
     with jax.set_mesh(mesh):
-        for start in range(0, n, bs):
-            idx = order[start:start + bs]
-            longest = int(lengths[idx].max())
-            length = next((b for b in buckets if b >= longest), buckets[-1])
+        for idx in batches:
+            length = int(row_bucket[idx[0]])
             tokens = np.full((bs, length), enc.config.pad_token_id, np.int32)
             mask = np.zeros((bs, length), np.int32)
             tokens[: len(idx)], mask[: len(idx)] = rows(idx, length)
@@ -98,9 +123,12 @@ def _run_batches(enc, params, lengths: np.ndarray, rows: Callable[[np.ndarray, i
 
 def encode_texts(enc, params, texts: Sequence[str], *, tower: str = "query",
                  max_length: int | None = None, batch_size: int = 128,
-                 buckets: Sequence[int] | None = None, desc: str = "encode") -> np.ndarray:
+                 buckets: Sequence[int] | None = None, desc: str = "encode",
+                 per_device: int | None = None) -> np.ndarray:
     """Texts -> embeddings [N, D] float32 in input order (jitted, sharded over all local
-    devices, length-bucketed, progress bar). `max_length` defaults to `enc.max_length`."""
+    devices, length-bucketed, progress bar). `max_length` defaults to `enc.max_length`.
+    `per_device`: a fixed number of rows per device in every batch (see the module docstring;
+    None: `batch_size` texts per batch over the local devices)."""
     max_length = int(max_length or enc.max_length)
     if max_length > enc.config.max_position_embeddings:
         from negjax.errors import NegjaxError
@@ -115,12 +143,35 @@ def encode_texts(enc, params, texts: Sequence[str], *, tower: str = "query",
         return pad_ids([ids[i] for i in idx], length, pad)
 
     return _run_batches(enc, params, lengths, rows, tower=tower, batch_size=batch_size,
-                        buckets=buckets or bucket_lengths(max_length), desc=desc)
+                        buckets=buckets or bucket_lengths(max_length), desc=desc,
+                        per_device=per_device)
+
+
+def encode_across_processes(enc, params, texts: Sequence[str], *, tower: str = "query",
+                            max_length: int | None = None, batch_size: int = 128,
+                            desc: str = "encode") -> np.ndarray:
+    """`encode_texts` split over the processes of a multi-process job: process p tokenises and
+    encodes the p-th contiguous slice of `texts` on its local devices, then every process
+    receives all embeddings [N, D] (an all-gather). `batch_size` counts the texts of one batch
+    over all devices of all processes; the per-device batch is fixed (`rows_per_device`), so
+    the result equals, bit for bit, a one-process run on the same number of devices.
+    Collective: every process calls it with the same texts. One process: `encode_texts`."""
+    from negjax.multihost import allgather_rows, process_chunks
+
+    n, pc = len(texts), jax.process_count()
+    share = max(1, math.ceil(n / pc))
+    slices = [process_chunks(n, share, p, pc) for p in range(pc)]
+    counts = [sum(hi - lo for _, lo, hi in s) for s in slices]
+    mine = slices[jax.process_index()]
+    lo, hi = (mine[0][1], mine[-1][2]) if mine else (0, 0)
+    local = encode_texts(enc, params, texts[lo:hi], tower=tower, max_length=max_length,
+                         batch_size=batch_size, desc=desc, per_device=rows_per_device(batch_size))
+    return allgather_rows(local, counts)
 
 
 def encode_tokens(enc, params, tokens: np.ndarray, mask: np.ndarray, *, tower: str = "query",
                   batch_size: int = 128, buckets: Sequence[int] | None = None,
-                  desc: str = "encode") -> np.ndarray:
+                  desc: str = "encode", per_device: int | None = None) -> np.ndarray:
     """Pre-tokenised rows (tokens, mask [N, L] int32, right-padded, e.g. a token store) ->
     embeddings [N, D] float32 in input order, with the same bucketing and sharding."""
     tokens = np.asarray(tokens)
@@ -138,4 +189,5 @@ def encode_tokens(enc, params, tokens: np.ndarray, mask: np.ndarray, *, tower: s
         return t, m
 
     return _run_batches(enc, params, lengths, rows, tower=tower, batch_size=batch_size,
-                        buckets=buckets or bucket_lengths(width), desc=desc)
+                        buckets=buckets or bucket_lengths(width), desc=desc,
+                        per_device=per_device)

@@ -1,0 +1,235 @@
+"""Every process works: `negjax train` with a dev evaluation and a re-mining round (exact
+index) on 2 processes x 4 devices gives the eval metrics and mined rows of 1 process x 8."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import REPO, free_port, subprocess_env
+
+CONFIG = """
+[model]
+name = "tiny"
+hidden_size = 32
+num_layers = 1
+num_heads = 2
+intermediate_size = 64
+query_max_len = 16
+doc_max_len = 32
+dropout = 0.1
+
+[data]
+dataset = "{data}"
+cache_dir = "{cache}"
+num_negatives = 1
+prefetch = 1
+
+[train]
+steps = 4
+batch_size = 16
+learning_rate = 1e-3
+warmup_steps = 1
+log_every = 2
+eval_every = 2
+
+[checkpoint]
+every_steps = 4
+async_save = false
+
+[eval]
+encode_batch_size = 32
+
+[mining]
+every_steps = 2
+index = "exact"
+k = 20
+negatives_kept = 3
+audit_queries = 4
+encode_batch_size = 32
+encode_chunk = 48
+shard_size = 10
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A small slice of the built-in WordNet data: ~150 documents, 32 training queries, 24
+    dev queries (dev queries and the relevant documents of every query included)."""
+    from negjax.data import wordnet
+
+    root = Path(wordnet.ensure_exported(tmp_path_factory.mktemp("wn")))
+    out = tmp_path_factory.mktemp("data")
+    train = [json.loads(x) for x in (root / "train.jsonl").read_text().splitlines()[:32]]
+    dev_q = [json.loads(x) for x in (root / "dev_queries.jsonl").read_text().splitlines()[:24]]
+    dev_ids = {q["id"] for q in dev_q}
+    qrels = [x.split("\t") for x in (root / "dev_qrels.tsv").read_text().splitlines()[1:]]
+    qrels = [r for r in qrels if r[0] in dev_ids]
+    needed = {p for t in train for p in t["pos"]} | {r[1] for r in qrels}
+    corpus = [line for i, line in enumerate((root / "corpus.jsonl").read_text().splitlines())
+              if json.loads(line)["id"] in needed or i % 1000 == 0]
+    (out / "corpus.jsonl").write_text("\n".join(corpus) + "\n")
+    (out / "train.jsonl").write_text("".join(json.dumps(t) + "\n" for t in train))
+    (out / "dev_queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in dev_q))
+    (out / "dev_qrels.tsv").write_text("query-id\tcorpus-id\tscore\n"
+                                       + "".join("\t".join(r) + "\n" for r in qrels))
+    return out
+
+
+def _start(cfg: Path, workdir: Path, processes: int) -> list[subprocess.Popen]:
+    """`negjax train` as `processes` processes x 8/`processes` devices (localhost)."""
+    cmd = [sys.executable, "-m", "negjax", "train", "--config", str(cfg), "--workdir", str(workdir)]
+    if processes == 1:
+        envs = [subprocess_env(8)]
+    else:
+        port = free_port()
+        envs = [subprocess_env(8 // processes, NEGJAX_COORDINATOR=f"localhost:{port}",
+                               NEGJAX_NUM_PROCESSES=processes, NEGJAX_PROCESS_ID=i)
+                for i in range(processes)]
+    return [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for env in envs]
+
+
+def _wait(procs: list[subprocess.Popen]) -> None:
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, (p, (_, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"process {i} of {len(procs)} failed:\n{err[-3000:]}"
+
+
+def _mined_rows(directory: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    files = sorted(directory.glob("*.parquet"))
+    assert len(files) > 1  # several shards, written by both processes in the 2-process run
+    return [row for f in files for row in pq.read_table(f).to_pylist()]
+
+
+def test_two_processes_evaluate_and_mine_like_one(tmp_path, tiny_data):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(CONFIG.format(data=tiny_data, cache=tmp_path / "cache"))
+    one, two = tmp_path / "one", tmp_path / "two"
+    _wait(_start(cfg, one, 1) + _start(cfg, two, 2))  # at once: the two runs' waits overlap
+
+    evals = [[json.loads(x) for x in (w / "eval.jsonl").read_text().splitlines()] for w in (one, two)]
+    assert [e["step"] for e in evals[0]] == [e["step"] for e in evals[1]] == [2, 4]
+    for a, b in zip(*evals):
+        assert a.keys() == b.keys() and a["queries"] == b["queries"] > 0
+        for key in a:
+            assert b[key] == pytest.approx(a[key], abs=1e-6), (a["step"], key)
+
+    rows = [_mined_rows(w / "negatives" / "step_2") for w in (one, two)]
+    assert len(rows[0]) == len(rows[1]) == 32
+    for a, b in zip(*rows):
+        for key in ("query_id", "positive_ids", "negative_ids", "negative_ranks"):
+            assert a[key] == b[key], (a["query_id"], key)
+        np.testing.assert_allclose(b["negative_scores"], a["negative_scores"], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(b["positive_score"], a["positive_score"], rtol=0, atol=1e-6)
+
+
+_CHILD = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import numpy as np
+    from negjax import distributed
+    from negjax.config import DistributedConfig
+
+    port, pid, data, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    distributed.initialize(DistributedConfig(coordinator_address=f"localhost:{port}",
+                                             num_processes=2, process_id=pid))
+    import jax
+    assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 8, 4)
+    sys.path.insert(0, sys.argv[5])
+    from test_multiprocess_train import encode_eval_mine
+
+    emb, res, writes = encode_eval_mine(data, out)
+    np.save(f"{out}/emb{pid}.npy", emb)
+    Path(f"{out}/res{pid}.json").write_text(json.dumps({"eval": res, "writes": writes}))
+""")
+
+
+def encode_eval_mine(data, out):
+    """(corpus embeddings, dev metrics, token stores this process tokenised) of a fixed tiny
+    model, and exact-index mining into OUT/mined: in every process of a job (collective)."""
+    import jax
+
+    from negjax.config import MiningConfig, ModelConfig
+    from negjax.data import token_store
+    from negjax.data.formats import read_corpus
+    from negjax.data.pipeline import shared_token_stores
+    from negjax.evaluation.evaluate import EvalSet, evaluate_encoder
+    from negjax.mining.job import run_mining
+    from negjax.model.encode import encode_across_processes
+    from negjax.model.loader import load_model
+
+    data, out = Path(data), Path(out)
+    enc, params, _ = load_model(None, ModelConfig(name="tiny", hidden_size=32, num_layers=1,
+                                                  num_heads=2, intermediate_size=64))  # seed 0
+    corpus = read_corpus(data / "corpus.jsonl")
+    emb = encode_across_processes(enc, params, corpus.texts, tower="doc", max_length=32,
+                                  batch_size=32)
+    dev = EvalSet.from_files(data / "corpus.jsonl", data / "dev_queries.jsonl",
+                             data / "dev_qrels.tsv")
+    res = evaluate_encoder(enc, params, dev, batch_size=32, query_max_len=16, doc_max_len=32)
+    run_mining(enc, params, corpus_path=data / "corpus.jsonl", train_path=data / "train.jsonl",
+               out_dir=out / "mined", query_max_len=16, doc_max_len=32,
+               mining_cfg=MiningConfig(index="exact", k=20, negatives_kept=3, audit_queries=4,
+                                       encode_batch_size=32, encode_chunk=48, shard_size=10))
+    writes = []
+    real_write = token_store._write
+    token_store._write = lambda tmp, texts, *a: (writes.append(len(texts)), real_write(tmp, texts, *a))
+    try:
+        stores = shared_token_stores(lambda: [token_store.build_token_store(
+            corpus.texts, corpus.ids, enc.tokenizer, max_len=32, cache_dir=out / "cache",
+            name="docs")], out / "cache")
+    finally:
+        token_store._write = real_write
+    assert len(stores[0]) == len(corpus.texts)
+    return emb, res, writes
+
+
+def test_split_encode_eval_and_mining_are_exact(tmp_path, tiny_data):
+    """Same parameters: 2 processes x 4 devices encode (each a slice, all-gathered), evaluate
+    and mine bit for bit like 1 process x 8 devices; one process per host tokenises."""
+    import jax
+
+    if jax.device_count() != 8 or jax.process_count() != 1:
+        pytest.skip("needs one process with 8 devices")
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD)
+    port = free_port()
+    two = tmp_path / "two"
+    two.mkdir()
+    env = subprocess_env(devices=4)
+    procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(tiny_data),
+                               str(two), str(Path(__file__).parent)], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    try:
+        one = tmp_path / "one"
+        one.mkdir()
+        emb, res, writes = encode_eval_mine(tiny_data, one)
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"process {i} failed:\n{out[-3000:]}"
+    assert writes == [len(emb)]
+    got = [json.loads((two / f"res{i}.json").read_text()) for i in range(2)]
+    assert [g["writes"] for g in got] == [[len(emb)], []]  # the host's leader tokenised, once
+    for i in range(2):
+        np.testing.assert_array_equal(np.load(two / f"emb{i}.npy"), emb)
+        assert got[i]["eval"] == res  # every process returns process 0's metrics, exactly
+    assert _mined_rows(two / "mined") == _mined_rows(one / "mined")
