@@ -218,17 +218,19 @@ def _mine_args(data, out, *extra):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """An uninterrupted one-process run (2 local devices) of the subprocess tests' settings."""
+    """An uninterrupted one-process run of the subprocess tests' settings on 4 devices, as
+    many as the two-process run has in all (the per-device encode batch is
+    encode_batch_size / all devices, so the embeddings match bit for bit)."""
     root = tmp_path_factory.mktemp("mine_ref")
     make_data(root / "data", 200, 44, seed=1)
-    run_negjax(*_mine_args(root / "data", root / "ref"), env=subprocess_env(devices=2), check=True)
+    run_negjax(*_mine_args(root / "data", root / "ref"), env=subprocess_env(devices=4), check=True)
     return root, _rows(root / "ref")
 
 
 def test_kill_9_and_resume_give_the_same_rows(reference):
     root, want = reference
     out = root / "killed"
-    env = subprocess_env(devices=2)
+    env = subprocess_env(devices=4)
 
     def killed_at(at):  # a real kill -9 at a known point, injected by tests/faults.py
         return subprocess.run([sys.executable, str(REPO / "tests" / "faults.py"), at,
@@ -245,7 +247,7 @@ def test_kill_9_and_resume_give_the_same_rows(reference):
     assert len(written) == 2 and not (out / "manifest.json").exists()
     with pytest.raises(NegjaxError, match="no manifest.json.*did not finish"):
         shards.verify(out)
-    p = run_negjax(*_mine_args(root / "data", out), env=subprocess_env(devices=2), check=True)
+    p = run_negjax(*_mine_args(root / "data", out), env=subprocess_env(devices=4), check=True)
     assert "resuming" in p.stderr
     # Nothing already written was redone; the result equals the uninterrupted run.
     assert all(c.stat().st_mtime_ns == t for c, t in chunks.items())
