@@ -3,6 +3,8 @@
     negjax bench step --model minilm --batch 64 --query-len 32 --doc-len 128 --negatives 1
     negjax bench step --model tiny --hidden-size 768 --num-layers 12 --num-heads 12 \\
         --intermediate-size 3072 --dtype bf16 --batch 512 --json      # BERT-base-sized
+    negjax bench step --model tiny --hidden-size 1024 --num-layers 24 --num-heads 16 \\
+        --intermediate-size 4096 --fsdp 8 --batch 8 --no-breakdown   # BERT-large, FSDP 8
 
 Inputs are synthetic: random token ids (uniform over the vocabulary, [CLS]/[PAD] ignored),
 full masks, exactly --query-len / --doc-len tokens, B queries and B*(1+H) documents with
@@ -22,8 +24,10 @@ step / median step time / (peak per device x devices). Peaks come from a table o
 (bf16 or the default-precision fp32 figure, by --dtype); a CPU has no entry: pass
 --peak-tflops (per device; simulated CPU devices share the machine's cores).
 
-Memory: the devices' peak bytes in use where the backend reports it (GPU/TPU
-`memory_stats()`), and the process's peak RSS (Linux) before timing (compilation included)
+Memory: parameters and optimizer state per device (their shards under --fsdp), XLA's
+`memory_analysis()` of the compiled step per device (arguments, outputs, temporaries), the
+devices' peak bytes in use where the backend reports it (GPU/TPU `memory_stats()`), and the
+process's peak RSS (Linux) before timing (compilation included)
 and during the timed steps (the high-water mark is reset after compilation and warm-up).
 
 Breakdown (separately jitted pieces on the same shapes, run round-robin together with the
@@ -67,6 +71,9 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--devices", type=int, default=0,
                    help="devices in the mesh; 0 = all. On CPU this many devices are simulated")
+    p.add_argument("--fsdp", type=int, default=0,
+                   help="FSDP group size: parameters and optimizer state sharded over this many "
+                   "devices (mesh 'data' x 'fsdp'); 0 = distributed.fsdp of the config (1)")
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="peak TFLOP/s per device for MFU (default: the table of known chips)")
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-piece timing")
@@ -141,6 +148,34 @@ def synthetic_batch(rng, *, batch: int, group_size: int, query_len: int, doc_len
         "doc_ids": doc_ids,
         "query_pos_ids": doc_ids[::group_size, None].copy(),
     }
+
+
+def _state_bytes_per_device(state) -> dict:
+    """The largest per-device bytes of the parameters and of the optimizer state (their
+    shards under FSDP)."""
+    import jax
+
+    out = {}
+    for name, tree in (("params", state.params), ("opt_state", state.opt_state)):
+        per: dict = {}
+        for leaf in jax.tree.leaves(tree):
+            for shard in leaf.addressable_shards:
+                per[shard.device] = per.get(shard.device, 0) + shard.data.nbytes
+        out[name] = max(per.values()) if per else 0
+    return out
+
+
+def _compiled_memory(compiled) -> dict | None:
+    """XLA's memory analysis of the compiled step, per device (None where unavailable)."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return None
+    if m is None:
+        return None
+    keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+            "temp_size_in_bytes", "generated_code_size_in_bytes")
+    return {k: int(getattr(m, k)) for k in keys if hasattr(m, k)}
 
 
 def _device_peak(devices) -> int | None:
@@ -296,13 +331,14 @@ def measure(args) -> dict:
     import numpy as np
 
     from negjax.bench.flops import Shape, peak_tflops, step_flops
-    from negjax.distributed import global_batch_from_local, make_mesh
+    from negjax.distributed import batch_devices, global_batch_from_local, make_mesh
     from negjax.model.loader import load_model
     from negjax.train.state import init_state
     from negjax.train.step import make_train_step, place_state
 
-    mesh = make_mesh(args.devices or None)
-    n_dev = mesh.shape["data"]
+    fsdp = args.fsdp or cfg.distributed.fsdp
+    mesh = make_mesh(args.devices or None, fsdp=fsdp)
+    n_dev = batch_devices(mesh)
     B, H = args.batch, args.negatives
     G = 1 + H
     if B % n_dev:
@@ -323,6 +359,8 @@ def measure(args) -> dict:
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
+    state_bytes = _state_bytes_per_device(state)
+    compiled_memory = _compiled_memory(compiled)
     for _ in range(args.warmup):
         state, metrics = compiled(state, batch)
     jax.block_until_ready(state)
@@ -370,12 +408,16 @@ def measure(args) -> dict:
         "hardware_tflops_per_s": flops["executed"] / med / 1e12,
         "peak_tflops_per_device": peak,
         "mfu": achieved / (peak * n_dev) if peak else None,
+        "mesh": dict(mesh.shape), "state_bytes_per_device": state_bytes,
+        "compiled_memory_per_device": compiled_memory,
         "device_peak_bytes": device_peak,
         "peak_rss_bytes": max(x for x in (rss_before, rss_steps) if x is not None) if rss_before else None,
         "peak_rss_before_timing_bytes": rss_before, "peak_rss_steps_bytes": rss_steps,
         "final_loss": loss,
     }
-    if not args.no_breakdown:
+    if not args.no_breakdown and fsdp > 1:
+        res["breakdown_skipped"] = "the breakdown's pieces assume replicated parameters (fsdp = 1)"
+    elif not args.no_breakdown:
         n = max(1, min(args.steps, 5))
         bd = _breakdown(enc, cfg, mesh, G, {"state": state}, compiled, step_fn, batch, n)
         med_of = {name: v["median_s"] for name, v in bd.items()}
@@ -395,7 +437,9 @@ def _si(x: float, unit: str) -> str:
 
 
 def _gib(x) -> str:
-    return "n/a" if x is None else f"{x / 2**30:.2f} GiB"
+    if x is None:
+        return "n/a"
+    return f"{x / 2**30:.2f} GiB" if x >= 2**30 else f"{x / 2**20:.1f} MiB"
 
 
 def _report(r: dict) -> str:
@@ -423,7 +467,16 @@ def _report(r: dict) -> str:
            f"MFU n/a (no known peak for '{r['device_kind']}': pass --peak-tflops)"),
         f"  memory      device peak {_gib(r['device_peak_bytes'])}; process peak RSS "
         f"{_gib(r['peak_rss_bytes'])} (during timed steps {_gib(r['peak_rss_steps_bytes'])})",
+        f"  per device  params {_gib(r['state_bytes_per_device']['params'])} + optimizer state "
+        f"{_gib(r['state_bytes_per_device']['opt_state'])} (mesh "
+        + " x ".join(f"{k} {v}" for k, v in r["mesh"].items()) + ")"
+        + ("" if not r["compiled_memory_per_device"] else
+           "; compiled step: arguments {}, outputs {}, temporaries {}".format(
+               *(_gib(r["compiled_memory_per_device"].get(k)) for k in
+                 ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes")))),
     ]
+    if "breakdown_skipped" in r:
+        lines.append(f"  breakdown   skipped: {r['breakdown_skipped']}")
     if "breakdown" in r:
         b = r["breakdown"]
         med = b["step_in_rounds_s"]

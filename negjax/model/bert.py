@@ -11,6 +11,8 @@ float32; the encoder's outputs are float32.
 
 from __future__ import annotations
 
+from typing import Any
+
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -258,12 +260,22 @@ class BertEncoder(nn.Module):
     cfg: BertConfig
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    # Applied to each layer's params when the layer runs (FSDP: gather them from their shards
+    # one layer at a time, `negjax.train.step`); None = the params as given.
+    layer_params: Any = None
 
     @nn.compact
     def __call__(self, tokens, mask, deterministic: bool = True):
         x = Embeddings(self.cfg, self.dtype, name="embeddings")(tokens, deterministic=deterministic)
         # `deterministic` is a Python bool: static for remat (argument 3 counting self).
         layer_cls = nn.remat(Layer, static_argnums=(3,)) if self.remat else Layer
+        if self.layer_params is not None:
+            # The transform runs inside a rematerialised layer: the backward pass re-runs it
+            # (FSDP: gathers the layer's parameters again) instead of keeping its output.
+            fn = self.layer_params
+            layer_cls = nn.remat(nn.map_variables(Layer, "params", mutable=False,
+                                                  trans_in_fn=lambda v: {"params": fn(v["params"])}),
+                                 static_argnums=(3,))
         for i in range(self.cfg.num_layers):
             x = layer_cls(self.cfg, self.dtype, name=f"layer_{i}")(x, mask, deterministic)
         return x.astype(jnp.float32)

@@ -59,20 +59,22 @@ class Encoder:
         return params["encoder"] if self.tied_towers else params[tower]
 
     def hidden_states(self, params, tokens, mask, *, tower: str = "query", rng=None,
-                      deterministic: bool = True):
-        """tokens, mask [N, L] int32 -> last hidden states [N, L, H] float32."""
+                      deterministic: bool = True, layer_params=None):
+        """tokens, mask [N, L] int32 -> last hidden states [N, L, H] float32. `layer_params`:
+        a function applied to each transformer layer's params as the layer runs (FSDP)."""
         if not deterministic and rng is None:
             raise ValueError("dropout (deterministic=False) needs an rng")
         rngs = {} if deterministic else {"dropout": rng}
-        return self.module.apply({"params": self.tower_params(params, tower)}, tokens, mask,
-                                 deterministic, rngs=rngs)
+        module = self.module if layer_params is None else self.module.clone(layer_params=layer_params)
+        return module.apply({"params": self.tower_params(params, tower)}, tokens, mask,
+                            deterministic, rngs=rngs)
 
     def encode(self, params, tokens, mask, *, tower: str = "query", rng=None,
-               deterministic: bool = True):
+               deterministic: bool = True, layer_params=None):
         """tokens, mask [N, L] int32 -> embeddings [N, D] float32 (pooled, normalised if
         configured). Dropout is active iff `deterministic=False`, driven by `rng`."""
         hidden = self.hidden_states(params, tokens, mask, tower=tower, rng=rng,
-                                    deterministic=deterministic)
+                                    deterministic=deterministic, layer_params=layer_params)
         emb = pool(hidden, mask, self.pooling)
         return l2_normalize(emb) if self.normalize else emb
 

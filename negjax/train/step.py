@@ -89,24 +89,42 @@ def _map_specs(fn, specs, tree):
     return jax.tree.map(fn, specs, tree, is_leaf=lambda x: isinstance(x, P))
 
 
-def gather_params(tree, specs):
+def _in_layer(path) -> bool:
+    return any(str(getattr(k, "key", "")).startswith("layer_") for k in path)
+
+
+def gather_params(tree, specs, *, skip_layers: bool = False):
     """Inside the step's shard_map: full arrays from this device's FSDP shards (all-gather over
-    'fsdp'; its transpose, a reduce-scatter, returns gradients to the shards)."""
-    def leaf(spec, x):
+    'fsdp'). Each gather is rematerialised: the backward pass gathers again instead of keeping
+    every full parameter alive between the passes, and its transpose (a reduce-scatter)
+    returns each parameter's gradient to the shards as soon as it is computed.
+    `skip_layers`: leave the transformer layers' params (`layer_<i>`) as shards, for
+    `layer_gather` to gather one layer at a time as the encoder runs."""
+    def leaf(path, spec, x):
         d = _fsdp_dim(spec)
-        return x if d is None else lax.all_gather(x, FSDP, axis=d, tiled=True)
-    return _map_specs(leaf, specs, tree)
+        if d is None or (skip_layers and _in_layer(path)):
+            return x
+        return jax.checkpoint(lambda y: lax.all_gather(y, FSDP, axis=d, tiled=True))(x)
+    return jax.tree_util.tree_map_with_path(leaf, specs, tree, is_leaf=lambda x: isinstance(x, P))
 
 
-def reduce_grads(tree, specs, axes):
-    """Per-device gradients of full parameters -> the gradient of this device's shard: summed
-    over every batch axis (reduce-scattered over 'fsdp' where the parameter is cut)."""
+def layer_gather(model_specs):
+    """The per-layer gather for `tower_fn(layer_params=...)`: every layer has the shapes, so
+    the specs, of the first tower's `layer_0` (None if the model has no such layers)."""
+    tower = next(iter(model_specs.values()))
+    if not isinstance(tower, dict) or "layer_0" not in tower:
+        return None
+    specs = tower["layer_0"]
+    return lambda layer: gather_params(layer, specs)
+
+
+def sum_grads(tree, specs, axes):
+    """Per-device gradients of the shards (GradCache: device-varying, unreduced) -> their sums
+    over the batch axes ('fsdp' excepted where a parameter is cut: the gather's transpose has
+    already reduce-scattered over it)."""
     def leaf(spec, g):
-        d = _fsdp_dim(spec)
-        if d is None:
-            return lax.psum(g, axes)
-        g = lax.psum(g, tuple(a for a in axes if a != FSDP)) if len(axes) > 1 else g
-        return lax.psum_scatter(g, FSDP, scatter_dimension=d, tiled=True)
+        over = tuple(a for a in axes if not (a == FSDP and _fsdp_dim(spec) is not None))
+        return lax.psum(g, over) if over else g
     return _map_specs(leaf, specs, tree)
 
 
@@ -146,14 +164,15 @@ def dropout_keys(seed: int, step):
     return jax.random.split(key)
 
 
-def tower_fn(enc):
+def tower_fn(enc, layer_params=None):
     """`towers(params, x)`: one (sub-)batch x = (q tokens, q mask, d tokens, d mask, q key, d key)
     -> (query, document) embeddings, dropout on (keys None: off). The encode of the step and of
-    `negjax bench step`'s breakdown."""
+    `negjax bench step`'s breakdown. `layer_params`: see `Encoder.hidden_states` (FSDP)."""
     def towers(p, x):
         qt, qm, dt, dm, kq, kd = x
-        return (enc.encode(p, qt, qm, tower="query", rng=kq, deterministic=kq is None),
-                enc.encode(p, dt, dm, tower="doc", rng=kd, deterministic=kd is None))
+        kw = dict(layer_params=layer_params)
+        return (enc.encode(p, qt, qm, tower="query", rng=kq, deterministic=kq is None, **kw),
+                enc.encode(p, dt, dm, tower="doc", rng=kd, deterministic=kd is None, **kw))
     return towers
 
 
@@ -187,25 +206,29 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
             extra_docs=bank, extra_doc_ids=bank_ids, collective=cfg.loss.collective,
             precision=cfg.loss.precision)
 
-    towers = tower_fn(enc)
+    base_towers = tower_fn(enc)
 
-    def plain_grads(params, model, batch, rq, rd, bank, bank_ids):
+    def plain_grads(params, towers, batch, rq, rd, bank, bank_ids, specs):
         # The keys of GradCache's first sub-batch: with one sub-batch both draw the same masks.
         x = jax.tree.map(lambda a: a[0], sub_batches(batch, rq, rd, 1))
         rest = {k: v for k, v in params.items() if k != "model"}
 
-        def loss_fn(pm, rest):
-            q, d = towers(pm, x)
+        def loss_fn(model, rest):
+            q, d = towers(model, x)
             return loss_of_embeddings(q, d, temperature_of(rest, cfg), batch, bank, bank_ids)
+        # Device-varying encoder parameters: under FSDP each gather's transpose reduce-scatters
+        # its gradient over 'fsdp' first; one sum over the other batch axes follows, of shards.
         (loss, metrics), (gmodel, grest) = jax.value_and_grad(
-            loss_fn, argnums=(0, 1), has_aux=True)(model, rest)
-        return loss, metrics, gmodel, grest
+            loss_fn, argnums=(0, 1), has_aux=True)(vary(params["model"]), rest)
+        return loss, metrics, {"model": sum_grads(gmodel, specs["model"], axes), **grest}
 
-    def cached_grads(params, model, batch, rq, rd, bank, bank_ids):
+    def cached_grads(params, towers, batch, rq, rd, bank, bank_ids, specs):
         b = batch["q_tokens"].shape[0]
         if b % gc:
             raise NegjaxError(f"train.grad_cache_chunk={gc} must divide the per-device batch {b}")
         xs = sub_batches(batch, rq, rd, b // gc)
+        # Device-varying: each sub-batch's gradient stays local; one sum at the end.
+        model = vary(params["model"])
         # (1) embeddings of every sub-batch, no activations kept
         q, d = jax.tree.map(merge_sub_batches, embed_sub_batches(towers, model, xs))
 
@@ -219,17 +242,25 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
         # (3) re-encode each sub-batch (same keys) and back-propagate its cached gradient
         n = b // gc
         cts = (split_sub_batches(gq, n), split_sub_batches(gd, n))
-        return loss, metrics, backprop_sub_batches(towers, model, xs, cts), gtemp
+        gmodel = sum_grads(backprop_sub_batches(towers, model, xs, cts), specs["model"], axes)
+        return loss, metrics, {"model": gmodel, **gtemp}
 
     def grads_body(params, batch, step, bank, bank_ids, specs):
-        """(loss, metrics, grads of this device's parameter shards)."""
+        """(loss, metrics, gradients of this device's parameter shards)."""
         rq, rd = dropout_keys(seed, step)
-        # Full parameters on every device, typed device-varying: each device's gradient stays
-        # local until the one reduction below (a reduce-scatter onto the shards under FSDP).
-        model = vary(gather_params(params["model"], specs["model"]))
-        compute = cached_grads if gc else plain_grads
-        loss, metrics, gmodel, grest = compute(params, model, batch, rq, rd, bank, bank_ids)
-        out = (loss, metrics, {"model": reduce_grads(gmodel, specs["model"], axes), **grest})
+
+        towers = base_towers
+        if FSDP in axes:  # the encoder on parameters gathered from the shards, layer by layer
+            per_layer = layer_gather(specs["model"])
+            fsdp_towers = tower_fn(enc, layer_params=per_layer)
+
+            def towers(shards, x):
+                return fsdp_towers(gather_params(shards, specs["model"],
+                                                 skip_layers=per_layer is not None), x)
+        if gc:
+            out = cached_grads(params, towers, batch, rq, rd, bank, bank_ids, specs)
+        else:
+            out = plain_grads(params, towers, batch, rq, rd, bank, bank_ids, specs)
         if n_dev == 1:
             # On a single device the loss takes its collective-free path, whose results are
             # still typed device-varying; a psum over the size-1 axes marks them replicated.
@@ -248,11 +279,14 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
             ema = {"encoder": new_tower}
         else:
             ema = dict(old.ema, doc=new_tower)
-        # The momentum encoder honours GradCache: one sub-batch's activations at a time.
+        # The momentum encoder honours GradCache: one sub-batch's activations at a time (and
+        # FSDP: one layer's gathered parameters at a time).
+        per_layer = layer_gather(ema_specs) if FSDP in axes else None
         n = batch["q_tokens"].shape[0] // gc if gc else 1
         xs = (split_sub_batches(batch["d_tokens"], n), split_sub_batches(batch["d_mask"], n))
         keys = merge_sub_batches(embed_sub_batches(
-            lambda p, x: encode(p, x[0], x[1], "doc", None), gather_params(ema, ema_specs), xs))
+            lambda p, x: enc.encode(p, x[0], x[1], tower="doc", layer_params=per_layer),
+            gather_params(ema, ema_specs, skip_layers=per_layer is not None), xs))
         ids = batch["doc_ids"].astype(jnp.int32)
         n_new = keys.shape[0]
         ptr = old.bank_ptr
