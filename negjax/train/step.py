@@ -1,18 +1,31 @@
-"""The jitted train step over a Mesh with a 'data' axis: plain or GradCache, optional
-learnable temperature and MoCo-style memory bank.
+"""The jitted train step over a mesh with a 'data' axis (and an 'fsdp' axis when
+`distributed.fsdp` > 1): plain or GradCache, optional learnable temperature and MoCo-style
+memory bank.
 
     step_fn = make_train_step(enc, cfg, mesh, group_size=1 + H)
     state, metrics = step_fn(state, batch)     # batch: the pipeline's dict, global arrays
 
-Shardings are stated here: the state is replicated (the memory bank is sharded along 'data'),
-every batch array is sharded along 'data' on its first axis, metrics are replicated. The state
-is donated. The body runs as `jax.shard_map` over 'data': each device encodes its own queries
-and documents; the contrastive loss gathers documents from every device (full global in-batch
-matrix), and because parameters enter replicated, their gradients are summed over devices by
-the transpose of the implicit broadcast (shard_map's varying-axis tracking).
+Shardings are stated here (`state_specs`): without 'fsdp' the state is replicated; with it
+every parameter, its AdamW moments and its momentum-encoder copy are cut along their largest
+dimension that the 'fsdp' size divides (`fsdp_spec`; arrays with none stay replicated). The
+memory bank and every batch array are split on their first axis over the batch axes ('data',
+then 'fsdp'); metrics are replicated. The state is donated.
 
-Randomness: the dropout key of a step is fold_in(fold_in(key(seed), step), device index), so a
-resumed run, and 2 processes x 4 devices vs 1 x 8, draw the same masks.
+The body runs as `jax.shard_map` over all batch axes: each device encodes its own queries and
+documents; the contrastive loss gathers documents from every device (full global in-batch
+matrix). Encoder parameters enter device-varying (`vary`): each device's gradient stays local
+and one sum over the batch axes follows (`sum_grads`).
+
+FSDP: the encoder runs on full parameters gathered from the shards, each transformer layer's
+inside that layer (`layer_gather`, flax `map_variables`) and rematerialised, so only about one
+layer's full parameters are alive at a time and the backward pass gathers again; each
+gather's transpose reduce-scatters that parameter's gradient over 'fsdp' as soon as it is
+computed. The optimizer updates the shards; its clip norm is the global one (`global_norm`).
+Losses, gradients and updates equal the replicated step's (tests/test_step.py).
+
+Randomness: the dropout key of a step is fold_in(fold_in(key(seed), step), device index along
+the batch axes), so a resumed run, 2 processes x 4 devices vs 1 x 8, and 'data' 8 vs 'data' 2
+x 'fsdp' 4 draw the same masks.
 
 GradCache (`train.grad_cache_chunk = s`, `negjax.grad_cache`): each device splits its `b`
 queries into `b/s` sub-batches (and their documents), (1) encodes them with no activations
