@@ -37,6 +37,8 @@ def test_file_and_overrides(tmp_path):
     ("model.dtype=float16", "model.dtype"),
     ("mining.rank_range=5:2", "mining.rank_range"),
     ("train=3", "train"),
+    ('loss.precision="fast"', "loss.precision"),
+    ("distributed.fsdp=0", "distributed.fsdp"),
 ])
 def test_bad_overrides_name_the_key(override, key):
     with pytest.raises(NegjaxError, match=key.replace(".", r"\.")):
