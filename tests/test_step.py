@@ -238,3 +238,18 @@ def test_fsdp_matches_replicated(enc, mode):
             np.testing.assert_array_equal(np.asarray(state.bank_ids), np.asarray(ref_state.bank_ids))
             np.testing.assert_allclose(np.asarray(state.bank), np.asarray(ref_state.bank),
                                        rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [0, 1])
+def test_step_returns_the_diagnostics_sample(enc, chunk):
+    """The step hands the diagnostics the embeddings it computed (plain and GradCache): with
+    2 queries per device, all of them, in device order, replicated."""
+    mesh = mesh_of(4)
+    cfg = make_cfg(train__grad_cache_chunk=chunk)
+    batch = make_batch(7)
+    _, metrics, _ = make_train_step(enc, cfg, mesh, group_size=G).loss_and_grads(
+        {"model": enc.params}, put(batch, mesh), jnp.int32(0))
+    q = enc.encode(enc.params, batch["q_tokens"], batch["q_mask"], tower="query")
+    d = enc.encode(enc.params, batch["d_tokens"], batch["d_mask"], tower="doc")
+    np.testing.assert_allclose(np.asarray(metrics["sample_q"]), q, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(metrics["sample_d"]), d, rtol=1e-5, atol=1e-6)

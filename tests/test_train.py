@@ -358,6 +358,10 @@ def test_loop_fetches_only_at_logging_points(tmp_path, small_data, monkeypatch):
     assert {r for r in reads if r > 0} == {10, 20}, sorted(set(reads))  # reads are seen
     lines = [json.loads(x) for x in (tmp_path / "w10" / "metrics.jsonl").read_text().splitlines()]
     assert [(x["step"], x["window_steps"]) for x in lines] == [(10, 10), (20, 10)]
+    # the diagnostics recorded at the logging points, from the step's own sample (16 queries)
+    diag = [json.loads(x) for x in (tmp_path / "w10" / "diagnostics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in diag] == [10, 20]
+    assert sum(diag[0]["positive_hist"]) == 16 and sum(diag[0]["in_batch_negative_hist"]) == 16 * 15
 
     cfg = updated(base, {"workdir": str(tmp_path / "w1"), "train.log_every": 1})
     Trainer(cfg, _check_inputs(cfg)).run()

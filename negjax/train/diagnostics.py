@@ -2,8 +2,10 @@
 in-batch negatives over training, the loss curve, and an embedding-collapse signal (mean
 pairwise cosine and effective rank of a batch's document embeddings).
 
-Recorded on process 0 from the first `SAMPLE` queries of its slice of the batch (and their
-documents), about 20 times per run (at the loop's logging points), into WORKDIR/diagnostics.jsonl; `plot` draws
+Recorded on process 0 from a sample of `SAMPLE` queries of the batch (and their documents):
+the embeddings the train step itself computed (the first SAMPLE / devices queries of every
+device, returned by the step as `sample_q` / `sample_d`), about 20 times per run (at the
+loop's logging points), into WORKDIR/diagnostics.jsonl; `plot` draws
 WORKDIR/diagnostics.png. The sample bounds the cost: the in-batch similarity matrix and the
 collapse signal are quadratic in the rows, and a GradCache batch of thousands of queries
 would otherwise be encoded (and compared) whole.
@@ -54,33 +56,22 @@ class Diagnostics:
         self.workdir = Path(workdir)
         self.enabled = enabled
         self.times = times
-        self._encode = None
         self._last = None
 
-    def maybe_record(self, step: int, enc, params_fn, local_batch: dict, cfg) -> None:
-        """Record at `step` if due; `params_fn()` gives the encoder's parameters (host copies),
-        called only then. Called by every process (under FSDP gathering the parameters is a
-        collective); only an enabled one (process 0) records."""
-        # Called at the loop's logging points: record at the first, then once per `every` steps.
+    def due(self, step: int, cfg) -> bool:
+        """Whether a record is due at this logging point: the first, then one per
+        train.steps / times steps."""
         every = max(cfg.train.steps // self.times, 1)
-        if self._last is not None and step // every <= self._last // every:
-            return
+        return self._last is None or step // every > self._last // every
+
+    def record(self, step: int, q: np.ndarray, d: np.ndarray) -> None:
+        """Record the step's sample of embeddings (`q` [s, D] queries, `d` [s*G, D] their
+        documents, as the step computed them, dropout included): no encoder runs here."""
         self._last = step
-        params = params_fn()
         if not self.enabled:
             return
-        import jax
-
-        if self._encode is None:
-            self._encode = jax.jit(lambda p, t, m, tower: enc.encode(p, t, m, tower=tower),
-                                   static_argnums=(3,))
-        b = local_batch["q_tokens"].shape[0]
-        group = local_batch["d_tokens"].shape[0] // b
-        nq = min(b, SAMPLE)
-        q = np.asarray(self._encode(params, local_batch["q_tokens"][:nq],
-                                    local_batch["q_mask"][:nq], "query"))
-        d = np.asarray(self._encode(params, local_batch["d_tokens"][:nq * group],
-                                    local_batch["d_mask"][:nq * group], "doc"))
+        q, d = np.asarray(q, np.float32), np.asarray(d, np.float32)
+        group = d.shape[0] // q.shape[0]
         sims = batch_similarities(q, d, group)
         rec = {"step": step, **collapse_signal(d)}
         for name, values in sims.items():

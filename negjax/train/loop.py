@@ -305,7 +305,9 @@ class Trainer:
         c = self.cfg
         with jax.transfer_guard_device_to_host("allow"):
             if self._window is not None:
-                sums, nonfinite = jax.device_get((self._window, self.state.nonfinite))
+                diag = self.diagnostics.due(step, c)
+                sums, nonfinite, sample = jax.device_get(
+                    (self._window, self.state.nonfinite, self._sample if diag else None))
                 self.fetches += 1
                 n = step - self._window_start
                 now = time.perf_counter()
@@ -319,7 +321,8 @@ class Trainer:
                         f"training diverged: {int(nonfinite)} steps had a NaN/Inf loss or "
                         f"gradient (limit train.max_nonfinite={c.train.max_nonfinite}); lower "
                         "train.learning_rate or check the data")
-                self.diagnostics.maybe_record(step, self.enc, self._model_params, self._local, c)
+                if diag:
+                    self.diagnostics.record(step, *sample)
             return preempt is not None and preempt.any_process()
 
     def _log_window(self, step: int, n: int, m: dict, dt: float) -> None:
@@ -335,10 +338,9 @@ class Trainer:
                              ex_s=f"{rec['examples_per_s']:.0f}")
 
     def _next_batch(self):
-        """The next local batch from the pipeline and its global device arrays (the transfer
-        starts now and overlaps the step already dispatched)."""
-        local = next(self.pipeline)
-        return local, distributed.global_batch_from_local(local, self.mesh)
+        """The next batch from the pipeline as global device arrays (the transfer starts now
+        and overlaps the step already dispatched)."""
+        return distributed.global_batch_from_local(next(self.pipeline), self.mesh)
 
     def run(self) -> dict:
         """Train to `train.steps`. Nothing is fetched from the devices between logging points:
@@ -359,8 +361,9 @@ class Trainer:
         with _Preemption() as preempt:
             nxt = self._next_batch() if step < total else None
             while step < total:
-                self._local, batch = nxt
+                batch = nxt
                 self.state, m = self.step_fn(self.state, batch)
+                self._sample = (m.pop("sample_q"), m.pop("sample_d"))  # the diagnostics'
                 self._window = m if self._window is None else _add(self._window, m)
                 step += 1
                 self.bar.update(1)

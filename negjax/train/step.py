@@ -51,6 +51,7 @@ from negjax.errors import NegjaxError
 from negjax.grad_cache import (backprop_sub_batches, embed_sub_batches, merge_sub_batches,
                                split_sub_batches, sub_batch_keys)
 from negjax.losses import contrastive_loss_and_metrics, temperature_from_log_scale
+from negjax.train.diagnostics import SAMPLE
 from negjax.train.state import TrainState, make_optimizer
 
 BATCH_KEYS = ("q_tokens", "q_mask", "d_tokens", "d_mask", "doc_ids", "query_pos_ids")
@@ -228,12 +229,27 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
 
         def loss_fn(model, rest):
             q, d = towers(model, x)
-            return loss_of_embeddings(q, d, temperature_of(rest, cfg), batch, bank, bank_ids)
+            loss, metrics = loss_of_embeddings(q, d, temperature_of(rest, cfg), batch, bank,
+                                               bank_ids)
+            return loss, dict(metrics, **sample(q, d))
         # Device-varying encoder parameters: under FSDP each gather's transpose reduce-scatters
         # its gradient over 'fsdp' first; one sum over the other batch axes follows, of shards.
         (loss, metrics), (gmodel, grest) = jax.value_and_grad(
             loss_fn, argnums=(0, 1), has_aux=True)(vary(params["model"]), rest)
         return loss, metrics, {"model": sum_grads(gmodel, specs["model"], axes), **grest}
+
+    def sample(q, d):
+        """The diagnostics' sample (`negjax.train.diagnostics`): the first SAMPLE / devices
+        queries of every device and their documents, replicated ([rows, D] f32, no gradient)."""
+        b = q.shape[0]
+        s = min(b, max(1, SAMPLE // n_dev))
+        idx = lax.axis_index(axes)
+
+        def place(x, rows):
+            buf = jnp.zeros((n_dev * rows,) + x.shape[1:], jnp.float32)
+            part = lax.stop_gradient(x[:rows]).astype(jnp.float32)
+            return lax.psum(lax.dynamic_update_slice(buf, part, (idx * rows, 0)), axes)
+        return {"sample_q": place(q, s), "sample_d": place(d, s * G)}
 
     def cached_grads(params, towers, batch, rq, rd, bank, bank_ids, specs):
         b = batch["q_tokens"].shape[0]
@@ -251,6 +267,7 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
         temp_params = {k: v for k, v in params.items() if k != "model"}
         (loss, metrics), (gq, gd, gtemp) = jax.value_and_grad(emb_loss, argnums=(0, 1, 2),
                                                               has_aux=True)(q, d, temp_params)
+        metrics = dict(metrics, **sample(q, d))
 
         # (3) re-encode each sub-batch (same keys) and back-propagate its cached gradient
         n = b // gc
