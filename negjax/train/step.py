@@ -78,12 +78,17 @@ def _fsdp_dim(spec: P):
     return next((i for i, a in enumerate(spec) if a == FSDP), None)
 
 
+def tree_specs(tree, mesh):
+    """`fsdp_spec` of every array of `tree` on `mesh` (all P() without an 'fsdp' axis)."""
+    f = mesh.shape.get(FSDP, 1)
+    return jax.tree.map(lambda x: fsdp_spec(x.shape, f), tree)
+
+
 def state_specs(state: TrainState, mesh) -> TrainState:
     """PartitionSpecs of the state on `mesh`: every array by `fsdp_spec` (so a parameter, its
     optimizer moments and its momentum-encoder copy are cut alike; all replicated without an
     'fsdp' axis), the memory bank split over the batch axes."""
-    f = mesh.shape.get(FSDP, 1)
-    out = jax.tree.map(lambda x: fsdp_spec(x.shape, f), state)
+    out = tree_specs(state, mesh)
     if state.bank is not None:
         axes = batch_axes(mesh)
         out = out.replace(bank=P(axes), bank_ids=P(axes), bank_ptr=P())
@@ -208,10 +213,6 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
     momentum = cfg.loss.momentum
     axes = batch_axes(mesh)
     n_dev = batch_devices(mesh)
-
-    def encode(params, tokens, mask, tower, rng):
-        return enc.encode(params, tokens, mask, tower=tower, rng=rng,
-                          deterministic=rng is None)
 
     def loss_of_embeddings(q, d, temp, batch, bank, bank_ids):
         return contrastive_loss_and_metrics(
@@ -372,7 +373,7 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
         return fn(state, {k: batch[k] for k in BATCH_KEYS})
 
     def loss_and_grads(params, batch, step, bank=None, bank_ids=None):
-        pspecs = jax.tree.map(lambda x: fsdp_spec(x.shape, mesh.shape.get(FSDP, 1)), params)
+        pspecs = tree_specs(params, mesh)
         bspec = None if bank is None else P(axes)
         fn = jax.shard_map(lambda *a: grads_body(*a, pspecs), mesh=mesh,
                            in_specs=(pspecs, batch_spec, P(), bspec, bspec),
