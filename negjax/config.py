@@ -134,6 +134,8 @@ class MiningConfig:
     encode_batch_size: int = f(256, "texts per encoding batch over all devices of all processes")
     shard_size: int = f(4096, "queries per output shard (the unit of resume)")
     encode_chunk: int = f(8192, "texts per saved embedding chunk (the unit of resume while encoding)")
+    embedding_dtype: str = f("float32", "dtype of the document embeddings saved on disk and searched: "
+                             "'float32', 'float16' or 'bfloat16' (half the disk and memory)")
     num_leaves: int = f(0, "ScaNN tree leaves; 0 = automatic (about sqrt(corpus size))")
     leaves_to_search: int = f(0, "ScaNN leaves searched per query; 0 = automatic")
     reorder: int = f(0, "ScaNN candidates re-scored exactly; 0 = automatic (max(4k, 250))")

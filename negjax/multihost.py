@@ -105,3 +105,98 @@ def host_leader(directory) -> bool:
     keys = np.asarray(multihost_utils.process_allgather(key)).reshape(jax.process_count(), -1)
     first = next(p for p in range(len(keys)) if np.array_equal(keys[p], key))
     return first == jax.process_index()
+
+
+# ---------------------------------------------------------------------------------------------
+# Lost processes
+# ---------------------------------------------------------------------------------------------
+
+def _peer_timeout() -> float:
+    try:
+        return max(1.0, float(os.environ.get("NEGJAX_PEER_TIMEOUT", "20")))
+    except ValueError:
+        return 20.0
+
+
+class Watchdog:
+    """Makes a lost process end the job for everyone within a bounded time, with a message
+    naming it, instead of leaving the others in a barrier until JAX's own heartbeat timeout
+    (100 s by default, and a message that does not say which process).
+
+        with multihost.Watchdog("mine"):
+            ...   # collective work
+
+    A background thread publishes a counter under the job's key-value store (the
+    `jax.distributed` coordination service) every `interval` seconds and reads every other
+    process's counter; one that has not moved for `timeout` seconds (NEGJAX_PEER_TIMEOUT,
+    default 20; clocks of other hosts are never compared) is reported and this process exits
+    with status 2 at once (`os._exit`: a normal exit would wait for the lost process in JAX's
+    shutdown barrier). Work already saved (atomic files) stays for the rerun. When process 0
+    (which hosts the coordination service) dies, JAX itself terminates the others at once with
+    "the leader task was preempted/died". The threads release the GIL-free native calls they
+    wait on (ScaNN builds, XLA, numpy), so a busy process still beats. A no-op in one process.
+    """
+
+    def __init__(self, name: str, *, interval: float = 1.0, timeout: float | None = None):
+        import threading
+
+        self.name, self.interval = name, float(interval)
+        self.timeout = _peer_timeout() if timeout is None else float(timeout)
+        self._stop = threading.Event()
+        self._thread = None
+
+    def __enter__(self) -> "Watchdog":
+        import threading
+
+        import jax
+
+        if jax.process_count() > 1:
+            from jax._src import distributed
+
+            self._client = distributed.global_state.client
+            self._pi, self._pc = jax.process_index(), jax.process_count()
+            # Unique per entry, equal in every process (they enter in the same order).
+            self._key = f"negjax/watchdog/{self.name}/{self._client.key_value_increment(f'negjax/watchdog/{self.name}/{self._pi}/entries', 1)}"
+            self._thread = threading.Thread(target=self._run, name=f"negjax-watchdog-{self.name}",
+                                            daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _lost(self, who: int, why: str) -> None:
+        import sys
+
+        print(f"negjax: error: process {who} of {self._pc} was lost during '{self.name}' ({why}); "
+              f"process {self._pi} stops too. Work already saved is kept: rerun every process "
+              "with the same command to resume.", file=sys.stderr, flush=True)
+        os._exit(2)
+
+    def _run(self) -> None:
+        import time
+
+        beat = 0
+        last_value: dict[int, str | None] = {p: None for p in range(self._pc) if p != self._pi}
+        last_change = {p: time.monotonic() for p in last_value}
+        while not self._stop.is_set():
+            beat += 1
+            try:
+                self._client.key_value_set(f"{self._key}/{self._pi}", str(beat), allow_overwrite=True)
+            except Exception as e:  # the coordination service (process 0) is gone
+                if self._stop.is_set():
+                    return
+                self._lost(0, f"coordination service unreachable: {str(e).splitlines()[0][:120]}")
+            now = time.monotonic()
+            for p in last_value:
+                try:
+                    value = self._client.key_value_try_get(f"{self._key}/{p}")
+                except Exception:
+                    value = None  # not published yet
+                if value != last_value[p]:
+                    last_value[p], last_change[p] = value, now
+                elif now - last_change[p] > self.timeout and not self._stop.is_set():
+                    self._lost(p, f"no heartbeat for {now - last_change[p]:.0f} s")
+            self._stop.wait(self.interval)

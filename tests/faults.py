@@ -5,7 +5,8 @@ SIGKILL itself at a known point (a real `kill -9`, nothing in negjax reads a tes
     python tests/faults.py shard:2 mine ...                # killed after its 2nd shard
 
 STAGE is 'doc' or 'query' (embedding chunks written by `negjax.mining.embeddings.save_chunk`)
-or 'shard' (`negjax.data.shards.ShardWriter.write`); N counts this run's writes.
+'search' (a block of candidates saved by the mining job's search) or 'shard'
+(`negjax.data.shards.ShardWriter.write`); N counts this run's writes.
 """
 
 from __future__ import annotations
@@ -30,11 +31,20 @@ def _kill_after(stage: str, n: int) -> None:
     if stage in ("doc", "query"):
         save = embeddings.save_chunk
 
-        def save_chunk(path, emb):
-            save(path, emb)
+        def save_chunk(path, emb, *args, **kwargs):
+            save(path, emb, *args, **kwargs)
             if Path(path).parent.name.startswith(f"{stage}-"):
                 tick()
         embeddings.save_chunk = save_chunk
+    elif stage == "search":
+        from negjax.mining import job
+
+        save_cand = job.save_candidates
+
+        def save_candidates(path, cand):
+            save_cand(path, cand)
+            tick()
+        job.save_candidates = save_candidates
     elif stage == "shard":
         write = shards.ShardWriter.write
 

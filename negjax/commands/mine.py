@@ -24,7 +24,7 @@ _FLAG_KEYS = {
         "index", "k", "negatives_kept", "sampling", "seed", "rank_range", "relative_margin",
         "absolute_margin", "max_score", "min_score", "audit_queries", "encode_batch_size",
         "num_leaves", "leaves_to_search", "reorder", "target_recall", "shard_size",
-        "encode_chunk")},
+        "encode_chunk", "embedding_dtype")},
     "model": "model.name", "doc_max_length": "model.doc_max_len",
     "query_max_length": "model.query_max_len", "coordinator": "distributed.coordinator_address",
     "num_processes": "distributed.num_processes", "process_id": "distributed.process_id",
@@ -70,7 +70,7 @@ def add_parser(sub):
     g.add_argument("--sampling", choices=("top", "random"))
     g.add_argument("--seed", type=int)
     g = p.add_argument_group("encoding and output")
-    g.add_argument("--encode-batch-size", type=int, help="texts per encoding batch (all local devices)")
+    g.add_argument("--encode-batch-size", type=int, help="texts per encoding batch, over all devices of all processes")
     add_renamed_flag(g, "--batch-size", "--encode-batch-size", type=int)
     g.add_argument("--doc-max-length", type=int, help="document max tokens (default: a training "
                    "workdir's model.doc_max_len, else model.doc_max_len)")
@@ -79,6 +79,8 @@ def add_parser(sub):
                    "workdir's model.query_max_len, else model.query_max_len)")
     g.add_argument("--shard-size", type=int, help="queries per shard")
     g.add_argument("--encode-chunk", type=int, help="texts per saved embedding chunk")
+    g.add_argument("--embedding-dtype", choices=("float32", "float16", "bfloat16"),
+                   help="document embeddings on disk and in search (default float32)")
     g = p.add_argument_group("multi-process")
     g.add_argument("--coordinator", help="HOST:PORT of process 0")
     g.add_argument("--num-processes", type=int)

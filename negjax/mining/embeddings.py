@@ -51,50 +51,159 @@ def params_fingerprint(enc, params, tower: str) -> str:
     return h.hexdigest()
 
 
-def chunk_ok(path: Path, rows: int, dim: int) -> bool:
-    """True if `path` is a complete float32 [rows, dim] chunk."""
+EMBEDDING_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _file_dtype(dtype: str) -> np.dtype:
+    """The dtype of a chunk file: bfloat16 is saved as its raw uint16 bits (plain .npy)."""
+    return np.dtype(np.uint16) if dtype == "bfloat16" else np.dtype(dtype)
+
+
+def _to_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return arr.view(ml_dtypes.bfloat16).astype(np.float32)
+    return arr.astype(np.float32, copy=False)
+
+
+def chunk_ok(path: Path, rows: int, dim: int, dtype: str = "float32") -> bool:
+    """True if `path` is a complete [rows, dim] chunk of `dtype`."""
     try:
         arr = np.load(path, mmap_mode="r")
     except (OSError, ValueError):
         return False
-    return arr.shape == (rows, dim) and arr.dtype == np.float32
+    return arr.shape == (rows, dim) and arr.dtype == _file_dtype(dtype)
 
 
-def save_chunk(path: Path, emb: np.ndarray) -> None:
+def save_chunk(path: Path, emb: np.ndarray, dtype: str = "float32") -> None:
     """Write one chunk atomically (a crash leaves no file under the final name)."""
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        data = np.asarray(emb, np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+    else:
+        data = np.asarray(emb).astype(dtype, copy=False)
     with atomic_path(path, suffix=".npy") as tmp:
         with open(tmp, "wb") as fh:
-            np.save(fh, emb.astype(np.float32, copy=False))
+            np.save(fh, data)
+
+
+class EmbeddingStore:
+    """Rows [lo, hi) of an embedding matrix saved as chunk files `chunk-NNNNN.npy` of `chunk`
+    rows each, read from disk on demand (out of core): nothing holds the whole matrix.
+
+        store = EmbeddingStore(directory, n, dim, chunk)           # every row
+        shard = store.rows_between(lo, hi)                           # a view of rows lo..hi
+        block = shard[0:4096]                                        # float32 [4096, D]
+        picked = shard[np.array([[3, 7], [0, -1]])]                  # float32 [2, 2, D]
+
+    Indices are relative to the view's first row (negative indices are not supported: callers
+    pass row numbers; -1 entries of a gather read row 0 and are masked by the caller). A file is
+    memory-mapped only while a read copies out of it, so pages read do not stay in the
+    process's resident set. Reads are float32 whatever the stored dtype."""
+
+    def __init__(self, directory: Path, n: int, dim: int, chunk: int, dtype: str = "float32",
+                 lo: int = 0, hi: int | None = None):
+        self.directory, self.n, self.dim, self.chunk = Path(directory), int(n), int(dim), int(chunk)
+        self.dtype = dtype
+        self.lo, self.hi = int(lo), int(n if hi is None else hi)
+
+    def rows_between(self, lo: int, hi: int) -> "EmbeddingStore":
+        return EmbeddingStore(self.directory, self.n, self.dim, self.chunk, self.dtype,
+                              self.lo + lo, self.lo + hi)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.hi - self.lo, self.dim)
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def path(self, c: int) -> Path:
+        return self.directory / f"chunk-{c:05d}.npy"
+
+    def _map(self, c: int) -> np.ndarray:
+        return np.load(self.path(c), mmap_mode="r")
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                raise IndexError("EmbeddingStore slices must have step 1")
+            return self._span(self.lo + start, self.lo + max(start, stop))
+        idx = np.asarray(key, np.int64)
+        flat = idx.reshape(-1) + self.lo
+        out = np.empty((flat.size, self.dim), np.float32)
+        chunks = flat // self.chunk
+        for c in np.unique(chunks):
+            sel = np.flatnonzero(chunks == c)
+            arr = self._map(int(c))
+            out[sel] = _to_float32(np.asarray(arr[flat[sel] - c * self.chunk]), self.dtype)
+            del arr
+        return out.reshape(*idx.shape, self.dim)
+
+    def _span(self, a: int, b: int) -> np.ndarray:
+        out = np.empty((b - a, self.dim), np.float32)
+        r = a
+        while r < b:
+            c = r // self.chunk
+            end = min(b, (c + 1) * self.chunk)
+            arr = self._map(c)
+            out[r - a:end - a] = _to_float32(np.asarray(arr[r - c * self.chunk:end - c * self.chunk]),
+                                             self.dtype)
+            del arr
+            r = end
+        return out
+
+    def blocks(self, rows: int = 65536):
+        """(start, float32 block) over the view, `rows` rows at a time (relative starts)."""
+        for a in range(0, len(self), rows):
+            yield a, self[a:min(len(self), a + rows)]
+
+    def max_norm(self) -> float:
+        """The largest row L2 norm in the view (streamed)."""
+        best = 0.0
+        for _, block in self.blocks():
+            if len(block):
+                best = max(best, float(np.linalg.norm(block, axis=1).max()))
+        return best
+
+    def bytes_on_disk(self) -> int:
+        c0, c1 = self.lo // self.chunk, -(-self.hi // self.chunk)
+        return sum(self.path(c).stat().st_size for c in range(c0, c1) if self.path(c).is_file())
 
 
 def encode_chunked(enc, params, texts, *, tower: str, max_length: int, batch_size: int,
-                   chunk: int, directory: Path, stage: str) -> tuple[np.ndarray, dict]:
-    """Embeddings `[N, D] float32` of `texts`, computed chunk by chunk into `directory`
-    (reusing chunks already there). Collective: process p encodes chunks c % P == p, then all
-    read all. `batch_size` counts the texts of a batch over all devices of all processes (a
-    fixed per-device batch, so the embeddings do not depend on the number of processes).
-    Returns (embeddings, {"chunks", "encoded", "reused"} of this process)."""
+                   chunk: int, directory: Path, stage: str, dtype: str = "float32",
+                   chunks: list[tuple[int, int, int]] | None = None
+                   ) -> tuple[EmbeddingStore, dict]:
+    """Embeddings of `texts`, computed chunk by chunk into `directory` (reusing chunks already
+    there) and returned as an `EmbeddingStore` over all rows (read from disk on demand).
+    Collective: this process encodes `chunks` [(c, lo, hi)] (default: c % P == p), then a
+    barrier, then every chunk is checked. `batch_size` counts the texts of a batch over all
+    devices of all processes (a fixed per-device batch, so the embeddings do not depend on the
+    number of processes). Returns (store, {"chunks", "encoded", "reused"} of this process)."""
     pc = jax.process_count()
     n, dim = len(texts), enc.dim
     n_chunks = max(1, math.ceil(n / chunk))
     directory.mkdir(parents=True, exist_ok=True)
     info = {"chunks": n_chunks, "encoded": 0, "reused": 0}
-    for c, lo, hi in process_chunks(n, chunk):
-        path = directory / f"chunk-{c:05d}.npy"
-        if chunk_ok(path, hi - lo, dim):
+    store = EmbeddingStore(directory, n, dim, chunk, dtype)
+    for c, lo, hi in (process_chunks(n, chunk) if chunks is None else chunks):
+        path = store.path(c)
+        if chunk_ok(path, hi - lo, dim, dtype):
             info["reused"] += 1
             continue
         emb = encode_texts(enc, params, texts[lo:hi], tower=tower, max_length=max_length,
                            batch_size=batch_size, desc=f"encode {stage} {c + 1}/{n_chunks}",
                            per_device=rows_per_device(batch_size))
-        save_chunk(path, emb)
+        save_chunk(path, emb, dtype)
         info["encoded"] += 1
     barrier(f"mine-encode-{stage}")
-    out = np.empty((n, dim), np.float32)
     for c, lo, hi in process_chunks(n, chunk, 0, 1):  # every chunk
-        path = directory / f"chunk-{c:05d}.npy"
-        if not chunk_ok(path, hi - lo, dim):
+        path = store.path(c)
+        if not chunk_ok(path, hi - lo, dim, dtype):
             raise NegjaxError(f"{path}: embedding chunk missing or damaged after encoding "
                               f"(did process {c % pc} fail?)")
-        out[lo:hi] = np.load(path)
-    return out, info
+    return store, info

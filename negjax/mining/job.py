@@ -42,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -55,11 +56,14 @@ from negjax.data.formats import read_training
 from negjax.distributed import barrier
 from negjax.errors import NegjaxError
 from negjax.mining import report as report_mod
-from negjax.mining.embeddings import encode_chunked, model_identity, params_fingerprint
+from negjax.mining.embeddings import EMBEDDING_DTYPES, encode_chunked, model_identity, params_fingerprint
+from negjax.multihost import Watchdog
 from negjax.mining.filters import (FILTER_ORDER, SAMPLING, FilterSettings, filter_candidates,
                                    pair_scores, positive_ranks, sample_block, text_groups)
-from negjax.search import (ScannIndex, audit_recall, describe, exact_search, query_samples,
+from negjax.search import (ScannIndex, audit_recall, describe, query_samples, recall_at_k,
                            scann_settings, tunable_settings, tune_search)
+from negjax.search.sharded import (load_candidates, merge_candidates, merge_ids, save_candidates,
+                                   shard_bounds, shard_candidates)
 from negjax.utils import atomic_path, atomic_write_text, progress, sha256_file
 
 WORK = ".work"
@@ -79,22 +83,6 @@ def _log(msg: str) -> None:
         print(f"[mine] {msg}", file=sys.stderr, flush=True)
 
 
-def _open_index(kind: str, doc_emb: np.ndarray, k: int, sp, directory: Path):
-    """None for exact search; else the ScaNN index, built and saved by process 0 (or reused
-    from an earlier run) and loaded from disk by every process."""
-    if kind == "exact":
-        return None, 0.0
-    build_s = 0.0
-    if jax.process_index() == 0 and not (directory / "negjax_index.json").is_file():
-        _log(f"building ScaNN index over {len(doc_emb):,} documents ({describe(sp)})")
-        t = time.perf_counter()
-        ScannIndex.build(doc_emb, k, sp).save(directory)
-        build_s = time.perf_counter() - t
-    _barrier("index")
-    # Every process (process 0 included) searches the saved index, so all search the same one.
-    return ScannIndex.load(directory), build_s
-
-
 # ---------------------------------------------------------------------------------------------
 # One block of queries
 # ---------------------------------------------------------------------------------------------
@@ -107,20 +95,15 @@ def _pad_rows(lists, fill=-1) -> np.ndarray:
     return out
 
 
-def mine_block(q_emb, doc_emb, index, k: int, pos_lists, query_index, *, settings, groups,
-               num_negatives: int, sampling: str, seed: int,
+def mine_block(q_emb, doc_emb, ids, scores, pos_lists, query_index, *, k: int, settings,
+               groups, num_negatives: int, sampling: str, seed: int,
                edges: np.ndarray) -> tuple[dict, dict]:
-    """Mine `q_emb [Q, D]` float32 (global query numbers `query_index [Q]`, positives as corpus
-    rows `pos_lists`). Candidates come from `index` (None = exact search) and are re-scored
-    exactly (the same arithmetic as the positive score, so margins compare like with like) and
-    re-ranked by that score. Returns (columns of corpus rows, stats for the report)."""
-    if index is None:
-        ids, _ = exact_search(q_emb, doc_emb, k, show_progress=False)
-    else:
-        ids, _ = index.search(q_emb, k)
-    scores = pair_scores(q_emb, doc_emb, ids)
-    order = np.lexsort((np.where(ids >= 0, ids, np.iinfo(np.int64).max), -scores), axis=1)
-    ids, scores = np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
+    """Filter and sample the candidates of the queries `q_emb [Q, D]` float32 (global query
+    numbers `query_index [Q]`, positives as corpus rows `pos_lists`): `ids [Q, k]` corpus rows
+    (-1 = none) ordered by their exact `scores` (`negjax.search.sharded.merge_candidates`, the
+    same arithmetic as the positive score, so margins compare like with like). `doc_emb`: the
+    corpus (an array or an `EmbeddingStore`; only the positives' rows are read). Returns
+    (columns of corpus rows, stats for the report)."""
     pos_rows = _pad_rows(pos_lists)
     pos_score = pair_scores(q_emb, doc_emb, pos_rows).max(axis=1)
     pos_score = np.where(np.isfinite(pos_score), pos_score, np.nan).astype(np.float32)
@@ -173,6 +156,9 @@ def _load_stats(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def _check_cfg(mc, shard_size: int) -> None:
+    if mc.embedding_dtype not in EMBEDDING_DTYPES:
+        raise NegjaxError(f"mining.embedding_dtype {mc.embedding_dtype!r}: expected one of "
+                          f"{list(EMBEDDING_DTYPES)}")
     if mc.index not in ("scann", "exact"):
         raise NegjaxError(f"mining.index {mc.index!r}: expected 'scann' or 'exact'")
     if not 0 <= mc.target_recall <= 1:
@@ -188,12 +174,10 @@ def _check_cfg(mc, shard_size: int) -> None:
             raise NegjaxError(f"mining.{key} must be >= {low}, got {value}")
 
 
-def _score_edges(q_emb: np.ndarray, doc_emb: np.ndarray, bins: int = 200) -> np.ndarray:
+def _score_edges(q_norm: float, d_norm: float, bins: int = 200) -> np.ndarray:
     """Histogram bin edges covering every possible score |q.d| <= max|q| max|d| (±1 for
     normalised embeddings); a function of the embeddings, so equal in every process and rerun."""
-    bound = float(np.linalg.norm(q_emb, axis=1).max(initial=0) *
-                  np.linalg.norm(doc_emb, axis=1).max(initial=0))
-    bound = math.ceil(max(bound, 1e-6) * 1.0001 * 100) / 100
+    bound = math.ceil(max(float(q_norm) * float(d_norm), 1e-6) * 1.0001 * 100) / 100
     return np.linspace(-bound, bound, bins + 1)
 
 
@@ -204,11 +188,107 @@ def _read_json(path: Path):
         return None
 
 
-def run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, query_max_len: int,
+def _write_json_once(path: Path, make) -> dict:
+    """`path`'s JSON if a complete one is there (a resumed run), else `make()` written
+    atomically."""
+    got = _read_json(path)
+    if got is None:
+        got = make()
+        atomic_write_text(path, json.dumps(got, indent=1) + "\n")
+    return got
+
+
+def _cand_path(cand_dir: Path, s: int, p: int) -> Path:
+    """Candidates of query shard `s` in the corpus shard of process `p`."""
+    return cand_dir / f"q{s:05d}-p{p:03d}.npz"
+
+
+def _shard_index(docs, k: int, sp, directory: Path):
+    """The ScaNN index over this process's corpus shard `docs` (read into memory only to build
+    it), built and saved once (ScaNN's tree training is not bit-reproducible, so every resumed
+    run searches that saved index) and loaded from disk."""
+    build_s = 0.0
+    if not (directory / "negjax_index.json").is_file():
+        _log(f"building ScaNN index over {len(docs):,} documents"
+             f"{' per shard' if jax.process_count() > 1 else ''} ({describe(sp)})")
+        t = time.perf_counter()
+        ScannIndex.build(docs[0:len(docs)], k, sp).save(directory)
+        build_s = time.perf_counter() - t
+    return ScannIndex.load(directory), build_s
+
+
+def _audit_part(path: Path, queries: np.ndarray, docs, lo: int, k: int, index) -> None:
+    """This shard's share of the recall audit: its exact and its ScaNN top-k for the audit
+    queries, with the time each took (merged by process 0 into recall over the whole corpus)."""
+    if load_candidates(path.with_suffix(".exact.npz")) is not None and path.is_file():
+        return
+    t = time.perf_counter()
+    exact = shard_candidates(queries, docs, lo, k, None)
+    exact_s = time.perf_counter() - t
+    t = time.perf_counter()
+    approx = shard_candidates(queries, docs, lo, k, index)
+    approx_s = time.perf_counter() - t
+    save_candidates(path.with_suffix(".exact.npz"), exact)
+    with atomic_path(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, ids=approx.ids, search=approx.search, exact=approx.exact,
+                     seconds=np.array([exact_s, approx_s]))
+
+
+def _merge_audit(cand_dir: Path, pc: int, k: int, n: int) -> dict:
+    """Recall@k (and @100) over the whole corpus of the sharded ScaNN search against the
+    sharded exact search, from every process's audit part. The searches ran in parallel, so
+    a rate is audit queries / the slowest process's time."""
+    if n == 0:
+        return {"queries": 0, "recall_at_k": None, "note": "audit disabled (audit_queries = 0)"}
+    exact, approx, secs = [], [], []
+    for p in range(pc):
+        path = cand_dir / f"audit-p{p:03d}.npz"
+        if not path.is_file():
+            continue  # a process whose shard is empty
+        exact.append(load_candidates(path.with_suffix(".exact.npz")))
+        approx.append(load_candidates(path))
+        with np.load(path) as z:
+            secs.append(z["seconds"])
+    exact_ids = merge_ids(exact, k)
+    approx_ids = merge_ids(approx, k)
+    secs = np.max(np.array(secs), axis=0)
+    res = {"queries": int(n), "k": int(k), "recall_at_k": recall_at_k(approx_ids, exact_ids),
+           "exact_qps": n / max(float(secs[0]), 1e-9), "index_qps": n / max(float(secs[1]), 1e-9),
+           "shards": pc}
+    if k >= 100:
+        res["recall_at_100"] = recall_at_k(approx_ids[:, :100], exact_ids[:, :100])
+    return res
+
+
+def _exact_advice(shard_info: list[dict]) -> str | None:
+    """A note when tuning needed more than half of some shard's ScaNN leaves: a search that
+    visits most leaves costs about as much as exact search, which is then the better choice."""
+    heavy = [(p, x["tuning"]["leaves_to_search"], x["scann"]["num_leaves"])
+             for p, x in enumerate(shard_info)
+             if x.get("tuning") and x["scann"] and x["scann"]["num_leaves"]
+             and x["tuning"]["leaves_to_search"] > x["scann"]["num_leaves"] / 2]
+    if not heavy:
+        return None
+    p, used, leaves = heavy[0]
+    return (f"ScaNN needed {used} of {leaves} leaves (shard {p}) to reach the target recall: "
+            "it searches most of the corpus, so exact search (--index exact) costs about the "
+            "same and has recall 1")
+
+
+def run_mining(*args, **kwargs) -> dict:
+    """Mine hard negatives for every training query into `out_dir` (shards + manifest.json +
+    report.json/report.png); returns the manifest. Collective over all processes: a process
+    that is lost ends the others within NEGJAX_PEER_TIMEOUT seconds (`multihost.Watchdog`).
+    Arguments: see `_run_mining`."""
+    with Watchdog("mine"):
+        return _run_mining(*args, **kwargs)
+
+
+def _run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, query_max_len: int,
                doc_max_len: int, model_info: dict | None = None, train_qrels=None,
                overwrite: bool = False) -> dict:
-    """Mine hard negatives for every training query into `out_dir` (shards + manifest.json +
-    report.json/report.png); returns the manifest. Collective over all processes.
+    """The mining job (`run_mining`).
 
     `params`: encoder params in `enc`'s tower layout (queries use tower 'query', documents
     'doc'). `corpus_path` None: the training file carries inline texts.
@@ -241,15 +321,23 @@ def run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, que
     train_sha = sha256_file(train_path)
     if train_qrels:
         train_sha = _hash([train_sha, sha256_file(train_qrels)])
+    dtype = mc.embedding_dtype
     doc_key = _hash({"model": ident, "params": fp_doc, "input": corpus_sha, "n": n_docs,
-                     "max_length": doc_max_len, "chunk": mc.encode_chunk, "tower": "doc"})
+                     "max_length": doc_max_len, "chunk": mc.encode_chunk, "tower": "doc",
+                     **({"dtype": dtype} if dtype != "float32" else {})})
     query_key = _hash({"model": ident, "params": fp_query, "input": train_sha, "n": nq,
                        "max_length": query_max_len, "chunk": mc.encode_chunk, "tower": "query"})
-    sp = (scann_settings(n_docs, enc.dim, k, num_leaves=mc.num_leaves,
-                         leaves_to_search=mc.leaves_to_search, reorder=mc.reorder)
-          if mc.index == "scann" else None)
+    # The corpus is cut into one contiguous shard per process (chunk-aligned): each process
+    # encodes, indexes and searches only its own shard (negjax.search.sharded).
+    bounds = shard_bounds(n_docs, mc.encode_chunk, pc)
+    shard_sp = ([scann_settings(hi - lo, enc.dim, min(k, hi - lo), num_leaves=mc.num_leaves,
+                                leaves_to_search=mc.leaves_to_search, reorder=mc.reorder)
+                 if hi > lo else None for lo, hi in bounds] if mc.index == "scann" else None)
+    sp = shard_sp[0] if shard_sp else None
+    # Exact search gives the same rows for any number of shards, so its key ignores them.
     index_key = _hash({"doc": doc_key, "index": mc.index, "k": k,
-                       "params": asdict(sp) if sp else None})
+                       **({"shards": bounds, "params": [asdict(x) if x else None
+                                                        for x in shard_sp]} if shard_sp else {})})
     filters_info = {**settings.to_dict(), "order": list(FILTER_ORDER),
                     "num_negatives": mc.negatives_kept, "sampling": mc.sampling, "seed": mc.seed}
     run_key = _hash({"version": JOB_VERSION, "doc": doc_key, "query": query_key,
@@ -291,69 +379,119 @@ def run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, que
     _barrier("prepared")
 
     # -- encode ------------------------------------------------------------------------------
-    _log(f"encoding {n_docs:,} documents and {nq:,} queries ({pc} process(es), "
-         f"{jax.local_device_count()} local device(s) each)")
-    emb, enc_info = {}, {}
-    for tower, texts, max_len, key, what in (
-            ("doc", corpus.texts, doc_max_len, doc_key, "docs"),
-            ("query", examples.queries, query_max_len, query_key, "queries")):
-        t = time.perf_counter()
-        emb[tower], enc_info[tower] = encode_chunked(
-            enc, params, texts, tower=tower, max_length=max_len, batch_size=mc.encode_batch_size,
-            chunk=mc.encode_chunk, stage=tower, directory=work / "emb" / f"{tower}-{key[:16]}")
-        timings[f"encode_{what}_s"] = time.perf_counter() - t
-    doc_emb, q_emb = emb["doc"], emb["query"]
+    lo_p, hi_p = bounds[pi]
+    _log(f"encoding {n_docs:,} documents ({dtype}) and {nq:,} queries ({pc} process(es), "
+         f"{jax.local_device_count()} local device(s) each"
+         + (f"; documents in {pc} shards, this process {lo_p:,}..{hi_p:,}" if pc > 1 else "") + ")")
+    chunk = mc.encode_chunk
+    my_doc_chunks = [(c, c * chunk, min(n_docs, (c + 1) * chunk))
+                     for c in range(lo_p // chunk, -(-hi_p // chunk))] if hi_p > lo_p else []
+    enc_info = {}
+    t = time.perf_counter()
+    doc_store, enc_info["doc"] = encode_chunked(
+        enc, params, corpus.texts, tower="doc", max_length=doc_max_len,
+        batch_size=mc.encode_batch_size, chunk=chunk, stage="doc", dtype=dtype,
+        directory=work / "emb" / f"doc-{doc_key[:16]}", chunks=my_doc_chunks)
+    timings["encode_docs_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    q_store, enc_info["query"] = encode_chunked(
+        enc, params, examples.queries, tower="query", max_length=query_max_len,
+        batch_size=mc.encode_batch_size, chunk=chunk, stage="query",
+        directory=work / "emb" / f"query-{query_key[:16]}")
+    timings["encode_queries_s"] = time.perf_counter() - t
+    my_docs = doc_store.rows_between(lo_p, hi_p)
+    k_p = min(k, hi_p - lo_p)
 
-    # -- index -------------------------------------------------------------------------------
+    # -- this process's shard: index, tuning ---------------------------------------------------
+    cand_dir = work / f"cand-{_hash([index_key, query_key, bounds, shard_size])[:16]}"
+    cand_dir.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    index, build_s = _open_index(mc.index, doc_emb, k, sp, work / f"index-{index_key[:16]}")
-    timings["index_s"] = time.perf_counter() - t
-    t = time.perf_counter()
+    index, build_s, tuning = None, 0.0, None
     audit_sample, tune_sample = query_samples(nq, mc.audit_queries, mc.seed)
-    tunable = tunable_settings(leaves_to_search=mc.leaves_to_search, reorder=mc.reorder)
-    tuning = None
-    if (index is not None and not index.params.brute_force and mc.target_recall > 0
-            and len(tune_sample) and tunable):
-        tune_key = _hash([index_key, query_key, mc.target_recall, mc.audit_queries, mc.seed,
-                          sorted(tunable)])
-        tune_file = work / f"tune-{tune_key[:16]}.json"
-        if pi == 0 and _read_json(tune_file) is None:
-            res = tune_search(index, q_emb, doc_emb, k, tune_sample, mc.target_recall, tunable)
-            res["disjoint_from_audit"] = tune_sample is not audit_sample
-            atomic_write_text(tune_file, json.dumps(res, indent=1) + "\n")
-        _barrier("tune")
-        tuning = json.loads(tune_file.read_text())
-        index.params.leaves_to_search = tuning["leaves_to_search"]
-        index.params.reorder = tuning["reorder"]
-        _log(f"ScaNN search settings for recall@{k} >= {mc.target_recall}: "
-             f"leaves_to_search {tuning['leaves_to_search']}, reorder {tuning['reorder']} "
-             f"(recall {tuning['steps'][-1]['recall_at_k']:.4f} on {tuning['queries']} queries)")
-    timings["tune_s"] = time.perf_counter() - t
-    groups = text_groups(corpus.texts) if settings.dedup_text else None
-    edges = _score_edges(q_emb, doc_emb)
+    if shard_sp and k_p:
+        index, build_s = _shard_index(my_docs, k_p, shard_sp[pi],
+                                      work / f"index-{index_key[:16]}" / f"shard-{pi:03d}")
+        timings["index_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        tunable = tunable_settings(leaves_to_search=mc.leaves_to_search, reorder=mc.reorder)
+        if (not index.params.brute_force and mc.target_recall > 0 and len(tune_sample)
+                and tunable):
+            tune_key = _hash([index_key, query_key, pi, mc.target_recall, mc.audit_queries,
+                              mc.seed, sorted(tunable)])
+            tune_file = work / f"tune-{tune_key[:16]}.json"
+            tuning = _read_json(tune_file)
+            if tuning is None:
+                tuning = tune_search(index, q_store[tune_sample], my_docs, k_p,
+                                     np.arange(len(tune_sample)), mc.target_recall, tunable)
+                tuning["disjoint_from_audit"] = tune_sample is not audit_sample
+                atomic_write_text(tune_file, json.dumps(tuning, indent=1) + "\n")
+            index.params.leaves_to_search = tuning["leaves_to_search"]
+            index.params.reorder = tuning["reorder"]
+            _log(f"ScaNN search settings for recall@{k_p} >= {mc.target_recall}"
+                 f"{' (shard 0)' if pc > 1 else ''}: leaves_to_search "
+                 f"{tuning['leaves_to_search']} of {index.params.num_leaves}, reorder "
+                 f"{tuning['reorder']} (recall {tuning['steps'][-1]['recall_at_k']:.4f} on "
+                 f"{tuning['queries']} queries)")
+        timings["tune_s"] = time.perf_counter() - t
+    scann_info = asdict(index.params) if index is not None else None
+    _write_json_once(cand_dir / f"shard-{pi:03d}.json", lambda: {
+        "lo": lo_p, "hi": hi_p, "max_norm": my_docs.max_norm(), "build_s": build_s,
+        "scann": scann_info, "tuning": tuning})
 
-    # -- shards ------------------------------------------------------------------------------
+    # -- search: every query against this shard ------------------------------------------------
     t = time.perf_counter()
     writer = shard_io.ShardWriter(out)
     done = writer.completed()
     stats_dir = work / "stats"
     stats_dir.mkdir(parents=True, exist_ok=True)
     n_shards = max(1, math.ceil(nq / shard_size))
+    finished_shards = {s for s in done if (stats_dir / f"shard-{s:05d}.npz").is_file()}
+    search_todo = [s for s in range(n_shards) if s not in finished_shards
+                   and load_candidates(_cand_path(cand_dir, s, pi)) is None]
+    bar = progress(total=sum(min(nq, (s + 1) * shard_size) - s * shard_size for s in search_todo),
+                   desc="search", unit="q", disable=None if pi == 0 else True)
+    for s in search_todo:
+        lo, hi = s * shard_size, min(nq, (s + 1) * shard_size)
+        save_candidates(_cand_path(cand_dir, s, pi),
+                        shard_candidates(q_store[lo:hi], my_docs, lo_p, k_p, index))
+        bar.update(hi - lo)
+    bar.close()
+    timings["search_s"] = time.perf_counter() - t
+    if index is not None and len(audit_sample):
+        _audit_part(cand_dir / f"audit-p{pi:03d}.npz", q_store[audit_sample], my_docs, lo_p,
+                    k_p, index)
+    index = None  # the shard's index is not needed past this point
+    _barrier("search")
+
+    # -- merge, filter, sample, write: shard s by process s % P --------------------------------
+    t = time.perf_counter()
+    shard_info = [json.loads((cand_dir / f"shard-{p:03d}.json").read_text()) for p in range(pc)]
+    groups = text_groups(corpus.texts) if settings.dedup_text else None
+    edges = _score_edges(q_store.max_norm(), max(x["max_norm"] for x in shard_info))
     mine_ids = list(range(pi, n_shards, pc))
-    todo = [s for s in mine_ids if not (s in done and (stats_dir / f"shard-{s:05d}.npz").is_file())]
+    todo = [s for s in mine_ids if s not in finished_shards]
     bar = progress(total=sum(min(nq, (s + 1) * shard_size) - s * shard_size for s in todo),
                    desc="mine", unit="q", disable=None if pi == 0 else True)
     for s in todo:
         lo, hi = s * shard_size, min(nq, (s + 1) * shard_size)
-        cols, stats = mine_block(q_emb[lo:hi], doc_emb, index, k, examples.positives[lo:hi],
-                                 np.arange(lo, hi), settings=settings, groups=groups,
+        parts = []
+        for p in range(pc):
+            part = load_candidates(_cand_path(cand_dir, s, p), hi - lo)
+            if part is None:
+                raise NegjaxError(f"{_cand_path(cand_dir, s, p)}: candidates of process {p} "
+                                  "missing or damaged after the search (did it fail?)")
+            parts.append(part)
+        ids, scores = merge_candidates(parts, k)
+        cols, stats = mine_block(q_store[lo:hi], doc_store, ids, scores,
+                                 examples.positives[lo:hi], np.arange(lo, hi), k=k,
+                                 settings=settings, groups=groups,
                                  num_negatives=mc.negatives_kept, sampling=mc.sampling,
                                  seed=mc.seed, edges=edges)
         _save_stats(stats_dir / f"shard-{s:05d}.npz", stats, edges)
-        ids = corpus.ids
+        cid = corpus.ids
         writer.write(s, query_ids=examples.query_ids[lo:hi],
-                     positive_ids=[[ids[r] for r in p] for p in examples.positives[lo:hi]],
-                     negative_ids=[[ids[r] for r in rows] for rows in cols["negative_rows"]],
+                     positive_ids=[[cid[r] for r in p] for p in examples.positives[lo:hi]],
+                     negative_ids=[[cid[r] for r in rows] for rows in cols["negative_rows"]],
                      negative_scores=cols["negative_scores"], negative_ranks=cols["negative_ranks"],
                      positive_score=cols["positive_score"])
         bar.update(hi - lo)
@@ -364,15 +502,25 @@ def run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, que
     # -- audit, report, manifest (process 0) ---------------------------------------------------
     if pi == 0:
         t = time.perf_counter()
-        audit_key = _hash([index_key, query_key, audit_sample.tolist(),
-                           asdict(index.params) if index is not None else None])[:16]
-        audit = audit_recall(index, q_emb, doc_emb, k, audit_sample, work / f"audit-{audit_key}.json")
+        audit = (_merge_audit(cand_dir, pc, k, len(audit_sample)) if mc.index == "scann"
+                 else audit_recall(None, None, None, k, audit_sample))
         timings["audit_s"] = time.perf_counter() - t
         parts = [_load_stats(stats_dir / f"shard-{s:05d}.npz") for s in range(n_shards)]
         counts = report_mod.merge_counts(parts)
         index_info = {"type": mc.index, "k": k, "corpus": n_docs, "dim": enc.dim,
-                      **({"scann": asdict(index.params), "tuning": tuning} if sp else {}),
-                      "audit": audit}
+                      "embedding_dtype": dtype, "bytes_on_disk": doc_store.bytes_on_disk(),
+                      "sharding": {"scheme": "contiguous", "processes": pc, "bounds": bounds}}
+        if mc.index == "scann":
+            first = next(x for x in shard_info if x["scann"] is not None)
+            index_info.update(scann=first["scann"], tuning=first["tuning"],
+                              shards=[{key: x[key] for key in ("lo", "hi", "scann", "tuning")}
+                                      for x in shard_info])
+            advice = _exact_advice(shard_info)
+            if advice:
+                index_info["advice"] = advice
+                _log(advice)
+        index_info["audit"] = audit
+        build_s = sum(x["build_s"] for x in shard_info)
         timings["total_s"] = time.perf_counter() - t_start
         rep = report_mod.build_report(parts, edges=edges, k=k, counts=counts, filters=filters_info,
                                       index=index_info, model=model_info, timings=timings,
@@ -384,4 +532,6 @@ def run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, que
         writer.finalize(model=model_info, index=index_info, filters=filters_info,
                         counts={"corpus": n_docs, **counts})
     _barrier("manifest")
+    if pi == 0:
+        shutil.rmtree(cand_dir, ignore_errors=True)  # per-shard candidates: merged into shards
     return shard_io.read_manifest(out)

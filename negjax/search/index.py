@@ -73,14 +73,14 @@ def _rowwise_order(vals: np.ndarray, ids: np.ndarray) -> np.ndarray:
 def exact_search(queries: np.ndarray, corpus: np.ndarray, k: int, *, query_block: int = 1024,
                  corpus_block: int = 65536, show_progress: bool = True, desc: str = "exact search"
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by inner product. `queries [Q, D]`, `corpus [N, D]` float32.
+    """Exact top-k by inner product. `queries [Q, D]`, `corpus [N, D]` (any float dtype, or an
+    `EmbeddingStore` streamed from disk), read `corpus_block` rows at a time as float32.
 
-    Memory is bounded by `query_block x corpus_block` scores (256 MB at the defaults), whatever
-    the corpus size. Returns `(ids [Q, k] int64, scores [Q, k] float32)`, sorted best first.
+    Memory is bounded by `query_block x corpus_block` scores (256 MB at the defaults) plus one
+    corpus block, whatever the corpus size. Returns `(ids [Q, k] int64, scores [Q, k] float32)`, sorted best first.
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    corpus = np.ascontiguousarray(corpus, dtype=np.float32)
-    n = corpus.shape[0]
+    n = len(corpus)  # an array, or anything sliceable into float32 blocks (`EmbeddingStore`)
     if n == 0:
         raise NegjaxError("exact search: the corpus is empty")
     k = min(k, n)
@@ -93,7 +93,8 @@ def exact_search(queries: np.ndarray, corpus: np.ndarray, k: int, *, query_block
         best_ids = np.empty((qb.shape[0], 0), dtype=np.int64)
         best_vals = np.empty((qb.shape[0], 0), dtype=np.float32)
         for c0 in range(0, n, corpus_block):
-            scores = qb @ corpus[c0:c0 + corpus_block].T
+            block = np.ascontiguousarray(corpus[c0:c0 + corpus_block], dtype=np.float32)
+            scores = qb @ block.T
             cols, vals = _block_topk(scores, k)
             best_ids, best_vals = _merge_topk(best_ids, best_vals, cols.astype(np.int64) + c0, vals, k)
         out_ids[q0:q0 + len(qb)] = best_ids
