@@ -6,7 +6,7 @@ from __future__ import annotations
 BENCHES = {
     "step": "training-step throughput: examples/s, tokens/s, MFU, breakdown",
     "loss": "time and peak memory of loss+gradients vs global batch (chunked / unchunked)",
-    "mine": "ScaNN vs exact search: queries/s and recall@k",
+    "mine": "ScaNN vs exact search: queries/s, recall@k, peak RSS (corpus sharded over --processes)",
     "pipeline": "input pipeline throughput: batches/s at a given batch size, lengths and H",
 }
 
