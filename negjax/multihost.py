@@ -156,13 +156,24 @@ class Watchdog:
             self._client = distributed.global_state.client
             self._pi, self._pc = jax.process_index(), jax.process_count()
             # Unique per entry, equal in every process (they enter in the same order).
-            self._key = f"negjax/watchdog/{self.name}/{self._client.key_value_increment(f'negjax/watchdog/{self.name}/{self._pi}/entries', 1)}"
+            entry = self._client.key_value_increment(
+                f"negjax/watchdog/{self.name}/{self._pi}/entries", 1)
+            self._key = f"negjax/watchdog/{self.name}/{entry}"
             self._thread = threading.Thread(target=self._run, name=f"negjax-watchdog-{self.name}",
                                             daemon=True)
             self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._thread is not None and exc_type is not None:
+            from negjax.errors import NegjaxError
+
+            if not issubclass(exc_type, (NegjaxError, KeyboardInterrupt)):
+                # A collective failing (e.g. gloo's "connection reset by peer") usually means a
+                # process died: give the monitor time to see whose heartbeat stopped, so the
+                # user reads which process was lost (it exits the process) rather than a
+                # transport error and a hang in JAX's shutdown barrier.
+                self._stop.wait(self.timeout + 3 * self.interval)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)

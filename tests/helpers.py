@@ -46,3 +46,30 @@ def run_negjax(*args, env=None, timeout=600, check=False) -> subprocess.Complete
         raise AssertionError(f"negjax {' '.join(map(str, args))} failed ({proc.returncode}):\n"
                              f"{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def start_negjax_processes(args_for, processes: int, *, devices: int = 1, prefix=None,
+                           **env_extra) -> list[subprocess.Popen]:
+    """Start `processes` CLI processes of one `jax.distributed` job on localhost:
+    `args_for(i)` gives process i's negjax arguments (the coordinator flags are appended);
+    `prefix(i)`, when given and not empty, replaces process i's `-m negjax` (e.g. a
+    fault-injection script). Output (stdout + stderr) is captured as text."""
+    port = free_port()
+    env = subprocess_env(devices=devices, **env_extra)
+    cmd = lambda i: list(prefix(i) if prefix else []) or ["-m", "negjax"]  # noqa: E731
+    return [subprocess.Popen([sys.executable, *cmd(i), *map(str, args_for(i)), "--coordinator",
+                              f"localhost:{port}", "--num-processes", str(processes),
+                              "--process-id", str(i)],
+                             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True) for i in range(processes)]
+
+
+def wait_all(procs, timeout: float = 600) -> list[str]:
+    """Each process's output, after all have exited (any still running after `timeout` s is
+    killed)."""
+    try:
+        return [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import REPO, free_port, run_negjax, subprocess_env
+from helpers import REPO, run_negjax, start_negjax_processes, subprocess_env, wait_all
 from negjax.config import MiningConfig, ModelConfig
 from negjax.data import shards
 from negjax.data.formats import normalize_text, read_training
@@ -208,27 +208,30 @@ def test_run_mining_end_to_end(tmp_path):
 
 # ----------------------------------------------------------------------------- subprocesses
 
-def _mine_args(data, out, *extra):
+def _mine_args(data, out, *extra, devices=4):
+    # encode_batch_size counts over all devices: 4 texts per device whatever the layout, so
+    # every layout computes the same embeddings bit for bit.
     return ["mine", "--model", "tiny", *TINY_SET, "--corpus", data / "corpus.jsonl",
             "--train", data / "train.jsonl", "--out", out, "--shard-size", "8",
             "--encode-chunk", "48", "--negatives-kept", "4", "--sampling", "random", "--seed", "5",
-            "--relative-margin", "0.002", "--k", "40", "--encode-batch-size", "16",
+            "--relative-margin", "0.002", "--k", "40", "--encode-batch-size", str(4 * devices),
             "--doc-max-length", "32", "--query-max-length", "16", *extra]
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """An uninterrupted one-process run of the subprocess tests' settings on 4 devices, as
-    many as the two-process run has in all (the per-device encode batch is
-    encode_batch_size / all devices, so the embeddings match bit for bit)."""
+    """Uninterrupted one-process runs of the subprocess tests' settings on 4 devices: ScaNN
+    (the default index) and exact search."""
     root = tmp_path_factory.mktemp("mine_ref")
     make_data(root / "data", 200, 44, seed=1)
     run_negjax(*_mine_args(root / "data", root / "ref"), env=subprocess_env(devices=4), check=True)
-    return root, _rows(root / "ref")
+    run_negjax(*_mine_args(root / "data", root / "ref_exact", "--index", "exact"),
+               env=subprocess_env(devices=4), check=True)
+    return root, _rows(root / "ref"), _rows(root / "ref_exact")
 
 
 def test_kill_9_and_resume_give_the_same_rows(reference):
-    root, want = reference
+    root, want, _ = reference
     out = root / "killed"
     env = subprocess_env(devices=4)
 
@@ -258,27 +261,51 @@ def test_kill_9_and_resume_give_the_same_rows(reference):
     ref_rep = json.loads((root / "ref" / "report.json").read_text())
     assert rep["counts"] == ref_rep["counts"] and rep["histograms"] == ref_rep["histograms"]
     assert m["counts"] == shards.verify(root / "ref")["counts"]
+    assert not list((out / ".work").glob("cand-*"))  # merged candidates are removed at the end
 
 
-def test_two_processes_give_the_same_rows(reference):
-    root, want = reference
-    out = root / "two"
-    port = free_port()
-    env = subprocess_env(devices=2)
-    procs = [subprocess.Popen([sys.executable, "-m", "negjax", *map(str, _mine_args(
-        root / "data", out, "--coordinator", f"localhost:{port}", "--num-processes", "2",
-        "--process-id", str(i)))], env=env, cwd=REPO, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+def test_sharded_exact_search_gives_the_same_rows(reference, processes=4):
+    """P processes x 1 device, each searching only its corpus shard, write exactly the rows of
+    one process searching the whole corpus (2 processes: the rerun of the next test)."""
+    root, _, want = reference
+    out = root / f"sharded{processes}"
+    procs = start_negjax_processes(lambda i: _mine_args(root / "data", out, "--index", "exact",
+                                                        devices=processes), processes)
+    outs = wait_all(procs, timeout=600)
     for i, (p, text) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"process {i} failed:\n{text[-3000:]}"
-    assert "2 process(es)" in outs[0] and "mined" in outs[0] and "mined" not in outs[1]
-    shards.verify(out)
+    assert f"documents in {processes} shards" in outs[0] and "mined" in outs[0]
+    assert not any("mined" in text for text in outs[1:])
+    m = shards.verify(out)
+    assert _rows(out) == want
+    sharding = m["index"]["sharding"]
+    assert sharding["processes"] == processes and len(sharding["bounds"]) == processes
+    assert sharding["bounds"][0][0] == 0 and sharding["bounds"][-1][1] == 200
+
+
+def test_lost_process_stops_the_others_and_a_rerun_completes(reference):
+    """kill -9 of process 1 in the middle of its search: process 0 exits non-zero within 60 s,
+    naming process 1; both rerun to the same rows as one process."""
+    import time
+
+    root, _, want = reference
+    out = root / "lost"
+    args = lambda i: _mine_args(root / "data", out, "--index", "exact", devices=2)  # noqa: E731
+    procs = start_negjax_processes(args, 2, prefix=lambda i: [str(REPO / "tests" / "faults.py"), "search:2"] * i,
+                                   NEGJAX_PEER_TIMEOUT=10)
+    procs[1].wait(timeout=600)
+    killed_at = time.monotonic()
+    text0 = wait_all(procs, timeout=120)[0]
+    waited = time.monotonic() - killed_at
+    assert procs[1].returncode == -signal.SIGKILL
+    assert procs[0].returncode not in (0, None), text0[-3000:]
+    assert "process 1 of 2 was lost" in text0, text0[-3000:]
+    assert waited < 60
+    assert not (out / "manifest.json").exists()
+    procs = start_negjax_processes(lambda i: _mine_args(root / "data", out, "--index", "exact",
+                                                        devices=2), 2)
+    outs = wait_all(procs)
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert _rows(out) == want
 
 

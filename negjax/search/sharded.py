@@ -7,11 +7,11 @@ across the processes of a `jax.distributed` job).
     ids, exact = merge_candidates([part_0, part_1, ...], k)     # the global top-k
 
 Each shard returns its own top-k as global corpus rows with two scores: the search score
-(GEMM for exact search, ScaNN's reordered score) and the exact score (`pair_scores`, the
-arithmetic every other score of the mining job uses). The merge keeps the k best by search
-score (ties: the smaller row), exactly the set one search over the whole corpus keeps, then
-orders them by exact score. So with exact search a sharded run returns what an unsharded run
-returns, whatever the number of shards.
+(ScaNN's reordered score; for exact search the exact score) and the exact score
+(`pair_scores`, a function of the pair alone, the arithmetic every other score of the mining
+job uses). The merge keeps the k best by search score (ties: the smaller row), exactly the set
+one search over the whole corpus keeps, then orders them by exact score. So with exact search
+a sharded run returns what an unsharded run returns, whatever the number of shards.
 
 Every query visits every shard: the queries (Q x D floats, small next to the corpus) are read
 by every process, and only the k candidates per shard (ids + two scores, 16 bytes each) travel
@@ -66,16 +66,26 @@ def _order(primary: np.ndarray, ids: np.ndarray) -> np.ndarray:
 def shard_candidates(queries: np.ndarray, docs, lo: int, k: int, index=None) -> Candidates:
     """The top-`k` of `queries [Q, D]` float32 in one shard: `docs` holds the shard's rows
     (an array or an `EmbeddingStore` view, read block by block) whose first row is corpus row
-    `lo`; `index` is a ScaNN index over those rows, or None for exact search."""
+    `lo`; `index` is a ScaNN index over those rows, or None for exact search.
+
+    Exact search ranks by the exact score itself: a GEMM's score of a pair depends on where
+    the pair falls in the matrix (two equal documents can score differently in one product),
+    so the GEMM only shortlists k + max(8, k/8) candidates, and the k best by exact score (then
+    the smaller row) are kept: the same set whatever the shard boundaries."""
     q = len(queries)
     k = min(k, len(docs))
     if k == 0 or q == 0:
         return Candidates.empty(q)
     if index is None:
-        local, search = exact_search(queries, docs, k, show_progress=False)
+        local, _ = exact_search(queries, docs, min(len(docs), k + max(8, k // 8)),
+                                show_progress=False)
+        exact = pair_scores(queries, docs, local)
+        keep = _order(exact, local)[:, :k]
+        local, exact = np.take_along_axis(local, keep, 1), np.take_along_axis(exact, keep, 1)
+        search = exact
     else:
         local, search = index.search(queries, k)
-    exact = pair_scores(queries, docs, local)
+        exact = pair_scores(queries, docs, local)
     ids = np.where(local >= 0, local + lo, -1)
     search = np.where(local >= 0, search, -np.inf).astype(np.float32)
     return Candidates(ids, search, exact)
