@@ -89,3 +89,77 @@ def test_scann_native_log_lines_hidden_unless_verbose(capfd):
             os.write(2, b"native detail\n")
             raise RuntimeError("boom")
     assert "native detail" in capfd.readouterr().err
+
+
+# ----------------------------------------------------------------------------- sharded search
+
+def _store(tmp_path, emb, chunk, dtype="float32"):
+    from negjax.mining.embeddings import EmbeddingStore, save_chunk
+
+    for c, lo in enumerate(range(0, len(emb), chunk)):
+        save_chunk(tmp_path / f"chunk-{c:05d}.npy", emb[lo:lo + chunk], dtype)
+    return EmbeddingStore(tmp_path, len(emb), emb.shape[1], chunk, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_embedding_store_reads_rows_across_chunks(tmp_path, dtype):
+    import ml_dtypes
+
+    from negjax.mining.embeddings import chunk_ok
+
+    emb = np.random.default_rng(0).standard_normal((50, 6)).astype(np.float32)
+    store = _store(tmp_path, emb, 16, dtype)
+    want = emb if dtype == "float32" else emb.astype(
+        ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16).astype(np.float32)
+    assert store.shape == (50, 6) and len(store) == 50
+    np.testing.assert_array_equal(store[0:50], want)
+    np.testing.assert_array_equal(store[10:40], want[10:40])  # spans three chunk files
+    idx = np.array([[3, 49, 17], [16, 15, 0]])
+    np.testing.assert_array_equal(store[idx], want[idx])
+    view = store.rows_between(20, 45)
+    assert len(view) == 25
+    np.testing.assert_array_equal(view[5:7], want[25:27])
+    np.testing.assert_array_equal(view[np.array([0, 24])], want[[20, 44]])
+    assert view.max_norm() == pytest.approx(np.linalg.norm(want[20:45], axis=1).max())
+    assert chunk_ok(tmp_path / "chunk-00000.npy", 16, 6, dtype)
+    assert not chunk_ok(tmp_path / "chunk-00000.npy", 16, 6,
+                        "float16" if dtype != "float16" else "float32")
+    assert store.bytes_on_disk() > 50 * 6 * (4 if dtype == "float32" else 2)
+    # Exact search streams the store block by block and equals search over the array.
+    q = np.random.default_rng(1).standard_normal((7, 6)).astype(np.float32)
+    ids, vals = exact_search(q, store, 5, corpus_block=8, show_progress=False)
+    ref_ids, ref_vals = exact_search(q, want, 5, show_progress=False)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(vals, ref_vals, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3, 5])
+def test_sharded_candidates_merge_to_the_unsharded_top_k(shards):
+    """Per-shard top-k merged == top-k of the whole corpus by exact score (ties: smaller row),
+    duplicates included, for any cut, with a shard smaller than k."""
+    from negjax.mining.filters import pair_scores
+    from negjax.search.sharded import merge_candidates, shard_bounds, shard_candidates
+
+    rng = np.random.default_rng(shards)
+    corpus = rng.standard_normal((90, 8)).astype(np.float32)
+    corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
+    corpus[40] = corpus[7]   # exact duplicates in different shards: the tie goes to row 7
+    corpus[41] = corpus[42]
+    q = rng.standard_normal((12, 8)).astype(np.float32)
+    q[0] = corpus[7]
+    k = 20
+    bounds = shard_bounds(90, 10, shards)
+    assert bounds[0][0] == 0 and bounds[-1][1] == 90
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert all(lo % 10 == 0 for lo, _ in bounds)
+    parts = [shard_candidates(q, corpus[lo:hi], lo, k) for lo, hi in bounds]
+    ids, scores = merge_candidates(parts, k)
+    full = pair_scores(q, corpus, np.broadcast_to(np.arange(90), (12, 90)).copy())
+    order = np.lexsort((np.broadcast_to(np.arange(90), (12, 90)), -full), axis=1)[:, :k]
+    np.testing.assert_array_equal(ids, order)
+    np.testing.assert_array_equal(scores, np.take_along_axis(full, order, 1))
+    assert ids[0, 0] == 7 and ids[0, 1] == 40
+    # A corpus smaller than k: every row once, then nothing.
+    small, _ = merge_candidates([shard_candidates(q, corpus[:3], 0, k),
+                                 shard_candidates(q, corpus[3:5], 3, k)], k)
+    assert sorted(small[0].tolist()) == [0, 1, 2, 3, 4]

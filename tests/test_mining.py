@@ -205,6 +205,16 @@ def test_run_mining_end_to_end(tmp_path):
     assert shards.verify(out)["counts"]["negatives"] == m2["counts"]["negatives"] > 0
     assert all(len(r["negative_ids"]) <= 6 for r in _rows(out))
 
+    # float16 document embeddings: half the bytes on disk, nearly the same negatives.
+    first = {r["query_id"]: set(r["negative_ids"]) for r in rows}
+    cfg3 = MiningConfig(**{**cfg.__dict__, "embedding_dtype": "float16"})
+    m3 = run_mining(enc, params, **{**kw, "mining_cfg": cfg3}, overwrite=True)
+    assert m3["index"]["embedding_dtype"] == "float16"
+    assert m3["index"]["bytes_on_disk"] < 0.6 * manifest["index"]["bytes_on_disk"]
+    half = {r["query_id"]: set(r["negative_ids"]) for r in _rows(out)}
+    overlap = sum(len(first[q] & half[q]) for q in first) / sum(len(v) for v in first.values())
+    assert overlap > 0.9
+
 
 # ----------------------------------------------------------------------------- subprocesses
 
