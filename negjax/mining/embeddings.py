@@ -1,14 +1,17 @@
-"""The embedding cache of the mining job: texts encoded in resumable chunks on disk.
+"""The embedding cache of the mining job: texts encoded in resumable chunks on disk, read back
+out of core.
 
-    emb, info = encode_chunked(enc, params, texts, tower="doc", max_length=128,
-                               batch_size=256, chunk=8192, directory=work / "emb" / key,
-                               stage="doc")
+    store, info = encode_chunked(enc, params, texts, tower="doc", max_length=128,
+                                 batch_size=256, chunk=8192, directory=work / "emb" / key,
+                                 stage="doc", dtype="float16")
+    block = store[0:65536]                       # float32 rows read from the chunk files
 
-A chunk `chunk-NNNNN.npy` holds the float32 embeddings of `chunk` consecutive texts and is
-written atomically, so a rerun after a crash (even `kill -9`) re-encodes only the chunks
-that are missing. The directory name is a key over everything that decides the embeddings
-(`model_identity`, `params_fingerprint`, the input, the max length), so a chunk is reused
-only for identical inputs.
+A chunk `chunk-NNNNN.npy` holds the embeddings of `chunk` consecutive texts (float32, float16,
+or bfloat16 stored as its uint16 bits) and is written atomically, so a rerun after a crash
+(even `kill -9`) re-encodes only the chunks that are missing. The directory name is a key over
+everything that decides the embeddings (`model_identity`, `params_fingerprint`, the input, the
+max length, the dtype), so a chunk is reused only for identical inputs. `EmbeddingStore` reads
+rows (spans or gathers) from the files without holding the matrix in memory.
 """
 
 from __future__ import annotations
@@ -184,7 +187,6 @@ def encode_chunked(enc, params, texts, *, tower: str, max_length: int, batch_siz
     barrier, then every chunk is checked. `batch_size` counts the texts of a batch over all
     devices of all processes (a fixed per-device batch, so the embeddings do not depend on the
     number of processes). Returns (store, {"chunks", "encoded", "reused"} of this process)."""
-    pc = jax.process_count()
     n, dim = len(texts), enc.dim
     n_chunks = max(1, math.ceil(n / chunk))
     directory.mkdir(parents=True, exist_ok=True)
@@ -205,5 +207,5 @@ def encode_chunked(enc, params, texts, *, tower: str, max_length: int, batch_siz
         path = store.path(c)
         if not chunk_ok(path, hi - lo, dim, dtype):
             raise NegjaxError(f"{path}: embedding chunk missing or damaged after encoding "
-                              f"(did process {c % pc} fail?)")
+                              "(did the process that encodes it fail?)")
     return store, info

@@ -12,29 +12,40 @@ ScaNN search, ScaNN settings, tuning and audit), `negjax.mining.filters` (false-
 filters and sampling), `negjax.data.shards` (the output format); this module orchestrates.
 
 Called collectively by every process of a (possibly multi-process) JAX job on a shared
-filesystem. Everything it computes is kept under `OUT/.work/` so that a rerun after a crash
-(even `kill -9`) redoes only what is missing:
+filesystem. The corpus is cut into one contiguous, chunk-aligned shard per process
+(`negjax.search.sharded.shard_bounds`, recorded in the manifest's `index.sharding`): process p
+encodes, indexes and searches only its shard, so no process holds the corpus' embeddings or
+index; every process searches all queries against its shard, and the per-shard top-k are
+merged into the global top-k before the filters and sampling run once per query. With exact
+search the rows do not depend on the number of processes. Everything it computes is kept
+under `OUT/.work/` so that a rerun after a crash (even `kill -9`) redoes only what is missing:
 
-- `emb/{doc,query}-KEY/chunk-NNNNN.npy`: embeddings of `encode_chunk` texts each
-  (`negjax.mining.embeddings`); KEY hashes the model (architecture, tokenizer, a fingerprint
-  of the params of the tower), the input file's sha256 and the max length. Process p encodes
-  chunks c with c % P == p; after a barrier every process reads all.
-- `index-KEY/`: the ScaNN index (built by process 0, saved, loaded by all). ScaNN's tree
-  training is not bit-reproducible, so the index is saved before any shard is written and
-  every process and every resumed run searches that one saved index.
-- `tune-KEY.json`: the search-time settings (leaves_to_search, reorder) that reached
-  `target_recall` against exact search on a sample of queries (process 0 tunes, all apply).
+- `emb/{doc,query}-KEY/chunk-NNNNN.npy`: embeddings of `encode_chunk` texts each, read from
+  disk on demand (`negjax.mining.embeddings.EmbeddingStore`); KEY hashes the model
+  (architecture, tokenizer, a fingerprint of the params of the tower), the input file's sha256,
+  the max length and the stored dtype (`mining.embedding_dtype`; queries are float32).
+  Process p encodes the document chunks of its shard and the query chunks c with c % P == p.
+- `index-KEY/shard-PPP/`: process p's ScaNN index over its shard, saved before any candidate is
+  written (ScaNN's tree training is not bit-reproducible; a resumed run searches that one).
+- `tune-KEY.json`: per shard, the search-time settings (leaves_to_search, reorder) that reached
+  `target_recall` against exact search over the shard on a sample of queries.
+- `cand-KEY/`: `qSSSSS-pPPP.npz`, the candidates of query shard S in corpus shard P (ids, search
+  and exact scores), `shard-PPP.json` (bounds, max norm, ScaNN settings and tuning) and the
+  audit parts; removed once the manifest is written.
 - `run.json`: the key of everything that decides the shard rows (embeddings, index, filters,
   sampling, shard size). Shards of another key are discarded (an unfinished run) or refused
   (a finished one, unless `overwrite`).
 - `stats/shard-NNNNN.npz`: the counts and histograms of shard k, written before the shard, so
   the report of a resumed run covers every shard.
 
-Shard k holds queries [k*S, (k+1)*S) in training-file order and is written by process k % P.
-Every random choice depends on (seed, global query index), and an embedding does not depend on
-which process encodes it (a fixed per-device batch of `encode_batch_size` / all devices of the
-job), so a resumed run and a multi-process run write the rows a single uninterrupted run on as
-many devices writes. Process 0 writes the report and, last, the manifest.
+Output shard k holds queries [k*S, (k+1)*S) in training-file order and is merged and written
+by process k % P. Every random choice depends on (seed, global query index), and an embedding
+does not depend on which process encodes it (a fixed per-device batch of `encode_batch_size` /
+all devices of the job), so a resumed run and a multi-process run write the rows a single
+uninterrupted run on as many devices writes. Process 0 merges the recall audit (sharded ScaNN
+against sharded exact search over the whole corpus), writes the report and, last, the
+manifest. A process that is lost stops the others within NEGJAX_PEER_TIMEOUT seconds
+(`negjax.multihost.Watchdog`).
 """
 
 from __future__ import annotations
