@@ -210,6 +210,8 @@ def test_run_mining_end_to_end(tmp_path):
     cfg3 = MiningConfig(**{**cfg.__dict__, "embedding_dtype": "float16"})
     m3 = run_mining(enc, params, **{**kw, "mining_cfg": cfg3}, overwrite=True)
     assert m3["index"]["embedding_dtype"] == "float16"
+    # converted from the float32 chunks already on disk, not encoded again
+    assert json.loads((out / "report.json").read_text())["encode"]["doc"]["converted"] == 3
     assert m3["index"]["bytes_on_disk"] < 0.6 * manifest["index"]["bytes_on_disk"]
     half = {r["query_id"]: set(r["negative_ids"]) for r in _rows(out)}
     overlap = sum(len(first[q] & half[q]) for q in first) / sum(len(v) for v in first.values())

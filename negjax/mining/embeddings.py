@@ -179,23 +179,29 @@ class EmbeddingStore:
 
 def encode_chunked(enc, params, texts, *, tower: str, max_length: int, batch_size: int,
                    chunk: int, directory: Path, stage: str, dtype: str = "float32",
-                   chunks: list[tuple[int, int, int]] | None = None
-                   ) -> tuple[EmbeddingStore, dict]:
+                   chunks: list[tuple[int, int, int]] | None = None,
+                   source: Path | None = None) -> tuple[EmbeddingStore, dict]:
     """Embeddings of `texts`, computed chunk by chunk into `directory` (reusing chunks already
     there) and returned as an `EmbeddingStore` over all rows (read from disk on demand).
     Collective: this process encodes `chunks` [(c, lo, hi)] (default: c % P == p), then a
     barrier, then every chunk is checked. `batch_size` counts the texts of a batch over all
     devices of all processes (a fixed per-device batch, so the embeddings do not depend on the
-    number of processes). Returns (store, {"chunks", "encoded", "reused"} of this process)."""
+    number of processes). `source`: a directory of float32 chunks of the same texts and model
+    (another dtype's cache): a chunk found there is converted instead of encoded.
+    Returns (store, {"chunks", "encoded", "reused", "converted"} of this process)."""
     n, dim = len(texts), enc.dim
     n_chunks = max(1, math.ceil(n / chunk))
     directory.mkdir(parents=True, exist_ok=True)
-    info = {"chunks": n_chunks, "encoded": 0, "reused": 0}
+    info = {"chunks": n_chunks, "encoded": 0, "reused": 0, "converted": 0}
     store = EmbeddingStore(directory, n, dim, chunk, dtype)
     for c, lo, hi in (process_chunks(n, chunk) if chunks is None else chunks):
         path = store.path(c)
         if chunk_ok(path, hi - lo, dim, dtype):
             info["reused"] += 1
+            continue
+        if source is not None and chunk_ok(source / path.name, hi - lo, dim):
+            save_chunk(path, np.load(source / path.name), dtype)
+            info["converted"] += 1
             continue
         emb = encode_texts(enc, params, texts[lo:hi], tower=tower, max_length=max_length,
                            batch_size=batch_size, desc=f"encode {stage} {c + 1}/{n_chunks}",

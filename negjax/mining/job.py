@@ -333,9 +333,9 @@ def _run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, qu
     if train_qrels:
         train_sha = _hash([train_sha, sha256_file(train_qrels)])
     dtype = mc.embedding_dtype
-    doc_key = _hash({"model": ident, "params": fp_doc, "input": corpus_sha, "n": n_docs,
-                     "max_length": doc_max_len, "chunk": mc.encode_chunk, "tower": "doc",
-                     **({"dtype": dtype} if dtype != "float32" else {})})
+    doc_key32 = _hash({"model": ident, "params": fp_doc, "input": corpus_sha, "n": n_docs,
+                       "max_length": doc_max_len, "chunk": mc.encode_chunk, "tower": "doc"})
+    doc_key = doc_key32 if dtype == "float32" else _hash([doc_key32, dtype])
     query_key = _hash({"model": ident, "params": fp_query, "input": train_sha, "n": nq,
                        "max_length": query_max_len, "chunk": mc.encode_chunk, "tower": "query"})
     # The corpus is cut into one contiguous shard per process (chunk-aligned): each process
@@ -402,7 +402,8 @@ def _run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, qu
     doc_store, enc_info["doc"] = encode_chunked(
         enc, params, corpus.texts, tower="doc", max_length=doc_max_len,
         batch_size=mc.encode_batch_size, chunk=chunk, stage="doc", dtype=dtype,
-        directory=work / "emb" / f"doc-{doc_key[:16]}", chunks=my_doc_chunks)
+        directory=work / "emb" / f"doc-{doc_key[:16]}", chunks=my_doc_chunks,
+        source=work / "emb" / f"doc-{doc_key32[:16]}" if dtype != "float32" else None)
     timings["encode_docs_s"] = time.perf_counter() - t
     t = time.perf_counter()
     q_store, enc_info["query"] = encode_chunked(
