@@ -163,3 +163,32 @@ def test_sharded_candidates_merge_to_the_unsharded_top_k(shards):
     small, _ = merge_candidates([shard_candidates(q, corpus[:3], 0, k),
                                  shard_candidates(q, corpus[3:5], 3, k)], k)
     assert sorted(small[0].tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_sharded_scann_audit_over_the_whole_corpus(tmp_path):
+    """Each shard's audit part (its exact and its ScaNN top-k) merges into recall over the
+    whole corpus; heavy tuning (more than half of a shard's leaves) is reported."""
+    from negjax.bench.mine import synthetic_corpus, synthetic_queries
+    from negjax.mining.job import _audit_part, _exact_advice, _merge_audit
+    from negjax.search.sharded import shard_bounds
+
+    corpus = synthetic_corpus(4000, 16, 20, show_progress=False)
+    q = synthetic_queries(corpus, 30)
+    k = 10
+    for p, (lo, hi) in enumerate(shard_bounds(4000, 1000, 2)):
+        index = ScannIndex.build(corpus[lo:hi], k, ScannParams(num_leaves=8, leaves_to_search=1,
+                                                               reorder=40))
+        _audit_part(tmp_path / f"audit-p{p:03d}.npz", q, corpus[lo:hi], lo, k, index)
+    res = _merge_audit(tmp_path, 2, k, len(q))
+    exact_ids, _ = exact_search(q, corpus, k, show_progress=False)
+    from negjax.search.sharded import Candidates, merge_ids
+    approx = []
+    for p, (lo, hi) in enumerate(shard_bounds(4000, 1000, 2)):
+        with np.load(tmp_path / f"audit-p{p:03d}.npz") as z:
+            approx.append(Candidates(z["ids"], z["search"], z["exact"]))
+    assert res["recall_at_k"] == pytest.approx(recall_at_k(merge_ids(approx, k), exact_ids))
+    assert 0 < res["recall_at_k"] <= 1 and res["shards"] == 2 and res["queries"] == 30
+    info = [{"scann": {"num_leaves": 8}, "tuning": {"leaves_to_search": 2}},
+            {"scann": {"num_leaves": 8}, "tuning": {"leaves_to_search": 5}}]
+    assert "5 of 8 leaves (shard 1)" in _exact_advice(info)
+    assert _exact_advice(info[:1]) is None
