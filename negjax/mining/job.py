@@ -544,6 +544,7 @@ def _run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, qu
         writer.finalize(model=model_info, index=index_info, filters=filters_info,
                         counts={"corpus": n_docs, **counts})
     _barrier("manifest")
-    if pi == 0:
-        shutil.rmtree(cand_dir, ignore_errors=True)  # per-shard candidates: merged into shards
+    if pi == 0:  # per-shard candidates (of this run, or of an interrupted one with other
+        for stale in work.glob("cand-*"):  # shard bounds): merged into the shards
+            shutil.rmtree(stale, ignore_errors=True)
     return shard_io.read_manifest(out)
