@@ -175,6 +175,7 @@ def plot_report(rep: dict, path) -> None:
         f"index: {index_line}  k = {rep['k']}",
         f"audit: {_recall_line(idx)}",
         *_tuning_lines(idx),
+        *([f"note: {idx['advice'][:90]}", f"  {idx['advice'][90:]}"] if idx.get("advice") else []),
         f"filters: dedup text {f['dedup_text']}, ranks {f['rank_min']}:{rank_max}, "
         f"scores [{f['min_score']:g}, {f['max_score']:g}]",
         f"  relative margin {margin(f['relative_margin'])}, "
@@ -221,7 +222,10 @@ def summary_text(out_dir) -> str:
         + (f": {removed}" if removed else ""),
         f"  positives outside the top-{rep['k']}: {c['positives_outside_topk']:,} of "
         f"{c['positives']:,}",
-        f"  index: {_recall_line(rep['index'])}",
+        f"  index: {_recall_line(rep['index'])}"
+        + (f" ({rep['index']['sharding']['processes']} corpus shards)"
+           if rep["index"].get("sharding", {}).get("processes", 1) > 1 else ""),
+        *([f"  note: {rep['index']['advice']}"] if rep["index"].get("advice") else []),
         f"  shards:   {out}/ ({len(manifest['shards'])} x shard-*.parquet, manifest.json)",
         f"  report:   {out / 'report.json'}, {out / 'report.png'}",
         f"  work dir: {out / '.work'} (embeddings, index; delete when done)",
