@@ -9,7 +9,8 @@ its peak RSS; the P-process runs are one `jax.distributed` job on localhost, 1 C
 process. Encoding is done once (the 1-process run); the other runs start from a copy of its
 embedding cache (the per-device encode batch is the same in every layout, so the embeddings
 are the ones they would compute; the float16 run converts the float32 chunks), so what they
-measure is the sharded search, the merge and the writing.
+measure is the sharded search, the merge and the writing ("f32" is the 1-process run again
+from the cache: the memory figure to compare "f16" with).
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def main() -> int:
     data = subset(work / "data", args.docs, args.queries)
     runs = {"p1": mine(data, work / "p1", 1)}
     emb = work / "p1" / ".work" / "emb"
-    for name, procs, extra in (("p2", 2, ()), ("p4", 4, ()),
+    for name, procs, extra in (("p2", 2, ()), ("p4", 4, ()), ("f32", 1, ()),
                                ("f16", 1, ("--embedding-dtype", "float16"))):
         shutil.copytree(emb, work / name / ".work" / "emb")
         runs[name] = mine(data, work / name, procs, *extra)
