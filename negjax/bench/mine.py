@@ -350,8 +350,6 @@ def _blas_limit(threads: int | None):
     return threadpool_limits(limits=threads, user_api="blas"), str(threads)
 
 
-
-
 # ----------------------------------------------------------------------------- worker processes
 
 def _barrier(name: str) -> None:
