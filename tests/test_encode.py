@@ -78,15 +78,16 @@ def test_encode_texts_order_buckets_padding():
 
 def test_encode_micro_batches_and_short_batches(monkeypatch):
     """Each device encodes its rows a micro-batch at a time, skipping micro-batches a short
-    batch leaves empty: several micro-batches per device (a fori_loop), micro-batches of 1-4
+    batch leaves empty: several micro-batches per device (a fori_loop), micro-batches of 2-4
     rows by bucket, a last batch per bucket that leaves some of the 8 devices idle. Every row
-    gets its one-batch embedding, in input order; a fixed per-device batch fixes the bits."""
+    gets its one-batch embedding, in input order; a fixed per-device batch fixes the bits
+    (and one row per device, per_device=1, runs 1-row micro-batches)."""
     from negjax.model import encode as encode_mod
 
     enc = load_encoder(ModelConfig(name=str(TINY)))
-    monkeypatch.setattr(encode_mod, "MICRO_TOKENS", 64)  # 4 rows at 16 tokens, 2 at 32, 1 at 64
-    assert [encode_mod.micro_rows(L, 5) for L in (16, 32, 64)] == [4, 2, 1]
-    assert encode_mod.micro_rows(16, 3) == 3
+    monkeypatch.setattr(encode_mod, "MICRO_TOKENS", 64)  # 4 rows at 16 tokens, 2 at 32 and 64
+    assert [encode_mod.micro_rows(L, 5) for L in (16, 32, 64)] == [4, 2, 2]
+    assert encode_mod.micro_rows(16, 3) == 3 and encode_mod.micro_rows(64, 1) == 1
     tokens, mask = tokenize_padded(enc.tokenizer, TINY_TEXTS, 64)
     want = np.asarray(jax.jit(enc.encode)(enc.params, tokens, mask))
     got = encode_texts(enc, enc.params, TINY_TEXTS, batch_size=40, max_length=64)
@@ -95,6 +96,8 @@ def test_encode_micro_batches_and_short_batches(monkeypatch):
     np.testing.assert_array_equal(fixed, got)  # 40 texts over 8 devices = 5 rows each
     rev = encode_texts(enc, enc.params, TINY_TEXTS[::-1], max_length=64, per_device=5)
     np.testing.assert_array_equal(rev[::-1], got)  # other batch-mates, same bits
+    np.testing.assert_allclose(encode_texts(enc, enc.params, TINY_TEXTS[:11], max_length=64,
+                                            per_device=1), want[:11], atol=2e-5)
 
 
 def test_export_sentence_transformers_and_automodel(minilm, tmp_path):

@@ -8,7 +8,7 @@ replicated. Batches are dispatched ahead of reading results back so that host wo
 (padding, copies) overlaps device work.
 
 On each device the program runs the encoder over its rows in micro-batches of
-`micro_rows(L)` rows (about `MICRO_TOKENS` tokens; a `lax.map`). On the CPU this is ~20%
+`micro_rows(L)` rows (about `MICRO_TOKENS` tokens; a `fori_loop`). On the CPU this is ~20%
 cheaper than one pass over a large per-device batch: the activations of a micro-batch stay
 in cache and its buffers are reused from one micro-batch to the next, where a [256, 128]
 batch allocates (and page-faults) 100 MB intermediates per layer.
@@ -36,8 +36,10 @@ from negjax.model.tokenizer import pad_ids, tokenize
 from negjax.utils import progress
 
 MIN_BUCKET = 16
-# Tokens per micro-batch (rows x bucket length). On a 2-core AVX-512 CPU, MiniLM at L=128:
-# 512-2048 tokens are within noise of each other and ~20% cheaper than 16k-32k token batches.
+# Tokens per micro-batch (rows x bucket length), at least 2 rows. MiniLM on one AVX-512 core,
+# CPU time per text (experiments/bench/README.md): L=128 512 tokens 7% cheaper than 1,024 and
+# 1.2-1.4x cheaper than 16k-32k-token batches; L=512 2 rows 30% cheaper than 1; L=32 256-2,048
+# tokens alike.
 MICRO_TOKENS = 512
 
 
@@ -77,8 +79,8 @@ def rows_per_device(batch_size: int) -> int:
 
 def micro_rows(length: int, per_device: int) -> int:
     """Rows of one micro-batch at bucket length `length` for a `per_device`-row batch: about
-    `MICRO_TOKENS` tokens, at least 1, at most `per_device`."""
-    return max(1, min(int(per_device), MICRO_TOKENS // int(length)))
+    `MICRO_TOKENS` tokens but at least 2 rows, and at most `per_device`."""
+    return max(1, min(int(per_device), max(2, MICRO_TOKENS // int(length))))
 
 
 def _micro_encode(enc, tower: str, mesh: Mesh, rows: int):
