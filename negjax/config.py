@@ -41,7 +41,9 @@ class ModelConfig:
                        "built-in WordNet tokenizer for 'tiny'")
     pooling: str = f("", "'mean' or 'cls'; empty = the model directory's setting (mean for 'tiny')")
     normalize: bool = f(True, "L2-normalise embeddings (cosine similarity)")
-    dtype: str = f("float32", "compute dtype: 'float32' or 'bfloat16' (params stay float32)")
+    dtype: str = f("float32", "compute dtype: 'float32' or 'bfloat16' (params stay float32); 'int8' "
+                   "for encoding only (encode, eval, mine): dense layers in int8, ~1.5x faster "
+                   "on AVX-512 VNNI CPUs")
     remat: bool = f(False, "rematerialise each transformer layer in the backward pass")
     dropout: float = f(-1.0, "dropout rate; negative = the model config's own")
     tied_towers: bool = f(True, "one encoder for queries and documents; false = separate towers")
@@ -177,7 +179,7 @@ class Config:
 
 
 _CHOICES = {
-    "model.dtype": ("float32", "bfloat16"),
+    "model.dtype": ("float32", "bfloat16", "int8"),
     "model.pooling": ("", "mean", "cls"),
     "data.negative_sampling": ("top", "random"),
     "loss.chunk_size": None,

@@ -176,6 +176,28 @@ def test_bfloat16_compute(tiny, ref):
     assert (emb * full).sum(1).min() > 0.99
 
 
+def test_int8_dense_inference(tiny, ref):
+    """model.dtype=int8: the dense layers in int8 (per-token and per-feature scales), the
+    same float32 params; embeddings close to float32; training through it is refused."""
+    from negjax.errors import NegjaxError
+    from negjax.model.bert import quantize_int8
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 7)), jnp.float32).at[2].set(0)
+    q, scale = quantize_int8(x, axis=-1)
+    assert q.dtype == jnp.int8 and scale.shape == (5, 1) and int(jnp.abs(q).max()) == 127
+    np.testing.assert_allclose(q * scale, x, atol=float(scale.max()) / 2 + 1e-7)
+    i8 = load_encoder(ModelConfig(name=str(TINY), dtype="int8"))
+    assert jax.tree.structure(i8.params) == jax.tree.structure(tiny.params)
+    emb = np.asarray(i8.encode(tiny.params, ref["tokens"], ref["mask"]))
+    full = np.asarray(tiny.encode(tiny.params, ref["tokens"], ref["mask"]))
+    assert emb.dtype == np.float32 and np.isfinite(emb).all()
+    assert 0 < np.abs(emb - full).max() < 0.1  # int8 really ran, and stays close
+    assert (emb * full).sum(1).min() > 0.99
+    with pytest.raises(NegjaxError, match="int8"):
+        i8.encode(tiny.params, ref["tokens"], ref["mask"], rng=jax.random.PRNGKey(0),
+                  deterministic=False)
+
+
 def test_explicit_mesh_sharded_batch(tiny, ref):
     """The encoder runs (forward, and backward with dropout) on a batch sharded over an
     Explicit-axes mesh, as in the training step, and matches the unsharded result."""

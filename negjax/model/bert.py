@@ -6,7 +6,9 @@ map in `negjax.model.hf` is a rename plus a transpose of dense kernels.
 
 Params are float32; `dtype` is the compute dtype of matmuls and activations (bfloat16 on
 accelerators). Attention softmax, LayerNorm statistics, pooling and normalisation run in
-float32; the encoder's outputs are float32.
+float32; the encoder's outputs are float32. `dtype=int8` is for inference only: the dense
+layers (`Int8Dense`) multiply int8 activations (one scale per token) by int8 kernels (one
+scale per output feature) into int32; everything else, attention included, runs in float32.
 """
 
 from __future__ import annotations
@@ -93,14 +95,50 @@ class BertConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _dense(features: int, cfg: BertConfig, dtype, name: str) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name,
-                    kernel_init=nn.initializers.normal(cfg.initializer_range))
+def quantize_int8(x, axis: int):
+    """x float32 -> (q int8, scale float32 with `axis` kept as 1): symmetric, q = round(x /
+    scale) in [-127, 127] with scale = max |x| / 127 along `axis` (1 where x is all zero)."""
+    scale = jnp.max(jnp.abs(x), axis=axis, keepdims=True) / 127.0
+    scale = jnp.where(scale > 0, scale, 1.0)
+    return jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8), scale
+
+
+class Int8Dense(nn.Module):
+    """`nn.Dense` (same params: kernel [in, out], bias [out], float32) computed in int8, for
+    inference: the input is quantised per row (dynamic, one scale per token), the kernel per
+    output column, the product accumulates in int32 and is rescaled to float32 before the bias.
+    On CPUs with AVX-512 VNNI the int8 product is ~3x faster than float32. Rounding has no
+    useful gradient: never train through it."""
+
+    features: int
+    kernel_init: Any = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        kq, ks = quantize_int8(kernel, axis=0)
+        xq, xs = quantize_int8(x.astype(jnp.float32), axis=-1)
+        acc = jax.lax.dot_general(xq, kq, (((x.ndim - 1,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.int32)
+        return acc.astype(jnp.float32) * (xs * ks[0]) + bias
+
+
+def _float(dtype):
+    """The floating compute dtype: float32 for int8 (only the dense layers are int8)."""
+    return jnp.float32 if dtype == jnp.int8 else dtype
+
+
+def _dense(features: int, cfg: BertConfig, dtype, name: str) -> nn.Module:
+    init = nn.initializers.normal(cfg.initializer_range)
+    if dtype == jnp.int8:
+        return Int8Dense(features, kernel_init=init, name=name)
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name, kernel_init=init)
 
 
 def _layer_norm(cfg: BertConfig, dtype, name: str) -> nn.LayerNorm:
     # Two-pass variance (like PyTorch): the fast E[x²]-E[x]² form loses digits at eps 1e-12.
-    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype, param_dtype=jnp.float32,
+    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=_float(dtype), param_dtype=jnp.float32,
                         use_fast_variance=False, name=name)
 
 
@@ -233,7 +271,7 @@ class SelfAttention(nn.Module):
         scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         probs = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
-        ctx = jnp.einsum("nhqk,nkhd->nqhd", probs.astype(self.dtype), v)
+        ctx = jnp.einsum("nhqk,nkhd->nqhd", probs.astype(_float(self.dtype)), v)
         return ctx.reshape(n, length, cfg.hidden_size)
 
 

@@ -23,7 +23,8 @@ from negjax.model.bert import BertConfig, BertEncoder, l2_normalize, pool
 from negjax.model.tokenizer import load_tokenizer
 
 TOWERS = ("query", "doc")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# int8: the dense layers in int8, for inference only (negjax.model.bert.Int8Dense).
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8}
 
 
 @dataclass(eq=False)
@@ -35,7 +36,7 @@ class Encoder:
     params: dict                     # {"encoder": p} or {"query": p, "doc": p}; float32
     pooling: str = "mean"            # 'mean' | 'cls'
     normalize: bool = True           # L2-normalise the pooled embedding
-    dtype: str = "float32"           # compute dtype
+    dtype: str = "float32"           # compute dtype: float32 | bfloat16 | int8 (inference)
     remat: bool = False              # rematerialise each layer in the backward pass
     tied_towers: bool = True
     max_length: int = 512            # default max tokens (the model dir's max_seq_length)
@@ -64,6 +65,8 @@ class Encoder:
         a function applied to each transformer layer's params as the layer runs (FSDP)."""
         if not deterministic and rng is None:
             raise ValueError("dropout (deterministic=False) needs an rng")
+        if not deterministic and self.dtype == "int8":
+            raise NegjaxError("model.dtype 'int8' is for encoding only, not training")
         rngs = {} if deterministic else {"dropout": rng}
         module = self.module if layer_params is None else self.module.clone(layer_params=layer_params)
         return module.apply({"params": self.tower_params(params, tower)}, tokens, mask,

@@ -14,7 +14,8 @@ NAME is one of
   parameters of that step.
 
 For 'tiny', 'minilm' and model directories the other settings (pooling, dtype, dropout,
-towers, ...) come from `model_cfg`; a training checkpoint brings its own. The layout of a
+towers, ...) come from `model_cfg`; a training checkpoint brings its own, except that
+`model_cfg.dtype='int8'` (int8 encoding) applies to it too. The layout of a
 training workdir (config.toml, checkpoints/<step>/state) is stated here, below the train
 package, so that mining and evaluation load trained models without importing it.
 
@@ -155,6 +156,8 @@ def _encoder_of(name: str, model_cfg: ModelConfig | None) -> tuple[Encoder, dict
     if name not in BUILT_IN and is_training_checkpoint(name):
         workdir, ckdir, step = find_checkpoint(name)
         saved = load_config(workdir / CONFIG_NAME).model
+        if model_cfg is not None and model_cfg.dtype == "int8":  # how to encode, not the model
+            saved = dataclasses.replace(saved, dtype="int8")
         enc, _ = _encoder_of(saved.name, saved)
         return enc, {"path": str(workdir), "step": int(step), "checkpoint": str(ckdir / str(step)),
                      "_ckdir": ckdir}

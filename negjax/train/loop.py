@@ -206,6 +206,9 @@ class Trainer:
         self.workdir = Path(cfg.workdir).absolute()
         self.mesh = distributed.make_mesh(fsdp=cfg.distributed.fsdp)
         distributed.local_batch_size(cfg.train.batch_size, self.mesh)
+        if cfg.model.dtype == "int8":
+            raise NegjaxError("model.dtype 'int8' is for encoding only (encode, eval, mine); "
+                              "train in float32 or bfloat16")
         self.enc, params, _ = load_model(None, cfg.model)
         lock, resume_step = _claim_workdir(self.workdir, self.main, self.pc)  # before any write
         self._unlock = weakref.finalize(self, lock.release) if lock else lambda: None
