@@ -58,32 +58,6 @@ def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "negjax"
 
 
-def set_cpu_devices(n: int | None = None, limit: int = 8) -> int:
-    """Ask JAX for `n` CPU devices (simulated; before it starts its backends, later it is too
-    late and nothing changes). n None: one per core this process may use, at most `limit`,
-    unless the count is already chosen (XLA_FLAGS' --xla_force_host_platform_device_count,
-    JAX_NUM_CPU_DEVICES). Returns the count asked for, 0 when none.
-
-    For commands that only encode (`encode`, `mine`, `eval`): on the CPU, N devices each
-    running their share of a batch keep N cores busy with less waiting than one device whose
-    every operation is split over N threads (10-20% faster MiniLM encodes on 2 cores,
-    experiments/bench/README.md). Parameters are replicated on every device (N copies)."""
-    import jax
-
-    if n is None:
-        if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or \
-                jax.config.jax_num_cpu_devices > 0:
-            return 0
-        n = min(len(os.sched_getaffinity(0)), limit)
-        if n <= 1:
-            return 0
-    try:
-        jax.config.update("jax_num_cpu_devices", int(n))
-    except RuntimeError:  # backends already started
-        return 0
-    return int(n)
-
-
 def stable_hash64(text: str) -> int:
     """A stable signed 63-bit hash of a string (same on every run, host and Python version)."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()

@@ -100,28 +100,6 @@ def test_encode_micro_batches_and_short_batches(monkeypatch):
                                             per_device=1), want[:11], atol=2e-5)
 
 
-def test_set_cpu_devices_one_per_core_unless_chosen():
-    """`negjax encode` / `mine` / `eval` ask for a CPU device per core (at most `limit`), but
-    never override a device count the user chose, and never after JAX has started."""
-    import os
-    import subprocess
-    import sys
-
-    code = ("import jax; from negjax.utils import set_cpu_devices; n = set_cpu_devices(limit=3); "
-            "count = jax.device_count(); print(n, count, set_cpu_devices(7))")
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    env["JAX_PLATFORMS"] = "cpu"
-
-    def run(**extra):
-        return subprocess.run([sys.executable, "-c", code], env={**env, **extra}, check=True,
-                              capture_output=True, text=True).stdout.split()
-
-    cores = min(len(os.sched_getaffinity(0)), 3)
-    assert run() == [str(cores if cores > 1 else 0), str(cores), "0"]  # too late: 0
-    assert run(XLA_FLAGS="--xla_force_host_platform_device_count=5") == ["0", "5", "0"]
-    assert run(JAX_NUM_CPU_DEVICES="4") == ["0", "4", "0"]
-
-
 def test_export_sentence_transformers_and_automodel(minilm, tmp_path):
     """Acceptance: export -> SentenceTransformer(exported).encode equals negjax's encode."""
     from sentence_transformers import SentenceTransformer

@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 
 from negjax.errors import NegjaxError
-from negjax.utils import process_memory_bytes, reset_peak_rss, set_cpu_devices
+from negjax.utils import process_memory_bytes, reset_peak_rss
 
 _DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
@@ -117,6 +117,18 @@ def _config(args):
                 raise NegjaxError(f"--{name.replace('_', '-')} applies to --model tiny only")
             changes[f"model.{name}"] = value
     return updated(cfg, changes)
+
+
+def _set_cpu_devices(n: int) -> None:
+    """Ask for `n` CPU devices (simulated) before JAX starts its backends; later it is too
+    late and `make_mesh` reports a shortage."""
+    import jax
+
+    if n:
+        try:
+            jax.config.update("jax_num_cpu_devices", n)
+        except RuntimeError:
+            pass
 
 
 def synthetic_batch(rng, *, batch: int, group_size: int, query_len: int, doc_len: int,
@@ -314,8 +326,7 @@ def _breakdown(enc, cfg, mesh, group_size, holder, compiled, step_fn, batch, n: 
 def measure(args) -> dict:
     """Run the benchmark described by the parsed `args`; returns the results dict."""
     cfg = _config(args)
-    if args.devices:  # else JAX's default; too late once backends started (make_mesh says so)
-        set_cpu_devices(args.devices)
+    _set_cpu_devices(args.devices)
     import jax
     import numpy as np
 

@@ -51,9 +51,8 @@ def run(args) -> int:
     from negjax.config import load_config
     from negjax.model import encode_texts
     from negjax.model.loader import load_model
-    from negjax.utils import atomic_path, set_cpu_devices
+    from negjax.utils import atomic_path
 
-    set_cpu_devices()  # on the CPU: a device per core (before anything starts JAX)
     if args.encode_batch_size <= 0:
         raise NegjaxError(f"--encode-batch-size must be > 0, got {args.encode_batch_size}")
     if args.max_length < 0:

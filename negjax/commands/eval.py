@@ -38,9 +38,7 @@ def run(args) -> int:
     from negjax.evaluation.metrics import evaluate_rankings
     from negjax.model.encode import encode_texts
     from negjax.model.loader import load_model, saved_config
-    from negjax.utils import set_cpu_devices
 
-    set_cpu_devices()  # on the CPU: a device per core (before anything starts JAX)
     if bool(args.queries) != bool(args.qrels):
         raise NegjaxError("--queries and --qrels go together")
     if args.corpus is None or args.queries is None:

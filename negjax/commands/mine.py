@@ -145,9 +145,6 @@ def run(args) -> int:
     cfg = updated(load_config(args.config, args.overrides), flag_overrides(args))
     cfg = updated(cfg, workdir_lengths(cfg, args))
     # Before anything touches a JAX device.
-    from negjax.utils import set_cpu_devices
-
-    set_cpu_devices()  # on the CPU: a device per core
     pi, _ = distributed.initialize(cfg.distributed)
     corpus, train, qrels = input_paths(cfg, args)
 
