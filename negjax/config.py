@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +41,8 @@ class ModelConfig:
     pooling: str = f("", "'mean' or 'cls'; empty = the model directory's setting (mean for 'tiny')")
     normalize: bool = f(True, "L2-normalise embeddings (cosine similarity)")
     dtype: str = f("float32", "compute dtype: 'float32' or 'bfloat16' (params stay float32); 'int8' "
-                   "for encoding only (encode, eval, mine): dense layers in int8, ~1.5x faster "
-                   "on AVX-512 VNNI CPUs")
+                   "for encoding only (encode, eval, mine): dense layers in int8, ~1.4-1.6x faster "
+                   "on AVX-512 VNNI CPUs; changes ~7% of mined negatives (experiments/bench/README.md)")
     remat: bool = f(False, "rematerialise each transformer layer in the backward pass")
     dropout: float = f(-1.0, "dropout rate; negative = the model config's own")
     tied_towers: bool = f(True, "one encoder for queries and documents; false = separate towers")

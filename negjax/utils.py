@@ -41,6 +41,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def atomic_save_npy(path: str | os.PathLike, arr) -> None:
+    """`np.save` to `path` atomically (`atomic_path`)."""
+    import numpy as np
+
+    with atomic_path(path, suffix=".npy") as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, arr)
+
+
+def atomic_save_npz(path: str | os.PathLike, **arrays) -> None:
+    """`np.savez` of `arrays` to `path` atomically (`atomic_path`)."""
+    import numpy as np
+
+    with atomic_path(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+
 def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from negjax.errors import NegjaxError, file_error
-from negjax.utils import atomic_write_text, process_memory_bytes, progress
+from negjax.utils import atomic_save_npy, atomic_write_text, process_memory_bytes, progress
 
 _GEN_CHUNK = 65536  # rows per generation chunk; part of the data's definition (seeded per chunk)
 _BARRIER_MS = 12 * 3600 * 1000  # a barrier waits for the slowest process's build; lost ones: Watchdog
@@ -362,13 +362,6 @@ def _barrier(name: str) -> None:
         distributed.global_state.client.wait_at_barrier(f"negjax-bench-mine-{name}", _BARRIER_MS)
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, arr)
-    os.replace(tmp, path)
-
-
 def _shard_queries(cfg: dict, workdir: Path, pi: int, shard: np.ndarray, lo: int, hi: int) -> np.ndarray:
     """All queries `[Q, D]`. Synthetic ones are corpus rows plus noise: each process writes the
     source rows that fall in its shard, then every process assembles the same queries (equal,
@@ -378,7 +371,7 @@ def _shard_queries(cfg: dict, workdir: Path, pi: int, shard: np.ndarray, lo: int
         return np.load(workdir / "queries.npy")
     rng, rows = _query_sources(spec["n"], spec["queries"], spec["seed"])
     mine = (rows >= lo) & (rows < hi)
-    _save_npy(workdir / f"qrows-{pi}.npy", shard[rows[mine] - lo])
+    atomic_save_npy(workdir / f"qrows-{pi}.npy", shard[rows[mine] - lo])
     _barrier("query-rows")
     base = np.empty((len(rows), spec["dim"]), np.float32)
     for p, (plo, phi) in enumerate(cfg["bounds"]):

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 from negjax.errors import NegjaxError
 from negjax.utils import process_memory_bytes, reset_peak_rss

@@ -51,7 +51,7 @@ def run(args) -> int:
     from negjax.config import load_config
     from negjax.model import encode_texts
     from negjax.model.loader import load_model
-    from negjax.utils import atomic_path
+    from negjax.utils import atomic_save_npy
 
     if args.encode_batch_size <= 0:
         raise NegjaxError(f"--encode-batch-size must be > 0, got {args.encode_batch_size}")
@@ -62,8 +62,6 @@ def run(args) -> int:
     enc, params, _ = load_model(args.model, cfg.model)
     emb = encode_texts(enc, params, texts, tower=args.tower,
                        max_length=args.max_length or None, batch_size=args.encode_batch_size)
-    with atomic_path(args.output, suffix=".npy") as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, emb.astype(np.float32))
+    atomic_save_npy(args.output, emb.astype(np.float32))
     print(f"wrote {emb.shape[0]} x {emb.shape[1]} float32 embeddings to {args.output}")
     return 0

@@ -13,7 +13,6 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    import json
 
     from negjax.config import load_config
 

@@ -29,7 +29,7 @@ from negjax.distributed import barrier, to_host
 from negjax.errors import NegjaxError
 from negjax.model.encode import encode_texts, rows_per_device
 from negjax.multihost import process_chunks
-from negjax.utils import atomic_path
+from negjax.utils import atomic_save_npy
 
 
 def model_identity(enc) -> dict:
@@ -87,9 +87,7 @@ def save_chunk(path: Path, emb: np.ndarray, dtype: str = "float32") -> None:
         data = np.asarray(emb, np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
     else:
         data = np.asarray(emb).astype(dtype, copy=False)
-    with atomic_path(path, suffix=".npy") as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, data)
+    atomic_save_npy(path, data)
 
 
 class EmbeddingStore:

@@ -71,11 +71,12 @@ from negjax.mining.embeddings import EMBEDDING_DTYPES, encode_chunked, model_ide
 from negjax.multihost import Watchdog
 from negjax.mining.filters import (FILTER_ORDER, SAMPLING, FilterSettings, filter_candidates,
                                    pair_scores, positive_ranks, sample_block, text_groups)
-from negjax.search import (ScannIndex, audit_recall, describe, query_samples, recall_at_k,
+from negjax.search import (ScannIndex, audit_recall, describe, query_samples,
                            scann_settings, tunable_settings, tune_search)
+from negjax.search.tuning import recall_summary
 from negjax.search.sharded import (load_candidates, merge_candidates, merge_ids, save_candidates,
                                    shard_bounds, shard_candidates)
-from negjax.utils import atomic_path, atomic_write_text, progress, sha256_file
+from negjax.utils import atomic_save_npz, atomic_write_text, progress, sha256_file
 
 WORK = ".work"
 JOB_VERSION = 1
@@ -152,9 +153,7 @@ def mine_block(q_emb, doc_emb, ids, scores, pos_lists, query_index, *, k: int, s
 
 
 def _save_stats(path: Path, stats: dict, edges: np.ndarray) -> None:
-    with atomic_path(path, suffix=".npz") as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, edges=edges, **{key: np.asarray(v) for key, v in stats.items()})
+    atomic_save_npz(path, edges=edges, **{key: np.asarray(v) for key, v in stats.items()})
 
 
 def _load_stats(path: Path) -> dict:
@@ -240,10 +239,7 @@ def _audit_part(path: Path, queries: np.ndarray, docs, lo: int, k: int, index) -
     approx = shard_candidates(queries, docs, lo, k, index)
     approx_s = time.perf_counter() - t
     save_candidates(path.with_suffix(".exact.npz"), exact)
-    with atomic_path(path, suffix=".npz") as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, ids=approx.ids, search=approx.search, exact=approx.exact,
-                     seconds=np.array([exact_s, approx_s]))
+    save_candidates(path, approx, seconds=np.array([exact_s, approx_s]))
 
 
 def _merge_audit(cand_dir: Path, pc: int, k: int, n: int) -> dict:
@@ -264,12 +260,7 @@ def _merge_audit(cand_dir: Path, pc: int, k: int, n: int) -> dict:
     exact_ids = merge_ids(exact, k)
     approx_ids = merge_ids(approx, k)
     secs = np.max(np.array(secs), axis=0)
-    res = {"queries": int(n), "k": int(k), "recall_at_k": recall_at_k(approx_ids, exact_ids),
-           "exact_qps": n / max(float(secs[0]), 1e-9), "index_qps": n / max(float(secs[1]), 1e-9),
-           "shards": pc}
-    if k >= 100:
-        res["recall_at_100"] = recall_at_k(approx_ids[:, :100], exact_ids[:, :100])
-    return res
+    return {**recall_summary(approx_ids, exact_ids, float(secs[0]), float(secs[1])), "shards": pc}
 
 
 def _exact_advice(shard_info: list[dict]) -> str | None:

@@ -107,8 +107,9 @@ class Int8Dense(nn.Module):
     """`nn.Dense` (same params: kernel [in, out], bias [out], float32) computed in int8, for
     inference: the input is quantised per row (dynamic, one scale per token), the kernel per
     output column, the product accumulates in int32 and is rescaled to float32 before the bias.
-    On CPUs with AVX-512 VNNI the int8 product is ~3x faster than float32. Rounding has no
-    useful gradient: never train through it."""
+    On a 2-core AVX-512 VNNI CPU `negjax encode` of MiniLM runs ~1.5x faster than in float32
+    (experiments/bench/README.md, "Encoding long documents"). Rounding has no useful
+    gradient: never train through it."""
 
     features: int
     kernel_init: Any = nn.initializers.lecun_normal()

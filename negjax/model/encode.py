@@ -36,10 +36,10 @@ from negjax.model.tokenizer import pad_ids, tokenize
 from negjax.utils import progress
 
 MIN_BUCKET = 16
-# Tokens per micro-batch (rows x bucket length), at least 2 rows. MiniLM on one AVX-512 core,
-# CPU time per text (experiments/bench/README.md): L=128 512 tokens 7% cheaper than 1,024 and
-# 1.2-1.4x cheaper than 16k-32k-token batches; L=512 2 rows 30% cheaper than 1; L=32 256-2,048
-# tokens alike.
+# Tokens per micro-batch (rows x bucket length), at least 2 rows. MiniLM, CPU time per token
+# on 2 AVX-512 cores (experiments/encode_micro_batch.py; experiments/bench/README.md): at
+# L=128 512 tokens are the cheapest (1.16x cheaper than 4,096 and 1.36x than 16,384 tokens);
+# at L=512 2 rows are 1.33x cheaper than 1 and 1.16x than 32.
 MICRO_TOKENS = 512
 
 

@@ -91,37 +91,36 @@ def shard_candidates(queries: np.ndarray, docs, lo: int, k: int, index=None) -> 
     return Candidates(ids, search, exact)
 
 
+def _top_by_search(parts: list[Candidates], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, exact scores) of the k best candidates by search score (then the smaller row)."""
+    ids = np.concatenate([p.ids for p in parts], axis=1)
+    search = np.concatenate([p.search for p in parts], axis=1)
+    exact = np.concatenate([p.exact for p in parts], axis=1)
+    keep = _order(np.where(ids >= 0, search, -np.inf), ids)[:, :k]
+    return np.take_along_axis(ids, keep, 1), np.take_along_axis(exact, keep, 1)
+
+
 def merge_candidates(parts: list[Candidates], k: int) -> tuple[np.ndarray, np.ndarray]:
     """The global top-`k` of the shards' candidates: the k best by search score (then the
     smaller row), ordered by exact score (then the smaller row). Returns (ids [Q, k] int64,
     exact scores [Q, k] float32), -1 / -inf padding where the corpus has fewer than k rows."""
-    ids = np.concatenate([p.ids for p in parts], axis=1)
-    search = np.concatenate([p.search for p in parts], axis=1)
-    exact = np.concatenate([p.exact for p in parts], axis=1)
-    width = ids.shape[1]
-    if width == 0:
+    ids, exact = _top_by_search(parts, k)
+    if ids.shape[1] == 0:
         return np.full((len(ids), 1), -1, np.int64), np.full((len(ids), 1), -np.inf, np.float32)
-    keep = _order(np.where(ids >= 0, search, -np.inf), ids)[:, :min(k, width)]
-    ids, exact = np.take_along_axis(ids, keep, 1), np.take_along_axis(exact, keep, 1)
     order = _order(np.where(ids >= 0, exact, -np.inf), ids)
     return np.take_along_axis(ids, order, 1), np.take_along_axis(exact, order, 1)
 
 
 def merge_ids(parts: list[Candidates], k: int) -> np.ndarray:
     """Only the ids of `merge_candidates` in search-score order (recall audits)."""
-    ids = np.concatenate([p.ids for p in parts], axis=1)
-    search = np.concatenate([p.search for p in parts], axis=1)
-    keep = _order(np.where(ids >= 0, search, -np.inf), ids)[:, :k]
-    return np.take_along_axis(ids, keep, 1)
+    return _top_by_search(parts, k)[0]
 
 
-def save_candidates(path, cand: Candidates) -> None:
-    """Write one shard's candidates atomically (`.npz`)."""
-    from negjax.utils import atomic_path
+def save_candidates(path, cand: Candidates, **extra) -> None:
+    """Write one shard's candidates (and any `extra` arrays) atomically (`.npz`)."""
+    from negjax.utils import atomic_save_npz
 
-    with atomic_path(path, suffix=".npz") as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, ids=cand.ids, search=cand.search, exact=cand.exact)
+    atomic_save_npz(path, ids=cand.ids, search=cand.search, exact=cand.exact, **extra)
 
 
 def load_candidates(path, rows: int | None = None) -> Candidates | None:

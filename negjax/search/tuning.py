@@ -107,6 +107,18 @@ def query_samples(nq: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return audit, tune
 
 
+def recall_summary(approx_ids: np.ndarray, exact_ids: np.ndarray, exact_s: float,
+                   approx_s: float) -> dict:
+    """The audit's figures from the top-k ids of the index and of exact search over the same
+    queries `[Q, k]` and the seconds each search took: recall@k (and @100 when k >= 100), QPS."""
+    n, k = exact_ids.shape
+    res = {"queries": int(n), "k": int(k), "recall_at_k": recall_at_k(approx_ids, exact_ids),
+           "exact_qps": n / max(exact_s, 1e-9), "index_qps": n / max(approx_s, 1e-9)}
+    if k >= 100:
+        res["recall_at_100"] = recall_at_k(approx_ids[:, :100], exact_ids[:, :100])
+    return res
+
+
 def audit_recall(index, q_emb: np.ndarray, doc_emb: np.ndarray, k: int, sample: np.ndarray,
                  cache: Path | None = None) -> dict:
     """Recall@k (and @100 when k >= 100) of the index against exact search on the queries
@@ -127,10 +139,7 @@ def audit_recall(index, q_emb: np.ndarray, doc_emb: np.ndarray, k: int, sample: 
     t = time.perf_counter()
     approx_ids, _ = index.search(q_emb[sample], k)
     approx_s = time.perf_counter() - t
-    res = {"queries": int(n), "k": int(k), "recall_at_k": recall_at_k(approx_ids, exact_ids),
-           "exact_qps": n / max(exact_s, 1e-9), "index_qps": n / max(approx_s, 1e-9)}
-    if k >= 100:
-        res["recall_at_100"] = recall_at_k(approx_ids[:, :100], exact_ids[:, :100])
+    res = recall_summary(approx_ids, exact_ids, exact_s, approx_s)
     if cache is not None:
         atomic_write_text(cache, json.dumps(res) + "\n")
     return res

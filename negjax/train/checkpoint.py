@@ -21,7 +21,6 @@ params) for export, evaluation and mining.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import jax

@@ -36,7 +36,6 @@ activation memory is that of one sub-batch; the result equals the plain step's g
 
 from __future__ import annotations
 
-from functools import partial
 
 import jax
 import jax.numpy as jnp
