@@ -281,3 +281,102 @@ def test_broken_model_dirs_one_line_exit_2(kind, tmp_path, capsys):
     assert len(err.splitlines()) == 1, err
     assert expected in err, err
     assert not out.exists()
+
+
+def _tiny_roberta_dir(root: Path, model_type: str):
+    """A random 2-layer RobertaModel / XLMRobertaModel saved by transformers, with a 100-token
+    word-level tokenizer (<s> = 0, <pad> = 1, </s> = 2, as RoBERTa's) -> (dir, torch model)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import (PreTrainedTokenizerFast, RobertaConfig, RobertaModel,
+                              XLMRobertaConfig, XLMRobertaModel)
+
+    config_cls, model_cls = {"roberta": (RobertaConfig, RobertaModel),
+                             "xlm-roberta": (XLMRobertaConfig, XLMRobertaModel)}[model_type]
+    words = ["<s>", "<pad>", "</s>", "<unk>"] + [f"w{i}" for i in range(96)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>", unk_token="<unk>")
+    torch.manual_seed(0)
+    cfg = config_cls(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=40, type_vocab_size=1,
+                     pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5)
+    model = model_cls(cfg).eval()
+    out = root / model_type
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out, model
+
+
+@pytest.mark.parametrize("model_type", ["roberta", "xlm-roberta"])
+def test_roberta_families_match_transformers_and_export(tmp_path, model_type):
+    """RoBERTa / XLM-RoBERTa: positions counted from pad_token_id + 1 over non-pad tokens.
+    negjax's hidden states equal transformers' on a right-padded batch of mixed lengths; the
+    pooled embeddings too; the export loads in transformers as the same architecture with the
+    same outputs, and in sentence-transformers with negjax's embeddings."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    from negjax.model import encode_texts, tokenize_padded
+    from negjax.model.hf import write_hf_dir
+
+    model_dir, model = _tiny_roberta_dir(tmp_path, model_type)
+    enc = load_encoder(ModelConfig(name=str(model_dir)))
+    assert enc.config.model_type == model_type and enc.config.position_offset == 2
+    assert enc.max_length == 38  # 40 positions, the first two never used
+    texts = ["w1 w2 w3 w4 w5 w6 w7 w8 w9 w10", "w11", "w12 w13 w14 w15", "w5 w5 w5 w5 w5 w5 w5"]
+    tokens, mask = tokenize_padded(enc.tokenizer, texts, 16)
+    assert tokens[1, 3:].tolist() == [1] * 13  # right padding with <pad>
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                     attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state.numpy()
+    got = np.asarray(enc.hidden_states(enc.params, tokens, mask))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    m = mask[:, :, None]
+    pooled = (want * m).sum(1) / m.sum(1)
+    pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
+    emb = encode_texts(enc, enc.params, texts)  # buckets and its own padding
+    assert (emb * pooled).sum(1).min() >= 0.99999
+
+    out = write_hf_dir(tmp_path / "export", enc.config, enc.tower_params(enc.params, "doc"),
+                       enc.tokenizer, pooling="mean", normalize=True, max_length=16,
+                       extras=enc.extras)
+    back = AutoModel.from_pretrained(str(out)).eval()
+    assert type(back) is type(model)
+    with torch.no_grad():
+        again = back(input_ids=torch.tensor(tokens, dtype=torch.long),
+                     attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state.numpy()
+    np.testing.assert_allclose(again, want, atol=1e-6, rtol=0)
+    st = SentenceTransformer(str(out), device="cpu").encode(texts, convert_to_numpy=True)
+    assert (st * emb).sum(1).min() >= 0.99999
+
+
+def test_roberta_tokenizer_must_pad_with_the_config_pad_id(tmp_path):
+    """RoBERTa positions depend on pad_token_id: a tokenizer padding with another id is refused."""
+    from negjax.errors import NegjaxError
+
+    model_dir, _ = _tiny_roberta_dir(tmp_path, "roberta")
+    cfg = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**cfg, "pad_token_id": 3}))
+    with pytest.raises(NegjaxError, match="pads with id 1 but config.json's pad_token_id is 3"):
+        load_encoder(ModelConfig(name=str(model_dir)))
+
+
+def test_train_refuses_lengths_beyond_the_position_embeddings(tmp_path, capsys):
+    """model.doc_max_len past what the position embeddings cover (40 RoBERTa positions = 38
+    tokens) stops `negjax train` before any step, with one line naming the key; nothing is
+    written."""
+    from negjax.cli import main
+
+    model_dir, _ = _tiny_roberta_dir(tmp_path, "xlm-roberta")
+    work = tmp_path / "run"
+    rc = main(["train", "--config", str(Path(__file__).parents[1] / "experiments/configs/tiny-wordnet.toml"),
+               "--set", f"model.name={model_dir}", "--set", "model.doc_max_len=39",
+               "--set", "model.query_max_len=16", "--workdir", str(work)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "model.doc_max_len = 39 exceeds the 38 tokens" in err, err
+    assert not work.exists()

@@ -39,7 +39,10 @@ def model_identity(enc) -> dict:
     # Truncation and padding are set per call (encode_texts changes them): not identity.
     tok = json.dumps({key: v for key, v in tok.items() if key not in ("truncation", "padding")},
                      sort_keys=True)
-    return {"config": asdict(enc.config), "pooling": enc.pooling, "normalize": enc.normalize,
+    config = asdict(enc.config)
+    if config["model_type"] == "bert":  # keys of caches written before RoBERTa support
+        del config["model_type"]
+    return {"config": config, "pooling": enc.pooling, "normalize": enc.normalize,
             "dtype": enc.dtype, "tokenizer": hashlib.sha256(tok.encode()).hexdigest()}
 
 

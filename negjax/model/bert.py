@@ -65,9 +65,15 @@ _ACTIVATIONS = {
 }
 
 
+# Hugging Face model types this module computes: BERT, and RoBERTa / XLM-RoBERTa, whose only
+# difference in the math is where positions start (`BertConfig.position_offset`).
+MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
+
+
 @dataclass(frozen=True)
 class BertConfig:
-    """The architecture (the fields of a Hugging Face BERT config.json that change the math)."""
+    """The architecture (the fields of a Hugging Face BERT / RoBERTa / XLM-RoBERTa config.json
+    that change the math)."""
 
     vocab_size: int
     hidden_size: int = 384
@@ -82,14 +88,30 @@ class BertConfig:
     attention_dropout: float = 0.1
     pad_token_id: int = 0
     initializer_range: float = 0.02
+    model_type: str = "bert"
 
     def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise NegjaxError(f"unsupported model_type {self.model_type!r} "
+                              f"(supported: {', '.join(MODEL_TYPES)})")
         if self.hidden_act not in _ACTIVATIONS:
             raise NegjaxError(f"unsupported hidden_act {self.hidden_act!r} "
                               f"(supported: {', '.join(sorted(_ACTIVATIONS))})")
         if self.hidden_size % self.num_heads:
             raise NegjaxError(f"hidden_size {self.hidden_size} is not divisible by "
                               f"num_attention_heads {self.num_heads}")
+
+    @property
+    def position_offset(self) -> int:
+        """Position id of the first token: 0 for BERT; RoBERTa counts positions from
+        `pad_token_id + 1` (padding tokens get `pad_token_id`)."""
+        return 0 if self.model_type == "bert" else self.pad_token_id + 1
+
+    @property
+    def max_tokens(self) -> int:
+        """The longest input the position embeddings cover (514 positions = 512 tokens for
+        RoBERTa)."""
+        return self.max_position_embeddings - self.position_offset
 
     def replace(self, **changes) -> "BertConfig":
         return dataclasses.replace(self, **changes)
@@ -235,14 +257,20 @@ class Embeddings(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, *, deterministic: bool):
-        """tokens [N, L] int32 -> [N, L, H] in `dtype` (token type is always 0)."""
+        """tokens [N, L] int32 -> [N, L, H] in `dtype` (token type is always 0). RoBERTa
+        positions count the non-padding tokens from `pad_token_id + 1`; padding tokens take
+        position `pad_token_id` (as `create_position_ids_from_input_ids` in transformers)."""
         cfg = self.cfg
         std = cfg.initializer_range
         word = Embed(cfg.vocab_size, cfg.hidden_size, std, name="word_embeddings")
         pos = Embed(cfg.max_position_embeddings, cfg.hidden_size, std, name="position_embeddings")
         typ = Embed(cfg.type_vocab_size, cfg.hidden_size, std, name="token_type_embeddings")
         length = tokens.shape[1]
-        positions = jnp.arange(length, dtype=jnp.int32)[None]
+        if cfg.position_offset:
+            real = (tokens != cfg.pad_token_id).astype(jnp.int32)
+            positions = jnp.cumsum(real, axis=1) * real + cfg.pad_token_id
+        else:
+            positions = jnp.arange(length, dtype=jnp.int32)[None]
         x = word(tokens) + pos(positions) + typ(jnp.zeros((1, 1), jnp.int32))
         x = _layer_norm(cfg, self.dtype, "LayerNorm")(x)
         return Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)

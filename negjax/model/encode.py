@@ -183,11 +183,11 @@ def encode_texts(enc, params, texts: Sequence[str], *, tower: str = "query",
     `per_device`: a fixed number of rows per device in every batch (see the module docstring;
     None: `batch_size` texts per batch over the local devices)."""
     max_length = int(max_length or enc.max_length)
-    if max_length > enc.config.max_position_embeddings:
+    if max_length > enc.config.max_tokens:
         from negjax.errors import NegjaxError
 
-        raise NegjaxError(f"max length {max_length} exceeds the model's "
-                          f"{enc.config.max_position_embeddings} position embeddings")
+        raise NegjaxError(f"max length {max_length} exceeds the {enc.config.max_tokens} tokens "
+                          f"the model's position embeddings cover")
     ids = tokenize(enc.tokenizer, texts, max_length)
     lengths = np.fromiter((len(r) for r in ids), np.int64, count=len(ids))
     pad = enc.config.pad_token_id

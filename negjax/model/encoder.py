@@ -163,10 +163,15 @@ def load_encoder(model_cfg: ModelConfig) -> Encoder:
         cfg = cfg.replace(hidden_dropout=model_cfg.dropout, attention_dropout=model_cfg.dropout)
     tokenizer = load_tokenizer(Path(model_cfg.tokenizer) if model_cfg.tokenizer
                                else transformer_dir(model_dir))
+    if cfg.position_offset and tokenizer.pad_token_id != cfg.pad_token_id:
+        # RoBERTa positions are counted over the tokens that are not `pad_token_id`.
+        raise NegjaxError(f"{model_dir}: the tokenizer pads with id {tokenizer.pad_token_id} but "
+                          f"config.json's pad_token_id is {cfg.pad_token_id} ({cfg.model_type} "
+                          "positions depend on it)")
     if len(tokenizer) > cfg.vocab_size:
         raise NegjaxError(f"{model_dir}: tokenizer has {len(tokenizer)} tokens but the model's "
                           f"vocab_size is {cfg.vocab_size}")
-    max_length = min(hf.max_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    max_length = min(hf.max_length or cfg.max_tokens, cfg.max_tokens)
     enc = Encoder(cfg, tokenizer, {}, pooling=model_cfg.pooling or hf.pooling or "mean",
                   max_length=max_length, source=str(model_dir) if name != "minilm" else "minilm",
                   extras=hf.extras, **common)

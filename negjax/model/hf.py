@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from negjax.errors import NegjaxError, file_error
-from negjax.model.bert import BertConfig
+from negjax.model.bert import MODEL_TYPES, BertConfig
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Encoder tensors live under these prefixes; anything else (pooler, MLM / classifier heads)
@@ -63,7 +63,8 @@ def _read_json(path: Path):
 # ---------------------------------------------------------------------------------- config
 
 def read_config(model_dir: Path) -> BertConfig:
-    """config.json -> BertConfig; anything but model_type 'bert' is an unknown architecture."""
+    """config.json -> BertConfig; model_type 'bert', 'roberta' or 'xlm-roberta' (anything else
+    is an unknown architecture)."""
     path = model_dir / "config.json"
     if not model_dir.is_dir():
         raise NegjaxError(f"{model_dir}: model directory not found")
@@ -74,18 +75,19 @@ def read_config(model_dir: Path) -> BertConfig:
     if not isinstance(raw, dict):
         raise file_error(path, None, "expected a JSON object")
     model_type = raw.get("model_type")
-    if model_type != "bert":
+    if model_type not in MODEL_TYPES:
         arch = raw.get("architectures")
         raise file_error(path, None, f"unknown architecture (model_type={model_type!r}, "
                          f"architectures={arch!r}); negjax loads BERT-family checkpoints "
-                         "(model_type 'bert')")
+                         f"(model_type {', '.join(repr(t) for t in MODEL_TYPES)})")
     if raw.get("position_embedding_type", "absolute") != "absolute":
         raise file_error(path, None, f"unsupported position_embedding_type "
                          f"{raw['position_embedding_type']!r} (only 'absolute')")
     if raw.get("is_decoder") or raw.get("add_cross_attention"):
         raise file_error(path, None, "decoder / cross-attention BERT configs are not supported")
-    # Missing keys take transformers' BertConfig defaults, as AutoModel would.
+    # Missing keys take transformers' BertConfig / RobertaConfig defaults, as AutoModel would.
     get = raw.get
+    default_pad = 0 if model_type == "bert" else 1
     try:
         return BertConfig(
             vocab_size=int(get("vocab_size", 30522)),
@@ -99,8 +101,9 @@ def read_config(model_dir: Path) -> BertConfig:
             hidden_act=str(get("hidden_act", "gelu")),
             hidden_dropout=float(get("hidden_dropout_prob", 0.1)),
             attention_dropout=float(get("attention_probs_dropout_prob", 0.1)),
-            pad_token_id=int(get("pad_token_id", 0) or 0),
+            pad_token_id=int(default_pad if get("pad_token_id") is None else get("pad_token_id")),
             initializer_range=float(get("initializer_range", 0.02)),
+            model_type=model_type,
         )
     except NegjaxError as e:
         raise file_error(path, None, str(e)) from None
@@ -109,10 +112,12 @@ def read_config(model_dir: Path) -> BertConfig:
 
 
 def config_json(cfg: BertConfig) -> dict:
-    """BertConfig -> a config.json that transformers' AutoConfig reads as a BertModel."""
+    """BertConfig -> a config.json that transformers' AutoConfig reads as a BertModel
+    (RobertaModel, XLMRobertaModel)."""
+    arch = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}
     return {
-        "architectures": ["BertModel"],
-        "model_type": "bert",
+        "architectures": [arch[cfg.model_type]],
+        "model_type": cfg.model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "num_hidden_layers": cfg.num_layers,
@@ -168,9 +173,11 @@ def key_map(cfg: BertConfig) -> list[tuple[str, tuple[str, ...], tuple[int, ...]
 
 
 def _canonical(key: str) -> str:
-    """Strip a task model's 'bert.' prefix; old TF-converted checkpoints say gamma/beta."""
-    if key.startswith("bert."):
-        key = key[len("bert."):]
+    """Strip a task model's 'bert.' / 'roberta.' prefix; old TF-converted checkpoints say
+    gamma/beta."""
+    for prefix in ("bert.", "roberta."):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
     if key.endswith(".gamma"):
         key = key[: -len(".gamma")] + ".weight"
     elif key.endswith(".beta"):

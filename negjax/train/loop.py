@@ -210,6 +210,11 @@ class Trainer:
             raise NegjaxError("model.dtype 'int8' is for encoding only (encode, eval, mine); "
                               "train in float32 or bfloat16")
         self.enc, params, _ = load_model(None, cfg.model)
+        for key in ("query_max_len", "doc_max_len"):
+            if getattr(cfg.model, key) > self.enc.config.max_tokens:
+                raise NegjaxError(f"model.{key} = {getattr(cfg.model, key)} exceeds the "
+                                  f"{self.enc.config.max_tokens} tokens the model's position "
+                                  "embeddings cover")
         lock, resume_step = _claim_workdir(self.workdir, self.main, self.pc)  # before any write
         self._unlock = weakref.finalize(self, lock.release) if lock else lambda: None
         if self.main:
