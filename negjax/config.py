@@ -46,6 +46,12 @@ class ModelConfig:
     remat: bool = f(False, "rematerialise each transformer layer in the backward pass")
     dropout: float = f(-1.0, "dropout rate; negative = the model config's own")
     tied_towers: bool = f(True, "one encoder for queries and documents; false = separate towers")
+    query_prompt: str = f("", "text put before every query wherever queries are tokenised (train, "
+                          "mine, eval, encode --tower query), e.g. 'query: ' (e5) or "
+                          "'Instruct: ...\\nQuery:'; empty = the model directory's "
+                          "sentence-transformers 'query' prompt, if any; saved by export")
+    doc_prompt: str = f("", "text put before every document (train, mine, eval, encode --tower "
+                        "doc), e.g. 'passage: '; empty = the directory's 'document' prompt, if any")
     query_max_len: int = f(32, "max query length in tokens")
     doc_max_len: int = f(128, "max document length in tokens")
     hidden_size: int = f(128, "'tiny' only: hidden size")

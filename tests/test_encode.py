@@ -177,3 +177,39 @@ def test_minilm_dir_is_cached():
     assert a == b and (a / "config.json").is_file() and (a / "model.safetensors").is_file()
     assert not [p for p in a.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
     assert jax.device_count() >= 1
+
+
+def test_prompts_reach_the_tokenizer_in_encode_eval_and_mine(monkeypatch, tmp_path):
+    """The tower's prompt goes in front of every text wherever texts are encoded: `negjax
+    encode` and evaluation (`encode_texts`, `encode_across_processes`), the mining job
+    (`encode_chunked`); the mining cache key changes with it; the export carries it to
+    sentence-transformers (`prompt_name='query'` gives negjax's query embeddings)."""
+    from sentence_transformers import SentenceTransformer
+
+    from negjax.mining.embeddings import encode_chunked, model_identity
+    from negjax.model import encode as encode_mod
+
+    seen = []
+    real = encode_mod.tokenize
+    monkeypatch.setattr(encode_mod, "tokenize",
+                        lambda tok, texts, n: seen.append(list(texts)) or real(tok, texts, n))
+    plain = load_encoder(ModelConfig(name=str(TINY)))
+    enc = load_encoder(ModelConfig(name=str(TINY), query_prompt="query: ", doc_prompt="passage: "))
+    q = encode_texts(enc, enc.params, ["the cat runs"], tower="query")
+    encode_mod.encode_across_processes(enc, enc.params, ["a dog"], tower="doc")
+    encode_chunked(enc, enc.params, ["cats", "dogs"], tower="doc", max_length=16, batch_size=8,
+                   chunk=8, directory=tmp_path / "emb", stage="doc")
+    assert seen == [["query: the cat runs"], ["passage: a dog"], ["passage: cats", "passage: dogs"]]
+    np.testing.assert_allclose(q, encode_texts(plain, plain.params, ["query: the cat runs"]),
+                               atol=1e-6)
+    assert model_identity(enc) != model_identity(plain)
+    assert "prompts" not in model_identity(plain)  # caches of prompt-less runs keep their keys
+
+    out = export_hf(enc, enc.params, tmp_path / "export")
+    cfg = json.loads((out / "config_sentence_transformers.json").read_text())
+    assert cfg["prompts"] == {"query": "query: ", "document": "passage: "}
+    back = load_encoder(ModelConfig(name=str(out)))  # prompts read back from the export
+    assert back.prompts == {"query": "query: ", "doc": "passage: "}
+    st = SentenceTransformer(str(out), device="cpu")
+    got = st.encode(["the cat runs"], prompt_name="query", convert_to_numpy=True)
+    np.testing.assert_allclose(got, q, atol=1e-5)

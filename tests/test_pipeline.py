@@ -246,6 +246,29 @@ def test_build_pipeline_from_config(data):
     assert length_buckets(128) == [16, 32, 64, 128] and length_buckets(100, [8, 200]) == [8, 100]
 
 
+def test_training_tokenises_the_prompted_texts(data, monkeypatch):
+    """model.query_prompt / doc_prompt go in front of every training query / document before
+    the token stores are built (the same strings `encode_texts` tokenises)."""
+    import negjax.data.pipeline as pipeline_mod
+
+    seen = {}
+    real = pipeline_mod.build_token_store
+
+    def spy(texts, keys, tokenizer, **kw):
+        seen[kw["name"]] = list(texts)
+        return real(texts, keys, tokenizer, **kw)
+
+    monkeypatch.setattr(pipeline_mod, "build_token_store", spy)
+    cfg = updated(Config(), {"data.dataset": str(data), "data.cache_dir": str(data / "cache_p"),
+                             "train.batch_size": 8, "model.query_max_len": 32,
+                             "model.doc_max_len": 64, "model.query_prompt": "query: ",
+                             "model.doc_prompt": "passage: "})
+    pipe = build_pipeline(cfg, minilm_tokenizer(data), process_index=0, process_count=1)
+    assert seen["queries"] == ["query: " + q for q in pipe.examples.queries]
+    assert seen["docs"] and all(t.startswith("passage: ") for t in seen["docs"])
+    pipe.close()
+
+
 # ------------------------------------------------------------------------------- acceptance
 
 CHILD_RESUME = """

@@ -26,7 +26,8 @@ def add_parser(sub):
                    help="texts per encoding batch (all local devices)")
     add_renamed_flag(p, "--batch-size", "--encode-batch-size", type=int)
     p.add_argument("--tower", choices=("query", "doc"), default="query",
-                   help="which tower encodes (only matters with separate towers)")
+                   help="which tower encodes and whose prompt (model.query_prompt / "
+                   "doc_prompt) goes in front of the texts (default query)")
     add_config_args(p)
     return p
 

@@ -460,11 +460,13 @@ def shared_token_stores(build, cache_dir=None):
 
 def build_pipeline(cfg, tokenizer, *, negatives_dir: str | None = None,
                    process_index: int | None = None, process_count: int | None = None,
-                   cache_dir=None) -> Pipeline:
+                   cache_dir=None, prompts: dict | None = None) -> Pipeline:
     """The training pipeline for a `negjax.config.Config`: reads the data, builds (or reuses)
     the token stores (once per host: `shared_token_stores`; collective in a multi-process
     job), loads and verifies hard-negative shards. `negatives_dir`: the shard
-    directory in use (a re-mining round's, or a resumed run's); None = `data.negatives`."""
+    directory in use (a re-mining round's, or a resumed run's); None = `data.negatives`.
+    `prompts`: {"query", "doc"} put before the texts (`Encoder.prompts`; default: the config's
+    `model.query_prompt` / `doc_prompt`), so training tokenises what encoding does."""
     d = cfg.data
     if negatives_dir is None:
         negatives_dir = d.negatives
@@ -475,10 +477,16 @@ def build_pipeline(cfg, tokenizer, *, negatives_dir: str | None = None,
     corpus, examples = load_training_data(d, cache_dir)
     cache = cache_dir or d.cache_dir or None
 
+    if prompts is None:
+        prompts = {"query": cfg.model.query_prompt, "doc": cfg.model.doc_prompt}
+
+    def with_prompt(texts, tower):
+        return [prompts[tower] + t for t in texts] if prompts.get(tower) else texts
+
     def stores():
-        return (build_token_store(corpus.texts, corpus.ids, tokenizer,
+        return (build_token_store(with_prompt(corpus.texts, "doc"), corpus.ids, tokenizer,
                                   max_len=cfg.model.doc_max_len, cache_dir=cache, name="docs"),
-                build_token_store(examples.queries, examples.query_ids, tokenizer,
+                build_token_store(with_prompt(examples.queries, "query"), examples.query_ids, tokenizer,
                                   max_len=cfg.model.query_max_len, cache_dir=cache, name="queries"))
 
     doc_store, query_store = shared_token_stores(stores, cache)

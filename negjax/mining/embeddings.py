@@ -42,8 +42,11 @@ def model_identity(enc) -> dict:
     config = asdict(enc.config)
     if config["model_type"] == "bert":  # keys of caches written before RoBERTa support
         del config["model_type"]
-    return {"config": config, "pooling": enc.pooling, "normalize": enc.normalize,
-            "dtype": enc.dtype, "tokenizer": hashlib.sha256(tok.encode()).hexdigest()}
+    ident = {"config": config, "pooling": enc.pooling, "normalize": enc.normalize,
+             "dtype": enc.dtype, "tokenizer": hashlib.sha256(tok.encode()).hexdigest()}
+    if any(enc.prompts.values()):  # (keys of caches written before prompts stay valid)
+        ident["prompts"] = dict(enc.prompts)
+    return ident
 
 
 def params_fingerprint(enc, params, tower: str) -> str:

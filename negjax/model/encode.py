@@ -188,7 +188,7 @@ def encode_texts(enc, params, texts: Sequence[str], *, tower: str = "query",
 
         raise NegjaxError(f"max length {max_length} exceeds the {enc.config.max_tokens} tokens "
                           f"the model's position embeddings cover")
-    ids = tokenize(enc.tokenizer, texts, max_length)
+    ids = tokenize(enc.tokenizer, enc.prompted(texts, tower), max_length)
     lengths = np.fromiter((len(r) for r in ids), np.int64, count=len(ids))
     pad = enc.config.pad_token_id
 

@@ -42,6 +42,7 @@ class Encoder:
     max_length: int = 512            # default max tokens (the model dir's max_seq_length)
     source: str = ""                 # 'tiny', 'minilm' or the directory it came from
     extras: dict = field(default_factory=dict)  # unused checkpoint tensors kept for export
+    prompts: dict = field(default_factory=dict)  # {"query": str, "doc": str}: put before texts
     _jitted: dict = field(default_factory=dict, init=False, repr=False)
 
     @property
@@ -52,6 +53,12 @@ class Encoder:
     @property
     def module(self) -> BertEncoder:
         return BertEncoder(self.config, _DTYPES[self.dtype], self.remat)
+
+    def prompted(self, texts, tower: str) -> list[str]:
+        """`texts` with the tower's prompt (`model.query_prompt` / `doc_prompt`) in front, as
+        sentence-transformers applies a prompt: the same strings in every command."""
+        prompt = self.prompts.get(tower, "")
+        return [prompt + t for t in texts] if prompt else list(texts)
 
     def tower_params(self, params: dict, tower: str) -> dict:
         """The Flax params of one tower."""
@@ -135,7 +142,8 @@ def load_encoder(model_cfg: ModelConfig) -> Encoder:
     if model_cfg.dtype not in _DTYPES:
         raise NegjaxError(f"config key 'model.dtype': {model_cfg.dtype!r} is not one of {list(_DTYPES)}")
     common = dict(normalize=model_cfg.normalize, dtype=model_cfg.dtype, remat=model_cfg.remat,
-                  tied_towers=model_cfg.tied_towers)
+                  tied_towers=model_cfg.tied_towers,
+                  prompts={"query": model_cfg.query_prompt, "doc": model_cfg.doc_prompt})
     if name == "tiny":
         tokenizer = load_tokenizer(_tiny_tokenizer_dir(model_cfg))
         dropout = model_cfg.dropout if model_cfg.dropout >= 0 else 0.1
@@ -172,6 +180,8 @@ def load_encoder(model_cfg: ModelConfig) -> Encoder:
         raise NegjaxError(f"{model_dir}: tokenizer has {len(tokenizer)} tokens but the model's "
                           f"vocab_size is {cfg.vocab_size}")
     max_length = min(hf.max_length or cfg.max_tokens, cfg.max_tokens)
+    # A prompt left empty in the config comes from the directory (sentence-transformers').
+    common["prompts"] = {t: common["prompts"][t] or hf.prompts.get(t, "") for t in TOWERS}
     enc = Encoder(cfg, tokenizer, {}, pooling=model_cfg.pooling or hf.pooling or "mean",
                   max_length=max_length, source=str(model_dir) if name != "minilm" else "minilm",
                   extras=hf.extras, **common)
@@ -193,4 +203,4 @@ def export_hf(enc: Encoder, params: dict, out_dir, *, tower: str = "query",
                        enc.tower_params(params, tower))
     return write_hf_dir(out_dir, enc.config, one, enc.tokenizer, pooling=enc.pooling,
                         normalize=enc.normalize, max_length=enc.max_length, extras=enc.extras,
-                        overwrite=overwrite)
+                        prompts=enc.prompts, overwrite=overwrite)

@@ -51,6 +51,7 @@ class HFModel:
     normalize: bool | None = None  # Normalize module present; None = no modules.json
     max_length: int | None = None  # sentence_bert_config.json max_seq_length
     extras: dict = field(default_factory=dict)  # unused tensors kept for export (pooler)
+    prompts: dict = field(default_factory=dict)  # {"query", "doc"} from sentence-transformers
 
 
 def _read_json(path: Path):
@@ -350,7 +351,27 @@ def read_hf_dir(model_dir: str | Path) -> HFModel:
     pooling, normalize, max_length = read_st_settings(model_dir)
     if max_length is None and hf_dir != model_dir:
         max_length = read_st_settings(hf_dir)[2]
-    return HFModel(cfg, params, pooling, normalize, max_length, extras)
+    return HFModel(cfg, params, pooling, normalize, max_length, extras, read_st_prompts(model_dir))
+
+
+# sentence-transformers prompt names -> negjax towers
+_PROMPT_NAMES = {"query": "query", "document": "doc", "passage": "doc", "doc": "doc"}
+
+
+def read_st_prompts(model_dir: Path) -> dict:
+    """{"query": str, "doc": str} from config_sentence_transformers.json's `prompts` (names
+    'query' and 'document' / 'passage'); empty when absent."""
+    path = Path(model_dir) / "config_sentence_transformers.json"
+    if not path.is_file():
+        return {}
+    prompts = _read_json(path).get("prompts") or {}
+    if not isinstance(prompts, dict):
+        raise file_error(path, None, "'prompts' must be an object of name -> text")
+    out = {}
+    for name, tower in _PROMPT_NAMES.items():
+        if isinstance(prompts.get(name), str) and prompts[name] and tower not in out:
+            out[tower] = prompts[name]
+    return out
 
 
 # ---------------------------------------------------------------------------------- export
@@ -377,7 +398,7 @@ def _set_permissions(root: Path) -> None:
 
 def write_hf_dir(out_dir: str | Path, cfg: BertConfig, params: dict, tokenizer, *, pooling: str,
                  normalize: bool, max_length: int, extras: dict | None = None,
-                 overwrite: bool = False) -> Path:
+                 prompts: dict | None = None, overwrite: bool = False) -> Path:
     """Write a Hugging Face + sentence-transformers directory, atomically (a temporary
     directory renamed into place). An existing non-empty `out_dir` is an error unless
     `overwrite`."""
@@ -416,7 +437,10 @@ def write_hf_dir(out_dir: str | Path, cfg: BertConfig, params: dict, tokenizer, 
         (tmp / "sentence_bert_config.json").write_text(
             json.dumps({"max_seq_length": int(max_length), "do_lower_case": False}, indent=2) + "\n")
         (tmp / "config_sentence_transformers.json").write_text(json.dumps(
-            {"model_type": "SentenceTransformer", "prompts": {}, "default_prompt_name": None,
+            {"model_type": "SentenceTransformer",
+             "prompts": {name: (prompts or {}).get(tower, "") for name, tower in
+                         (("query", "query"), ("document", "doc")) if (prompts or {}).get(tower)},
+             "default_prompt_name": None,
              "similarity_fn_name": "cosine" if normalize else "dot"}, indent=2) + "\n")
         _set_permissions(tmp)
         if out_dir.is_dir():

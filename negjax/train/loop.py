@@ -255,7 +255,8 @@ class Trainer:
         self.last_eval: dict = {}
 
     def _pipeline(self, data_state: dict | None):
-        pipe = build_pipeline(self.cfg, self.enc.tokenizer, negatives_dir=self.negatives_dir,
+        pipe = build_pipeline(self.cfg, self.enc.tokenizer, prompts=self.enc.prompts,
+                              negatives_dir=self.negatives_dir,
                               process_index=self.pi, process_count=self.pc)
         if data_state is not None:
             pipe.set_state(data_state)
