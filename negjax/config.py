@@ -38,7 +38,8 @@ class ModelConfig:
                   "or a path to a Hugging Face / sentence-transformers directory")
     tokenizer: str = f("", "tokenizer directory (tokenizer.json); empty = the model's own, or the "
                        "built-in WordNet tokenizer for 'tiny'")
-    pooling: str = f("", "'mean' or 'cls'; empty = the model directory's setting (mean for 'tiny')")
+    pooling: str = f("", "'mean', 'cls' or 'last' (the last real token); empty = the model "
+                     "directory's setting (mean for 'tiny')")
     normalize: bool = f(True, "L2-normalise embeddings (cosine similarity)")
     dtype: str = f("float32", "compute dtype: 'float32' or 'bfloat16' (params stay float32); 'int8' "
                    "for encoding only (encode, eval, mine): dense layers in int8, ~1.4-1.6x faster "
@@ -185,7 +186,7 @@ class Config:
 
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "int8"),
-    "model.pooling": ("", "mean", "cls"),
+    "model.pooling": ("", "mean", "cls", "last"),
     "data.negative_sampling": ("top", "random"),
     "loss.chunk_size": None,
     "loss.collective": ("gather", "ring"),

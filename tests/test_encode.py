@@ -213,3 +213,42 @@ def test_prompts_reach_the_tokenizer_in_encode_eval_and_mine(monkeypatch, tmp_pa
     st = SentenceTransformer(str(out), device="cpu")
     got = st.encode(["the cat runs"], prompt_name="query", convert_to_numpy=True)
     np.testing.assert_allclose(got, q, atol=1e-5)
+
+
+def test_last_token_pooling_right_and_left_padding(tmp_path):
+    """pooling 'last': the hidden state of the last real token, whether rows are padded on
+    the right or on the left; `negjax encode --pooling last` uses it, and an export with it
+    loads in sentence-transformers (pooling_mode_lasttoken) with the same embeddings."""
+    import jax.numpy as jnp
+    from sentence_transformers import SentenceTransformer
+
+    from negjax.model.bert import pool
+
+    rng = np.random.default_rng(0)
+    hidden = rng.standard_normal((3, 5, 4)).astype(np.float32)
+    right = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], np.int32)
+    left = right[:, ::-1].copy()
+    np.testing.assert_array_equal(pool(jnp.asarray(hidden), jnp.asarray(right), "last"),
+                                  hidden[[0, 1, 2], [2, 4, 0]])
+    np.testing.assert_array_equal(pool(jnp.asarray(hidden), jnp.asarray(left), "last"),
+                                  hidden[:, 4])
+
+    enc = load_encoder(ModelConfig(name=str(TINY), pooling="last"))
+    texts = TINY_TEXTS[:6]
+    emb = encode_texts(enc, enc.params, texts, max_length=32)
+    tokens, mask = tokenize_padded(enc.tokenizer, texts, 32)
+    hid = np.asarray(enc.hidden_states(enc.params, tokens, mask))
+    want = hid[np.arange(len(texts)), mask.sum(1) - 1]
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    np.testing.assert_allclose(emb, want, atol=2e-5)
+    out = export_hf(enc, enc.params, tmp_path / "export")
+    st = SentenceTransformer(str(out), device="cpu")
+    st.max_seq_length = 32  # as negjax above (some texts are longer)
+    np.testing.assert_allclose(st.encode(texts, convert_to_numpy=True), emb, atol=1e-5)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    run_negjax("encode", "--model", str(out), "--input", str(inp), "--output",
+               str(tmp_path / "o.npy"), "--pooling", "mean", "--max-length", "32", check=True)
+    mean = load_encoder(ModelConfig(name=str(TINY)))
+    np.testing.assert_allclose(np.load(tmp_path / "o.npy"),
+                               encode_texts(mean, mean.params, texts, max_length=32), atol=1e-5)

@@ -25,6 +25,9 @@ def add_parser(sub):
     p.add_argument("--encode-batch-size", type=int, default=128,
                    help="texts per encoding batch (all local devices)")
     add_renamed_flag(p, "--batch-size", "--encode-batch-size", type=int)
+    p.add_argument("--pooling", choices=("mean", "cls", "last"),
+                   help="override the model's pooling (default: its own; 'last' = the last "
+                   "real token)")
     p.add_argument("--tower", choices=("query", "doc"), default="query",
                    help="which tower encodes and whose prompt (model.query_prompt / "
                    "doc_prompt) goes in front of the texts (default query)")
@@ -61,6 +64,8 @@ def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     texts = read_texts(Path(args.input))
     enc, params, _ = load_model(args.model, cfg.model)
+    if args.pooling:
+        enc.pooling = args.pooling
     emb = encode_texts(enc, params, texts, tower=args.tower,
                        max_length=args.max_length or None, batch_size=args.encode_batch_size)
     atomic_save_npy(args.output, emb.astype(np.float32))

@@ -355,15 +355,20 @@ class BertEncoder(nn.Module):
 
 
 def pool(hidden, mask, mode: str):
-    """hidden [N, L, H], mask [N, L] -> [N, H] float32; 'mean' over real tokens or 'cls'."""
+    """hidden [N, L, H], mask [N, L] -> [N, H] float32: 'mean' over real tokens, 'cls' (the
+    first position) or 'last' (the last real token: right or left padding alike)."""
     hidden = hidden.astype(jnp.float32)
     if mode == "cls":
         return hidden[:, 0]
+    if mode == "last":
+        length = mask.shape[1]
+        last = length - 1 - jnp.argmax(mask[:, ::-1] > 0, axis=1)
+        return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
     if mode == "mean":
         m = mask.astype(jnp.float32)[:, :, None]
         # The clamp matches sentence-transformers (an all-padding row gives zeros, not NaN).
         return (hidden * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1e-9)
-    raise NegjaxError(f"unknown pooling {mode!r} (use 'mean' or 'cls')")
+    raise NegjaxError(f"unknown pooling {mode!r} (use 'mean', 'cls' or 'last')")
 
 
 def l2_normalize(x, eps: float = 1e-12):

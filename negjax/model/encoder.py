@@ -34,7 +34,7 @@ class Encoder:
     config: BertConfig
     tokenizer: object                # transformers PreTrainedTokenizerFast
     params: dict                     # {"encoder": p} or {"query": p, "doc": p}; float32
-    pooling: str = "mean"            # 'mean' | 'cls'
+    pooling: str = "mean"            # 'mean' | 'cls' | 'last'
     normalize: bool = True           # L2-normalise the pooled embedding
     dtype: str = "float32"           # compute dtype: float32 | bfloat16 | int8 (inference)
     remat: bool = False              # rematerialise each layer in the backward pass

@@ -324,7 +324,9 @@ def _read_pooling(path: Path) -> str:
         return "mean"
     if on == ["pooling_mode_cls_token"]:
         return "cls"
-    raise file_error(path, None, f"unsupported pooling {on} (negjax supports mean or CLS)")
+    if on == ["pooling_mode_lasttoken"]:
+        return "last"
+    raise file_error(path, None, f"unsupported pooling {on} (negjax supports mean, CLS or last token)")
 
 
 def transformer_dir(model_dir: Path) -> Path:
@@ -431,7 +433,7 @@ def write_hf_dir(out_dir: str | Path, cfg: BertConfig, params: dict, tokenizer, 
                     "pooling_mode_max_tokens": False,
                     "pooling_mode_mean_sqrt_len_tokens": False,
                     "pooling_mode_weightedmean_tokens": False,
-                    "pooling_mode_lasttoken": False,
+                    "pooling_mode_lasttoken": pooling == "last",
                     "include_prompt": True}
         (tmp / "1_Pooling" / "config.json").write_text(json.dumps(pool_cfg, indent=2) + "\n")
         (tmp / "sentence_bert_config.json").write_text(
