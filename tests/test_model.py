@@ -380,3 +380,85 @@ def test_train_refuses_lengths_beyond_the_position_embeddings(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "model.doc_max_len = 39 exceeds the 38 tokens" in err, err
     assert not work.exists()
+
+
+def _tiny_qwen_dir(root: Path, model_type: str = "qwen3"):
+    """A random 2-layer Qwen3Model / Qwen2Model (grouped-query attention: 4 heads, 2 KV heads)
+    saved by transformers, with a 100-token word-level tokenizer that appends <|endoftext|>
+    (id 0, also the padding token, as Qwen3-Embedding's) -> (dir, torch model)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2Model, Qwen3Config, Qwen3Model
+
+    words = ["<|endoftext|>", "<unk>"] + [f"w{i}" for i in range(98)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>", unk_token="<unk>")
+    config_cls, model_cls = {"qwen3": (Qwen3Config, Qwen3Model), "qwen2": (Qwen2Config, Qwen2Model)}[model_type]
+    torch.manual_seed(0)
+    cfg = config_cls(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=8, intermediate_size=48,
+                     max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=10000.0,
+                     pad_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+    model = model_cls(cfg).eval()
+    with torch.no_grad():  # non-trivial norm weights, so a mis-mapped norm shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    out = root / model_type
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out, model
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "qwen2"])
+def test_qwen_matches_transformers_right_and_left_padding_and_export(tmp_path, model_type):
+    """Qwen3 (and Qwen2: q/k/v biases, no q/k norm): grouped-query attention, RoPE, RMSNorm,
+    SwiGLU, causal. negjax's hidden states at real tokens equal transformers' with right and
+    with left padding; the default pooling is the last real token (the appended EOS); the
+    export reloads in transformers with the same outputs."""
+    import torch
+    from transformers import AutoModel
+
+    from negjax.model import encode_texts
+    from negjax.model.hf import write_hf_dir
+
+    model_dir, model = _tiny_qwen_dir(tmp_path, model_type)
+    enc = load_encoder(ModelConfig(name=str(model_dir)))
+    assert enc.pooling == "last" and enc.config.model_type == model_type
+    texts = ["w1 w2 w3 w4 w5 w6 w7 w8 w9 w10", "w11", "w12 w13 w14 w15", "w5 w5 w5 w5 w5 w5 w5"]
+    rows = [[int(w[1:]) + 2 for w in t.split()] + [0] for t in texts]  # "wI" is id I + 2; EOS
+    if model_type == "qwen3":  # (AutoTokenizer turns this word-level file into a Qwen2 BPE one)
+        assert [enc.tokenizer(t)["input_ids"] for t in texts] == rows  # EOS appended
+    length = max(map(len, rows))
+    for side in ("right", "left"):
+        tokens = np.zeros((len(rows), length), np.int32)
+        mask = np.zeros((len(rows), length), np.int32)
+        for i, r in enumerate(rows):
+            sl = slice(0, len(r)) if side == "right" else slice(length - len(r), length)
+            tokens[i, sl], mask[i, sl] = r, 1
+        with torch.no_grad():
+            want = model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                         attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state.numpy()
+        got = np.asarray(enc.hidden_states(enc.params, tokens, mask))
+        real = mask.astype(bool)
+        np.testing.assert_allclose(got[real], want[real], atol=1e-5, rtol=0)
+        last = np.asarray(enc.encode(enc.params, tokens, mask))
+        ref = want[np.arange(len(rows)), [np.flatnonzero(m)[-1] for m in mask]]
+        ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+        assert (last * ref).sum(1).min() >= 0.99999
+    if model_type == "qwen3":
+        emb = encode_texts(enc, enc.params, texts)
+        assert (emb * ref).sum(1).min() >= 0.99999
+
+    out = write_hf_dir(tmp_path / "export", enc.config, enc.tower_params(enc.params, "doc"),
+                       enc.tokenizer, pooling="last", normalize=True, max_length=32)
+    back = AutoModel.from_pretrained(str(out)).eval()
+    assert type(back) is type(model)
+    with torch.no_grad():
+        again = back(input_ids=torch.tensor(tokens, dtype=torch.long),
+                     attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state.numpy()
+    np.testing.assert_allclose(again[real], want[real], atol=1e-6, rtol=0)

@@ -31,7 +31,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8}
 class Encoder:
     """A BERT-family bi-encoder. Hashable by identity, so it can sit in jit closures."""
 
-    config: BertConfig
+    config: BertConfig               # or negjax.model.qwen3.Qwen3Config (decoder embedders)
     tokenizer: object                # transformers PreTrainedTokenizerFast
     params: dict                     # {"encoder": p} or {"query": p, "doc": p}; float32
     pooling: str = "mean"            # 'mean' | 'cls' | 'last'
@@ -51,7 +51,14 @@ class Encoder:
         return self.config.hidden_size
 
     @property
-    def module(self) -> BertEncoder:
+    def module(self):
+        """The Flax module of the architecture (`BertEncoder`, or `Qwen3Encoder` for Qwen)."""
+        from negjax.model.qwen3 import Qwen3Config, Qwen3Encoder
+
+        if isinstance(self.config, Qwen3Config):
+            if self.dtype == "int8":
+                raise NegjaxError("model.dtype 'int8' is implemented for BERT-family encoders only")
+            return Qwen3Encoder(self.config, _DTYPES[self.dtype], self.remat)
         return BertEncoder(self.config, _DTYPES[self.dtype], self.remat)
 
     def prompted(self, texts, tower: str) -> list[str]:
@@ -182,7 +189,9 @@ def load_encoder(model_cfg: ModelConfig) -> Encoder:
     max_length = min(hf.max_length or cfg.max_tokens, cfg.max_tokens)
     # A prompt left empty in the config comes from the directory (sentence-transformers').
     common["prompts"] = {t: common["prompts"][t] or hf.prompts.get(t, "") for t in TOWERS}
-    enc = Encoder(cfg, tokenizer, {}, pooling=model_cfg.pooling or hf.pooling or "mean",
+    # Decoder embedders (Qwen) pool the last real token unless told otherwise.
+    default_pooling = "mean" if isinstance(cfg, BertConfig) else "last"
+    enc = Encoder(cfg, tokenizer, {}, pooling=model_cfg.pooling or hf.pooling or default_pooling,
                   max_length=max_length, source=str(model_dir) if name != "minilm" else "minilm",
                   extras=hf.extras, **common)
     one = jax.tree.map(jnp.asarray, hf.params)

@@ -31,6 +31,7 @@ import numpy as np
 
 from negjax.errors import NegjaxError, file_error
 from negjax.model.bert import MODEL_TYPES, BertConfig
+from negjax.model.qwen3 import QWEN_TYPES, Qwen3Config
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Encoder tensors live under these prefixes; anything else (pooler, MLM / classifier heads)
@@ -76,11 +77,13 @@ def read_config(model_dir: Path) -> BertConfig:
     if not isinstance(raw, dict):
         raise file_error(path, None, "expected a JSON object")
     model_type = raw.get("model_type")
+    if model_type in QWEN_TYPES:
+        return _read_qwen_config(path, raw)
     if model_type not in MODEL_TYPES:
         arch = raw.get("architectures")
         raise file_error(path, None, f"unknown architecture (model_type={model_type!r}, "
-                         f"architectures={arch!r}); negjax loads BERT-family checkpoints "
-                         f"(model_type {', '.join(repr(t) for t in MODEL_TYPES)})")
+                         f"architectures={arch!r}); negjax loads model_type "
+                         f"{', '.join(repr(t) for t in MODEL_TYPES + QWEN_TYPES)}")
     if raw.get("position_embedding_type", "absolute") != "absolute":
         raise file_error(path, None, f"unsupported position_embedding_type "
                          f"{raw['position_embedding_type']!r} (only 'absolute')")
@@ -112,9 +115,98 @@ def read_config(model_dir: Path) -> BertConfig:
         raise file_error(path, None, f"bad value: {e}") from None
 
 
+def _read_qwen_config(path: Path, raw: dict) -> Qwen3Config:
+    """A Qwen3 / Qwen2 config.json (transformers' defaults for missing keys)."""
+    get = raw.get
+    qwen2 = raw["model_type"] == "qwen2"
+    rope = get("rope_parameters") or {}
+    if (rope.get("rope_type") or "default") != "default" or get("rope_scaling"):
+        raise file_error(path, None, "only the default RoPE is supported (no rope_scaling)")
+    if get("use_sliding_window"):
+        raise file_error(path, None, "sliding-window attention layers are not supported")
+    try:
+        heads = int(get("num_attention_heads", 32))
+        hidden = int(get("hidden_size", 4096))
+        pad = get("pad_token_id")
+        eos = get("eos_token_id")
+        return Qwen3Config(
+            vocab_size=int(get("vocab_size", 151936)),
+            hidden_size=hidden,
+            num_layers=int(get("num_hidden_layers", 32)),
+            num_heads=heads,
+            num_kv_heads=int(get("num_key_value_heads") or heads),
+            head_dim=int(get("head_dim") or hidden // heads),
+            intermediate_size=int(get("intermediate_size", 22016)),
+            max_position_embeddings=int(get("max_position_embeddings", 32768)),
+            rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope.get("rope_theta", get("rope_theta", 10000.0))),
+            attention_bias=bool(get("attention_bias", False)) and not qwen2,
+            qkv_bias=qwen2,
+            qk_norm=not qwen2,
+            hidden_act=str(get("hidden_act", "silu")),
+            attention_dropout=float(get("attention_dropout", 0.0)),
+            pad_token_id=int(pad if pad is not None else (eos if isinstance(eos, int) else 0)),
+            eos_token_id=eos if isinstance(eos, int) else None,
+            causal=not bool(get("negjax_bidirectional", False)),
+            initializer_range=float(get("initializer_range", 0.02)),
+            model_type=raw["model_type"],
+        )
+    except NegjaxError as e:
+        raise file_error(path, None, str(e)) from None
+    except (TypeError, ValueError) as e:
+        raise file_error(path, None, f"bad value: {e}") from None
+
+
+def _qwen_config_json(cfg: Qwen3Config) -> dict:
+    arch = {"qwen3": "Qwen3Model", "qwen2": "Qwen2Model"}[cfg.model_type]
+    out = {"architectures": [arch], "model_type": cfg.model_type, "vocab_size": cfg.vocab_size,
+           "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+           "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+           "head_dim": cfg.head_dim, "intermediate_size": cfg.intermediate_size,
+           "max_position_embeddings": cfg.max_position_embeddings,
+           "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+           "hidden_act": cfg.hidden_act, "attention_dropout": cfg.attention_dropout,
+           "initializer_range": cfg.initializer_range, "pad_token_id": cfg.pad_token_id,
+           "eos_token_id": cfg.eos_token_id, "tie_word_embeddings": False,
+           "use_sliding_window": False, "torch_dtype": "float32"}
+    if cfg.model_type == "qwen3":
+        out["attention_bias"] = cfg.attention_bias
+    if not cfg.causal:
+        out["negjax_bidirectional"] = True  # transformers ignores it; negjax reads it back
+    return out
+
+
+def _qwen_key_map(cfg: Qwen3Config) -> list:
+    h, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    rows = [("embed_tokens.weight", ("embed_tokens", "embedding"), (cfg.vocab_size, h), False),
+            ("norm.weight", ("norm", "scale"), (h,), False)]
+    bias = cfg.attention_bias or cfg.qkv_bias
+    for n in range(cfg.num_layers):
+        hf, fl = f"layers.{n}", f"layer_{n}"
+        for proj, out in (("q_proj", cfg.num_heads * hd), ("k_proj", cfg.num_kv_heads * hd),
+                          ("v_proj", cfg.num_kv_heads * hd)):
+            rows.append((f"{hf}.self_attn.{proj}.weight", (fl, "self_attn", proj, "kernel"), (out, h), True))
+            if bias:
+                rows.append((f"{hf}.self_attn.{proj}.bias", (fl, "self_attn", proj, "bias"), (out,), False))
+        rows.append((f"{hf}.self_attn.o_proj.weight", (fl, "self_attn", "o_proj", "kernel"),
+                     (h, cfg.num_heads * hd), True))
+        if cfg.attention_bias:
+            rows.append((f"{hf}.self_attn.o_proj.bias", (fl, "self_attn", "o_proj", "bias"), (h,), False))
+        if cfg.qk_norm:
+            for norm in ("q_norm", "k_norm"):
+                rows.append((f"{hf}.self_attn.{norm}.weight", (fl, "self_attn", norm, "scale"), (hd,), False))
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            rows.append((f"{hf}.{norm}.weight", (fl, norm, "scale"), (h,), False))
+        for proj, shape in (("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i))):
+            rows.append((f"{hf}.mlp.{proj}.weight", (fl, proj, "kernel"), shape, True))
+    return rows
+
+
 def config_json(cfg: BertConfig) -> dict:
     """BertConfig -> a config.json that transformers' AutoConfig reads as a BertModel
     (RobertaModel, XLMRobertaModel)."""
+    if isinstance(cfg, Qwen3Config):
+        return _qwen_config_json(cfg)
     arch = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}
     return {
         "architectures": [arch[cfg.model_type]],
@@ -141,6 +233,8 @@ def config_json(cfg: BertConfig) -> dict:
 
 def key_map(cfg: BertConfig) -> list[tuple[str, tuple[str, ...], tuple[int, ...], bool]]:
     """(HF key, Flax path, HF shape, transpose?) for every tensor the encoder needs."""
+    if isinstance(cfg, Qwen3Config):
+        return _qwen_key_map(cfg)
     h, i = cfg.hidden_size, cfg.intermediate_size
     rows = [
         ("embeddings.word_embeddings.weight", ("embeddings", "word_embeddings", "embedding"),
@@ -176,7 +270,7 @@ def key_map(cfg: BertConfig) -> list[tuple[str, tuple[str, ...], tuple[int, ...]
 def _canonical(key: str) -> str:
     """Strip a task model's 'bert.' / 'roberta.' prefix; old TF-converted checkpoints say
     gamma/beta."""
-    for prefix in ("bert.", "roberta."):
+    for prefix in ("bert.", "roberta.", "model."):
         if key.startswith(prefix):
             key = key[len(prefix):]
     if key.endswith(".gamma"):
@@ -209,7 +303,9 @@ def hf_to_flax(tensors: dict[str, np.ndarray], cfg: BertConfig, source: str = "m
     for key, arr in tensors.items():
         if key in used or key in _BUFFERS:
             continue
-        if not key.startswith(_ENCODER_PREFIXES):
+        prefixes = (("embed_tokens.", "layers.", "norm.") if isinstance(cfg, Qwen3Config)
+                    else _ENCODER_PREFIXES)
+        if not key.startswith(prefixes):
             if key in POOLER_KEYS:
                 extras[key] = np.asarray(arr, dtype=np.float32)
             continue
@@ -415,7 +511,8 @@ def write_hf_dir(out_dir: str | Path, cfg: BertConfig, params: dict, tokenizer, 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         tensors = flax_to_hf(params, cfg)
-        tensors.update(_pooler(cfg, extras or {}))
+        if isinstance(cfg, BertConfig):  # (decoders have no pooler)
+            tensors.update(_pooler(cfg, extras or {}))
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config_json(cfg), indent=2) + "\n")
         tokenizer.save_pretrained(str(tmp))

@@ -1,0 +1,180 @@
+"""A Flax (linen) Qwen3 decoder as a bi-encoder tower (Qwen3-Embedding), and Qwen2 where it is
+only a flag away (q/k/v biases, no per-head q/k norm).
+
+    tokens, mask [N, L] -> last hidden states [N, L, H] float32
+
+Pre-norm layers: RMSNorm -> grouped-query self-attention (per-head RMSNorm of q and k
+(Qwen3), rotary position embeddings, causal by default) -> residual -> RMSNorm -> SwiGLU MLP
+-> residual; a final RMSNorm. Parameter names mirror Hugging Face's `Qwen3Model`
+(`layer_3/self_attn/q_proj`, ...), so `negjax.model.hf` maps safetensors by a rename plus a
+transpose of the projection kernels. Positions count real tokens from 0 whatever the padding
+(RoPE scores depend on position differences only, so left padding gives the hidden states of
+right padding). Norm statistics, softmax and the outputs are float32; `dtype` is the compute
+dtype of the projections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from negjax.errors import NegjaxError
+
+QWEN_TYPES = ("qwen3", "qwen2")
+
+
+@dataclass(frozen=True)
+class Qwen3Config:
+    """The fields of a Hugging Face Qwen3 / Qwen2 config.json that change the math."""
+
+    vocab_size: int
+    hidden_size: int = 1024
+    num_layers: int = 28
+    num_heads: int = 16
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    attention_bias: bool = False     # q/k/v/o biases (Qwen2: q/k/v only, see `qkv_bias`)
+    qkv_bias: bool = False           # Qwen2's q/k/v biases without an o_proj bias
+    qk_norm: bool = True             # Qwen3's per-head RMSNorm of q and k
+    hidden_act: str = "silu"
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0      # (none in the architecture; kept for the loader's override)
+    pad_token_id: int = 0
+    eos_token_id: int | None = None
+    causal: bool = True              # False: bidirectional attention (an option for embedders)
+    initializer_range: float = 0.02
+    model_type: str = "qwen3"
+
+    def __post_init__(self):
+        if self.model_type not in QWEN_TYPES:
+            raise NegjaxError(f"unsupported model_type {self.model_type!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise NegjaxError(f"num_attention_heads {self.num_heads} is not a multiple of "
+                              f"num_key_value_heads {self.num_kv_heads}")
+        if self.hidden_act != "silu":
+            raise NegjaxError(f"unsupported hidden_act {self.hidden_act!r} (Qwen uses 'silu')")
+
+    position_offset = 0
+
+    @property
+    def max_tokens(self) -> int:
+        return self.max_position_embeddings
+
+    def replace(self, **changes) -> "Qwen3Config":
+        return replace(self, **changes)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (w * y.astype(x.dtype)).astype(x.dtype)
+
+
+def _dense(features: int, cfg: Qwen3Config, dtype, name: str, bias: bool) -> nn.Dense:
+    return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, name=name,
+                    kernel_init=nn.initializers.normal(cfg.initializer_range))
+
+
+def rotary(x, positions, theta: float):
+    """x [N, L, heads, D] rotated by positions [N, L] (the 'rotate half' convention)."""
+    d = x.shape[-1]
+    inv = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    ang = positions.astype(jnp.float32)[..., None] * inv            # [N, L, D/2]
+    ang = jnp.concatenate([ang, ang], axis=-1)[:, :, None, :]        # [N, L, 1, D]
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    half = d // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x.astype(jnp.float32) * cos + rot.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    cfg: Qwen3Config
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, positions, *, deterministic: bool):
+        cfg = self.cfg
+        n, length, _ = x.shape
+        hd, heads, kv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        qkv_bias = cfg.attention_bias or cfg.qkv_bias
+        q = _dense(heads * hd, cfg, self.dtype, "q_proj", qkv_bias)(x).reshape(n, length, heads, hd)
+        k = _dense(kv * hd, cfg, self.dtype, "k_proj", qkv_bias)(x).reshape(n, length, kv, hd)
+        v = _dense(kv * hd, cfg, self.dtype, "v_proj", qkv_bias)(x).reshape(n, length, kv, hd)
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.rms_norm_eps, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, name="k_norm")(k)
+        q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
+        group = heads // kv
+        q = q.reshape(n, length, kv, group, hd)
+        scores = jnp.einsum("nqkgd,nskd->nkgqs", q, k, preferred_element_type=jnp.float32)
+        scores = scores * (hd ** -0.5)
+        keep = mask[:, None, None, None, :].astype(bool)
+        if cfg.causal:
+            keep = keep & jnp.tril(jnp.ones((length, length), bool))[None, None, None]
+        scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        if not deterministic and cfg.attention_dropout > 0:
+            from negjax.model.bert import Dropout
+
+            probs = Dropout(cfg.attention_dropout)(probs, deterministic=False)
+        ctx = jnp.einsum("nkgqs,nskd->nqkgd", probs.astype(self.dtype), v)
+        ctx = ctx.reshape(n, length, heads * hd)
+        return _dense(cfg.hidden_size, cfg, self.dtype, "o_proj", cfg.attention_bias)(ctx)
+
+
+class Layer(nn.Module):
+    cfg: Qwen3Config
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, positions, deterministic: bool = True):
+        cfg = self.cfg
+        h = RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x)
+        x = x + Attention(cfg, self.dtype, name="self_attn")(h, mask, positions,
+                                                             deterministic=deterministic)
+        h = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")(x)
+        gate = _dense(cfg.intermediate_size, cfg, self.dtype, "gate_proj", False)(h)
+        up = _dense(cfg.intermediate_size, cfg, self.dtype, "up_proj", False)(h)
+        return x + _dense(cfg.hidden_size, cfg, self.dtype, "down_proj", False)(jax.nn.silu(gate) * up)
+
+
+class Qwen3Encoder(nn.Module):
+    """tokens, mask [N, L] int32 -> last hidden states [N, L, H] float32 (the interface of
+    `negjax.model.bert.BertEncoder`, `layer_params` included)."""
+
+    cfg: Qwen3Config
+    dtype: Any = jnp.float32
+    remat: bool = False
+    layer_params: Any = None
+
+    @nn.compact
+    def __call__(self, tokens, mask, deterministic: bool = True):
+        from negjax.model.bert import Embed
+
+        cfg = self.cfg
+        x = Embed(cfg.vocab_size, cfg.hidden_size, cfg.initializer_range,
+                  name="embed_tokens")(tokens).astype(self.dtype)
+        # Positions of real tokens from 0 (pads take the position of the token before them).
+        positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+        layer_cls = nn.remat(Layer, static_argnums=(4,)) if self.remat else Layer
+        if self.layer_params is not None:
+            fn = self.layer_params
+            layer_cls = nn.remat(nn.map_variables(Layer, "params", mutable=False,
+                                                  trans_in_fn=lambda v: {"params": fn(v["params"])}),
+                                 static_argnums=(4,))
+        for i in range(cfg.num_layers):
+            x = layer_cls(cfg, self.dtype, name=f"layer_{i}")(x, mask, positions, deterministic)
+        return RMSNorm(cfg.rms_norm_eps, name="norm")(x).astype(jnp.float32)
