@@ -283,31 +283,40 @@ def test_broken_model_dirs_one_line_exit_2(kind, tmp_path, capsys):
     assert not out.exists()
 
 
+def _save_with_word_tokenizer(out: Path, model, words: list[str], template: str, special: dict,
+                              **tokens) -> Path:
+    """Save a transformers `model` and a word-level tokenizer over `words` (id = position)
+    whose post-processor is `template` (e.g. "<s> $A </s>") into `out`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single=template,
+                                                           special_tokens=list(special.items()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", **tokens)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
 def _tiny_roberta_dir(root: Path, model_type: str):
     """A random 2-layer RobertaModel / XLMRobertaModel saved by transformers, with a 100-token
     word-level tokenizer (<s> = 0, <pad> = 1, </s> = 2, as RoBERTa's) -> (dir, torch model)."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import (PreTrainedTokenizerFast, RobertaConfig, RobertaModel,
-                              XLMRobertaConfig, XLMRobertaModel)
+    from transformers import RobertaConfig, RobertaModel, XLMRobertaConfig, XLMRobertaModel
 
     config_cls, model_cls = {"roberta": (RobertaConfig, RobertaModel),
                              "xlm-roberta": (XLMRobertaConfig, XLMRobertaModel)}[model_type]
-    words = ["<s>", "<pad>", "</s>", "<unk>"] + [f"w{i}" for i in range(96)]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                  pad_token="<pad>", unk_token="<unk>")
     torch.manual_seed(0)
     cfg = config_cls(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=64, max_position_embeddings=40, type_vocab_size=1,
                      pad_token_id=1, bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5)
     model = model_cls(cfg).eval()
-    out = root / model_type
-    model.save_pretrained(str(out))
-    tok.save_pretrained(str(out))
+    words = ["<s>", "<pad>", "</s>", "<unk>"] + [f"w{i}" for i in range(96)]
+    out = _save_with_word_tokenizer(root / model_type, model, words, "<s> $A </s>",
+                                    {"<s>": 0, "</s>": 2}, bos_token="<s>", eos_token="</s>",
+                                    pad_token="<pad>")
     return out, model
 
 
@@ -387,16 +396,8 @@ def _tiny_qwen_dir(root: Path, model_type: str = "qwen3"):
     saved by transformers, with a 100-token word-level tokenizer that appends <|endoftext|>
     (id 0, also the padding token, as Qwen3-Embedding's) -> (dir, torch model)."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2Model, Qwen3Config, Qwen3Model
+    from transformers import Qwen2Config, Qwen2Model, Qwen3Config, Qwen3Model
 
-    words = ["<|endoftext|>", "<unk>"] + [f"w{i}" for i in range(98)]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(
-        single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", 0)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
-                                  pad_token="<|endoftext|>", unk_token="<unk>")
     config_cls, model_cls = {"qwen3": (Qwen3Config, Qwen3Model), "qwen2": (Qwen2Config, Qwen2Model)}[model_type]
     torch.manual_seed(0)
     cfg = config_cls(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -408,9 +409,10 @@ def _tiny_qwen_dir(root: Path, model_type: str = "qwen3"):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
-    out = root / model_type
-    model.save_pretrained(str(out))
-    tok.save_pretrained(str(out))
+    words = ["<|endoftext|>", "<unk>"] + [f"w{i}" for i in range(98)]
+    out = _save_with_word_tokenizer(root / model_type, model, words, "$A <|endoftext|>",
+                                    {"<|endoftext|>": 0}, eos_token="<|endoftext|>",
+                                    pad_token="<|endoftext|>")
     return out, model
 
 
