@@ -391,7 +391,7 @@ def test_train_refuses_lengths_beyond_the_position_embeddings(tmp_path, capsys):
     assert not work.exists()
 
 
-def _tiny_qwen_dir(root: Path, model_type: str = "qwen3"):
+def _tiny_qwen_dir(root: Path, model_type: str = "qwen3", template: str = "$A <|endoftext|>"):
     """A random 2-layer Qwen3Model / Qwen2Model (grouped-query attention: 4 heads, 2 KV heads)
     saved by transformers, with a 100-token word-level tokenizer that appends <|endoftext|>
     (id 0, also the padding token, as Qwen3-Embedding's) -> (dir, torch model)."""
@@ -410,7 +410,7 @@ def _tiny_qwen_dir(root: Path, model_type: str = "qwen3"):
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
     words = ["<|endoftext|>", "<unk>"] + [f"w{i}" for i in range(98)]
-    out = _save_with_word_tokenizer(root / model_type, model, words, "$A <|endoftext|>",
+    out = _save_with_word_tokenizer(root / model_type, model, words, template,
                                     {"<|endoftext|>": 0}, eos_token="<|endoftext|>",
                                     pad_token="<|endoftext|>")
     return out, model
@@ -464,3 +464,22 @@ def test_qwen_matches_transformers_right_and_left_padding_and_export(tmp_path, m
         again = back(input_ids=torch.tensor(tokens, dtype=torch.long),
                      attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state.numpy()
     np.testing.assert_allclose(again[real], want[real], atol=1e-6, rtol=0)
+
+
+def test_qwen_tokenizer_without_eos_gets_it_appended(tmp_path):
+    """A Qwen tokenizer that does not end texts with EOS is made to (as Qwen3-Embedding's
+    does): encode and the training token stores see the EOS, truncation keeps it last, and
+    the last-token embedding is the EOS token's."""
+    from negjax.data.token_store import load_backend_tokenizer
+    from negjax.model import encode_texts, tokenize_padded
+
+    model_dir, _ = _tiny_qwen_dir(tmp_path, "qwen3", template="$A")
+    enc = load_encoder(ModelConfig(name=str(model_dir)))
+    assert enc.tokenizer("w1 w2")["input_ids"] == [3, 4, 0]
+    backend, pad = load_backend_tokenizer(enc.tokenizer)
+    assert backend.encode("w1 w2").ids == [3, 4, 0] and pad == 0
+    assert enc.tokenizer("w1 w2 w3 w4", truncation=True, max_length=3)["input_ids"] == [3, 4, 0]
+    tokens, mask = tokenize_padded(enc.tokenizer, ["w1 w2", "w5"], 4)
+    want = np.asarray(enc.encode(enc.params, tokens, mask))
+    np.testing.assert_allclose(encode_texts(enc, enc.params, ["w1 w2", "w5"]), want, atol=1e-6)
+    assert tokens.tolist() == [[3, 4, 0, 0], [7, 0, 0, 0]] and mask.sum(1).tolist() == [3, 2]

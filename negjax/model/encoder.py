@@ -135,6 +135,24 @@ def _tiny_tokenizer_dir(model_cfg: ModelConfig) -> Path:
     return Path(tokenizer_dir())
 
 
+def _append_eos(tokenizer, eos_id: int) -> None:
+    """Make a decoder's tokenizer end every text with the EOS token, as Qwen3-Embedding's does
+    (its last-token embedding is the EOS token's hidden state), when it does not already. The
+    change is to the tokenizer object, so every path (token stores, encode, export) sees it;
+    truncation keeps room for the EOS."""
+    from tokenizers import processors
+
+    probe = tokenizer("a")["input_ids"]
+    if probe and probe[-1] == eos_id:
+        return
+    eos = tokenizer.convert_ids_to_tokens(eos_id)
+    template = processors.TemplateProcessing(single=f"$A {eos}", pair=f"$A {eos} $B {eos}",
+                                             special_tokens=[(eos, eos_id)])
+    backend = tokenizer.backend_tokenizer
+    backend.post_processor = (template if backend.post_processor is None
+                              else processors.Sequence([backend.post_processor, template]))
+
+
 def load_encoder(model_cfg: ModelConfig) -> Encoder:
     """Build the encoder named by `model_cfg.name`: 'tiny' (random init from seed 0; vocab from
     the tokenizer), 'minilm' (packaged all-MiniLM-L6-v2) or a HF / sentence-transformers dir.
@@ -183,6 +201,8 @@ def load_encoder(model_cfg: ModelConfig) -> Encoder:
         raise NegjaxError(f"{model_dir}: the tokenizer pads with id {tokenizer.pad_token_id} but "
                           f"config.json's pad_token_id is {cfg.pad_token_id} ({cfg.model_type} "
                           "positions depend on it)")
+    if not isinstance(cfg, BertConfig) and cfg.eos_token_id is not None:
+        _append_eos(tokenizer, cfg.eos_token_id)
     if len(tokenizer) > cfg.vocab_size:
         raise NegjaxError(f"{model_dir}: tokenizer has {len(tokenizer)} tokens but the model's "
                           f"vocab_size is {cfg.vocab_size}")
