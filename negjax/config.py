@@ -45,6 +45,9 @@ class ModelConfig:
                    "for encoding only (encode, eval, mine): dense layers in int8, ~1.4-1.6x faster "
                    "on AVX-512 VNNI CPUs; changes ~7% of mined negatives (experiments/bench/README.md)")
     remat: bool = f(False, "rematerialise each transformer layer in the backward pass")
+    attention: str = f("xla", "attention kernel (jax.nn.dot_product_attention): 'xla' (any "
+                       "backend) or 'cudnn' (cuDNN flash attention on NVIDIA GPUs with "
+                       "model.dtype='bfloat16'; assumes right padding, as negjax pads)")
     dropout: float = f(-1.0, "dropout rate; negative = the model config's own")
     tied_towers: bool = f(True, "one encoder for queries and documents; false = separate towers")
     query_prompt: str = f("", "text put before every query wherever queries are tokenised (train, "
@@ -53,6 +56,12 @@ class ModelConfig:
                           "sentence-transformers 'query' prompt, if any; saved by export")
     doc_prompt: str = f("", "text put before every document (train, mine, eval, encode --tower "
                         "doc), e.g. 'passage: '; empty = the directory's 'document' prompt, if any")
+    lora_rank: int = f(0, "LoRA adapter rank r; 0 = off (all weights train). With r > 0 only the "
+                       "adapters train and the optimizer holds only them; export merges them")
+    lora_alpha: float = f(16.0, "LoRA scale numerator: the update is (alpha / r) * A B")
+    lora_targets: list = f([], "dense layers given adapters, e.g. ['q_proj', 'v_proj'] (Qwen), "
+                           "['query', 'value'] (BERT), ['Wqkv', 'attn/Wo'] (ModernBERT); empty = "
+                           "the family's attention projections")
     query_max_len: int = f(32, "max query length in tokens")
     doc_max_len: int = f(128, "max document length in tokens")
     hidden_size: int = f(128, "'tiny' only: hidden size")

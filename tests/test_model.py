@@ -483,3 +483,162 @@ def test_qwen_tokenizer_without_eos_gets_it_appended(tmp_path):
     want = np.asarray(enc.encode(enc.params, tokens, mask))
     np.testing.assert_allclose(encode_texts(enc, enc.params, ["w1 w2", "w5"]), want, atol=1e-6)
     assert tokens.tolist() == [[3, 4, 0, 0], [7, 0, 0, 0]] and mask.sum(1).tolist() == [3, 2]
+
+
+def test_attention_kernel_matches_the_written_out_reference():
+    """`attend` (jax.nn.dot_product_attention) against the einsum reference, values and
+    gradients: multi-head and grouped-query, padding on the right and on the left, causal, a
+    sliding window, float32."""
+    from negjax.model.attention import attend, reference_attention
+
+    rng = np.random.default_rng(0)
+    n, length, hq, hkv, d = 3, 9, 4, 2, 8
+    q = jnp.asarray(rng.standard_normal((n, length, hq, d)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((n, length, hkv, d)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((n, length, hkv, d)), jnp.float32)
+    right = np.zeros((n, length), np.int32)
+    for i, real in enumerate((9, 5, 2)):
+        right[i, :real] = 1
+    for mask in (jnp.asarray(right), jnp.asarray(right[:, ::-1].copy())):
+        for causal, window in ((False, None), (True, None), (False, 2)):
+            kw = dict(causal=causal, window=window)
+            # Rows that are real queries: a padded query's output is never used.
+            rows = np.asarray(mask, bool)[:, :, None, None]
+
+            def loss(fn, q, k, v):
+                return jnp.sum(jnp.where(rows, fn(q, k, v, mask, **kw), 0.0) ** 2)
+
+            got = attend(q, k, v, mask, **kw)
+            want = reference_attention(q, k, v, mask, **kw)
+            np.testing.assert_allclose(np.where(rows, got, 0), np.where(rows, want, 0), atol=1e-6)
+            g_got = jax.grad(lambda *a: loss(attend, *a), argnums=(0, 1, 2))(q, k, v)
+            g_want = jax.grad(lambda *a: loss(reference_attention, *a), argnums=(0, 1, 2))(q, k, v)
+            for a, b in zip(g_got, g_want):
+                np.testing.assert_allclose(a, b, atol=1e-5)
+    # The window is symmetric and inclusive: with window 2, query 4 sees keys 2..6 only.
+    one = jnp.ones((1, length), jnp.int32)
+    v1 = jnp.broadcast_to(jnp.arange(length, dtype=jnp.float32)[None, :, None, None], (1, length, 1, d))
+    out = attend(jnp.zeros((1, length, 1, d)), jnp.zeros((1, length, 1, d)), v1, one, window=2)
+    assert float(out[0, 4, 0, 0]) == pytest.approx(4.0)   # mean of 2..6
+    assert float(out[0, 0, 0, 0]) == pytest.approx(1.0)   # mean of 0..2
+
+
+def _tiny_modernbert_dir(root: Path, **overrides):
+    """A random 4-layer ModernBertModel (layers 0 and 3 global, 1 and 2 sliding with
+    local_attention 4: keys within 2 positions) with every bias and non-trivial LayerNorms,
+    saved by transformers with a 100-token word-level tokenizer that adds [CLS] (id 0) and
+    [SEP] (id 2) and pads with [PAD] (id 1) -> (dir, torch model)."""
+    import torch
+    from transformers import ModernBertConfig, ModernBertModel
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+              intermediate_size=48, max_position_embeddings=64, local_attention=4,
+              global_attn_every_n_layers=3, global_rope_theta=1000.0, local_rope_theta=100.0,
+              norm_bias=True, attention_bias=True, mlp_bias=True, pad_token_id=1,
+              bos_token_id=0, eos_token_id=2, cls_token_id=0, sep_token_id=2,
+              attn_implementation="eager")
+    model = ModernBertModel(ModernBertConfig(**{**kw, **overrides})).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so a mis-mapped one shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+            elif name.endswith("Wqkv.weight"):  # peaked attention: positions matter
+                p.mul_(10.0)
+    words = ["[CLS]", "[PAD]", "[SEP]", "<unk>"] + [f"w{i}" for i in range(96)]
+    out = _save_with_word_tokenizer(root / "modernbert", model, words, "[CLS] $A [SEP]",
+                                    {"[CLS]": 0, "[SEP]": 2}, cls_token="[CLS]",
+                                    sep_token="[SEP]", pad_token="[PAD]")
+    return out, model
+
+
+def test_modernbert_matches_transformers_and_export(tmp_path):
+    """ModernBERT: fused q/k/v, RoPE with a global and a local theta, global and sliding-window
+    (|i - j| <= local_attention // 2) layers, gated MLP, pre-LayerNorm with none in layer 0.
+    negjax's hidden states at real tokens equal transformers' on a right-padded batch of mixed
+    lengths (the window and the thetas matter: changing them changes the outputs); no EOS is
+    appended and pooling defaults to mean; the export reloads in transformers as a
+    ModernBertModel with the same outputs, and in sentence-transformers with negjax's
+    embeddings. A ModernBertForMaskedLM checkpoint loads the same encoder (its head ignored)."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, ModernBertForMaskedLM
+
+    from negjax.model import encode_texts, tokenize_padded
+    from negjax.model.encoder import export_hf
+    from negjax.model.hf import read_hf_dir
+    from negjax.model.modernbert import ModernBertConfig
+
+    model_dir, model = _tiny_modernbert_dir(tmp_path)
+    enc = load_encoder(ModelConfig(name=str(model_dir)))
+    cfg = enc.config
+    assert isinstance(cfg, ModernBertConfig) and enc.pooling == "mean" and enc.max_length == 64
+    assert cfg.layer_types == ("full_attention", "sliding_attention", "sliding_attention",
+                               "full_attention")
+    assert (cfg.global_rope_theta, cfg.local_rope_theta, cfg.sliding_window) == (1000.0, 100.0, 2)
+    texts = ["w1 w2 w3 w4 w5 w6 w7 w8 w9 w10", "w11", "w12 w13 w14 w15", "w5 w5 w5 w5 w5 w5 w5"]
+    assert enc.tokenizer("w1 w2")["input_ids"] == [0, 5, 6, 2]  # [CLS] .. [SEP], no EOS added
+    tokens, mask = tokenize_padded(enc.tokenizer, texts, 16)
+    assert tokens[1, 3:].tolist() == [1] * 13  # right padding with [PAD]
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                     attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state.numpy()
+    got = np.asarray(enc.hidden_states(enc.params, tokens, mask))
+    real = mask.astype(bool)
+    diff = np.abs(got[real] - want[real]).max()
+    assert diff <= 1e-5, diff
+    for change in (dict(local_attention=6), dict(local_rope_theta=1000.0),
+                   dict(global_rope_theta=100.0)):
+        other = dataclasses.replace(enc, config=cfg.replace(**change))
+        moved = np.abs(np.asarray(other.hidden_states(enc.params, tokens, mask))[real] - want[real])
+        assert moved.max() > 1e-3, change
+    m = mask[:, :, None]
+    pooled = (want * m).sum(1) / m.sum(1)
+    pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
+    emb = encode_texts(enc, enc.params, texts)  # buckets and its own padding
+    assert (emb * pooled).sum(1).min() >= 0.99999
+
+    out = export_hf(enc, enc.params, tmp_path / "export")
+    assert read_hf_dir(out).config == cfg
+    back = AutoModel.from_pretrained(str(out)).eval()  # (default attention: sdpa)
+    assert type(back) is type(model) and back.config.layer_types == list(cfg.layer_types)
+    with torch.no_grad():
+        again = back(input_ids=torch.tensor(tokens, dtype=torch.long),
+                     attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state.numpy()
+    np.testing.assert_allclose(again[real], want[real], atol=1e-5, rtol=0)
+    st = SentenceTransformer(str(out), device="cpu").encode(texts, convert_to_numpy=True)
+    assert (st * emb).sum(1).min() >= 0.99999
+
+    mlm = ModernBertForMaskedLM(model.config).eval()
+    mlm.model.load_state_dict(model.state_dict())
+    mlm.save_pretrained(str(tmp_path / "mlm"))
+    hf = read_hf_dir(tmp_path / "mlm")
+    assert hf.config == cfg and not hf.extras
+    for a, b in zip(jax.tree.leaves(hf.params), jax.tree.leaves(enc.params["encoder"])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_modernbert_old_style_config_reads_the_same(tmp_path):
+    """A config.json in the older form (global_attn_every_n_layers, global_rope_theta /
+    local_rope_theta; no layer_types / rope_parameters) gives the same ModernBertConfig; a
+    RoPE type other than 'default' is refused naming the file."""
+    from negjax.errors import NegjaxError
+    from negjax.model.hf import read_config
+
+    model_dir, _ = _tiny_modernbert_dir(tmp_path)
+    new = json.loads((model_dir / "config.json").read_text())
+    assert "layer_types" in new and "rope_parameters" in new
+    old = {k: v for k, v in new.items() if k not in ("layer_types", "rope_parameters")}
+    old.update(global_attn_every_n_layers=3, global_rope_theta=1000.0, local_rope_theta=100.0)
+    old_dir = tmp_path / "old"
+    old_dir.mkdir()
+    (old_dir / "config.json").write_text(json.dumps(old))
+    cfg = read_config(model_dir)
+    assert read_config(old_dir) == cfg
+    assert cfg.layer_types == ("full_attention", "sliding_attention", "sliding_attention",
+                               "full_attention")
+    assert (cfg.global_rope_theta, cfg.local_rope_theta, cfg.local_attention) == (1000.0, 100.0, 4)
+    (old_dir / "config.json").write_text(json.dumps(
+        {**old, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}))
+    with pytest.raises(NegjaxError, match="config.json: only the default RoPE"):
+        read_config(old_dir)

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from negjax.errors import NegjaxError
+from negjax.model.attention import attend, check_implementation
+from negjax.model.lora import dense as lora_dense
 
 
 @jax.custom_jvp
@@ -89,8 +91,11 @@ class BertConfig:
     pad_token_id: int = 0
     initializer_range: float = 0.02
     model_type: str = "bert"
+    attention: str = "xla"           # model.attention: 'xla' | 'cudnn' (not saved with the model)
+    lora: Any = None                 # negjax.model.lora.LoraSpec: adapters (not saved with the model)
 
     def __post_init__(self):
+        check_implementation(self.attention)
         if self.model_type not in MODEL_TYPES:
             raise NegjaxError(f"unsupported model_type {self.model_type!r} "
                               f"(supported: {', '.join(MODEL_TYPES)})")
@@ -155,8 +160,11 @@ def _float(dtype):
 def _dense(features: int, cfg: BertConfig, dtype, name: str) -> nn.Module:
     init = nn.initializers.normal(cfg.initializer_range)
     if dtype == jnp.int8:
+        if cfg.lora is not None:
+            raise NegjaxError("model.dtype 'int8' cannot run LoRA adapters: export the model "
+                              "(which merges them) and encode the export")
         return Int8Dense(features, kernel_init=init, name=name)
-    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name, kernel_init=init)
+    return lora_dense(features, name, lora=cfg.lora, dtype=dtype, kernel_init=init)
 
 
 def _layer_norm(cfg: BertConfig, dtype, name: str) -> nn.LayerNorm:
@@ -293,14 +301,11 @@ class SelfAttention(nn.Module):
         q = split(_dense(cfg.hidden_size, cfg, self.dtype, "query")(x))
         k = split(_dense(cfg.hidden_size, cfg, self.dtype, "key")(x))
         v = split(_dense(cfg.hidden_size, cfg, self.dtype, "value")(x))
-        scores = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32)
-        scores = scores / jnp.sqrt(jnp.float32(head_dim))
-        # Padded keys get the most negative float, as in PyTorch's BERT; a row always has [CLS].
-        keep = mask[:, None, None, :].astype(bool)
-        scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        probs = Dropout(cfg.attention_dropout)(probs, deterministic=deterministic)
-        ctx = jnp.einsum("nhqk,nkhd->nqhd", probs.astype(_float(self.dtype)), v)
+        drop = None
+        if not deterministic and cfg.attention_dropout > 0:
+            dropout = Dropout(cfg.attention_dropout)
+            drop = lambda probs: dropout(probs, deterministic=False)  # noqa: E731
+        ctx = attend(q, k, v.astype(_float(self.dtype)), mask, implementation=cfg.attention, drop=drop)
         return ctx.reshape(n, length, cfg.hidden_size)
 
 

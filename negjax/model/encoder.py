@@ -19,6 +19,8 @@ import numpy as np
 
 from negjax.config import ModelConfig
 from negjax.errors import NegjaxError
+from negjax.model.attention import check_implementation
+from negjax.model.lora import add_adapters, lora_spec, merge_adapters
 from negjax.model.bert import BertConfig, BertEncoder, l2_normalize, pool
 from negjax.model.tokenizer import load_tokenizer
 
@@ -52,13 +54,17 @@ class Encoder:
 
     @property
     def module(self):
-        """The Flax module of the architecture (`BertEncoder`, or `Qwen3Encoder` for Qwen)."""
+        """The Flax module of the architecture (`BertEncoder`, `Qwen3Encoder` for Qwen,
+        `ModernBertEncoder` for ModernBERT)."""
+        from negjax.model.modernbert import ModernBertConfig, ModernBertEncoder
         from negjax.model.qwen3 import Qwen3Config, Qwen3Encoder
 
+        if isinstance(self.config, (Qwen3Config, ModernBertConfig)) and self.dtype == "int8":
+            raise NegjaxError("model.dtype 'int8' is implemented for BERT-family encoders only")
         if isinstance(self.config, Qwen3Config):
-            if self.dtype == "int8":
-                raise NegjaxError("model.dtype 'int8' is implemented for BERT-family encoders only")
             return Qwen3Encoder(self.config, _DTYPES[self.dtype], self.remat)
+        if isinstance(self.config, ModernBertConfig):
+            return ModernBertEncoder(self.config, _DTYPES[self.dtype], self.remat)
         return BertEncoder(self.config, _DTYPES[self.dtype], self.remat)
 
     def prompted(self, texts, tower: str) -> list[str]:
@@ -124,6 +130,17 @@ class Encoder:
         return {"query": one, "doc": jax.tree.map(lambda x: x.copy(), one)}
 
 
+def family(cfg) -> str:
+    """'bert' (BERT, RoBERTa, XLM-RoBERTa), 'modernbert' or 'qwen' (Qwen3, Qwen2)."""
+    from negjax.model.qwen3 import Qwen3Config
+
+    if isinstance(cfg, Qwen3Config):
+        return "qwen"
+    if isinstance(cfg, BertConfig):
+        return "bert"
+    return "modernbert"
+
+
 def _tiny_tokenizer_dir(model_cfg: ModelConfig) -> Path:
     if model_cfg.tokenizer:
         return Path(model_cfg.tokenizer)
@@ -174,6 +191,9 @@ def load_encoder(model_cfg: ModelConfig) -> Encoder:
         dropout = model_cfg.dropout if model_cfg.dropout >= 0 else 0.1
         max_pos = max(512, model_cfg.query_max_len, model_cfg.doc_max_len)
         cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=model_cfg.hidden_size,
+                         attention=check_implementation(model_cfg.attention),
+                         lora=lora_spec("bert", model_cfg.lora_rank, model_cfg.lora_alpha,
+                                        model_cfg.lora_targets),
                          num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
                          intermediate_size=model_cfg.intermediate_size,
                          max_position_embeddings=max_pos, hidden_dropout=dropout,
@@ -194,6 +214,9 @@ def load_encoder(model_cfg: ModelConfig) -> Encoder:
     cfg = hf.config
     if model_cfg.dropout >= 0:
         cfg = cfg.replace(hidden_dropout=model_cfg.dropout, attention_dropout=model_cfg.dropout)
+    cfg = cfg.replace(attention=check_implementation(model_cfg.attention),
+                      lora=lora_spec(family(cfg), model_cfg.lora_rank, model_cfg.lora_alpha,
+                                     model_cfg.lora_targets))
     tokenizer = load_tokenizer(Path(model_cfg.tokenizer) if model_cfg.tokenizer
                                else transformer_dir(model_dir))
     if cfg.position_offset and tokenizer.pad_token_id != cfg.pad_token_id:
@@ -201,7 +224,10 @@ def load_encoder(model_cfg: ModelConfig) -> Encoder:
         raise NegjaxError(f"{model_dir}: the tokenizer pads with id {tokenizer.pad_token_id} but "
                           f"config.json's pad_token_id is {cfg.pad_token_id} ({cfg.model_type} "
                           "positions depend on it)")
-    if not isinstance(cfg, BertConfig) and cfg.eos_token_id is not None:
+    from negjax.model.qwen3 import Qwen3Config
+
+    # Decoders (Qwen) end texts with EOS; encoders' tokenizers add their own [CLS] / [SEP].
+    if isinstance(cfg, Qwen3Config) and cfg.eos_token_id is not None:
         _append_eos(tokenizer, cfg.eos_token_id)
     if len(tokenizer) > cfg.vocab_size:
         raise NegjaxError(f"{model_dir}: tokenizer has {len(tokenizer)} tokens but the model's "
@@ -210,11 +236,14 @@ def load_encoder(model_cfg: ModelConfig) -> Encoder:
     # A prompt left empty in the config comes from the directory (sentence-transformers').
     common["prompts"] = {t: common["prompts"][t] or hf.prompts.get(t, "") for t in TOWERS}
     # Decoder embedders (Qwen) pool the last real token unless told otherwise.
-    default_pooling = "mean" if isinstance(cfg, BertConfig) else "last"
+    default_pooling = "last" if isinstance(cfg, Qwen3Config) else "mean"
     enc = Encoder(cfg, tokenizer, {}, pooling=model_cfg.pooling or hf.pooling or default_pooling,
                   max_length=max_length, source=str(model_dir) if name != "minilm" else "minilm",
                   extras=hf.extras, **common)
     one = jax.tree.map(jnp.asarray, hf.params)
+    if cfg.lora is not None:  # fresh adapters (B = 0: the model's outputs are unchanged)
+        one = add_adapters(one, jax.eval_shape(enc.init_one, jax.random.PRNGKey(0)),
+                           jax.random.PRNGKey(0))
     enc.params = enc.with_towers(one)
     return enc
 
@@ -230,6 +259,10 @@ def export_hf(enc: Encoder, params: dict, out_dir, *, tower: str = "query",
 
     one = jax.tree.map(lambda x: np.asarray(jax.device_get(x), dtype=np.float32),
                        enc.tower_params(params, tower))
-    return write_hf_dir(out_dir, enc.config, one, enc.tokenizer, pooling=enc.pooling,
+    config = enc.config
+    if config.lora is not None:  # LoRA: the export is the plain model, kernel + (alpha/r) A B
+        one = merge_adapters(one, config.lora)
+        config = config.replace(lora=None)
+    return write_hf_dir(out_dir, config, one, enc.tokenizer, pooling=enc.pooling,
                         normalize=enc.normalize, max_length=enc.max_length, extras=enc.extras,
                         prompts=enc.prompts, overwrite=overwrite)

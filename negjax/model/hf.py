@@ -16,6 +16,10 @@ Key map (HF `BertModel` name -> Flax path; dense weights are transposed [out, in
     encoder.layer.i.intermediate.dense.*                    -> layer_i/intermediate
     encoder.layer.i.output.dense.*                          -> layer_i/output
     encoder.layer.i.output.LayerNorm.*                      -> layer_i/output_LayerNorm
+
+Qwen3 / Qwen2 (`_qwen_key_map`) and ModernBERT (`_modernbert_key_map`: `layers.i.attn.Wqkv`
+-> `layer_i/attn/Wqkv`, ...; a ModernBertForMaskedLM's `model.` prefix is stripped and its
+MLM head ignored) map the same way.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import numpy as np
 
 from negjax.errors import NegjaxError, file_error
 from negjax.model.bert import MODEL_TYPES, BertConfig
+from negjax.model.modernbert import MODERNBERT_TYPES, ModernBertConfig, default_layer_types
 from negjax.model.qwen3 import QWEN_TYPES, Qwen3Config
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -65,8 +70,9 @@ def _read_json(path: Path):
 # ---------------------------------------------------------------------------------- config
 
 def read_config(model_dir: Path) -> BertConfig:
-    """config.json -> BertConfig; model_type 'bert', 'roberta' or 'xlm-roberta' (anything else
-    is an unknown architecture)."""
+    """config.json -> BertConfig; model_type 'bert', 'roberta' or 'xlm-roberta' (Qwen3Config for
+    'qwen3' / 'qwen2', ModernBertConfig for 'modernbert'; anything else is an unknown
+    architecture)."""
     path = model_dir / "config.json"
     if not model_dir.is_dir():
         raise NegjaxError(f"{model_dir}: model directory not found")
@@ -79,11 +85,13 @@ def read_config(model_dir: Path) -> BertConfig:
     model_type = raw.get("model_type")
     if model_type in QWEN_TYPES:
         return _read_qwen_config(path, raw)
+    if model_type in MODERNBERT_TYPES:
+        return _read_modernbert_config(path, raw)
     if model_type not in MODEL_TYPES:
         arch = raw.get("architectures")
         raise file_error(path, None, f"unknown architecture (model_type={model_type!r}, "
                          f"architectures={arch!r}); negjax loads model_type "
-                         f"{', '.join(repr(t) for t in MODEL_TYPES + QWEN_TYPES)}")
+                         f"{', '.join(repr(t) for t in MODEL_TYPES + QWEN_TYPES + MODERNBERT_TYPES)}")
     if raw.get("position_embedding_type", "absolute") != "absolute":
         raise file_error(path, None, f"unsupported position_embedding_type "
                          f"{raw['position_embedding_type']!r} (only 'absolute')")
@@ -202,11 +210,133 @@ def _qwen_key_map(cfg: Qwen3Config) -> list:
     return rows
 
 
+def _read_modernbert_config(path: Path, raw: dict) -> ModernBertConfig:
+    """A ModernBERT config.json (transformers' defaults for missing keys). Both forms are read:
+    `layer_types` + `rope_parameters` (transformers >= 5) and the older
+    `global_attn_every_n_layers` + `global_rope_theta` / `local_rope_theta`."""
+    get = raw.get
+    try:
+        layers = int(get("num_hidden_layers", 22))
+        hidden = int(get("hidden_size", 768))
+        heads = int(get("num_attention_heads", 12))
+        if get("head_dim") is not None and int(get("head_dim")) != hidden // heads:
+            raise NegjaxError(f"head_dim {get('head_dim')} != hidden_size / "
+                              f"num_attention_heads ({hidden // heads}) is not supported")
+        types = get("layer_types")
+        if types is None:
+            every = int(get("global_attn_every_n_layers") or 3)
+            types = default_layer_types(layers, every)
+        elif not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+            raise NegjaxError("layer_types must be a list of strings")
+        rope = get("rope_parameters") or {}
+        if not isinstance(rope, dict) or set(rope) - {"full_attention", "sliding_attention"}:
+            raise NegjaxError("rope_parameters must map 'full_attention' / "
+                              "'sliding_attention' to their RoPE settings")
+        thetas = {}
+        for kind, old_key, default in (("full_attention", "global_rope_theta", 160_000.0),
+                                       ("sliding_attention", "local_rope_theta", 10_000.0)):
+            params = dict(rope.get(kind) or {})
+            params.update(get("rope_scaling") or {})  # (as transformers: applies to both)
+            rope_type = params.get("rope_type", params.get("type")) or "default"
+            if rope_type != "default":
+                raise NegjaxError(f"only the default RoPE is supported ({kind} has "
+                                  f"rope_type {rope_type!r})")
+            thetas[kind] = float(params.get("rope_theta", get(old_key, default)))
+
+        def token_id(key, default):
+            value = get(key, default)
+            return value if isinstance(value, int) else None
+
+        pad = get("pad_token_id", 50283)
+        return ModernBertConfig(
+            vocab_size=int(get("vocab_size", 50368)),
+            hidden_size=hidden,
+            num_layers=layers,
+            num_heads=heads,
+            intermediate_size=int(get("intermediate_size", 1152)),
+            max_position_embeddings=int(get("max_position_embeddings", 8192)),
+            norm_eps=float(get("norm_eps", 1e-5)),
+            norm_bias=bool(get("norm_bias", False)),
+            attention_bias=bool(get("attention_bias", False)),
+            mlp_bias=bool(get("mlp_bias", False)),
+            hidden_act=str(get("hidden_activation", "gelu")),
+            global_rope_theta=thetas["full_attention"],
+            local_rope_theta=thetas["sliding_attention"],
+            local_attention=int(get("local_attention", 128)),
+            layer_types=tuple(types),
+            attention_dropout=float(get("attention_dropout", 0.0)),
+            embedding_dropout=float(get("embedding_dropout", 0.0)),
+            mlp_dropout=float(get("mlp_dropout", 0.0)),
+            pad_token_id=int(pad if pad is not None else 0),
+            bos_token_id=token_id("bos_token_id", 50281),
+            eos_token_id=token_id("eos_token_id", 50282),
+            cls_token_id=token_id("cls_token_id", 50281),
+            sep_token_id=token_id("sep_token_id", 50282),
+            initializer_range=float(get("initializer_range", 0.02)),
+        )
+    except NegjaxError as e:
+        raise file_error(path, None, str(e)) from None
+    except (TypeError, ValueError) as e:
+        raise NegjaxError(f"bad value: {e}") from None
+
+
+def _modernbert_config_json(cfg: ModernBertConfig) -> dict:
+    """A config.json from which `transformers.AutoModel` builds the same ModernBertModel."""
+    return {"architectures": ["ModernBertModel"], "model_type": "modernbert",
+            "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+            "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+            "intermediate_size": cfg.intermediate_size,
+            "max_position_embeddings": cfg.max_position_embeddings, "norm_eps": cfg.norm_eps,
+            "norm_bias": cfg.norm_bias, "attention_bias": cfg.attention_bias,
+            "mlp_bias": cfg.mlp_bias, "hidden_activation": cfg.hidden_act,
+            "layer_types": list(cfg.layer_types), "local_attention": cfg.local_attention,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "default", "rope_theta": cfg.global_rope_theta},
+                "sliding_attention": {"rope_type": "default", "rope_theta": cfg.local_rope_theta}},
+            "attention_dropout": cfg.attention_dropout,
+            "embedding_dropout": cfg.embedding_dropout, "mlp_dropout": cfg.mlp_dropout,
+            "initializer_range": cfg.initializer_range, "pad_token_id": cfg.pad_token_id,
+            "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+            "cls_token_id": cfg.cls_token_id, "sep_token_id": cfg.sep_token_id,
+            "torch_dtype": "float32"}
+
+
+def _modernbert_key_map(cfg: ModernBertConfig) -> list:
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    rows = [("embeddings.tok_embeddings.weight", ("embeddings", "tok_embeddings", "embedding"),
+             (cfg.vocab_size, h), False)]
+
+    def norm(hf, path):
+        rows.append((f"{hf}.weight", path + ("scale",), (h,), False))
+        if cfg.norm_bias:
+            rows.append((f"{hf}.bias", path + ("bias",), (h,), False))
+
+    def dense(hf, path, n_out, n_in, bias):
+        rows.append((f"{hf}.weight", path + ("kernel",), (n_out, n_in), True))
+        if bias:
+            rows.append((f"{hf}.bias", path + ("bias",), (n_out,), False))
+
+    norm("embeddings.norm", ("embeddings", "norm"))
+    for n in range(cfg.num_layers):
+        hf, fl = f"layers.{n}", f"layer_{n}"
+        if n:  # (layer 0 has no attention LayerNorm)
+            norm(f"{hf}.attn_norm", (fl, "attn_norm"))
+        dense(f"{hf}.attn.Wqkv", (fl, "attn", "Wqkv"), 3 * h, h, cfg.attention_bias)
+        dense(f"{hf}.attn.Wo", (fl, "attn", "Wo"), h, h, cfg.attention_bias)
+        norm(f"{hf}.mlp_norm", (fl, "mlp_norm"))
+        dense(f"{hf}.mlp.Wi", (fl, "mlp", "Wi"), 2 * i, h, cfg.mlp_bias)
+        dense(f"{hf}.mlp.Wo", (fl, "mlp", "Wo"), h, i, cfg.mlp_bias)
+    norm("final_norm", ("final_norm",))
+    return rows
+
+
 def config_json(cfg: BertConfig) -> dict:
     """BertConfig -> a config.json that transformers' AutoConfig reads as a BertModel
     (RobertaModel, XLMRobertaModel)."""
     if isinstance(cfg, Qwen3Config):
         return _qwen_config_json(cfg)
+    if isinstance(cfg, ModernBertConfig):
+        return _modernbert_config_json(cfg)
     arch = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}
     return {
         "architectures": [arch[cfg.model_type]],
@@ -235,6 +365,8 @@ def key_map(cfg: BertConfig) -> list[tuple[str, tuple[str, ...], tuple[int, ...]
     """(HF key, Flax path, HF shape, transpose?) for every tensor the encoder needs."""
     if isinstance(cfg, Qwen3Config):
         return _qwen_key_map(cfg)
+    if isinstance(cfg, ModernBertConfig):
+        return _modernbert_key_map(cfg)
     h, i = cfg.hidden_size, cfg.intermediate_size
     rows = [
         ("embeddings.word_embeddings.weight", ("embeddings", "word_embeddings", "embedding"),
@@ -304,7 +436,8 @@ def hf_to_flax(tensors: dict[str, np.ndarray], cfg: BertConfig, source: str = "m
         if key in used or key in _BUFFERS:
             continue
         prefixes = (("embed_tokens.", "layers.", "norm.") if isinstance(cfg, Qwen3Config)
-                    else _ENCODER_PREFIXES)
+                    else ("embeddings.", "layers.", "final_norm.")
+                    if isinstance(cfg, ModernBertConfig) else _ENCODER_PREFIXES)
         if not key.startswith(prefixes):
             if key in POOLER_KEYS:
                 extras[key] = np.asarray(arr, dtype=np.float32)

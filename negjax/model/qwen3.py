@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from negjax.errors import NegjaxError
+from negjax.model.attention import attend, check_implementation
+from negjax.model.lora import dense as lora_dense
 
 QWEN_TYPES = ("qwen3", "qwen2")
 
@@ -52,8 +54,11 @@ class Qwen3Config:
     causal: bool = True              # False: bidirectional attention (an option for embedders)
     initializer_range: float = 0.02
     model_type: str = "qwen3"
+    attention: str = "xla"           # model.attention: 'xla' | 'cudnn' (not saved with the model)
+    lora: Any = None                 # negjax.model.lora.LoraSpec: adapters (not saved with the model)
 
     def __post_init__(self):
+        check_implementation(self.attention)
         if self.model_type not in QWEN_TYPES:
             raise NegjaxError(f"unsupported model_type {self.model_type!r}")
         if self.num_heads % self.num_kv_heads:
@@ -83,9 +88,9 @@ class RMSNorm(nn.Module):
         return (w * y.astype(x.dtype)).astype(x.dtype)
 
 
-def _dense(features: int, cfg: Qwen3Config, dtype, name: str, bias: bool) -> nn.Dense:
-    return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, name=name,
-                    kernel_init=nn.initializers.normal(cfg.initializer_range))
+def _dense(features: int, cfg: Qwen3Config, dtype, name: str, bias: bool) -> nn.Module:
+    return lora_dense(features, name, lora=cfg.lora, dtype=dtype, use_bias=bias,
+                      kernel_init=nn.initializers.normal(cfg.initializer_range))
 
 
 def rotary(x, positions, theta: float):
@@ -117,20 +122,13 @@ class Attention(nn.Module):
             q = RMSNorm(cfg.rms_norm_eps, name="q_norm")(q)
             k = RMSNorm(cfg.rms_norm_eps, name="k_norm")(k)
         q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
-        group = heads // kv
-        q = q.reshape(n, length, kv, group, hd)
-        scores = jnp.einsum("nqkgd,nskd->nkgqs", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (hd ** -0.5)
-        keep = mask[:, None, None, None, :].astype(bool)
-        if cfg.causal:
-            keep = keep & jnp.tril(jnp.ones((length, length), bool))[None, None, None]
-        scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
+        drop = None
         if not deterministic and cfg.attention_dropout > 0:
             from negjax.model.bert import Dropout
 
-            probs = Dropout(cfg.attention_dropout)(probs, deterministic=False)
-        ctx = jnp.einsum("nkgqs,nskd->nqkgd", probs.astype(self.dtype), v)
+            dropout = Dropout(cfg.attention_dropout)
+            drop = lambda probs: dropout(probs, deterministic=False)  # noqa: E731
+        ctx = attend(q, k, v, mask, causal=cfg.causal, implementation=cfg.attention, drop=drop)
         ctx = ctx.reshape(n, length, heads * hd)
         return _dense(cfg.hidden_size, cfg, self.dtype, "o_proj", cfg.attention_bias)(ctx)
 

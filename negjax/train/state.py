@@ -12,6 +12,7 @@ import optax
 
 from negjax.config import Config, TrainConfig
 from negjax.losses import init_log_scale
+from negjax.model.lora import combine, split_trainable
 
 
 @flax.struct.dataclass
@@ -19,7 +20,7 @@ class TrainState:
     """Everything a step reads and writes. All leaves are jax arrays (checkpointable).
 
     params:    {"model": encoder params, "log_scale": [] f32 (learnable temperature only)}
-    opt_state: optax state of `params`
+    opt_state: optax state of the trainable part of `params` (LoRA: the adapters only)
     step:      [] int32, optimizer steps taken (skipped non-finite steps included)
     nonfinite: [] int32, steps skipped because the loss or gradients were NaN/Inf
     ema:       momentum document-encoder params (memory bank only, else None)
@@ -86,13 +87,27 @@ def make_optimizer(cfg: TrainConfig, norm=optax.tree.norm) -> optax.GradientTran
     return optax.chain(*parts)
 
 
+def split_params(params: dict) -> tuple[dict, dict]:
+    """The state's params (or a tree shaped like them: specs, gradients) -> (trainable, frozen
+    model params). With LoRA adapters in the model, only they (and the temperature) train;
+    otherwise everything does and frozen is {}."""
+    trainable, frozen = split_trainable(params["model"])
+    return dict(params, model=trainable), frozen
+
+
+def join_params(trainable: dict, frozen: dict) -> dict:
+    """The inverse of `split_params`."""
+    return dict(trainable, model=combine(trainable["model"], frozen))
+
+
 def init_state(model_params, cfg: Config, *, dim: int, num_devices: int = 1,
                ema_params=None) -> TrainState:
-    """A fresh state around `model_params` (not yet placed on a mesh)."""
+    """A fresh state around `model_params` (not yet placed on a mesh). The optimizer state is
+    that of the trainable params only (`split_params`)."""
     params = {"model": jax.tree.map(jnp.array, model_params)}  # a copy: the step donates it
     if cfg.loss.learnable_temperature:
         params["log_scale"] = init_log_scale(cfg.loss.temperature)
-    opt_state = make_optimizer(cfg.train).init(params)
+    opt_state = make_optimizer(cfg.train).init(split_params(params)[0])
     state = TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32),
                        nonfinite=jnp.zeros((), jnp.int32))
     k = cfg.loss.memory_bank_size

@@ -51,7 +51,8 @@ from negjax.grad_cache import (backprop_sub_batches, embed_sub_batches, merge_su
                                split_sub_batches, sub_batch_keys)
 from negjax.losses import contrastive_loss_and_metrics, temperature_from_log_scale
 from negjax.train.diagnostics import SAMPLE
-from negjax.train.state import TrainState, make_optimizer
+from negjax.model.lora import combine, split_trainable
+from negjax.train.state import TrainState, join_params, make_optimizer, split_params
 
 BATCH_KEYS = ("q_tokens", "q_mask", "d_tokens", "d_mask", "doc_ids", "query_pos_ids")
 
@@ -226,17 +227,20 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
         # The keys of GradCache's first sub-batch: with one sub-batch both draw the same masks.
         x = jax.tree.map(lambda a: a[0], sub_batches(batch, rq, rd, 1))
         rest = {k: v for k, v in params.items() if k != "model"}
+        trainable, frozen = split_trainable(params["model"])
 
         def loss_fn(model, rest):
-            q, d = towers(model, x)
+            q, d = towers(combine(model, frozen), x)
             loss, metrics = loss_of_embeddings(q, d, temperature_of(rest, cfg), batch, bank,
                                                bank_ids)
             return loss, dict(metrics, **sample(q, d))
         # Device-varying encoder parameters: under FSDP each gather's transpose reduce-scatters
         # its gradient over 'fsdp' first; one sum over the other batch axes follows, of shards.
+        # LoRA: the gradient is taken w.r.t. the adapters only.
         (loss, metrics), (gmodel, grest) = jax.value_and_grad(
-            loss_fn, argnums=(0, 1), has_aux=True)(vary(params["model"]), rest)
-        return loss, metrics, {"model": sum_grads(gmodel, specs["model"], axes), **grest}
+            loss_fn, argnums=(0, 1), has_aux=True)(vary(trainable), rest)
+        gspecs = split_trainable(specs["model"])[0]
+        return loss, metrics, {"model": sum_grads(gmodel, gspecs, axes), **grest}
 
     def sample(q, d):
         """The diagnostics' sample (`negjax.train.diagnostics`): the first SAMPLE / devices
@@ -256,10 +260,15 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
         if b % gc:
             raise NegjaxError(f"train.grad_cache_chunk={gc} must divide the per-device batch {b}")
         xs = sub_batches(batch, rq, rd, b // gc)
-        # Device-varying: each sub-batch's gradient stays local; one sum at the end.
-        model = vary(params["model"])
+        # Device-varying: each sub-batch's gradient stays local; one sum at the end. LoRA: the
+        # adapters are the argument differentiated, the base weights ride along.
+        trainable, frozen = split_trainable(params["model"])
+        model = vary(trainable)
+
+        def adapted(p, x):
+            return towers(combine(p, frozen), x)
         # (1) embeddings of every sub-batch, no activations kept
-        q, d = jax.tree.map(merge_sub_batches, embed_sub_batches(towers, model, xs))
+        q, d = jax.tree.map(merge_sub_batches, embed_sub_batches(adapted, model, xs))
 
         # (2) loss gradient w.r.t. the embeddings (the loss gathers across devices)
         def emb_loss(q, d, p_temp):
@@ -272,7 +281,8 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
         # (3) re-encode each sub-batch (same keys) and back-propagate its cached gradient
         n = b // gc
         cts = (split_sub_batches(gq, n), split_sub_batches(gd, n))
-        gmodel = sum_grads(backprop_sub_batches(towers, model, xs, cts), specs["model"], axes)
+        gmodel = sum_grads(backprop_sub_batches(adapted, model, xs, cts),
+                           split_trainable(specs["model"])[0], axes)
         return loss, metrics, {"model": gmodel, **gtemp}
 
     def grads_body(params, batch, step, bank, bank_ids, specs):
@@ -344,16 +354,19 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
         _check_bank(state, batch)
         specs = state_specs(state, mesh)
         pspecs = specs.params
+        tspecs = split_params(pspecs)[0]   # of the trainable params (LoRA: the adapters)
         # The optimizer sees this device's shards: its clip norm is the global one.
-        opt = make_optimizer(cfg.train, norm=lambda g: global_norm(g, pspecs))
+        opt = make_optimizer(cfg.train, norm=lambda g: global_norm(g, tspecs))
 
         def body(state: TrainState, batch):
             params = state.params
             loss, metrics, grads = grads_body(params, batch, state.step, state.bank,
                                               state.bank_ids, pspecs)
-            gnorm = global_norm(grads, pspecs)
-            updates, new_opt = opt.update(grads, state.opt_state, params)
-            new_params = optax.apply_updates(params, updates)
+            gnorm = global_norm(grads, tspecs)
+            trainable, frozen = split_params(params)
+            updates, new_opt = opt.update(grads, state.opt_state, trainable)
+            # Frozen (LoRA base) weights are passed through as they are.
+            new_params = join_params(optax.apply_updates(trainable, updates), frozen)
             ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
             new_state = state.replace(params=keep(new_params, params),
@@ -376,7 +389,7 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
         bspec = None if bank is None else P(axes)
         fn = jax.shard_map(lambda *a: grads_body(*a, pspecs), mesh=mesh,
                            in_specs=(pspecs, batch_spec, P(), bspec, bspec),
-                           out_specs=(P(), P(), pspecs))
+                           out_specs=(P(), P(), split_params(pspecs)[0]))
         return fn(params, {k: batch[k] for k in BATCH_KEYS}, step, bank, bank_ids)
 
     jitted = jax.jit(step, donate_argnums=(0,))
