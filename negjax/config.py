@@ -64,6 +64,8 @@ class ModelConfig:
                            "the family's attention projections")
     query_max_len: int = f(32, "max query length in tokens")
     doc_max_len: int = f(128, "max document length in tokens")
+    architecture: str = f("bert", "'tiny' only: the family of the random-init model: 'bert', "
+                          "'roberta', 'xlm-roberta', 'modernbert', 'qwen3' or 'qwen2'")
     hidden_size: int = f(128, "'tiny' only: hidden size")
     num_layers: int = f(2, "'tiny' only: transformer layers")
     num_heads: int = f(2, "'tiny' only: attention heads")

@@ -152,6 +152,55 @@ def _tiny_tokenizer_dir(model_cfg: ModelConfig) -> Path:
     return Path(tokenizer_dir())
 
 
+TINY_ARCHITECTURES = ("bert", "roberta", "xlm-roberta", "modernbert", "qwen3", "qwen2")
+
+
+def _tiny_config(model_cfg: ModelConfig, tokenizer):
+    """The architecture of model 'tiny' (`model.architecture`), sized by `model.hidden_size`,
+    `num_layers`, `num_heads`, `intermediate_size`; vocabulary and special ids from the
+    tokenizer. Qwen gets grouped-query attention (half as many key/value heads, when the
+    head count is even); ModernBERT a 64-token local window with every third layer global."""
+    from negjax.model.modernbert import ModernBertConfig
+    from negjax.model.qwen3 import Qwen3Config
+
+    arch = model_cfg.architecture
+    if arch not in TINY_ARCHITECTURES:
+        raise NegjaxError(f"config key 'model.architecture': {arch!r} is not one of "
+                          f"{list(TINY_ARCHITECTURES)}")
+    dropout = model_cfg.dropout if model_cfg.dropout >= 0 else 0.1
+    max_len = max(512, model_cfg.query_max_len, model_cfg.doc_max_len)
+    pad = tokenizer.pad_token_id
+    h, heads = model_cfg.hidden_size, model_cfg.num_heads
+    common = dict(vocab_size=len(tokenizer), hidden_size=h, num_layers=model_cfg.num_layers,
+                  num_heads=heads, intermediate_size=model_cfg.intermediate_size,
+                  attention=check_implementation(model_cfg.attention))
+    if arch in ("bert", "roberta", "xlm-roberta"):
+        offset = 0 if arch == "bert" else pad + 1
+        cfg = BertConfig(max_position_embeddings=max_len + offset, hidden_dropout=dropout,
+                         attention_dropout=dropout, pad_token_id=pad, model_type=arch,
+                         type_vocab_size=2 if arch == "bert" else 1,
+                         layer_norm_eps=1e-12 if arch == "bert" else 1e-5, **common)
+    elif arch == "modernbert":
+        if h % heads:
+            raise NegjaxError(f"model.hidden_size {h} is not divisible by model.num_heads {heads}")
+        cls = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else pad
+        sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else pad
+        cfg = ModernBertConfig(max_position_embeddings=max_len, local_attention=64,
+                               attention_dropout=dropout, embedding_dropout=dropout,
+                               mlp_dropout=dropout, pad_token_id=pad, bos_token_id=cls,
+                               cls_token_id=cls, eos_token_id=sep, sep_token_id=sep, **common)
+    else:
+        if h % heads:
+            raise NegjaxError(f"model.hidden_size {h} is not divisible by model.num_heads {heads}")
+        eos = next((t for t in (tokenizer.eos_token_id, tokenizer.sep_token_id) if t is not None), pad)
+        cfg = Qwen3Config(num_kv_heads=heads // 2 if heads % 2 == 0 else heads, head_dim=h // heads,
+                          max_position_embeddings=max_len, attention_dropout=dropout,
+                          pad_token_id=pad, eos_token_id=eos, model_type=arch,
+                          qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3", **common)
+    return cfg.replace(lora=lora_spec(family(cfg), model_cfg.lora_rank, model_cfg.lora_alpha,
+                                      model_cfg.lora_targets))
+
+
 def _append_eos(tokenizer, eos_id: int) -> None:
     """Make a decoder's tokenizer end every text with the EOS token, as Qwen3-Embedding's does
     (its last-token embedding is the EOS token's hidden state), when it does not already. The
@@ -188,17 +237,11 @@ def load_encoder(model_cfg: ModelConfig) -> Encoder:
                   prompts={"query": model_cfg.query_prompt, "doc": model_cfg.doc_prompt})
     if name == "tiny":
         tokenizer = load_tokenizer(_tiny_tokenizer_dir(model_cfg))
-        dropout = model_cfg.dropout if model_cfg.dropout >= 0 else 0.1
-        max_pos = max(512, model_cfg.query_max_len, model_cfg.doc_max_len)
-        cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=model_cfg.hidden_size,
-                         attention=check_implementation(model_cfg.attention),
-                         lora=lora_spec("bert", model_cfg.lora_rank, model_cfg.lora_alpha,
-                                        model_cfg.lora_targets),
-                         num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
-                         intermediate_size=model_cfg.intermediate_size,
-                         max_position_embeddings=max_pos, hidden_dropout=dropout,
-                         attention_dropout=dropout, pad_token_id=tokenizer.pad_token_id)
-        enc = Encoder(cfg, tokenizer, {}, pooling=model_cfg.pooling or "mean",
+        cfg = _tiny_config(model_cfg, tokenizer)
+        if family(cfg) == "qwen":
+            _append_eos(tokenizer, cfg.eos_token_id)
+        default_pooling = "last" if family(cfg) == "qwen" else "mean"
+        enc = Encoder(cfg, tokenizer, {}, pooling=model_cfg.pooling or default_pooling,
                       max_length=max(model_cfg.query_max_len, model_cfg.doc_max_len),
                       source="tiny", **common)
         enc.params = enc.init_params(jax.random.PRNGKey(0))

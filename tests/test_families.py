@@ -1,0 +1,62 @@
+"""Every encoder family through the commands users run: a random-init model of the family
+('tiny' + model.architecture, with prompts) trains (loss falls), evaluates, mines and encodes
+on a slice of the built-in data; the CLI's encode applies the prompt."""
+
+import dataclasses
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from helpers import REPO, run_negjax, subprocess_env
+from test_train import small_data, train_cmd, write_config  # noqa: F401 (fixture)
+
+PROMPTS = {"query": "query: ", "doc": "passage: "}
+
+
+@pytest.mark.parametrize("arch,extra", [("roberta", []), ("modernbert", []), ("qwen3", []),
+                                        ("qwen2", ["model.lora_rank=4"])])
+def test_family_trains_evaluates_mines_and_encodes(tmp_path, small_data, arch, extra):  # noqa: F811
+    from negjax.model import encode_texts
+    from negjax.model.loader import load_model
+
+    cfg = write_config(tmp_path, small_data, steps=30)
+    work = tmp_path / "w"
+    sets = [f"model.architecture={arch}", "model.num_layers=2", "model.dropout=0.0",
+            f"model.query_prompt={PROMPTS['query']}", f"model.doc_prompt={PROMPTS['doc']}",
+            "train.learning_rate=3e-3", "train.log_every=5", "checkpoint.every_steps=30", *extra]
+    cmd = train_cmd(cfg, work) + sum((["--set", s] for s in sets), [])
+    r = subprocess.run(cmd, env=subprocess_env(2), capture_output=True, text=True, cwd=REPO,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = [json.loads(x)["loss"] for x in (work / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 6 and losses[-1] < losses[0] * 0.9, losses
+
+    r = run_negjax("eval", "--model", work, "--corpus", small_data / "corpus.jsonl", "--queries",
+                   small_data / "dev_queries.jsonl", "--qrels", small_data / "dev_qrels.tsv",
+                   "--json", env=subprocess_env(1))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 0.0 < json.loads(r.stdout)["mrr@10"] <= 1.0
+    r = run_negjax("mine", "--model", work, "--corpus", small_data / "corpus.jsonl", "--train",
+                   small_data / "train.jsonl", "--out", tmp_path / "mined", "--index", "exact",
+                   "--negatives-kept", 4, env=subprocess_env(1))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "mined" / "manifest.json").is_file()
+
+    # encode through the CLI = the prompted texts encoded in this process without prompts.
+    texts = ["a domestic dog", "water that falls from clouds"]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    enc, params, _ = load_model(work)
+    assert enc.prompts == PROMPTS
+    bare = dataclasses.replace(enc, prompts={})
+    for tower in ("doc",):
+        out = tmp_path / f"{tower}.npy"
+        r = run_negjax("encode", "--model", work, "--input", tmp_path / "in.jsonl", "--output",
+                       out, "--tower", tower, env=subprocess_env(1))
+        assert r.returncode == 0, r.stderr[-3000:]
+        want = encode_texts(bare, params, [PROMPTS[tower] + t for t in texts], tower=tower,
+                            batch_size=8)
+        unprompted = encode_texts(bare, params, texts, tower=tower, batch_size=8)
+        np.testing.assert_allclose(np.load(out), want, rtol=1e-5, atol=1e-6)
+        assert np.abs(want - unprompted).max() > 1e-3
