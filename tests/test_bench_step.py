@@ -150,3 +150,22 @@ def test_gpu_script_cpu_smoke(tmp_path):
         assert "error" not in r, r
         assert r["examples_per_s"] > 0 and r["flops_per_step"]["model"] > 0 and np.isfinite(r["final_loss"])
     assert "wrote" in proc.stdout and not (tmp_path / "gpu.json.tmp").exists()
+
+
+def test_flops_of_grouped_query_and_gated_families():
+    """Qwen: q 4 heads x 8, k and v 2 heads x 8, SwiGLU (3 matmuls); ModernBERT: GeGLU."""
+    from negjax.bench.flops import layer_forward_flops
+    from negjax.model.modernbert import ModernBertConfig
+    from negjax.model.qwen3 import Qwen3Config
+
+    L, H, inter = 10, 32, 48
+    qwen = Shape.of(Qwen3Config(vocab_size=50, hidden_size=H, num_layers=1, num_heads=4,
+                                num_kv_heads=2, head_dim=8, intermediate_size=inter))
+    f = layer_forward_flops(qwen, L)
+    assert f["qkv"] == 2 * L * H * (32 + 2 * 16)
+    assert f["attention_output"] == 2 * L * 32 * H and f["scores"] == 2 * L * L * 32
+    assert f["ffn"] == 3 * 2 * L * H * inter
+    modern = Shape.of(ModernBertConfig(vocab_size=50, hidden_size=H, num_layers=1, num_heads=4,
+                                       intermediate_size=inter))
+    g = layer_forward_flops(modern, L)
+    assert g["qkv"] == 3 * 2 * L * H * H and g["ffn"] == 3 * 2 * L * H * inter

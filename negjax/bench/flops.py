@@ -37,27 +37,41 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Shape:
-    """The parts of a BERT config that set the matmul FLOPs."""
+    """The parts of an encoder config that set the matmul FLOPs. `q_size` / `kv_size`: the
+    widths of the query and of each of the key / value projections (heads x head_dim; None =
+    hidden_size, as in BERT); `glu`: a gated feed-forward (three matmuls of H x I: Qwen's
+    SwiGLU, ModernBERT's GeGLU) instead of two."""
 
     hidden_size: int
     num_layers: int
     intermediate_size: int
+    q_size: int | None = None
+    kv_size: int | None = None
+    glu: bool = False
 
     @classmethod
     def of(cls, cfg) -> "Shape":
-        """From a `negjax.model.BertConfig` (or anything with these attribute names)."""
-        return cls(cfg.hidden_size, cfg.num_layers, cfg.intermediate_size)
+        """From a `BertConfig`, `Qwen3Config` or `ModernBertConfig`."""
+        head_dim = getattr(cfg, "head_dim", None)
+        q = kv = None
+        if head_dim is not None:  # Qwen: grouped-query attention
+            q, kv = cfg.num_heads * head_dim, cfg.num_kv_heads * head_dim
+        glu = type(cfg).__name__ in ("Qwen3Config", "ModernBertConfig")
+        return cls(cfg.hidden_size, cfg.num_layers, cfg.intermediate_size, q, kv, glu)
 
 
 def layer_forward_flops(shape: Shape, length: int) -> dict:
-    """Forward matmul FLOPs of one layer on one sequence of `length` tokens, by part."""
+    """Forward matmul FLOPs of one layer on one sequence of `length` tokens, by part. (A
+    sliding-window layer is counted in full: the attention computes every score, then masks.)"""
     L, H, inter = length, shape.hidden_size, shape.intermediate_size
+    q = shape.q_size or H
+    kv = shape.kv_size or H
     return {
-        "qkv": 3 * 2 * L * H * H,
-        "attention_output": 2 * L * H * H,
-        "scores": 2 * L * L * H,
-        "weighted_sum": 2 * L * L * H,
-        "ffn": 2 * 2 * L * H * inter,
+        "qkv": 2 * L * H * (q + 2 * kv),
+        "attention_output": 2 * L * q * H,
+        "scores": 2 * L * L * q,
+        "weighted_sum": 2 * L * L * q,
+        "ffn": (3 if shape.glu else 2) * 2 * L * H * inter,
     }
 
 
