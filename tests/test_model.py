@@ -642,3 +642,40 @@ def test_modernbert_old_style_config_reads_the_same(tmp_path):
         {**old, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}))
     with pytest.raises(NegjaxError, match="config.json: only the default RoPE"):
         read_config(old_dir)
+
+
+def test_sharded_safetensors_import_and_export(tmp_path):
+    """A checkpoint transformers wrote in shards (model.safetensors.index.json) loads as the
+    single-file one does; an export over --max-shard-size is written in shards with an index
+    that transformers and negjax load back, with the same weights."""
+    import torch
+    from transformers import AutoModel
+
+    from negjax.model.encoder import export_hf
+
+    model_dir, model = _tiny_qwen_dir(tmp_path, "qwen3")
+    sharded = tmp_path / "sharded"
+    shutil.copytree(model_dir, sharded)
+    (sharded / "model.safetensors").unlink()
+    model.save_pretrained(str(sharded), max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 2
+    one = load_encoder(ModelConfig(name=str(model_dir)))
+    many = load_encoder(ModelConfig(name=str(sharded)))
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(many.params)):
+        np.testing.assert_array_equal(a, b)
+
+    out = export_hf(many, many.params, tmp_path / "export", max_shard_bytes=30_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(out.glob("model-*-of-*.safetensors"))
+    assert not (out / "model.safetensors").exists() and len(files) > 2
+    assert sorted(set(index["weight_map"].values())) == [f.name for f in files]
+    back = load_encoder(ModelConfig(name=str(out)))
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(back.params)):
+        np.testing.assert_array_equal(a, b)
+    tokens = torch.tensor([[3, 4, 5, 0], [6, 7, 0, 0]])
+    mask = (torch.arange(4)[None] < torch.tensor([[4], [3]])).long()
+    with torch.no_grad():
+        want = model(input_ids=tokens, attention_mask=mask).last_hidden_state
+        got = AutoModel.from_pretrained(str(out)).eval()(input_ids=tokens, attention_mask=mask).last_hidden_state
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6)

@@ -20,19 +20,26 @@ def add_parser(sub):
     p.add_argument("--tower", choices=("query", "doc"), default="query",
                    help="which tower to write (only matters with separate towers)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--max-shard-size", type=float, default=5.0, metavar="GB",
+                   help="larger weights are written as model-0000i-of-0000n.safetensors shards "
+                   "with model.safetensors.index.json (default 5 GB, as transformers)")
     add_config_args(p)
     return p
 
 
 def run(args) -> int:
     from negjax.config import load_config
+    from negjax.errors import NegjaxError
     from negjax.model import export_hf
     from negjax.model.loader import load_model
 
     cfg = load_config(args.config, args.overrides)
     enc, params, info = load_model(args.checkpoint, cfg.model)
     step = info["step"]
-    out = export_hf(enc, params, args.out, tower=args.tower, overwrite=args.overwrite)
+    if args.max_shard_size <= 0:
+        raise NegjaxError(f"--max-shard-size must be > 0, got {args.max_shard_size}")
+    out = export_hf(enc, params, args.out, tower=args.tower, overwrite=args.overwrite,
+                    max_shard_bytes=int(args.max_shard_size * 1e9))
     what = enc.source + (f" step {step}" if step is not None else "")
     print(f"exported {what} ({enc.config.num_layers} layers, dim {enc.dim}, "
           f"{enc.pooling} pooling{', normalised' if enc.normalize else ''}) to {out}")

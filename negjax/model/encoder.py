@@ -292,7 +292,7 @@ def load_encoder(model_cfg: ModelConfig) -> Encoder:
 
 
 def export_hf(enc: Encoder, params: dict, out_dir, *, tower: str = "query",
-              overwrite: bool = False) -> Path:
+              overwrite: bool = False, max_shard_bytes: int | None = None) -> Path:
     """Write `params` (one tower: `tower`, irrelevant when tied) as a Hugging Face +
     sentence-transformers directory (config.json, model.safetensors, tokenizer files,
     modules.json, 1_Pooling, 2_Normalize when normalising, sentence_bert_config.json) that
@@ -308,4 +308,5 @@ def export_hf(enc: Encoder, params: dict, out_dir, *, tower: str = "query",
         config = config.replace(lora=None)
     return write_hf_dir(out_dir, config, one, enc.tokenizer, pooling=enc.pooling,
                         normalize=enc.normalize, max_length=enc.max_length, extras=enc.extras,
-                        prompts=enc.prompts, overwrite=overwrite)
+                        prompts=enc.prompts, overwrite=overwrite,
+                        **({} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}))

@@ -627,14 +627,43 @@ def _set_permissions(root: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' own default shard size ("5GB")
+
+
+def _save_tensors(root: Path, tensors: dict, max_shard_bytes: int) -> None:
+    """model.safetensors, or -- when the tensors exceed `max_shard_bytes` -- shards
+    model-0000i-of-0000n.safetensors and model.safetensors.index.json (transformers'
+    layout: {"metadata": {"total_size"}, "weight_map": {tensor: shard}}). Tensors are cut
+    in their own order; a tensor larger than the limit gets a shard of its own."""
+    from safetensors.numpy import save_file
+
+    total = sum(int(t.nbytes) for t in tensors.values())
+    if total <= max_shard_bytes:
+        save_file(tensors, str(root / "model.safetensors"), metadata={"format": "pt"})
+        return
+    shards, size = [{}], 0
+    for key, t in tensors.items():
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += int(t.nbytes)
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(root / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    (root / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
+
 def write_hf_dir(out_dir: str | Path, cfg: BertConfig, params: dict, tokenizer, *, pooling: str,
                  normalize: bool, max_length: int, extras: dict | None = None,
-                 prompts: dict | None = None, overwrite: bool = False) -> Path:
+                 prompts: dict | None = None, overwrite: bool = False,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Write a Hugging Face + sentence-transformers directory, atomically (a temporary
     directory renamed into place). An existing non-empty `out_dir` is an error unless
     `overwrite`."""
-    from safetensors.numpy import save_file
-
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise NegjaxError(f"{out_dir}: exists and is not a directory")
@@ -646,7 +675,7 @@ def write_hf_dir(out_dir: str | Path, cfg: BertConfig, params: dict, tokenizer, 
         tensors = flax_to_hf(params, cfg)
         if isinstance(cfg, BertConfig):  # (decoders have no pooler)
             tensors.update(_pooler(cfg, extras or {}))
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _save_tensors(tmp, tensors, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config_json(cfg), indent=2) + "\n")
         tokenizer.save_pretrained(str(tmp))
         modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
