@@ -56,6 +56,9 @@ class ModelConfig:
                           "sentence-transformers 'query' prompt, if any; saved by export")
     doc_prompt: str = f("", "text put before every document (train, mine, eval, encode --tower "
                         "doc), e.g. 'passage: '; empty = the directory's 'document' prompt, if any")
+    bidirectional: bool = f(False, "decoder embedders (Qwen): attend in both directions instead "
+                            "of causally (LLM2Vec-style); saved in the export's config.json as "
+                            "negjax_bidirectional (transformers itself runs the model causally)")
     lora_rank: int = f(0, "LoRA adapter rank r; 0 = off (all weights train). With r > 0 only the "
                        "adapters train and the optimizer holds only them; export merges them")
     lora_alpha: float = f(16.0, "LoRA scale numerator: the update is (alpha / r) * A B")

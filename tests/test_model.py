@@ -679,3 +679,24 @@ def test_sharded_safetensors_import_and_export(tmp_path):
         want = model(input_ids=tokens, attention_mask=mask).last_hidden_state
         got = AutoModel.from_pretrained(str(out)).eval()(input_ids=tokens, attention_mask=mask).last_hidden_state
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6)
+
+
+def test_qwen_bidirectional_option_is_used_and_exported(tmp_path):
+    """model.bidirectional: a Qwen token's state then depends on the tokens after it (not so
+    when causal); the export records it and loads back bidirectional; encoders refuse it."""
+    from negjax.errors import NegjaxError
+    from negjax.model.encoder import export_hf
+
+    model_dir, _ = _tiny_qwen_dir(tmp_path, "qwen3")
+    causal = load_encoder(ModelConfig(name=str(model_dir)))
+    both = load_encoder(ModelConfig(name=str(model_dir), bidirectional=True))
+    mask = np.ones((2, 5), np.int32)
+    tokens = np.array([[3, 4, 5, 6, 0], [3, 4, 5, 9, 0]], np.int32)  # differ at position 3
+    for enc, moves in ((causal, False), (both, True)):
+        h = np.asarray(enc.hidden_states(enc.params, tokens, mask))
+        assert (np.abs(h[0, :3] - h[1, :3]).max() > 1e-4) == moves
+    out = export_hf(both, both.params, tmp_path / "export")
+    assert json.loads((out / "config.json").read_text())["negjax_bidirectional"] is True
+    assert load_encoder(ModelConfig(name=str(out))).config.causal is False
+    with pytest.raises(NegjaxError, match="bidirectional"):
+        load_encoder(ModelConfig(name="tiny", bidirectional=True))

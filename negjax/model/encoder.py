@@ -172,8 +172,7 @@ def _tiny_config(model_cfg: ModelConfig, tokenizer):
     pad = tokenizer.pad_token_id
     h, heads = model_cfg.hidden_size, model_cfg.num_heads
     common = dict(vocab_size=len(tokenizer), hidden_size=h, num_layers=model_cfg.num_layers,
-                  num_heads=heads, intermediate_size=model_cfg.intermediate_size,
-                  attention=check_implementation(model_cfg.attention))
+                  num_heads=heads, intermediate_size=model_cfg.intermediate_size)
     if arch in ("bert", "roberta", "xlm-roberta"):
         offset = 0 if arch == "bert" else pad + 1
         cfg = BertConfig(max_position_embeddings=max_len + offset, hidden_dropout=dropout,
@@ -197,8 +196,20 @@ def _tiny_config(model_cfg: ModelConfig, tokenizer):
                           max_position_embeddings=max_len, attention_dropout=dropout,
                           pad_token_id=pad, eos_token_id=eos, model_type=arch,
                           qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3", **common)
-    return cfg.replace(lora=lora_spec(family(cfg), model_cfg.lora_rank, model_cfg.lora_alpha,
-                                      model_cfg.lora_targets))
+    return _with_options(cfg, model_cfg)
+
+
+def _with_options(cfg, model_cfg: ModelConfig):
+    """The architecture with the run's options: attention kernel, LoRA, bidirectional."""
+    changes = dict(attention=check_implementation(model_cfg.attention),
+                   lora=lora_spec(family(cfg), model_cfg.lora_rank, model_cfg.lora_alpha,
+                                  model_cfg.lora_targets))
+    if model_cfg.bidirectional:
+        if family(cfg) != "qwen":
+            raise NegjaxError("model.bidirectional applies to decoder embedders (Qwen); "
+                              f"{cfg.model_type} attends both ways already")
+        changes["causal"] = False
+    return cfg.replace(**changes)
 
 
 def _append_eos(tokenizer, eos_id: int) -> None:
@@ -257,9 +268,7 @@ def load_encoder(model_cfg: ModelConfig) -> Encoder:
     cfg = hf.config
     if model_cfg.dropout >= 0:
         cfg = cfg.replace(hidden_dropout=model_cfg.dropout, attention_dropout=model_cfg.dropout)
-    cfg = cfg.replace(attention=check_implementation(model_cfg.attention),
-                      lora=lora_spec(family(cfg), model_cfg.lora_rank, model_cfg.lora_alpha,
-                                     model_cfg.lora_targets))
+    cfg = _with_options(cfg, model_cfg)
     tokenizer = load_tokenizer(Path(model_cfg.tokenizer) if model_cfg.tokenizer
                                else transformer_dir(model_dir))
     if cfg.position_offset and tokenizer.pad_token_id != cfg.pad_token_id:
