@@ -109,6 +109,10 @@ class LossConfig:
                         "memory per device, for very large global batches)")
     precision: str = f("highest", "matmul precision of the similarity matrix: 'highest' (true "
                        "float32), 'high' (bf16_3x/tf32 on accelerators) or 'default' (fastest)")
+    matryoshka_dims: list = f([], "Matryoshka: sum the loss over the embeddings truncated to these "
+                              "leading dimensions (re-normalised when model.normalize), e.g. "
+                              "[384, 256, 128, 64]; empty = off (the full embedding only)")
+    matryoshka_weights: list = f([], "weight of each matryoshka_dims term; empty = 1 each")
     memory_bank_size: int = f(0, "MoCo-style queue of past document embeddings; 0 = off")
     momentum: float = f(0.999, "EMA decay of the momentum document encoder feeding the bank")
 
@@ -332,6 +336,14 @@ def validate(cfg: Config) -> Config:
         raise NegjaxError("config key 'data.length_buckets': must be a list of positive integers")
     if cfg.mining.rank_range:
         parse_rank_range(cfg.mining.rank_range, key="mining.rank_range")
+    dims, weights = cfg.loss.matryoshka_dims, cfg.loss.matryoshka_weights
+    if not all(isinstance(k, int) and k > 0 for k in dims) or len(set(dims)) != len(dims):
+        raise NegjaxError(f"config key 'loss.matryoshka_dims': must be distinct positive "
+                          f"integers, got {dims}")
+    if weights and (len(weights) != len(dims) or
+                    not all(isinstance(w, (int, float)) and w > 0 for w in weights)):
+        raise NegjaxError(f"config key 'loss.matryoshka_weights': must be {len(dims)} positive "
+                          f"numbers (one per loss.matryoshka_dims entry), got {weights}")
     return cfg
 
 

@@ -260,7 +260,8 @@ def _contrastive(q, d, *, group_size, temperature, query_pos_ids, doc_ids, symme
 # ---------------------------------------------------------------------------------------
 
 def contrastive_loss(q, d, *, group_size, temperature, query_pos_ids=None, doc_ids=None,
-                     symmetric=False, chunk_size=None, collective="gather", precision="highest"):
+                     symmetric=False, chunk_size=None, collective="gather", precision="highest",
+                     matryoshka_dims=None, matryoshka_weights=None, renormalize=True):
     """InfoNCE over the global in-batch similarity matrix (see the module docstring).
 
     q [B, D] float, d [B*group_size, D] float (grouped per query, positive first),
@@ -270,19 +271,63 @@ def contrastive_loss(q, d, *, group_size, temperature, query_pos_ids=None, doc_i
     precision: of the similarity matmuls, 'highest' (true float32; the default), 'high'
     (bf16_3x / tf32 on accelerators) or 'default' (the backend's fastest); the log-sum-exp is
     float32 in every case.
+    matryoshka_dims [k1, k2, ...]: the loss is the weighted sum (`matryoshka_weights`, default
+    1 each) of this loss over the embeddings truncated to their first k_i dimensions,
+    re-normalised to unit length when `renormalize` (for encoders that normalise).
     Returns the mean over the B global queries, [] float32.
     """
-    loss, _ = _contrastive(q, d, group_size=group_size, temperature=temperature,
-                           query_pos_ids=query_pos_ids, doc_ids=doc_ids, symmetric=symmetric,
-                           chunk_size=chunk_size, extra=None, extra_ids=None, with_stats=False,
-                           collective=collective, precision=precision)
+    loss, _ = _matryoshka(q, d, None, matryoshka_dims, matryoshka_weights, renormalize,
+                          group_size=group_size, temperature=temperature,
+                          query_pos_ids=query_pos_ids, doc_ids=doc_ids, symmetric=symmetric,
+                          chunk_size=chunk_size, extra_ids=None, with_stats=False,
+                          collective=collective, precision=precision)
     return loss
+
+
+def check_matryoshka(dims, weights, dim: int | None = None) -> tuple[tuple, tuple]:
+    """Validated (dims, weights): dims distinct, >= 1 and <= `dim`; weights > 0, one per dim
+    (empty = 1 each)."""
+    dims = tuple(int(k) for k in dims)
+    weights = tuple(float(w) for w in weights) if weights else (1.0,) * len(dims)
+    if len(set(dims)) != len(dims) or any(k < 1 for k in dims):
+        raise NegjaxError(f"matryoshka_dims must be distinct positive sizes, got {list(dims)}")
+    if dim is not None and any(k > dim for k in dims):
+        raise NegjaxError(f"matryoshka_dims {list(dims)}: the embeddings have {dim} dimensions")
+    if len(weights) != len(dims) or any(w <= 0 for w in weights):
+        raise NegjaxError(f"matryoshka_weights must be {len(dims)} positive numbers (one per "
+                          f"dimension), got {list(weights)}")
+    return dims, weights
+
+
+def truncate(x, k: int, renormalize: bool):
+    """x [N, D] -> its first k dimensions [N, k], re-normalised to unit length if asked."""
+    x = x[:, :k]
+    if not renormalize:
+        return x
+    return x / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True)), 1e-12)
+
+
+def _matryoshka(q, d, extra, dims, weights, renormalize, **kw):
+    """`_contrastive`, or with `dims` its weighted sum over truncations; metrics (when asked
+    for) are those of the first dimension listed."""
+    if not dims:
+        return _contrastive(q, d, extra=extra, **kw)
+    dims, weights = check_matryoshka(dims, weights, q.shape[-1])
+    total, metrics = 0.0, None
+    for i, (k, w) in enumerate(zip(dims, weights)):
+        cut = lambda x: None if x is None else truncate(jnp.asarray(x, jnp.float32), k, renormalize)  # noqa: E731
+        loss, m = _contrastive(cut(q), cut(d), extra=cut(extra),
+                               **dict(kw, with_stats=kw["with_stats"] and i == 0))
+        total = total + w * loss
+        metrics = m if i == 0 else metrics
+    return total, metrics
 
 
 def contrastive_loss_and_metrics(q, d, *, group_size, temperature, query_pos_ids=None,
                                  doc_ids=None, symmetric=False, chunk_size=None,
                                  extra_docs=None, extra_doc_ids=None, collective="gather",
-                                 precision="highest"):
+                                 precision="highest", matryoshka_dims=None,
+                                 matryoshka_weights=None, renormalize=True):
     """`contrastive_loss` plus in-batch metrics and optional extra negative columns.
 
     extra_docs [K, D]: negatives appended after the batch's documents (a memory bank); they
@@ -299,12 +344,14 @@ def contrastive_loss_and_metrics(q, d, *, group_size, temperature, query_pos_ids
       neg_cos          mean cosine over all (query, negative) pairs (NaN if none)
     "Negative" = every unmasked non-target column (hard, in-batch and extra negatives).
     Cosines are computed from the embeddings' norms, so they are exact also when the
-    encoder does not normalise.
+    encoder does not normalise. With `matryoshka_dims` (see `contrastive_loss`; the memory
+    bank's columns are truncated alike) the metrics are those of the first dimension listed.
     """
-    return _contrastive(q, d, group_size=group_size, temperature=temperature,
-                        query_pos_ids=query_pos_ids, doc_ids=doc_ids, symmetric=symmetric,
-                        chunk_size=chunk_size, extra=extra_docs, extra_ids=extra_doc_ids,
-                        with_stats=True, collective=collective, precision=precision)
+    return _matryoshka(q, d, extra_docs, matryoshka_dims, matryoshka_weights, renormalize,
+                       group_size=group_size, temperature=temperature,
+                       query_pos_ids=query_pos_ids, doc_ids=doc_ids, symmetric=symmetric,
+                       chunk_size=chunk_size, extra_ids=extra_doc_ids, with_stats=True,
+                       collective=collective, precision=precision)
 
 
 def temperature_from_log_scale(log_scale, min_temperature, max_temperature):

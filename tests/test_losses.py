@@ -429,3 +429,70 @@ def test_precision_reaches_the_matmuls():
         assert "HIGHEST" not in text("default", chunk) and "HIGH" in text("high", chunk)
     with pytest.raises(NegjaxError, match="precision"):
         contrastive_loss(q, d, group_size=G, temperature=TEMP, precision="fast")
+
+
+MATRYOSHKA = dict(matryoshka_dims=[6, 4, 2], matryoshka_weights=[1.0, 0.5, 2.0])
+
+
+def _cut(x, k):
+    x = np.asarray(x, np.float64)[:, :k]
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("ndev", [1, 2, 4, 8])
+def test_matryoshka_loss_matches_references(ndev):
+    """loss.matryoshka_dims: the weighted sum of the loss over truncated, re-normalised
+    embeddings. Loss against the float64 reference per dimension; gradients (dense, chunked
+    symmetric, ring; a memory bank on top) against the same sum written out on one device."""
+    G, K = 2, 8
+    mesh = mesh_of(ndev) if ndev > 1 else None
+    q, d, pos_ids, doc_ids = make_batch(G, seed=40 + ndev)
+    rng = np.random.default_rng(7)
+    bank = rng.normal(size=(K, D)).astype(np.float32)
+    bank_ids = rng.integers(100, 200, size=K).astype(np.int32)
+    dims, weights = MATRYOSHKA["matryoshka_dims"], MATRYOSHKA["matryoshka_weights"]
+
+    def written_out(q, d, bank, sym, with_bank):
+        from negjax.losses import truncate
+        total = 0.0
+        for k, w in zip(dims, weights):
+            loss, _ = contrastive_loss_and_metrics(
+                truncate(q, k, True), truncate(d, k, True), group_size=G, temperature=TEMP,
+                query_pos_ids=pos_ids, doc_ids=doc_ids, symmetric=sym,
+                extra_docs=truncate(bank, k, True) if with_bank else None,
+                extra_doc_ids=bank_ids if with_bank else None)
+            total = total + w * loss
+        return total
+
+    variants = [(False, None, "gather", False), (True, 3, "gather", False),
+                (False, None, "ring", False), (False, 5, "gather", True)]
+    for sym, chunk, coll, with_bank in variants:
+        what = f"devices={ndev} symmetric={sym} chunk={chunk} {coll} bank={with_bank}"
+
+        def f(q, d, bank):
+            return contrastive_loss_and_metrics(
+                q, d, group_size=G, temperature=TEMP, query_pos_ids=pos_ids, doc_ids=doc_ids,
+                symmetric=sym, chunk_size=chunk, collective=coll,
+                extra_docs=bank if with_bank else None,
+                extra_doc_ids=bank_ids if with_bank else None, **MATRYOSHKA)[0]
+        with in_mesh(mesh):
+            got_loss, got = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(*put(mesh, q, d, bank))
+        want_loss, want = jax.value_and_grad(written_out, argnums=(0, 1))(
+            jnp.asarray(q), jnp.asarray(d), jnp.asarray(bank), sym, with_bank)
+        ref = sum(w * reference(_cut(q, k), _cut(d, k), G, TEMP, pos_ids, doc_ids, sym,
+                                extra=_cut(bank, k) if with_bank else None,
+                                extra_ids=bank_ids if with_bank else None)[0]
+                  for k, w in zip(dims, weights))
+        np.testing.assert_allclose(got_loss, ref, rtol=1e-5, err_msg=what)
+        np.testing.assert_allclose(want_loss, ref, rtol=1e-5, err_msg=what)
+        for a, b in zip(got, want):  # float32 sums in another order: rounding at 1e-5 of the largest
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()),
+                                       err_msg=what)
+    # Only the leading dimensions: a change in the last two coordinates moves only the 6-dim term.
+    base = contrastive_loss(q, d, group_size=G, temperature=TEMP, matryoshka_dims=[4, 2])
+    d2 = d.copy()
+    d2[:, 4:] += 1.0
+    assert float(contrastive_loss(q, d2, group_size=G, temperature=TEMP,
+                                  matryoshka_dims=[4, 2])) == pytest.approx(float(base), rel=1e-6)
+    with pytest.raises(NegjaxError, match="matryoshka"):
+        contrastive_loss(q, d, group_size=G, temperature=TEMP, matryoshka_dims=[8])

@@ -28,6 +28,7 @@ def add_parser(sub):
     p.add_argument("--pooling", choices=("mean", "cls", "last"),
                    help="override the model's pooling (default: its own; 'last' = the last "
                    "real token)")
+    p.add_argument("--dim", type=int, default=0, metavar="K", help="keep the first K embedding dimensions (re-normalised when the model normalises): a Matryoshka-trained model at a smaller size (default: all)")
     p.add_argument("--tower", choices=("query", "doc"), default="query",
                    help="which tower encodes and whose prompt (model.query_prompt / "
                    "doc_prompt) goes in front of the texts (default query)")
@@ -66,6 +67,8 @@ def run(args) -> int:
     enc, params, _ = load_model(args.model, cfg.model)
     if args.pooling:
         enc.pooling = args.pooling
+    if args.dim:
+        enc = enc.truncated(args.dim)
     emb = encode_texts(enc, params, texts, tower=args.tower,
                        max_length=args.max_length or None, batch_size=args.encode_batch_size)
     atomic_save_npy(args.output, emb.astype(np.float32))

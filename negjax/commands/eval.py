@@ -26,6 +26,7 @@ def add_parser(sub):
                    help="document max tokens (default: a training workdir's model.doc_max_len, else 128)")
     p.add_argument("--max-queries", type=int, default=0, help="evaluate at most N queries (0 = all)")
     p.add_argument("--save-run", help="write the rankings as a TREC run file (qid Q0 doc rank score tag)")
+    p.add_argument("--dim", type=int, default=0, metavar="K", help="keep the first K embedding dimensions (re-normalised when the model normalises): a Matryoshka-trained model at a smaller size (default: all)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     return p
 
@@ -57,6 +58,9 @@ def run(args) -> int:
         raise NegjaxError("--encode-batch-size must be >= 1 and --max-queries >= 0")
     data = EvalSet.from_files(corpus, queries, qrels, max_queries=args.max_queries)
     enc, params, info = load_model(args.model)
+    if args.dim:
+        enc = enc.truncated(args.dim)
+        info = dict(info, dim=args.dim)
     saved = saved_config(args.model)  # a training workdir: the lengths it trained with
     qlen, dlen = args.query_max_length, args.doc_max_length
     if qlen is None:

@@ -31,15 +31,17 @@ def run(args) -> int:
     from negjax.config import load_config
     from negjax.errors import NegjaxError
     from negjax.model import export_hf
-    from negjax.model.loader import load_model
+    from negjax.model.loader import load_model, saved_config
 
     cfg = load_config(args.config, args.overrides)
     enc, params, info = load_model(args.checkpoint, cfg.model)
     step = info["step"]
     if args.max_shard_size <= 0:
         raise NegjaxError(f"--max-shard-size must be > 0, got {args.max_shard_size}")
+    saved = saved_config(args.checkpoint)  # a training run: the Matryoshka sizes it trained
     out = export_hf(enc, params, args.out, tower=args.tower, overwrite=args.overwrite,
-                    max_shard_bytes=int(args.max_shard_size * 1e9))
+                    max_shard_bytes=int(args.max_shard_size * 1e9),
+                    matryoshka_dims=saved.loss.matryoshka_dims if saved else None)
     what = enc.source + (f" step {step}" if step is not None else "")
     print(f"exported {what} ({enc.config.num_layers} layers, dim {enc.dim}, "
           f"{enc.pooling} pooling{', normalised' if enc.normalize else ''}) to {out}")

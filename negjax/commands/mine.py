@@ -46,6 +46,8 @@ def add_parser(sub):
                    "report.json, report.png; .work/ holds resumable intermediate state)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a finished shard set mined with other settings")
+    p.add_argument("--dim", type=int, default=0, metavar="K", help="keep the first K embedding dimensions (re-normalised when the model normalises): a Matryoshka-trained model at a smaller size (default: all); mined "
+                   "scores are those of the truncated embeddings")
     g = p.add_argument_group("search")
     g.add_argument("--index", choices=("scann", "exact"))
     g.add_argument("--k", type=int, help="neighbours retrieved (default 100 + most positives)")
@@ -153,6 +155,9 @@ def run(args) -> int:
     from negjax.model.loader import load_model
 
     enc, params, model_info = load_model(None, cfg.model)
+    if args.dim:
+        enc = enc.truncated(args.dim)
+        model_info = dict(model_info, dim=args.dim)
     run_mining(enc, params, corpus_path=corpus, train_path=train, out_dir=args.out,
                mining_cfg=cfg.mining, query_max_len=cfg.model.query_max_len,
                doc_max_len=cfg.model.doc_max_len, model_info=model_info, train_qrels=qrels,

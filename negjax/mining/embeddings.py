@@ -42,10 +42,15 @@ def model_identity(enc) -> dict:
     config = asdict(enc.config)
     if config["model_type"] == "bert":  # keys of caches written before RoBERTa support
         del config["model_type"]
+    config.pop("attention", None)  # the kernel, not the math
+    if config.get("lora", 0) is None:  # (keys of caches written before LoRA stay valid)
+        del config["lora"]
     ident = {"config": config, "pooling": enc.pooling, "normalize": enc.normalize,
              "dtype": enc.dtype, "tokenizer": hashlib.sha256(tok.encode()).hexdigest()}
     if any(enc.prompts.values()):  # (keys of caches written before prompts stay valid)
         ident["prompts"] = dict(enc.prompts)
+    if enc.truncate_dim:
+        ident["truncate_dim"] = enc.truncate_dim
     return ident
 
 

@@ -45,12 +45,23 @@ class Encoder:
     source: str = ""                 # 'tiny', 'minilm' or the directory it came from
     extras: dict = field(default_factory=dict)  # unused checkpoint tensors kept for export
     prompts: dict = field(default_factory=dict)  # {"query": str, "doc": str}: put before texts
+    truncate_dim: int = 0            # > 0: keep the first k dimensions (Matryoshka), then normalise
     _jitted: dict = field(default_factory=dict, init=False, repr=False)
 
     @property
     def dim(self) -> int:
-        """Embedding size D."""
-        return self.config.hidden_size
+        """Embedding size D (`truncate_dim` when set)."""
+        return self.truncate_dim or self.config.hidden_size
+
+    def truncated(self, k: int) -> "Encoder":
+        """This encoder with embeddings cut to their first `k` dimensions (re-normalised when
+        it normalises): `--dim K` of encode, eval and mine, for Matryoshka-trained models."""
+        import dataclasses
+
+        if not 0 < k <= self.config.hidden_size:
+            raise NegjaxError(f"--dim {k}: the model's embeddings have {self.config.hidden_size} "
+                              "dimensions")
+        return dataclasses.replace(self, truncate_dim=0 if k == self.config.hidden_size else k)
 
     @property
     def module(self):
@@ -99,6 +110,8 @@ class Encoder:
         hidden = self.hidden_states(params, tokens, mask, tower=tower, rng=rng,
                                     deterministic=deterministic, layer_params=layer_params)
         emb = pool(hidden, mask, self.pooling)
+        if self.truncate_dim:
+            emb = emb[:, :self.truncate_dim]
         return l2_normalize(emb) if self.normalize else emb
 
     def jitted_encode(self, tower: str = "query"):
@@ -301,7 +314,8 @@ def load_encoder(model_cfg: ModelConfig) -> Encoder:
 
 
 def export_hf(enc: Encoder, params: dict, out_dir, *, tower: str = "query",
-              overwrite: bool = False, max_shard_bytes: int | None = None) -> Path:
+              overwrite: bool = False, max_shard_bytes: int | None = None,
+              matryoshka_dims=None) -> Path:
     """Write `params` (one tower: `tower`, irrelevant when tied) as a Hugging Face +
     sentence-transformers directory (config.json, model.safetensors, tokenizer files,
     modules.json, 1_Pooling, 2_Normalize when normalising, sentence_bert_config.json) that
@@ -317,5 +331,5 @@ def export_hf(enc: Encoder, params: dict, out_dir, *, tower: str = "query",
         config = config.replace(lora=None)
     return write_hf_dir(out_dir, config, one, enc.tokenizer, pooling=enc.pooling,
                         normalize=enc.normalize, max_length=enc.max_length, extras=enc.extras,
-                        prompts=enc.prompts, overwrite=overwrite,
+                        prompts=enc.prompts, overwrite=overwrite, matryoshka_dims=matryoshka_dims,
                         **({} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}))

@@ -660,7 +660,8 @@ def _save_tensors(root: Path, tensors: dict, max_shard_bytes: int) -> None:
 def write_hf_dir(out_dir: str | Path, cfg: BertConfig, params: dict, tokenizer, *, pooling: str,
                  normalize: bool, max_length: int, extras: dict | None = None,
                  prompts: dict | None = None, overwrite: bool = False,
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                 matryoshka_dims=None) -> Path:
     """Write a Hugging Face + sentence-transformers directory, atomically (a temporary
     directory renamed into place). An existing non-empty `out_dir` is an error unless
     `overwrite`."""
@@ -702,7 +703,11 @@ def write_hf_dir(out_dir: str | Path, cfg: BertConfig, params: dict, tokenizer, 
              "prompts": {name: (prompts or {}).get(tower, "") for name, tower in
                          (("query", "query"), ("document", "doc")) if (prompts or {}).get(tower)},
              "default_prompt_name": None,
-             "similarity_fn_name": "cosine" if normalize else "dot"}, indent=2) + "\n")
+             "similarity_fn_name": "cosine" if normalize else "dot",
+             # Trained with Matryoshka at these sizes: SentenceTransformer(dir, truncate_dim=k)
+             # (sentence-transformers ignores the key; negjax eval/encode/mine --dim k).
+             **({"matryoshka_dims": [int(k) for k in matryoshka_dims]} if matryoshka_dims else {})},
+            indent=2) + "\n")
         _set_permissions(tmp)
         if out_dir.is_dir():
             shutil.rmtree(out_dir)

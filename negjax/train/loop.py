@@ -215,6 +215,10 @@ class Trainer:
                 raise NegjaxError(f"model.{key} = {getattr(cfg.model, key)} exceeds the "
                                   f"{self.enc.config.max_tokens} tokens the model's position "
                                   "embeddings cover")
+        too_big = [k for k in cfg.loss.matryoshka_dims if k > self.enc.dim]
+        if too_big:
+            raise NegjaxError(f"loss.matryoshka_dims {too_big}: the model's embeddings have "
+                              f"{self.enc.dim} dimensions")
         lock, resume_step = _claim_workdir(self.workdir, self.main, self.pc)  # before any write
         self._unlock = weakref.finalize(self, lock.release) if lock else lambda: None
         if self.main:

@@ -219,7 +219,8 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
             q, d, group_size=G, temperature=temp, query_pos_ids=batch["query_pos_ids"],
             doc_ids=batch["doc_ids"], symmetric=sym, chunk_size=chunk,
             extra_docs=bank, extra_doc_ids=bank_ids, collective=cfg.loss.collective,
-            precision=cfg.loss.precision)
+            precision=cfg.loss.precision, matryoshka_dims=cfg.loss.matryoshka_dims or None,
+            matryoshka_weights=cfg.loss.matryoshka_weights or None, renormalize=enc.normalize)
 
     base_towers = tower_fn(enc)
 
