@@ -113,6 +113,11 @@ class LossConfig:
                               "leading dimensions (re-normalised when model.normalize), e.g. "
                               "[384, 256, 128, 64]; empty = off (the full embedding only)")
     matryoshka_weights: list = f([], "weight of each matryoshka_dims term; empty = 1 each")
+    false_negative_margin: float = f(-1.0, "false-negative guard m in [0, 1): per query, drop from "
+                                     "the softmax the negatives (in-batch, hard, bank) scoring "
+                                     "above the positive's score x (1 - m), no gradient through "
+                                     "the choice; the count is logged (false_negatives_masked); "
+                                     "negative = off")
     memory_bank_size: int = f(0, "MoCo-style queue of past document embeddings; 0 = off")
     momentum: float = f(0.999, "EMA decay of the momentum document encoder feeding the bank")
 
@@ -336,6 +341,9 @@ def validate(cfg: Config) -> Config:
         raise NegjaxError("config key 'data.length_buckets': must be a list of positive integers")
     if cfg.mining.rank_range:
         parse_rank_range(cfg.mining.rank_range, key="mining.rank_range")
+    if cfg.loss.false_negative_margin >= 1.0:
+        raise NegjaxError(f"config key 'loss.false_negative_margin': must be < 1 (negative = off), "
+                          f"got {cfg.loss.false_negative_margin}")
     dims, weights = cfg.loss.matryoshka_dims, cfg.loss.matryoshka_weights
     if not all(isinstance(k, int) and k > 0 for k in dims) or len(set(dims)) != len(dims):
         raise NegjaxError(f"config key 'loss.matryoshka_dims': must be distinct positive "

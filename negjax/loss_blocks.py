@@ -32,17 +32,23 @@ def _key_match(row_keys, col_keys):
     return eq.any(axis=(2, 3))
 
 
-def _block_masks(col_ids, valid, targets, row_keys, col_keys):
-    """(onehot, neg) [b, c] bool for a block of columns with global ids `col_ids [c]` (-1 for
-    columns that are nobody's target: memory-bank columns, padding) and `valid [c]` (False
-    for padding): the target column, and the columns that enter the softmax as negatives."""
+def _block_masks(col_ids, valid, targets, row_keys, col_keys, sim=None, guard=None):
+    """(onehot, neg, guarded) [b, c] bool for a block of columns with global ids `col_ids [c]`
+    (-1 for columns that are nobody's target: memory-bank columns, padding) and `valid [c]`
+    (False for padding): the target column, the columns that enter the softmax as negatives,
+    and the negatives the false-negative guard removed (None without a guard): those whose
+    similarity `sim [b, c]` (no gradient) exceeds the row's threshold `guard [b]`."""
     if col_keys is not None:  # empty memory-bank slots are no columns at all
         valid = valid & (col_keys[:, 0] != EMPTY)
     onehot = col_ids[None, :] == targets[:, None]
     neg = ~onehot & valid[None, :]
     if row_keys is not None:
         neg = neg & ~_key_match(row_keys, col_keys)
-    return onehot, neg
+    guarded = None
+    if guard is not None:
+        guarded = neg & (lax.stop_gradient(sim) > guard[:, None])
+        neg = neg & ~guarded
+    return onehot, neg, guarded
 
 
 def _match_vma(tree, *refs):
@@ -60,12 +66,15 @@ def _inv_norm(x):
     return lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1), 1e-24))
 
 
-def _block_stats(sim, onehot, neg, inv_r, inv_c):
+def _block_stats(sim, onehot, neg, inv_r, inv_c, guarded=None):
     """Per-row statistics of one column block (no gradient): target similarity / cosine,
-    hardest negative similarity / cosine, sum and count of negative cosines."""
+    hardest negative similarity / cosine, sum and count of negative cosines, count of
+    negatives removed by the false-negative guard."""
     cos = sim * inv_r[:, None] * inv_c[None, :]
     ninf = jnp.float32(-jnp.inf)
     return dict(
+        guarded=(jnp.zeros(sim.shape[:1], jnp.float32) if guarded is None
+                 else jnp.sum(guarded, axis=1).astype(jnp.float32)),
         tgt_sim=jnp.sum(jnp.where(onehot, sim, 0.0), axis=1),
         pos_cos=jnp.sum(jnp.where(onehot, cos, 0.0), axis=1),
         best_neg_sim=jnp.max(jnp.where(neg, sim, ninf), axis=1, initial=ninf),
@@ -85,26 +94,29 @@ def _finish_stats(s):
         rows_with_neg=jnp.sum(has_neg.astype(jnp.float32)),
         neg_cos=jnp.sum(s["neg_cos"]),
         neg_count=jnp.sum(s["neg_count"]),
+        guarded=jnp.sum(s["guarded"]),
     )
 
 
-def _dense_ce(rows, cols, scale, targets, row_keys, col_keys, with_stats, precision=_PRECISION):
+def _dense_ce(rows, cols, scale, targets, row_keys, col_keys, with_stats, precision=_PRECISION,
+              guard=None):
     """Sum over rows of softmax cross-entropy, materialising the [b, N] logits.
 
     rows [b, D] f32, cols [N, D] f32, scale [] f32 (1/temperature), targets [b] int (column
-    of each row's target), row_keys [b, Pr] / col_keys [N, Pc] int or None.
+    of each row's target), row_keys [b, Pr] / col_keys [N, Pc] int or None, guard [b] f32 or
+    None (the false-negative guard's similarity threshold per row).
     Returns (loss_sum [] f32, stats dict of [] f32 sums, or None)."""
     sim = jnp.matmul(rows, cols.T, precision=precision)
     logits = sim * scale
     ids = jnp.arange(cols.shape[0])
-    onehot, neg = _block_masks(ids, ids >= 0, targets, row_keys, col_keys)
+    onehot, neg, guarded = _block_masks(ids, ids >= 0, targets, row_keys, col_keys, sim, guard)
     lse = jax.nn.logsumexp(jnp.where(onehot | neg, logits, -jnp.inf), axis=1)
     tgt = jnp.sum(jnp.where(onehot, logits, 0.0), axis=1)
     loss_sum = jnp.sum(lse - tgt)
     if not with_stats:
         return loss_sum, None
     sg = lax.stop_gradient
-    stats = _block_stats(sg(sim), onehot, neg, _inv_norm(sg(rows)), _inv_norm(sg(cols)))
+    stats = _block_stats(sg(sim), onehot, neg, _inv_norm(sg(rows)), _inv_norm(sg(cols)), guarded)
     return loss_sum, _finish_stats(stats)
 
 
@@ -138,18 +150,18 @@ def _init_carry(rows, with_stats, *refs):
     st0 = None
     if with_stats:
         st0 = dict(tgt_sim=zeros, pos_cos=zeros, best_neg_sim=jnp.full((b,), ninf),
-                   hard_cos=jnp.full((b,), ninf), neg_cos=zeros, neg_count=zeros)
+                   hard_cos=jnp.full((b,), ninf), neg_cos=zeros, neg_count=zeros, guarded=zeros)
     return _match_vma((jnp.full((b,), ninf), zeros, zeros, st0), rows, *refs)
 
 
 def _fwd_block(carry, rows, blk, ids, valid, kblk, scale, targets, row_keys, inv_r,
-               precision=_PRECISION):
+               precision=_PRECISION, guard=None):
     """Fold one block of columns into the online log-sum-exp state `carry`."""
     m, l, tgt, st = carry
     ninf = jnp.float32(-jnp.inf)
     sim = jnp.matmul(rows, blk.T, precision=precision)
     logits = sim * scale
-    onehot, neg = _block_masks(ids, valid, targets, row_keys, kblk)
+    onehot, neg, guarded = _block_masks(ids, valid, targets, row_keys, kblk, sim, guard)
     keep = onehot | neg
     m_new = jnp.maximum(m, jnp.max(jnp.where(keep, logits, ninf), axis=1))
     # Rows whose columns so far were all masked keep m = -inf; shift by 0 then.
@@ -157,12 +169,13 @@ def _fwd_block(carry, rows, blk, ids, valid, kblk, scale, targets, row_keys, inv
     l = l * jnp.exp(m - shift) + jnp.sum(jnp.where(keep, jnp.exp(logits - shift[:, None]), 0.0), axis=1)
     tgt = tgt + jnp.sum(jnp.where(onehot, logits, 0.0), axis=1)
     if st is not None:
-        s = _block_stats(sim, onehot, neg, inv_r, _inv_norm(blk))
+        s = _block_stats(sim, onehot, neg, inv_r, _inv_norm(blk), guarded)
         st = dict(
             tgt_sim=st["tgt_sim"] + s["tgt_sim"], pos_cos=st["pos_cos"] + s["pos_cos"],
             best_neg_sim=jnp.maximum(st["best_neg_sim"], s["best_neg_sim"]),
             hard_cos=jnp.maximum(st["hard_cos"], s["hard_cos"]),
-            neg_cos=st["neg_cos"] + s["neg_cos"], neg_count=st["neg_count"] + s["neg_count"])
+            neg_cos=st["neg_cos"] + s["neg_cos"], neg_count=st["neg_count"] + s["neg_count"],
+            guarded=st["guarded"] + s["guarded"])
     return m_new, l, tgt, st
 
 
@@ -174,11 +187,11 @@ def _finish_forward(carry, with_stats):
 
 
 def _bwd_block(rows, blk, ids, valid, kblk, scale, targets, row_keys, lse, g,
-               precision=_PRECISION):
+               precision=_PRECISION, guard=None):
     """One block's share of the backward pass: (d rows, d scale, d block)."""
     sim = jnp.matmul(rows, blk.T, precision=precision)
     logits = sim * scale
-    onehot, neg = _block_masks(ids, valid, targets, row_keys, kblk)
+    onehot, neg, _ = _block_masks(ids, valid, targets, row_keys, kblk, sim, guard)
     p = jnp.where(onehot | neg, jnp.exp(logits - lse[:, None]), 0.0)
     dlogits = g * (p - onehot.astype(jnp.float32))       # d loss_sum / d logits
     dsim = dlogits * scale
@@ -186,36 +199,39 @@ def _bwd_block(rows, blk, ids, valid, kblk, scale, targets, row_keys, lse, g,
             jnp.matmul(dsim.T, rows, precision=precision))
 
 
-def _chunked_forward(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats, precision):
+def _chunked_forward(rows, cols, scale, targets, row_keys, col_keys, guard, chunk, with_stats,
+                     precision):
     blocks, key_blocks, ids, valid, _ = _pad_cols(cols, col_keys, chunk)
     inv_r = _inv_norm(rows) if with_stats else None
 
     def step(carry, xs):
         blk, kblk, bids, bvalid = xs
         return _fwd_block(carry, rows, blk, bids, bvalid, kblk, scale, targets, row_keys, inv_r,
-                          precision), None
+                          precision, guard), None
 
     carry, _ = lax.scan(step, _init_carry(rows, with_stats, cols, scale),
                         (blocks, key_blocks, ids, valid))
     return _finish_forward(carry, with_stats)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _chunked_ce(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats, precision):
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _chunked_ce(rows, cols, scale, targets, row_keys, col_keys, guard, chunk, with_stats,
+                precision):
     """Same contract as `_dense_ce`, with columns processed `chunk` at a time."""
-    loss_sum, stats, _ = _chunked_forward(rows, cols, scale, targets, row_keys, col_keys, chunk,
-                                          with_stats, precision)
+    loss_sum, stats, _ = _chunked_forward(rows, cols, scale, targets, row_keys, col_keys, guard,
+                                          chunk, with_stats, precision)
     return loss_sum, stats
 
 
-def _chunked_ce_fwd(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats, precision):
-    loss_sum, stats, lse = _chunked_forward(rows, cols, scale, targets, row_keys, col_keys, chunk,
-                                            with_stats, precision)
-    return (loss_sum, stats), (rows, cols, scale, targets, row_keys, col_keys, lse)
+def _chunked_ce_fwd(rows, cols, scale, targets, row_keys, col_keys, guard, chunk, with_stats,
+                    precision):
+    loss_sum, stats, lse = _chunked_forward(rows, cols, scale, targets, row_keys, col_keys, guard,
+                                            chunk, with_stats, precision)
+    return (loss_sum, stats), (rows, cols, scale, targets, row_keys, col_keys, guard, lse)
 
 
 def _chunked_ce_bwd(chunk, with_stats, precision, res, cotangents):
-    rows, cols, scale, targets, row_keys, col_keys, lse = res
+    rows, cols, scale, targets, row_keys, col_keys, guard, lse = res
     g = cotangents[0]  # the statistics carry no gradient
     n, dim = cols.shape
     blocks, key_blocks, ids, valid, nblocks = _pad_cols(cols, col_keys, chunk)
@@ -224,25 +240,28 @@ def _chunked_ce_bwd(chunk, with_stats, precision, res, cotangents):
         blk, kblk, bids, bvalid = xs
         drows, dscale = carry
         dr, ds, dblk = _bwd_block(rows, blk, bids, bvalid, kblk, scale, targets, row_keys, lse, g,
-                                  precision)
+                                  precision, guard)
         return (drows + dr, dscale + ds), dblk
 
     init = _match_vma((jnp.zeros_like(rows), jnp.zeros((), jnp.float32)), rows, cols, scale)
     (drows, dscale), dblocks = lax.scan(step, init, (blocks, key_blocks, ids, valid))
     dcols = dblocks.reshape(nblocks * chunk, dim)[:n]
-    return drows, dcols, dscale.astype(scale.dtype), None, None, None
+    return drows, dcols, dscale.astype(scale.dtype), None, None, None, None
 
 
 _chunked_ce.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
 
 
-def ce(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats, precision=_PRECISION):
+def ce(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats, precision=_PRECISION,
+       guard=None):
     """Sum over rows of softmax cross-entropy (+ statistics): dense, or chunked when `chunk`
-    is smaller than the column count."""
+    is smaller than the column count. `guard [b]`: see `_dense_ce`."""
     if chunk is None or chunk >= cols.shape[0]:
-        return _dense_ce(rows, cols, scale, targets, row_keys, col_keys, with_stats, precision)
+        return _dense_ce(rows, cols, scale, targets, row_keys, col_keys, with_stats, precision,
+                         guard)
     # Inside shard_map the custom VJP's cotangents must have their primals' device-variance;
     # they are computed from all three, so give all three the same variance up front (the
     # transpose of this cast sums e.g. a replicated scale's per-device cotangents).
     rows, cols, scale = _match_vma((rows, cols, scale), rows, cols, scale)
-    return _chunked_ce(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats, precision)
+    return _chunked_ce(rows, cols, scale, targets, row_keys, col_keys, guard, chunk, with_stats,
+                       precision)

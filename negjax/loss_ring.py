@@ -36,20 +36,21 @@ def _row_tiles(x, r, fill):
     return x.reshape((x.shape[0] // r, r) + x.shape[1:])
 
 
-def _ring_rows(rows, targets, row_keys, chunk):
+def _ring_rows(rows, targets, row_keys, guard, chunk):
     """The rows in tiles of `chunk` (so a block's logits are [chunk, chunk], not [b, chunk]):
-    padding rows have target -2 (no column has it) and no keys."""
+    padding rows have target -2 (no column has it), no keys and no guard (+inf)."""
     r = rows.shape[0] if chunk is None else min(chunk, rows.shape[0])
-    return (_row_tiles(rows, r, 0.0), _row_tiles(targets, r, -2), _row_tiles(row_keys, r, -1), r)
+    return (_row_tiles(rows, r, 0.0), _row_tiles(targets, r, -2), _row_tiles(row_keys, r, -1),
+            _row_tiles(guard, r, jnp.inf), r)
 
 
-def _ring_forward(rows, cols, scale, targets, row_keys, col_keys, col_ids, chunk, with_stats, axis,
-                  precision):
+def _ring_forward(rows, cols, scale, targets, row_keys, col_keys, col_ids, guard, chunk, with_stats,
+                  axis, precision):
     n = lax.axis_size(axis)
     perm = [(i, (i + 1) % n) for i in range(n)]
     b = rows.shape[0]
     blocks, key_blocks, ids, valid, _ = _ring_pieces(cols, col_keys, col_ids, chunk)
-    rows_t, targets_t, keys_t, r = _ring_rows(rows, targets, row_keys, chunk)
+    rows_t, targets_t, keys_t, guard_t, r = _ring_rows(rows, targets, row_keys, guard, chunk)
     inv_t = _row_tiles(_inv_norm(rows), r, 1.0) if with_stats else None
     nt = rows_t.shape[0]
     carry0 = jax.tree.map(lambda x: _row_tiles(x, r, 0.0),
@@ -57,9 +58,10 @@ def _ring_forward(rows, cols, scale, targets, row_keys, col_keys, col_ids, chunk
 
     def fold(carry, blk, bids, bvalid, kblk):  # one piece into every row tile's state
         def tile(_, xs):
-            c, rw, tg, rk, ir = xs
-            return None, _fwd_block(c, rw, blk, bids, bvalid, kblk, scale, tg, rk, ir, precision)
-        _, carry = lax.scan(tile, None, (carry, rows_t, targets_t, keys_t, inv_t))
+            c, rw, tg, rk, ir, gd = xs
+            return None, _fwd_block(c, rw, blk, bids, bvalid, kblk, scale, tg, rk, ir, precision,
+                                    gd)
+        _, carry = lax.scan(tile, None, (carry, rows_t, targets_t, keys_t, inv_t, guard_t))
         return carry
 
     def piece(carry, own):
@@ -76,44 +78,44 @@ def _ring_forward(rows, cols, scale, targets, row_keys, col_keys, col_ids, chunk
     return _finish_forward(carry, with_stats)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
-def _ring_ce(rows, cols, scale, targets, row_keys, col_keys, col_ids, chunk, with_stats, axis,
+@partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+def _ring_ce(rows, cols, scale, targets, row_keys, col_keys, col_ids, guard, chunk, with_stats, axis,
              precision):
     """`_chunked_ce` over the columns of every device of `axis`, without gathering them: each
     piece of this device's columns `cols [m, D]` (global ids `col_ids [m]`, -1 = nobody's
     target) visits every device once, which folds it into its rows' online log-sum-exp, a
     tile of `chunk` rows at a time."""
     loss_sum, stats, _ = _ring_forward(rows, cols, scale, targets, row_keys, col_keys, col_ids,
-                                       chunk, with_stats, axis, precision)
+                                       guard, chunk, with_stats, axis, precision)
     return loss_sum, stats
 
 
-def _ring_ce_fwd(rows, cols, scale, targets, row_keys, col_keys, col_ids, chunk, with_stats, axis,
-                 precision):
+def _ring_ce_fwd(rows, cols, scale, targets, row_keys, col_keys, col_ids, guard, chunk, with_stats,
+                 axis, precision):
     loss_sum, stats, lse = _ring_forward(rows, cols, scale, targets, row_keys, col_keys, col_ids,
-                                         chunk, with_stats, axis, precision)
-    return (loss_sum, stats), (rows, cols, scale, targets, row_keys, col_keys, col_ids, lse)
+                                         guard, chunk, with_stats, axis, precision)
+    return (loss_sum, stats), (rows, cols, scale, targets, row_keys, col_keys, col_ids, guard, lse)
 
 
 def _ring_ce_bwd(chunk, with_stats, axis, precision, res, cotangents):
-    rows, cols, scale, targets, row_keys, col_keys, col_ids, lse = res
+    rows, cols, scale, targets, row_keys, col_keys, col_ids, guard, lse = res
     g = cotangents[0]
     n = lax.axis_size(axis)
     perm = [(i, (i + 1) % n) for i in range(n)]
     b = rows.shape[0]
     m, dim = cols.shape
     blocks, key_blocks, ids, valid, nblocks = _ring_pieces(cols, col_keys, col_ids, chunk)
-    rows_t, targets_t, keys_t, r = _ring_rows(rows, targets, row_keys, chunk)
+    rows_t, targets_t, keys_t, guard_t, r = _ring_rows(rows, targets, row_keys, guard, chunk)
     lse_t = _row_tiles(lse, r, jnp.inf)   # padding rows: p = exp(-inf) = 0, no gradient
 
     def grads(dr, blk, bids, bvalid, kblk):  # one piece against every row tile
         def tile(dblk, xs):
-            rw, tg, rk, ls = xs
+            rw, tg, rk, ls, gd = xs
             d_rows, d_scale, d_blk = _bwd_block(rw, blk, bids, bvalid, kblk, scale, tg, rk, ls, g,
-                                                precision)
+                                                precision, gd)
             return dblk + d_blk, (d_rows, d_scale)
         dblk0 = _match_vma(jnp.zeros_like(blk), rows, cols, scale)
-        dblk, (d_rows, d_scale) = lax.scan(tile, dblk0, (rows_t, targets_t, keys_t, lse_t))
+        dblk, (d_rows, d_scale) = lax.scan(tile, dblk0, (rows_t, targets_t, keys_t, lse_t, guard_t))
         return dr + d_rows, jnp.sum(d_scale), dblk
 
     def piece(carry, own):
@@ -133,16 +135,16 @@ def _ring_ce_bwd(chunk, with_stats, axis, precision, res, cotangents):
     (drows, dscale), dblocks = lax.scan(piece, init, (blocks, ids, valid, key_blocks))
     drows = drows.reshape(-1, dim)[:b]
     dcols = dblocks.reshape(nblocks * blocks.shape[1], dim)[:m]
-    return drows, dcols, dscale.astype(scale.dtype), None, None, None, None
+    return drows, dcols, dscale.astype(scale.dtype), None, None, None, None, None
 
 
 _ring_ce.defvjp(_ring_ce_fwd, _ring_ce_bwd)
 
 
 def ring_ce(rows, cols, scale, targets, row_keys, col_keys, col_ids, chunk, with_stats, axis,
-            precision=_PRECISION):
+            precision=_PRECISION, guard=None):
     """`loss_blocks.ce` over the columns of every device of `axis` (this device holds `cols`,
     global ids `col_ids`), passed around the ring."""
     rows, cols, scale = _match_vma((rows, cols, scale), rows, cols, scale)
-    return _ring_ce(rows, cols, scale, targets, row_keys, col_keys, col_ids, chunk, with_stats,
-                    axis, precision)
+    return _ring_ce(rows, cols, scale, targets, row_keys, col_keys, col_ids, guard, chunk,
+                    with_stats, axis, precision)

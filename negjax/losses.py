@@ -82,15 +82,24 @@ def _extra_keys(n_docs, doc_keys, k, extra_ids):
     return jnp.concatenate([doc_keys.astype(jnp.int32), eids], axis=0)
 
 
+def _guard(q, d, group_size, margin):
+    """The false-negative guard's threshold per query [b] (no gradient): the similarity of
+    its own positive (local: document i*G) times (1 - margin); None when the guard is off."""
+    if margin is None:
+        return None
+    pos = jnp.sum(lax.stop_gradient(q) * lax.stop_gradient(d[::group_size]), axis=-1)
+    return pos * (1.0 - margin)
+
+
 def _local_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, *, group_size, symmetric,
-                 chunk, with_stats, axis, precision, collective="gather"):
+                 chunk, with_stats, axis, precision, collective="gather", margin=None):
     """Sums over this device's queries. q [b, D], d [b*G, D] (local shards, or the whole batch
     when axis is None), pos_keys [b, P+1] / doc_ids [b*G] int or None, extra [k, D] / extra_ids
     [k] or None. Returns (fwd_sum, bwd_sum or None, stats or None), unreduced."""
     if collective == "ring" and axis is not None:
         return _ring_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids,
                            group_size=group_size, symmetric=symmetric, chunk=chunk,
-                           with_stats=with_stats, axis=axis, precision=precision)
+                           with_stats=with_stats, axis=axis, precision=precision, margin=margin)
     b = q.shape[0]
     if axis is None:
         offset = 0
@@ -106,8 +115,9 @@ def _local_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, *, group_size
         col_keys = _extra_keys(cols.shape[0], col_keys, extra.shape[0],
                                None if extra_ids is None else gather(extra_ids))
         cols = jnp.concatenate([cols, lax.stop_gradient(extra)], axis=0)
+    guard = _guard(q, d, group_size, margin)
     fwd, stats = ce(q, cols, scale, qidx * group_size, pos_keys, col_keys, chunk, with_stats,
-                    precision)
+                    precision, guard)
     bwd = None
     if symmetric:
         # Positives against all queries; masked where the positive's id is another query's
@@ -115,12 +125,12 @@ def _local_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, *, group_size
         row_keys = None if doc_ids is None else doc_ids[::group_size][:, None]
         qkeys = None if pos_keys is None else gather(pos_keys)
         bwd, _ = ce(d[::group_size], gather(q), scale, qidx, row_keys, qkeys, chunk, False,
-                    precision)
+                    precision, guard)
     return fwd, bwd, stats
 
 
 def _ring_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, *, group_size, symmetric,
-                chunk, with_stats, axis, precision):
+                chunk, with_stats, axis, precision, margin=None):
     """`_local_terms` with the columns passed around the ring instead of gathered: the same
     columns (documents, then the memory bank's), ids, masks and targets."""
     b = q.shape[0]
@@ -132,13 +142,14 @@ def _ring_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, *, group_size,
         col_keys = _extra_keys(cols.shape[0], col_keys, extra.shape[0], extra_ids)
         cols = jnp.concatenate([cols, lax.stop_gradient(extra)], axis=0)
         col_ids = jnp.concatenate([col_ids, jnp.full((extra.shape[0],), -1, col_ids.dtype)])
+    guard = _guard(q, d, group_size, margin)
     fwd, stats = ring_ce(q, cols, scale, qidx * group_size, pos_keys, col_keys, col_ids, chunk,
-                         with_stats, axis, precision)
+                         with_stats, axis, precision, guard)
     bwd = None
     if symmetric:
         row_keys = None if doc_ids is None else doc_ids[::group_size][:, None]
         bwd, _ = ring_ce(d[::group_size], q, scale, qidx, row_keys, pos_keys, qidx, chunk, False,
-                         axis, precision)
+                         axis, precision, guard)
     return fwd, bwd, stats
 
 
@@ -187,7 +198,7 @@ def _check(q, d, group_size, query_pos_ids, doc_ids, chunk_size, extra, extra_id
 
 def _contrastive(q, d, *, group_size, temperature, query_pos_ids, doc_ids, symmetric,
                  chunk_size, extra, extra_ids, with_stats, collective="gather",
-                 precision="highest"):
+                 precision="highest", false_negative_margin=None):
     q = jnp.asarray(q, jnp.float32)
     d = jnp.asarray(d, jnp.float32)
     as_int = lambda x: None if x is None else jnp.asarray(x, jnp.int32)  # noqa: E731
@@ -207,8 +218,11 @@ def _contrastive(q, d, *, group_size, temperature, query_pos_ids, doc_ids, symme
             pos_keys = jnp.concatenate([query_pos_ids, pos_keys], axis=1)
 
     axes, n, manual, explicit = _data_axis()
+    if false_negative_margin is not None and not 0.0 <= false_negative_margin < 1.0:
+        raise NegjaxError(f"contrastive loss: false_negative_margin must be in [0, 1), got "
+                          f"{false_negative_margin}")
     kw = dict(group_size=group_size, symmetric=symmetric, chunk=chunk_size, with_stats=with_stats,
-              collective=collective, precision=PRECISIONS[precision])
+              collective=collective, precision=PRECISIONS[precision], margin=false_negative_margin)
     args = (q, d, scale, pos_keys, doc_ids, extra, extra_ids)
     # One device without a manual axis: no collective. (A 1-device Explicit mesh still goes
     # through shard_map: outside it, its arrays' shardings clash in the matmul.)
@@ -252,6 +266,8 @@ def _contrastive(q, d, *, group_size, temperature, query_pos_ids, doc_ids, symme
         neg_cos=jnp.where(stats["neg_count"] > 0,
                           stats["neg_cos"] / jnp.maximum(stats["neg_count"], 1.0), jnp.nan),
     )
+    if false_negative_margin is not None:
+        metrics["false_negatives_masked"] = stats["guarded"]
     return loss, metrics
 
 
@@ -261,7 +277,8 @@ def _contrastive(q, d, *, group_size, temperature, query_pos_ids, doc_ids, symme
 
 def contrastive_loss(q, d, *, group_size, temperature, query_pos_ids=None, doc_ids=None,
                      symmetric=False, chunk_size=None, collective="gather", precision="highest",
-                     matryoshka_dims=None, matryoshka_weights=None, renormalize=True):
+                     matryoshka_dims=None, matryoshka_weights=None, renormalize=True,
+                     false_negative_margin=None):
     """InfoNCE over the global in-batch similarity matrix (see the module docstring).
 
     q [B, D] float, d [B*group_size, D] float (grouped per query, positive first),
@@ -274,13 +291,18 @@ def contrastive_loss(q, d, *, group_size, temperature, query_pos_ids=None, doc_i
     matryoshka_dims [k1, k2, ...]: the loss is the weighted sum (`matryoshka_weights`, default
     1 each) of this loss over the embeddings truncated to their first k_i dimensions,
     re-normalised to unit length when `renormalize` (for encoders that normalise).
+    false_negative_margin m in [0, 1): the false-negative guard -- a negative column (in-batch,
+    hard or extra) whose similarity to the row (no gradient) exceeds the row's own positive's
+    similarity x (1 - m) leaves the row's softmax (the mining job's relative margin, applied
+    to the live batch; in the symmetric direction read from the positive's side).
     Returns the mean over the B global queries, [] float32.
     """
     loss, _ = _matryoshka(q, d, None, matryoshka_dims, matryoshka_weights, renormalize,
                           group_size=group_size, temperature=temperature,
                           query_pos_ids=query_pos_ids, doc_ids=doc_ids, symmetric=symmetric,
                           chunk_size=chunk_size, extra_ids=None, with_stats=False,
-                          collective=collective, precision=precision)
+                          collective=collective, precision=precision,
+                          false_negative_margin=false_negative_margin)
     return loss
 
 
@@ -327,7 +349,8 @@ def contrastive_loss_and_metrics(q, d, *, group_size, temperature, query_pos_ids
                                  doc_ids=None, symmetric=False, chunk_size=None,
                                  extra_docs=None, extra_doc_ids=None, collective="gather",
                                  precision="highest", matryoshka_dims=None,
-                                 matryoshka_weights=None, renormalize=True):
+                                 matryoshka_weights=None, renormalize=True,
+                                 false_negative_margin=None):
     """`contrastive_loss` plus in-batch metrics and optional extra negative columns.
 
     extra_docs [K, D]: negatives appended after the batch's documents (a memory bank); they
@@ -346,12 +369,16 @@ def contrastive_loss_and_metrics(q, d, *, group_size, temperature, query_pos_ids
     Cosines are computed from the embeddings' norms, so they are exact also when the
     encoder does not normalise. With `matryoshka_dims` (see `contrastive_loss`; the memory
     bank's columns are truncated alike) the metrics are those of the first dimension listed.
+    With `false_negative_margin`, metrics also hold `false_negatives_masked`: the number of
+    (query, column) pairs the guard removed in the query->document direction, over the global
+    batch.
     """
     return _matryoshka(q, d, extra_docs, matryoshka_dims, matryoshka_weights, renormalize,
                        group_size=group_size, temperature=temperature,
                        query_pos_ids=query_pos_ids, doc_ids=doc_ids, symmetric=symmetric,
                        chunk_size=chunk_size, extra_ids=extra_doc_ids, with_stats=True,
-                       collective=collective, precision=precision)
+                       collective=collective, precision=precision,
+                       false_negative_margin=false_negative_margin)
 
 
 def temperature_from_log_scale(log_scale, min_temperature, max_temperature):

@@ -46,8 +46,10 @@ def _softmax_ce(logits, keep, targets):
     return loss, (p - y) / len(targets)
 
 
-def reference(q, d, G, T, pos_ids=None, doc_ids=None, symmetric=False, extra=None, extra_ids=None):
-    """-> loss, dq, dd, dT, metrics (float64)."""
+def reference(q, d, G, T, pos_ids=None, doc_ids=None, symmetric=False, extra=None, extra_ids=None,
+              margin=None):
+    """-> loss, dq, dd, dT, metrics (float64). `margin`: the false-negative guard (a negative
+    scoring above the row's positive x (1 - margin) is no column of that row)."""
     q = np.asarray(q, np.float64)
     d = np.asarray(d, np.float64)
     nq, s = len(q), 1.0 / T
@@ -66,6 +68,12 @@ def reference(q, d, G, T, pos_ids=None, doc_ids=None, symmetric=False, extra=Non
             if c != targets[i] and ids is not None and ids[c] in pos[i]:
                 keep[i, c] = False
     sim = q @ cols.T
+    masked = 0
+    if margin is not None:
+        above = (sim > sim[np.arange(nq), targets][:, None] * (1 - margin)) & keep
+        above[np.arange(nq), targets] = False
+        masked = int(above.sum())
+        keep &= ~above
     loss, dlog = _softmax_ce(sim * s, keep, targets)
     dq = dlog @ cols * s
     dd = (dlog.T @ q * s)[: len(d)]
@@ -78,7 +86,7 @@ def reference(q, d, G, T, pos_ids=None, doc_ids=None, symmetric=False, extra=Non
         accuracy=np.mean([tgt[i] > sim[i][neg[i]].max(initial=-np.inf) for i in range(nq)]),
         pos_cos=cos[np.arange(nq), targets].mean(),
         hardest_neg_cos=np.mean([cos[i][neg[i]].max() for i in range(nq) if neg[i].any()]),
-        neg_cos=cos[neg].mean())
+        neg_cos=cos[neg].mean(), false_negatives_masked=masked)
     if symmetric:
         pd = d[::G]
         keep2 = np.ones((nq, nq), bool)
@@ -87,6 +95,10 @@ def reference(q, d, G, T, pos_ids=None, doc_ids=None, symmetric=False, extra=Non
                 if i != j and doc_ids is not None and int(doc_ids[j * G]) in pos[i]:
                     keep2[j, i] = False
         sim2 = pd @ q.T
+        if margin is not None:
+            above = (sim2 > np.diag(sim2)[:, None] * (1 - margin)) & keep2
+            np.fill_diagonal(above, False)
+            keep2 &= ~above
         loss2, dlog2 = _softmax_ce(sim2 * s, keep2, np.arange(nq))
         dd2 = np.zeros_like(d)
         dd2[::G] = dlog2 @ q * s
@@ -496,3 +508,47 @@ def test_matryoshka_loss_matches_references(ndev):
                                   matryoshka_dims=[4, 2])) == pytest.approx(float(base), rel=1e-6)
     with pytest.raises(NegjaxError, match="matryoshka"):
         contrastive_loss(q, d, group_size=G, temperature=TEMP, matryoshka_dims=[8])
+
+
+@pytest.mark.parametrize("ndev", [1, 2, 4, 8])
+def test_false_negative_guard_matches_reference(ndev):
+    """loss.false_negative_margin: negatives scoring above positive x (1 - m) leave the row's
+    softmax, on every path (dense, chunked, ring, symmetric, a memory bank); the number masked
+    is reported."""
+    G, K, m = 2, 8, 0.2
+    mesh = mesh_of(ndev) if ndev > 1 else None
+    q, d, pos_ids, doc_ids = make_batch(G, seed=60 + ndev)
+    rng = np.random.default_rng(8)
+    bank = rng.normal(size=(K, D)).astype(np.float32)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    bank_ids = rng.integers(100, 200, size=K).astype(np.int32)
+    variants = [(False, None, "gather", False), (True, 3, "gather", False),
+                (True, None, "ring", False), (False, 5, "ring", True), (False, None, "gather", True)]
+    for sym, chunk, coll, with_bank in variants:
+        what = f"devices={ndev} symmetric={sym} chunk={chunk} {coll} bank={with_bank}"
+        extra = dict(extra_docs=bank, extra_doc_ids=bank_ids) if with_bank else {}
+
+        def f(q, d):
+            return contrastive_loss_and_metrics(
+                q, d, group_size=G, temperature=TEMP, query_pos_ids=pos_ids, doc_ids=doc_ids,
+                symmetric=sym, chunk_size=chunk, collective=coll, false_negative_margin=m,
+                **extra)
+        with in_mesh(mesh):
+            if with_bank and mesh is not None:
+                extra = dict(extra_docs=put(mesh, bank)[0], extra_doc_ids=put(mesh, bank_ids)[0])
+            (loss, metrics), (gq, gd) = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(
+                *put(mesh, q, d))
+        rl, rq, rd, _, rm = reference(q, d, G, TEMP, pos_ids, doc_ids, sym, margin=m,
+                                      extra=bank if with_bank else None,
+                                      extra_ids=bank_ids if with_bank else None)
+        np.testing.assert_allclose(loss, rl, rtol=1e-5, err_msg=what)
+        np.testing.assert_allclose(gq, rq, rtol=1e-5, atol=1e-6, err_msg=what)
+        np.testing.assert_allclose(gd, rd, rtol=1e-5, atol=1e-6, err_msg=what)
+        assert int(metrics["false_negatives_masked"]) == rm["false_negatives_masked"] > 0, what
+        for k in ("accuracy", "pos_cos", "neg_cos"):
+            np.testing.assert_allclose(metrics[k], rm[k], rtol=1e-5, err_msg=f"{what} {k}")
+    # Off and m -> 1 (threshold 0 for positive scores) differ; a bad margin is refused.
+    off = reference(q, d, G, TEMP, pos_ids, doc_ids)[0]
+    assert abs(off - reference(q, d, G, TEMP, pos_ids, doc_ids, margin=m)[0]) > 1e-3
+    with pytest.raises(NegjaxError, match="false_negative_margin"):
+        contrastive_loss(q, d, group_size=G, temperature=TEMP, false_negative_margin=1.5)

@@ -1,6 +1,7 @@
-"""Training recipes through the commands users run: Matryoshka (loss.matryoshka_dims) trains,
-and encode / eval / mine --dim K use the truncated, re-normalised embeddings; the export
-records the sizes and loads in sentence-transformers with truncate_dim."""
+"""Training recipes through the commands users run: Matryoshka (loss.matryoshka_dims) with the
+false-negative guard (loss.false_negative_margin, its count logged) trains, and encode / eval /
+mine --dim K use the truncated, re-normalised embeddings; the export records the sizes and
+loads in sentence-transformers with truncate_dim."""
 
 import json
 import subprocess
@@ -21,10 +22,14 @@ def test_matryoshka_train_encode_eval_mine_export(tmp_path, small_data):  # noqa
     cfg = write_config(tmp_path, small_data, steps=6)
     work = tmp_path / "w"
     sets = ["loss.matryoshka_dims=[32, 16, 8]", "loss.matryoshka_weights=[1.0, 1.0, 0.5]",
-            "checkpoint.every_steps=6"]
+            "checkpoint.every_steps=6", "loss.false_negative_margin=0.3"]
     r = subprocess.run(train_cmd(cfg, work) + sum((["--set", s] for s in sets), []),
                        env=subprocess_env(2), capture_output=True, text=True, cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    # The false-negative guard's count is logged per step (mean over each logging window).
+    lines = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 6 and all(x["false_negatives_masked"] >= 0 for x in lines)
+    assert sum(x["false_negatives_masked"] for x in lines) > 0
     r = run_negjax("train", "--config", cfg, "--workdir", tmp_path / "bad", "--set",
                    "loss.matryoshka_dims=[64]", env=subprocess_env(1))
     assert r.returncode == 2 and "matryoshka_dims" in r.stderr and "32 dimensions" in r.stderr

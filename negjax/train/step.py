@@ -220,7 +220,9 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
             doc_ids=batch["doc_ids"], symmetric=sym, chunk_size=chunk,
             extra_docs=bank, extra_doc_ids=bank_ids, collective=cfg.loss.collective,
             precision=cfg.loss.precision, matryoshka_dims=cfg.loss.matryoshka_dims or None,
-            matryoshka_weights=cfg.loss.matryoshka_weights or None, renormalize=enc.normalize)
+            matryoshka_weights=cfg.loss.matryoshka_weights or None, renormalize=enc.normalize,
+            false_negative_margin=(cfg.loss.false_negative_margin
+                                   if cfg.loss.false_negative_margin >= 0 else None))
 
     base_towers = tower_fn(enc)
 
