@@ -700,3 +700,22 @@ def test_qwen_bidirectional_option_is_used_and_exported(tmp_path):
     assert load_encoder(ModelConfig(name=str(out))).config.causal is False
     with pytest.raises(NegjaxError, match="bidirectional"):
         load_encoder(ModelConfig(name="tiny", bidirectional=True))
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "modernbert"])
+def test_export_of_a_tiny_family_reloads_with_its_own_tokenizer(tmp_path, arch):
+    """An export keeps its tokenizer.json as it is: AutoTokenizer would pick the class of the
+    model_type (for qwen2, a BPE rebuilt from the WordPiece vocabulary, one token more)."""
+    from negjax.model.encoder import export_hf
+
+    enc = load_encoder(ModelConfig(name="tiny", architecture=arch, hidden_size=32, num_layers=1,
+                                   num_heads=2, intermediate_size=48))
+    out = export_hf(enc, enc.params, tmp_path / arch)
+    back = load_encoder(ModelConfig(name=str(out)))
+    texts = ["a domestic dog", "rain falling"]
+    assert len(back.tokenizer) == len(enc.tokenizer)
+    assert back.tokenizer(texts)["input_ids"] == enc.tokenizer(texts)["input_ids"]
+    tokens = np.array([[2, 85, 1623, 3]], np.int32)
+    mask = np.ones_like(tokens)
+    np.testing.assert_allclose(back.encode(back.params, tokens, mask),
+                               enc.encode(enc.params, tokens, mask), atol=1e-6)

@@ -17,6 +17,20 @@ from negjax.errors import NegjaxError
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 
 
+def _generic_class(path: Path) -> bool:
+    """tokenizer_config.json names the generic fast tokenizer (and tokenizer.json exists)."""
+    import json
+
+    config = path / "tokenizer_config.json"
+    if not (config.is_file() and (path / "tokenizer.json").is_file()):
+        return False
+    try:
+        cls = json.loads(config.read_text()).get("tokenizer_class")
+    except (ValueError, AttributeError):
+        return False
+    return cls in ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load_tokenizer(path: str | Path):
     """A `transformers` fast tokenizer from a directory holding tokenizer.json (or vocab.txt).
 
@@ -34,7 +48,14 @@ def load_tokenizer(path: str | Path):
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         raise NegjaxError(f"{path}: no tokenizer.json (or vocab.txt) in the directory")
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        if _generic_class(path):
+            # A generic tokenizers-backed tokenizer (what transformers 5 saves for any
+            # tokenizer.json): load that file as it is. AutoTokenizer would pick the class of
+            # config.json's model_type instead and, e.g. for 'qwen2', rebuild a BPE from the
+            # vocabulary (other ids, an extra token).
+            tok = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+        else:
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         if not (path / "tokenizer.json").is_file():
             raise NegjaxError(f"{path}: cannot load tokenizer: {e}") from None
