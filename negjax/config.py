@@ -86,6 +86,14 @@ class DataConfig:
     negatives: str = f("", "hard-negative shard directory (manifest.json); empty = none")
     num_negatives: int = f(0, "hard negatives per query (H); group size is 1 + H")
     negative_sampling: str = f("top", "'top' (best-ranked first) or 'random' within the mined list")
+    negative_mix: float = f(1.0, "fraction of the H negative slots filled from the mined list; the "
+                            "rest get random corpus documents (each slot decided by a hash of "
+                            "seed, step and slot: deterministic, resumable); 1 = all mined")
+    curriculum_start_rank: int = f(0, "hardness curriculum: at step 0 the mined lists are read "
+                                   "from this rank down (easier negatives), the offset falling "
+                                   "linearly to 0 (the hardest) at data.curriculum_steps; 0 = off")
+    curriculum_steps: int = f(0, "steps over which the curriculum reaches the top of the lists; "
+                              "0 = off")
     length_buckets: list = f([], "pad lengths (tokens); empty = powers of two up to the max length")
     prefetch: int = f(4, "batches prepared ahead in a background thread")
     cache_dir: str = f("", "token store cache; empty = $NEGJAX_CACHE or ~/.cache/negjax")

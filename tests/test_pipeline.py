@@ -368,3 +368,48 @@ def test_two_processes_draw_slices_of_the_global_batch(data, tmp_path):
         assert len(a) == 16 and len(b) == 16 and not a & b  # disjoint slices
         for key in full:
             np.testing.assert_array_equal(np.concatenate([g[f"{k}_{key}"] for g in got]), full[key])
+
+
+def test_negative_mix_and_curriculum(data):
+    """data.negative_mix: each negative slot is mined with probability mix (else a random
+    corpus document), deterministically; data.curriculum_*: the mined window starts
+    curriculum_start_rank ranks down and moves to the top linearly over curriculum_steps."""
+    H = 3
+
+    def mined_share(pipe, steps):
+        hits = total = 0
+        for k in range(steps):
+            gb = pipe.global_batch(k)
+            negs = gb.d_rows.reshape(len(gb.q_rows), 1 + H)[:, 1:]
+            for q, row in zip(gb.q_rows.tolist(), negs.tolist()):
+                if n_mined(q) >= H + 1:
+                    hits += sum(d in set(mined(q)) for d in row)
+                    total += H
+        return hits / total
+
+    full = make_pipeline(data, num_negatives=H)
+    half = make_pipeline(data, num_negatives=H, negative_mix=0.5)
+    none = make_pipeline(data, num_negatives=H, negative_mix=0.0)
+    # (a random document lands in the query's own 8-document mined list by chance only)
+    assert mined_share(full, 60) == 1.0 and mined_share(none, 60) < 0.03
+    assert 0.42 < mined_share(half, 120) < 0.58
+    again = make_pipeline(data, num_negatives=H, negative_mix=0.5)
+    for k in (0, 7, 55):  # a pure function of (seed, step)
+        np.testing.assert_array_equal(half.global_batch(k).d_rows, again.global_batch(k).d_rows)
+    np.testing.assert_array_equal(make_pipeline(data, num_negatives=H, negative_mix=1.0).global_batch(9).d_rows,
+                                  full.global_batch(9).d_rows)
+    with pytest.raises(NegjaxError, match="negative_mix"):
+        full.set_state(half.get_state())
+
+    cur = make_pipeline(data, num_negatives=H, curriculum_start_rank=4, curriculum_steps=3)
+    assert [cur.curriculum_offset(k) for k in range(5)] == [4, 3, 1, 0, 0]
+    seen = 0
+    for k in range(5):  # epoch 0 ('top' starts each list at rank 0)
+        gb = cur.global_batch(k)
+        negs = gb.d_rows.reshape(len(gb.q_rows), 1 + H)[:, 1:]
+        off = cur.curriculum_offset(k)
+        for q, row in zip(gb.q_rows.tolist(), negs.tolist()):
+            if n_mined(q) == 8:  # skip = min(off, 8 - H)
+                assert row == mined(q)[off:off + H], (k, q, off)
+                seen += 1
+    assert seen

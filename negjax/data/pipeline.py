@@ -52,11 +52,11 @@ from negjax.data.token_store import TokenStore, build_token_store
 from negjax.errors import NegjaxError
 
 STATE_VERSION = 1
-_PERM, _POS, _NEG, _RAND = 1, 2, 3, 4  # hash streams: one per kind of random choice
+_PERM, _POS, _NEG, _RAND, _MIX = 1, 2, 3, 4, 5  # hash streams: one per kind of random choice
 _RANDOM_ATTEMPTS = 32  # random draws before scanning for a free document
 _FAST_DRAWS = 4       # of which drawn vectorised up front
 STAT_KEYS = ("batches", "queries", "negatives", "random_negatives", "queries_short",
-             "replaced_duplicates", "unavoidable_duplicates", "shared_positives")
+             "replaced_duplicates", "unavoidable_duplicates", "shared_positives", "mix_random")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,8 +128,14 @@ class Pipeline:
                  batch_size: int, num_negatives: int = 0, negatives: NegativeLists | None = None,
                  seed: int = 0, strategy: str = "top", max_positives: int = 32,
                  query_buckets=None, doc_buckets=None, process_index: int = 0,
-                 process_count: int = 1, prefetch: int = 4, threads: int = 1):
+                 process_count: int = 1, prefetch: int = 4, threads: int = 1,
+                 negative_mix: float = 1.0, curriculum_start_rank: int = 0,
+                 curriculum_steps: int = 0):
         nq, nd = len(examples), len(doc_store)
+        if not 0.0 <= negative_mix <= 1.0:
+            raise NegjaxError(f"data.negative_mix must be in [0, 1], got {negative_mix}")
+        if curriculum_start_rank < 0 or curriculum_steps < 0:
+            raise NegjaxError("data.curriculum_start_rank and data.curriculum_steps must be >= 0")
         if len(query_store) != nq:
             raise ValueError(f"query store has {len(query_store)} rows, examples {nq}")
         if strategy not in ("top", "random"):
@@ -144,6 +150,8 @@ class Pipeline:
         self.examples, self.query_store, self.doc_store = examples, query_store, doc_store
         self.batch_size, self.num_negatives, self.group_size = batch_size, num_negatives, 1 + num_negatives
         self.seed, self.strategy = int(seed), strategy
+        self.negative_mix = float(negative_mix)
+        self.curriculum = (int(curriculum_start_rank), int(curriculum_steps))
         self.num_queries, self.num_docs = nq, nd
         self.steps_per_epoch = nq // batch_size
         self.process_index, self.process_count = process_index, process_count
@@ -238,10 +246,25 @@ class Pipeline:
         d_len = _bucket(self.doc_buckets, int(self._d_lengths[d_rows].max()))
         return GlobalBatch(int(k), q, d_rows, pos_ids, q_len, d_len, stats)
 
+    def curriculum_offset(self, k: int) -> int:
+        """Mined ranks skipped at step k: curriculum_start_rank at step 0, falling linearly to 0
+        at curriculum_steps (easy -> hard); 0 without a curriculum."""
+        start, steps = self.curriculum
+        if not start or not steps or k >= steps:
+            return 0
+        return int(round(start * (1.0 - k / steps)))
+
     def _negatives(self, k, epoch, q, chosen, all_pos, stats) -> np.ndarray:
         """[B, H] int64 document rows (the rules in the module docstring)."""
         B, H, nd = self.batch_size, self.num_negatives, self.num_docs
         cand, n = _ragged(self._neg_off, self._neg_rows, q)
+        off = self.curriculum_offset(k)
+        if off and cand.shape[1]:
+            # The window starts `off` ranks down each list (never past its last H entries).
+            skip = np.clip(n - H, 0, off)
+            j = np.arange(cand.shape[1])[None, :] + skip[:, None]
+            cand = np.where(j < cand.shape[1], np.take_along_axis(cand, np.minimum(j, cand.shape[1] - 1), axis=1), -1)
+            n = n - skip
         C = cand.shape[1]
         if C:
             j = np.arange(C)[None, :]
@@ -256,6 +279,14 @@ class Pipeline:
             cand = np.where(valid, np.take_along_axis(cand, order, axis=1), -1)
         picks = np.full((B, H), -1, dtype=np.int64)
         picks[:, :min(H, C)] = cand[:, :H]
+        mix_slot = np.zeros((B, H), bool)
+        if self.negative_mix < 1.0:
+            # Each slot is a mined negative with probability negative_mix (hash of the step and
+            # slot: deterministic), else a random corpus document.
+            u = hash_u64(self.seed, _MIX, k, np.arange(B * H).reshape(B, H)) >> np.uint64(11)
+            mix_slot = u.astype(np.float64) / float(1 << 53) >= self.negative_mix
+            picks = np.where(mix_slot, -1, picks)
+            stats["mix_random"] = int(mix_slot.sum())
         short = picks < 0
         stats["queries_short"] = int(short.any(axis=1).sum())
         stats["random_negatives"] = int(short.sum())
@@ -287,7 +318,8 @@ class Pipeline:
                 owns[b] = set(all_pos[b][all_pos[b] >= 0].tolist())
             row, own = rows[b], owns[b]
             new = None
-            while next_cand[b] < C and row[next_cand[b]] >= 0:
+            # (a slot the mix made random is refilled at random, not from the mined list)
+            while not mix_slot[b, h] and next_cand[b] < C and row[next_cand[b]] >= 0:
                 c = row[next_cand[b]]
                 next_cand[b] += 1
                 if c not in used and c not in own:
@@ -383,7 +415,8 @@ class Pipeline:
         return {"version": STATE_VERSION, "step": self._start, "seed": self.seed,
                 "batch_size": self.batch_size, "num_negatives": self.num_negatives,
                 "num_queries": self.num_queries, "num_docs": self.num_docs,
-                "strategy": self.strategy, "stats": self.stats}
+                "strategy": self.strategy, "negative_mix": self.negative_mix,
+                "curriculum": list(self.curriculum), "stats": self.stats}
 
     def set_state(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
@@ -393,6 +426,12 @@ class Pipeline:
             if state.get(key) != getattr(self, key):
                 raise NegjaxError(f"data iterator state is from a different setup: {key} "
                                   f"{state.get(key)!r} there, {getattr(self, key)!r} now")
+        # (states saved before these options existed: mix 1, no curriculum)
+        for key, now, default in (("negative_mix", self.negative_mix, 1.0),
+                                  ("curriculum", list(self.curriculum), [0, 0])):
+            if state.get(key, default) != now:
+                raise NegjaxError(f"data iterator state is from a different setup: {key} "
+                                  f"{state.get(key, default)!r} there, {now!r} now")
         self._start = int(state["step"])
         self._stats = {**dict.fromkeys(STAT_KEYS, 0), **state.get("stats", {})}
         if self._iter is not None:
@@ -500,4 +539,6 @@ def build_pipeline(cfg, tokenizer, *, negatives_dir: str | None = None,
                     max_positives=getattr(d, "max_positives", 32),
                     query_buckets=d.length_buckets, doc_buckets=d.length_buckets,
                     process_index=process_index, process_count=process_count,
-                    prefetch=d.prefetch, threads=getattr(d, "prefetch_threads", 1))
+                    prefetch=d.prefetch, threads=getattr(d, "prefetch_threads", 1),
+                    negative_mix=d.negative_mix, curriculum_start_rank=d.curriculum_start_rank,
+                    curriculum_steps=d.curriculum_steps)
