@@ -126,6 +126,12 @@ class LossConfig:
                                      "above the positive's score x (1 - m), no gradient through "
                                      "the choice; the count is logged (false_negatives_masked); "
                                      "negative = off")
+    distill: str = f("", "distillation from teacher scores (training rows' pos_scores / neg_scores): "
+                     "'kl' or 'margin_mse' over each query's positive and hard negatives, "
+                     "added to InfoNCE; empty = off")
+    distill_weight: float = f(1.0, "weight of the distillation term against InfoNCE")
+    teacher_temperature: float = f(1.0, "teacher scores are divided by this before the softmax "
+                                   "(kl) or the margins (margin_mse)")
     memory_bank_size: int = f(0, "MoCo-style queue of past document embeddings; 0 = off")
     momentum: float = f(0.999, "EMA decay of the momentum document encoder feeding the bank")
 
@@ -227,6 +233,8 @@ _CHOICES = {
     "eval.index": ("exact", "scann"),
     "eval.split": ("dev", "test", "none"),
     "loss.precision": ("highest", "high", "default"),
+    "loss.distill": ("", "kl", "margin_mse"),
+    "model.attention": ("xla", "cudnn"),
 }
 _POSITIVE = ("train.steps", "train.batch_size", "train.log_every", "checkpoint.every_steps",
              "checkpoint.keep", "model.query_max_len", "model.doc_max_len", "mining.encode_batch_size",
@@ -349,6 +357,9 @@ def validate(cfg: Config) -> Config:
         raise NegjaxError("config key 'data.length_buckets': must be a list of positive integers")
     if cfg.mining.rank_range:
         parse_rank_range(cfg.mining.rank_range, key="mining.rank_range")
+    if cfg.loss.teacher_temperature <= 0 or cfg.loss.distill_weight < 0:
+        raise NegjaxError("config keys 'loss.teacher_temperature' (> 0) / 'loss.distill_weight' "
+                          "(>= 0): out of range")
     if cfg.loss.false_negative_margin >= 1.0:
         raise NegjaxError(f"config key 'loss.false_negative_margin': must be < 1 (negative = off), "
                           f"got {cfg.loss.false_negative_margin}")

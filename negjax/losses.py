@@ -381,6 +381,55 @@ def contrastive_loss_and_metrics(q, d, *, group_size, temperature, query_pos_ids
                        false_negative_margin=false_negative_margin)
 
 
+DISTILL_MODES = ("kl", "margin_mse")
+
+
+def distillation_loss(q, d, teacher_scores, *, group_size, mode, temperature,
+                      teacher_temperature=1.0):
+    """Distillation from a teacher's scores over each query's own group (its positive and its
+    hard negatives), e.g. a cross-encoder reranker's.
+
+    q [B, D], d [B*G, D] (grouped per query, positive first), teacher_scores [B, G] float
+    (NaN = the teacher did not score that document). Student scores are q . d / temperature,
+    teacher scores t / teacher_temperature, both over the documents the teacher scored:
+      'kl'          KL(softmax(teacher) || softmax(student)) per query
+      'margin_mse'  mean over scored negatives of ((s_pos - s_neg) - (t_pos - t_neg))^2
+    A query counts when its positive and at least one negative were scored. Inside a
+    shard_map over the batch axes (the train step) the sums run over the global batch.
+    Returns (mean over counted queries [] f32, number of counted queries [] f32).
+    """
+    if mode not in DISTILL_MODES:
+        raise NegjaxError(f"distillation mode {mode!r} is not one of {list(DISTILL_MODES)}")
+    q = jnp.asarray(q, jnp.float32)
+    d = jnp.asarray(d, jnp.float32)
+    t = jnp.asarray(teacher_scores, jnp.float32)
+    b = q.shape[0]
+    if t.shape != (b, group_size) or d.shape[0] != b * group_size:
+        raise NegjaxError(f"distillation: teacher_scores must be [{b}, {group_size}] for q "
+                          f"{q.shape} and d {d.shape}, got {t.shape}")
+    s = jnp.einsum("bd,bgd->bg", q, d.reshape(b, group_size, -1),
+                   precision=lax.Precision.HIGHEST) / temperature
+    known = jnp.isfinite(t)
+    t = jnp.where(known, t, 0.0) / teacher_temperature
+    valid = known[:, 0] & known[:, 1:].any(axis=1)
+    if mode == "kl":
+        # A large finite floor (not -inf) for unscored documents: no NaN in any gradient.
+        floor = jnp.float32(-1e30)
+        log_pt = jax.nn.log_softmax(jnp.where(known, t, floor), axis=1)
+        log_ps = jax.nn.log_softmax(jnp.where(known, s, floor), axis=1)
+        per_row = jnp.sum(jnp.where(known, jnp.exp(log_pt) * (log_pt - log_ps), 0.0), axis=1)
+    else:
+        pair = known[:, :1] & known[:, 1:]
+        err = ((s[:, :1] - s[:, 1:]) - (t[:, :1] - t[:, 1:])) ** 2
+        per_row = jnp.sum(jnp.where(pair, err, 0.0), axis=1) / jnp.maximum(pair.sum(axis=1), 1)
+    total = jnp.sum(jnp.where(valid, per_row, 0.0))
+    count = jnp.sum(valid.astype(jnp.float32))
+    axes, _, manual, _ = _data_axis()
+    if manual:
+        total, count = lax.psum((total, count), axes)
+    return total / jnp.maximum(count, 1.0), count
+
+
 def temperature_from_log_scale(log_scale, min_temperature, max_temperature):
     """A learnable temperature: `log_scale` [] f32 is log(1/temperature); the result is
     exp(-log_scale) clipped to [min_temperature, max_temperature] (the clip's gradient is zero

@@ -552,3 +552,48 @@ def test_false_negative_guard_matches_reference(ndev):
     assert abs(off - reference(q, d, G, TEMP, pos_ids, doc_ids, margin=m)[0]) > 1e-3
     with pytest.raises(NegjaxError, match="false_negative_margin"):
         contrastive_loss(q, d, group_size=G, temperature=TEMP, false_negative_margin=1.5)
+
+
+def _distill_reference(q, d, t, G, mode, T, Tt):
+    """float64: per-query KL / margin-MSE over the scored documents of its group."""
+    q, d, t = (np.asarray(x, np.float64) for x in (q, d, t))
+    s = np.einsum("bd,bgd->bg", q, d.reshape(len(q), G, -1)) / T
+    rows = []
+    for i in range(len(q)):
+        known = np.isfinite(t[i])
+        if not (known[0] and known[1:].any()):
+            continue
+        ti, si = t[i][known] / Tt, s[i][known]
+        if mode == "kl":
+            pt = np.exp(ti - ti.max()) / np.exp(ti - ti.max()).sum()
+            lps = si - si.max() - np.log(np.exp(si - si.max()).sum())
+            rows.append(float(np.sum(pt * (np.log(pt) - lps))))
+        else:
+            neg = np.flatnonzero(known[1:]) + 1
+            rows.append(float(np.mean(((s[i, 0] - s[i, neg]) - (t[i, 0] - t[i, neg]) / Tt) ** 2)))
+    return np.mean(rows), len(rows)
+
+
+@pytest.mark.parametrize("mode", ["kl", "margin_mse"])
+def test_distillation_loss_matches_reference(mode):
+    """loss.distill: the teacher's scores over each query's group, unscored documents (NaN)
+    left out, queries without a scored positive and negative not counted; gradients finite."""
+    from negjax.losses import distillation_loss
+
+    G = 4
+    q, d, _, _ = make_batch(G, seed=90)
+    rng = np.random.default_rng(91)
+    t = rng.normal(size=(B, G)).astype(np.float32) * 3
+    t[1, 2] = np.nan
+    t[2, 1:] = np.nan          # no scored negative: not counted
+    t[3, 0] = np.nan           # no scored positive: not counted
+    want, n = _distill_reference(q, d, t, G, mode, TEMP, 2.0)
+    f = lambda q, d: distillation_loss(q, d, t, group_size=G, mode=mode, temperature=TEMP,  # noqa: E731
+                                       teacher_temperature=2.0)
+    (got, count), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(q, d)
+    assert int(count) == n == B - 2
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+    assert np.abs(np.asarray(grads[0])[2]).max() == 0.0  # an uncounted query gets no gradient
+    with pytest.raises(NegjaxError, match="distillation"):
+        distillation_loss(q, d, t[:, :2], group_size=G, mode=mode, temperature=TEMP)

@@ -74,3 +74,51 @@ def test_matryoshka_train_encode_eval_mine_export(tmp_path, small_data):  # noqa
     assert st_cfg["matryoshka_dims"] == [32, 16, 8]
     st = SentenceTransformer(str(tmp_path / "hf"), device="cpu", truncate_dim=16)
     np.testing.assert_allclose(st.encode(texts, normalize_embeddings=True), cut, atol=1e-5)
+
+
+def test_distillation_from_training_file_scores(tmp_path, small_data):  # noqa: F811
+    """Training records with FlagEmbedding's pos_scores / neg_scores: read per document,
+    carried into each batch as teacher_scores [b, G], trained on with loss.distill; a record
+    whose scores do not match its entries is refused by file and line; loss.distill without
+    teacher scores stops before training."""
+    from negjax.data.formats import read_training
+    from negjax.errors import NegjaxError
+
+    import pytest
+
+    corpus_ids = [json.loads(x)["id"] for x in (small_data / "corpus.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (small_data / "train.jsonl").read_text().splitlines()]
+    for i, r in enumerate(rows):  # two file negatives per query, scored below the positive
+        r["neg"] = [c for c in corpus_ids[i * 3: i * 3 + 6] if c not in r["pos"]][:2]
+        r["pos_scores"] = [4.0] * len(r["pos"])
+        r["neg_scores"] = [1.0 + 0.5 * j for j in range(len(r["neg"]))]
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("corpus.jsonl", "dev_queries.jsonl", "dev_qrels.tsv"):
+        (data / name).write_text((small_data / name).read_text())
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    corpus, ex = read_training(data / "train.jsonl", data / "corpus.jsonl")
+    first = ex.teacher[0]
+    assert first[corpus.index[rows[0]["pos"][0]]] == 4.0
+    assert [first[corpus.index[n]] for n in rows[0]["neg"]] == [1.0, 1.5]
+
+    bad = dict(rows[1], neg_scores=[1.0])
+    (tmp_path / "bad.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(NegjaxError, match=r"bad.jsonl:2: 'neg_scores' has 1 numbers for 2"):
+        read_training(tmp_path / "bad.jsonl", data / "corpus.jsonl")
+
+    cfg = write_config(tmp_path, data, steps=6)
+    work = tmp_path / "w"
+    sets = ["loss.distill=kl", "loss.distill_weight=0.5", "data.num_negatives=2",
+            "checkpoint.every_steps=6"]
+    r = subprocess.run(train_cmd(cfg, work) + sum((["--set", s] for s in sets), []),
+                       env=subprocess_env(2), capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(x["distill_loss"]) and x["distill_loss"] > 0 for x in lines)
+    assert all(x["distill_queries"] > 0 for x in lines)
+
+    r = run_negjax("train", "--config", write_config(tmp_path, small_data, steps=2, name="p.toml"),
+                   "--workdir", tmp_path / "w2", "--set", "loss.distill=margin_mse",
+                   env=subprocess_env(1))
+    assert r.returncode == 2 and "needs teacher scores" in r.stderr

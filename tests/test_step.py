@@ -279,3 +279,38 @@ def test_matryoshka_step_matches_reference(enc, n, gc):
     assert_trees_close(grads, ref_grads)
     plain = reference(enc, enc.params, batch, cfg)[0]
     assert abs(float(loss) - float(plain)) > 1e-3  # the truncated terms are really there
+
+
+@pytest.mark.parametrize("n,gc,mode", [(1, 0, "kl"), (4, 1, "kl"), (8, 0, "margin_mse")])
+def test_distillation_step_matches_reference(enc, n, gc, mode):
+    """loss.distill through the train step (plain and GradCache, several devices) == InfoNCE +
+    weight x the public distillation loss on one device; its value is a metric."""
+    from negjax.losses import distillation_loss
+
+    require_devices(n)
+    cfg = make_cfg(train__grad_cache_chunk=gc, loss__distill=mode, loss__distill_weight=0.5,
+                   loss__teacher_temperature=2.0)
+    batch = make_batch(4)
+    t = np.random.default_rng(5).normal(size=(B, G)).astype(np.float32)
+    t[2, 1] = np.nan
+    batch["teacher_scores"] = t
+
+    def loss_fn(p):
+        q = enc.encode(p["model"], batch["q_tokens"], batch["q_mask"], tower="query")
+        d = enc.encode(p["model"], batch["d_tokens"], batch["d_mask"], tower="doc")
+        nce = contrastive_loss(q, d, group_size=G, temperature=cfg.loss.temperature,
+                               query_pos_ids=batch["query_pos_ids"], doc_ids=batch["doc_ids"])
+        dist, _ = distillation_loss(q, d, t, group_size=G, mode=mode,
+                                    temperature=cfg.loss.temperature, teacher_temperature=2.0)
+        return nce + 0.5 * dist, dist
+    (ref_loss, ref_dist), ref_grads = jax.value_and_grad(loss_fn, has_aux=True)({"model": enc.params})
+    mesh = mesh_of(n)
+    step_fn = make_train_step(enc, cfg, mesh, group_size=G)
+    placed = put({k: v for k, v in batch.items() if k != "teacher_scores"}, mesh)
+    placed["teacher_scores"] = jax.device_put(t, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec("data")))
+    loss, metrics, grads = step_fn.loss_and_grads({"model": enc.params}, placed, jnp.int32(0))
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["distill_loss"]), float(ref_dist), rtol=1e-5)
+    assert int(metrics["distill_queries"]) == B - 1
+    assert_trees_close(grads, ref_grads)

@@ -84,10 +84,17 @@ class TrainExamples:
     lines: list[int]
     path: str = ""
     format: str = ""
+    # teacher[i]: {corpus row: teacher score} from the record's pos_scores / neg_scores
+    # (FlagEmbedding's fields, any reranker's scores); empty when it has none.
+    teacher: list[dict] = field(default_factory=list)
 
     @classmethod
     def empty(cls, path, fmt: str) -> "TrainExamples":
         return cls([], [], [], [], [], str(path), fmt)
+
+    @property
+    def has_teacher_scores(self) -> bool:
+        return any(self.teacher)
 
     def __len__(self) -> int:
         return len(self.query_ids)
@@ -96,12 +103,13 @@ class TrainExamples:
         return {q: i for i, q in enumerate(self.query_ids)}
 
     def add(self, query_id: str, query: str, positives: list[int], negatives: list[int],
-            line: int) -> None:
+            line: int, teacher: dict | None = None) -> None:
         self.query_ids.append(query_id)
         self.queries.append(query)
         self.positives.append(positives)
         self.negatives.append(negatives)
         self.lines.append(line)
+        self.teacher.append(teacher or {})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,7 +365,7 @@ def _read_pairs(path: Path, fmt: str, doc_row, clash) -> TrainExamples:
         pos, neg = _pos_neg(obj, doc_row, "pos", "neg", path, line)
         if set(pos) & set(neg):
             raise file_error(path, line, clash(set(pos) & set(neg)))
-        ex.add(qid, query, pos, neg, line)
+        ex.add(qid, query, pos, neg, line, _teacher(obj, doc_row, path, line))
     if not ex.query_ids:
         raise NegjaxError(f"{path}: no training examples")
     return ex
@@ -386,6 +394,25 @@ def _pos_neg(obj, doc_row, pos_key: str, neg_key: str, path, line) -> tuple[list
     neg = _dedup([doc_row(x, neg_key, j, line) for j, x in
                   enumerate(_list(obj, neg_key, path, line, required=False))])
     return pos, neg
+
+
+def _teacher(obj, doc_row, path, line) -> dict:
+    """{corpus row: score} from "pos_scores" / "neg_scores" (FlagEmbedding's fields: one
+    number per entry of "pos" / "neg", e.g. a reranker's scores for distillation)."""
+    out = {}
+    for key, scores_key in (("pos", "pos_scores"), ("neg", "neg_scores")):
+        if obj.get(scores_key) is None:
+            continue
+        entries = _list(obj, key, path, line, required=False)
+        scores = _list(obj, scores_key, path, line, required=False)
+        if len(scores) != len(entries):
+            raise file_error(path, line, f"{scores_key!r} has {len(scores)} numbers for "
+                             f"{len(entries)} {key!r} entries")
+        for j, (entry, score) in enumerate(zip(entries, scores)):
+            if isinstance(score, bool) or not isinstance(score, (int, float)) or score != score:
+                raise file_error(path, line, f"{scores_key}[{j}] must be a number, got {score!r}")
+            out[doc_row(entry, key, j, line)] = float(score)
+    return out
 
 
 def _expect(value, typ, path, line, what: str, hint: str = "") -> None:

@@ -170,6 +170,8 @@ class Pipeline:
             if len(arr) and (arr.min() < 0 or arr.max() >= nd):
                 raise ValueError("document row out of range of the document store")
         self.num_positives = int(max(1, min(max_positives, np.diff(self._pos_off).max())))
+        # Teacher scores (distillation): a batch field only when the training data has them.
+        self._teacher = examples.teacher if examples.has_teacher_scores else None
         self.query_buckets = length_buckets(query_store.max_len, query_buckets or ())
         self.doc_buckets = length_buckets(doc_store.max_len, doc_buckets or ())
         self._q_lengths = np.asarray(query_store.lengths)
@@ -361,7 +363,9 @@ class Pipeline:
     def batch(self, k: int) -> dict:
         """This process' slice of global batch k (a pure function of (seed, k)):
         q_tokens/q_mask [b, Lq] int32, d_tokens/d_mask [b*G, Ld] int32, doc_ids [b*G] int32,
-        query_pos_ids [b, P] int32 (-1 padded), b = batch_size // process_count."""
+        query_pos_ids [b, P] int32 (-1 padded), b = batch_size // process_count; and, when
+        the training data carries teacher scores, teacher_scores [b, G] float32 (NaN where
+        the teacher did not score that document)."""
         return self._element(k)[0]
 
     def _element(self, k: int):
@@ -374,6 +378,12 @@ class Pipeline:
         batch = {"q_tokens": q_tokens, "q_mask": q_mask, "d_tokens": d_tokens, "d_mask": d_mask,
                  "doc_ids": d.astype(np.int32),
                  "query_pos_ids": g.pos_ids[p * b:(p + 1) * b].astype(np.int32)}
+        if self._teacher is not None:
+            # [b, G]: the teacher's score of each query's positive and negatives (NaN = none).
+            rows = d.reshape(b, G)
+            batch["teacher_scores"] = np.array(
+                [[self._teacher[qi].get(int(r), np.nan) for r in row]
+                 for qi, row in zip(q.tolist(), rows)], np.float32).reshape(b, G)
         return batch, g.stats
 
     # -- iteration, prefetch and state -------------------------------------------------------
@@ -400,6 +410,10 @@ class Pipeline:
             self._stats[key] += v
         self._start += 1
         return batch
+
+    @property
+    def has_teacher_scores(self) -> bool:
+        return self._teacher is not None
 
     @property
     def step(self) -> int:

@@ -262,6 +262,11 @@ class Trainer:
         pipe = build_pipeline(self.cfg, self.enc.tokenizer, prompts=self.enc.prompts,
                               negatives_dir=self.negatives_dir,
                               process_index=self.pi, process_count=self.pc)
+        if self.cfg.loss.distill and not pipe.has_teacher_scores:
+            pipe.close()
+            raise NegjaxError(f"loss.distill = {self.cfg.loss.distill!r} needs teacher scores: "
+                              "give the training records \"pos_scores\" / \"neg_scores\" (one "
+                              "number per \"pos\" / \"neg\" entry)")
         if data_state is not None:
             pipe.set_state(data_state)
         return pipe

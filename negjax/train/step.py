@@ -49,7 +49,8 @@ from negjax.distributed import BATCH_AXES, FSDP, batch_axes, batch_devices
 from negjax.errors import NegjaxError
 from negjax.grad_cache import (backprop_sub_batches, embed_sub_batches, merge_sub_batches,
                                split_sub_batches, sub_batch_keys)
-from negjax.losses import contrastive_loss_and_metrics, temperature_from_log_scale
+from negjax.losses import (contrastive_loss_and_metrics, distillation_loss,
+                           temperature_from_log_scale)
 from negjax.train.diagnostics import SAMPLE
 from negjax.model.lora import combine, split_trainable
 from negjax.train.state import TrainState, join_params, make_optimizer, split_params
@@ -215,6 +216,16 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
     n_dev = batch_devices(mesh)
 
     def loss_of_embeddings(q, d, temp, batch, bank, bank_ids):
+        loss, metrics = infonce(q, d, temp, batch, bank, bank_ids)
+        if cfg.loss.distill:
+            distill, counted = distillation_loss(
+                q, d, batch["teacher_scores"], group_size=G, mode=cfg.loss.distill,
+                temperature=temp, teacher_temperature=cfg.loss.teacher_temperature)
+            loss = loss + cfg.loss.distill_weight * distill
+            metrics = dict(metrics, distill_loss=distill, distill_queries=counted)
+        return loss, metrics
+
+    def infonce(q, d, temp, batch, bank, bank_ids):
         return contrastive_loss_and_metrics(
             q, d, group_size=G, temperature=temp, query_pos_ids=batch["query_pos_ids"],
             doc_ids=batch["doc_ids"], symmetric=sym, chunk_size=chunk,
@@ -342,7 +353,8 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
             bank_ids=keep(bank_ids, old.bank_ids),
             bank_ptr=keep((ptr + n_new) % local_k, ptr))
 
-    batch_spec = {k: P(axes) for k in BATCH_KEYS}
+    keys = BATCH_KEYS + (("teacher_scores",) if cfg.loss.distill else ())
+    batch_spec = {k: P(axes) for k in keys}
 
     def _check_bank(state, batch):
         if state.bank is not None:
@@ -385,7 +397,7 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
 
         fn = jax.shard_map(body, mesh=mesh, in_specs=(specs, batch_spec),
                            out_specs=(specs, P()))
-        return fn(state, {k: batch[k] for k in BATCH_KEYS})
+        return fn(state, {k: batch[k] for k in keys})
 
     def loss_and_grads(params, batch, step, bank=None, bank_ids=None):
         pspecs = tree_specs(params, mesh)
@@ -393,7 +405,7 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
         fn = jax.shard_map(lambda *a: grads_body(*a, pspecs), mesh=mesh,
                            in_specs=(pspecs, batch_spec, P(), bspec, bspec),
                            out_specs=(P(), P(), split_params(pspecs)[0]))
-        return fn(params, {k: batch[k] for k in BATCH_KEYS}, step, bank, bank_ids)
+        return fn(params, {k: batch[k] for k in keys}, step, bank, bank_ids)
 
     jitted = jax.jit(step, donate_argnums=(0,))
     # (params, batch, step[, bank, bank_ids]) -> (loss, metrics, grads): the step's gradient
