@@ -175,6 +175,9 @@ class MiningConfig:
     min_score: float = f(-2.0, "drop candidates scoring below this")
     dedup_text: bool = f(True, "drop candidates whose normalised text equals a positive's")
     seed: int = f(0, "seed of random sampling")
+    teacher_scores: str = f("", "a teacher's (query, document) scores (TSV query-id/doc-id/score or "
+                            "JSONL): mined shards carry the teacher's score of each positive and "
+                            "negative (loss.distill), also in re-mining rounds; empty = none")
     audit_queries: int = f(1000, "queries searched exactly to measure ScaNN recall@k")
     encode_batch_size: int = f(256, "texts per encoding batch over all devices of all processes")
     shard_size: int = f(4096, "queries per output shard (the unit of resume)")

@@ -122,3 +122,54 @@ def test_distillation_from_training_file_scores(tmp_path, small_data):  # noqa: 
                    "--workdir", tmp_path / "w2", "--set", "loss.distill=margin_mse",
                    env=subprocess_env(1))
     assert r.returncode == 2 and "needs teacher scores" in r.stderr
+
+
+def test_mined_shards_carry_teacher_scores_for_distillation(tmp_path, small_data):  # noqa: F811
+    """negjax mine --teacher-scores FILE: the shards carry the teacher's score of every listed
+    positive and negative (NaN where the file has none), the manifest names the file, and
+    training on those shards with loss.distill uses them (the training file has none)."""
+    import pyarrow.parquet as pq
+
+    from negjax.data.formats import read_training
+    from negjax.data.shards import load_negatives, read_manifest
+
+    corpus_ids = [json.loads(x)["id"] for x in (small_data / "corpus.jsonl").read_text().splitlines()]
+    train = [json.loads(x) for x in (small_data / "train.jsonl").read_text().splitlines()]
+    scored = {t["id"] for t in train[:40]}
+    lines = ["query-id\tdoc-id\tscore"]
+    for t in train[:40]:
+        lines += [f"{t['id']}\t{d}\t{(hash((t['id'], d)) % 1000) / 100:.2f}" for d in corpus_ids]
+    (tmp_path / "teacher.tsv").write_text("\n".join(lines) + "\n")
+    teacher = {(q, d): float(s) for q, d, s in (x.split("\t") for x in lines[1:])}
+
+    cfg = write_config(tmp_path, small_data, steps=3)
+    r = run_negjax("mine", "--model", "tiny", "--config", cfg, "--corpus", small_data / "corpus.jsonl",
+                   "--train", small_data / "train.jsonl", "--out", tmp_path / "mined", "--index",
+                   "exact", "--negatives-kept", 4, "--teacher-scores", tmp_path / "teacher.tsv",
+                   env=subprocess_env(1))
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest = read_manifest(tmp_path / "mined")
+    assert manifest["teacher"]["pairs"] == len(teacher)
+    rows = pq.read_table(sorted((tmp_path / "mined").glob("shard-*.parquet"))[0]).to_pylist()
+    for row in rows[:60]:
+        for ids, col in (("positive_ids", "teacher_positive_scores"),
+                         ("negative_ids", "teacher_negative_scores")):
+            for d, sc in zip(row[ids], row[col]):
+                if row["query_id"] in scored:
+                    assert sc == np.float32(teacher[(row["query_id"], d)])
+                else:
+                    assert np.isnan(sc)
+    corpus, ex = read_training(small_data / "train.jsonl", small_data / "corpus.jsonl")
+    neg = load_negatives(tmp_path / "mined", ex, corpus)
+    e = ex.index()[train[0]["id"]]
+    assert neg.teacher[e] and all(
+        v == np.float32(teacher[(train[0]["id"], corpus.ids[d])]) for d, v in neg.teacher[e].items())
+
+    work = tmp_path / "w"
+    sets = ["loss.distill=margin_mse", f"data.negatives={tmp_path / 'mined'}",
+            "data.num_negatives=2", "checkpoint.every_steps=3"]
+    r = subprocess.run(train_cmd(cfg, work) + sum((["--set", s] for s in sets), []),
+                       env=subprocess_env(2), capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    assert sum(x["distill_queries"] for x in lines) > 0

@@ -24,7 +24,7 @@ _FLAG_KEYS = {
         "index", "k", "negatives_kept", "sampling", "seed", "rank_range", "relative_margin",
         "absolute_margin", "max_score", "min_score", "audit_queries", "encode_batch_size",
         "num_leaves", "leaves_to_search", "reorder", "target_recall", "shard_size",
-        "encode_chunk", "embedding_dtype")},
+        "encode_chunk", "embedding_dtype", "teacher_scores")},
     "model": "model.name", "doc_max_length": "model.doc_max_len",
     "query_max_length": "model.query_max_len", "coordinator": "distributed.coordinator_address",
     "num_processes": "distributed.num_processes", "process_id": "distributed.process_id",
@@ -46,6 +46,10 @@ def add_parser(sub):
                    "report.json, report.png; .work/ holds resumable intermediate state)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a finished shard set mined with other settings")
+    p.add_argument("--teacher-scores", metavar="FILE",
+                   help="a teacher's (query, document) scores, TSV query-id/doc-id/score or "
+                   "JSONL {query_id, doc_id, score} (e.g. a reranker's): the shards then carry "
+                   "the teacher's score of each positive and negative, for loss.distill")
     p.add_argument("--dim", type=int, default=0, metavar="K", help="keep the first K embedding dimensions (re-normalised when the model normalises): a Matryoshka-trained model at a smaller size (default: all); mined "
                    "scores are those of the truncated embeddings")
     g = p.add_argument_group("search")
@@ -161,7 +165,7 @@ def run(args) -> int:
     run_mining(enc, params, corpus_path=corpus, train_path=train, out_dir=args.out,
                mining_cfg=cfg.mining, query_max_len=cfg.model.query_max_len,
                doc_max_len=cfg.model.doc_max_len, model_info=model_info, train_qrels=qrels,
-               overwrite=args.overwrite)
+               overwrite=args.overwrite, teacher_scores=cfg.mining.teacher_scores or None)
     if pi == 0:
         print(summary_text(args.out))
     return 0

@@ -251,6 +251,55 @@ def read_queries(path) -> Queries:
     return Queries(ids, texts, str(path))
 
 
+def read_teacher_scores(path) -> dict[tuple[str, str], float]:
+    """A teacher's scores of (query, document) pairs -> {(query id, doc id): score}: a TSV
+    `query-id<TAB>doc-id<TAB>score` (a header line is skipped; scores are floats, e.g. a
+    reranker's logits) or a JSONL of {"query_id", "doc_id" (or "corpus_id"), "score"}. A
+    malformed line or a pair given twice is an error naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise NegjaxError(f"{path}: teacher score file not found")
+    out: dict[tuple[str, str], float] = {}
+    first: dict[tuple[str, str], int] = {}
+
+    def add(qid, did, score, lineno):
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or score != score:
+            raise file_error(path, lineno, f"score must be a number, got {score!r}")
+        if (qid, did) in first:
+            raise file_error(path, lineno, f"pair ({qid!r}, {did!r}) given twice (first on line "
+                             f"{first[(qid, did)]})")
+        first[(qid, did)] = lineno
+        out[(qid, did)] = float(score)
+
+    if path.suffix in (".jsonl", ".gz") and not path.name.endswith(".tsv.gz"):
+        for lineno, obj in iter_jsonl(path):
+            qid = obj.get("query_id", obj.get("qid"))
+            did = obj.get("doc_id", obj.get("corpus_id", obj.get("docid")))
+            if not isinstance(qid, (str, int)) or not isinstance(did, (str, int)):
+                raise file_error(path, lineno, 'expected {"query_id", "doc_id", "score"}')
+            add(str(qid), str(did), obj.get("score"), lineno)
+    else:
+        with _open_lines(path) as fh:
+            for lineno, raw in enumerate(fh, 1):
+                line = _decode(path, lineno, raw).rstrip("\r\n")
+                if not line.strip():
+                    continue
+                parts = [p.strip() for p in (line.split("\t") if "\t" in line else line.split())]
+                if len(parts) != 3:
+                    raise file_error(path, lineno, f"expected 3 tab-separated columns "
+                                     f"(query-id, doc-id, score), got {len(parts)}")
+                try:
+                    score = float(parts[2])
+                except ValueError:
+                    if lineno == 1:  # a header
+                        continue
+                    raise file_error(path, lineno, f"score {parts[2]!r} is not a number") from None
+                add(parts[0], parts[1], score, lineno)
+    if not out:
+        raise NegjaxError(f"{path}: no teacher scores")
+    return out
+
+
 def read_qrels(path, *, corpus: Corpus | None = None,
                query_ids=None) -> dict[str, dict[str, int]]:
     """Qrels TSV -> {query id: {doc id: score}}.

@@ -545,6 +545,11 @@ def build_pipeline(cfg, tokenizer, *, negatives_dir: str | None = None,
     doc_store, query_store = shared_token_stores(stores, cache)
     if negatives_dir:
         negatives = load_negatives(negatives_dir, examples, corpus)
+        if negatives.teacher is not None:  # mined with --teacher-scores: theirs win
+            import dataclasses
+
+            examples = dataclasses.replace(examples, teacher=[
+                {**own, **mined} for own, mined in zip(examples.teacher, negatives.teacher)])
     else:
         negatives = NegativeLists.from_lists(examples.negatives, "")
     return Pipeline(examples=examples, query_store=query_store, doc_store=doc_store,

@@ -5,6 +5,9 @@ A shard directory holds Parquet files `shard-00000.parquet`, ... with one row pe
     query_id str, positive_ids list<str>, negative_ids list<str> (ranked, best first),
     negative_scores list<float32>, negative_ranks list<int32> (1-based), positive_score float32
 
+and, when mined with `--teacher-scores`, teacher_positive_scores / teacher_negative_scores
+list<float32> (a teacher's score per entry of positive_ids / negative_ids, NaN = not scored)
+
 and `manifest.json`, written last:
 
     {"format_version": 1, "model": {"path", "step"}, "index": {...}, "filters": {...},
@@ -40,6 +43,7 @@ MANIFEST = "manifest.json"
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.parquet$")
 COLUMNS = ("query_id", "positive_ids", "negative_ids", "negative_scores", "negative_ranks",
            "positive_score")
+TEACHER_COLUMNS = ("teacher_positive_scores", "teacher_negative_scores")  # optional
 
 
 def schema():
@@ -111,7 +115,8 @@ class ShardWriter:
         return out
 
     def write(self, k: int, *, query_ids, positive_ids, negative_ids, negative_scores,
-              negative_ranks=None, positive_score=None) -> dict:
+              negative_ranks=None, positive_score=None, teacher_positive_scores=None,
+              teacher_negative_scores=None) -> dict:
         """Write shard k (one row per query) atomically; returns {name, rows, bytes, sha256}.
 
         negative_ranks default to 1..n per row; positive_score to NaN (unknown).
@@ -134,8 +139,15 @@ class ShardWriter:
             m = len(negative_ids[i])
             if len(negative_scores[i]) != m or len(negative_ranks[i]) != m:
                 raise ValueError(f"shard {k} row {i}: negative_ids/scores/ranks lengths differ")
-        table = pa.table({name: pa.array(_plain(cols[name]), type=schema().field(name).type)
-                          for name in COLUMNS}, schema=schema())
+        arrays = {name: pa.array(_plain(cols[name]), type=schema().field(name).type)
+                  for name in COLUMNS}
+        if teacher_negative_scores is not None:
+            for name, col, ref in (("teacher_positive_scores", teacher_positive_scores, positive_ids),
+                                   ("teacher_negative_scores", teacher_negative_scores, negative_ids)):
+                if len(col) != n or any(len(a) != len(b) for a, b in zip(col, ref)):
+                    raise ValueError(f"shard {k}: {name} does not match its ids")
+                arrays[name] = pa.array(_plain(col), type=pa.list_(pa.float32()))
+        table = pa.table(arrays)
         final = self.dir / shard_name(k)
         with atomic_path(final) as tmp:
             pq.write_table(table, tmp)
@@ -143,7 +155,7 @@ class ShardWriter:
 
     def finalize(self, *, model: dict | None = None, index: dict | None = None,
                  filters: dict | None = None, counts: dict | None = None,
-                 shards: list[dict] | None = None) -> dict:
+                 shards: list[dict] | None = None, teacher: dict | None = None) -> dict:
         """Write manifest.json last. shards: the infos returned by `write` (all processes');
         None = every shard file in the directory (re-verified). counts are merged over the
         computed {"shards", "queries", "negatives"}."""
@@ -162,6 +174,8 @@ class ShardWriter:
         manifest = {"format_version": FORMAT_VERSION, "model": model or {"path": "", "step": None},
                     "index": index or {}, "filters": filters or {},
                     "counts": {**total, **(counts or {})}, "shards": shards}
+        if teacher:  # the teacher-score file the shards' teacher columns come from
+            manifest["teacher"] = teacher
         atomic_write_text(self.dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
         return manifest
 
@@ -263,10 +277,17 @@ def read_table(directory, *, check: bool = True):
     manifest = verify(directory) if check else read_manifest(directory)
     tables = []
     for s in manifest["shards"]:
+        path = directory / s["name"]
         try:
-            tables.append(pq.read_table(directory / s["name"], schema=schema()))
+            names = pq.read_schema(path).names
+            extra = [c for c in TEACHER_COLUMNS if c in names]
+            t = pq.read_table(path, columns=list(COLUMNS) + extra)
+            tables.append(t.cast(pa.schema([schema().field(c) for c in COLUMNS] +
+                                           [pa.field(c, pa.list_(pa.float32())) for c in extra])))
         except Exception as e:
-            raise NegjaxError(f"{directory / s['name']}: cannot read: {e}") from None
+            raise NegjaxError(f"{path}: cannot read: {e}") from None
+    if tables and len({tuple(t.column_names) for t in tables}) > 1:
+        raise NegjaxError(f"{directory}: some shards have teacher scores and some do not")
     return pa.concat_tables(tables) if tables else schema().empty_table()
 
 
@@ -281,6 +302,7 @@ class NegativeLists:
     source: str = ""
     queries_found: int = 0      # training examples that have a shard row
     extra_queries: int = 0      # shard rows whose query is not a training example
+    teacher: list | None = None  # per example {corpus row: teacher score} (mined --teacher-scores)
 
     @classmethod
     def from_lists(cls, lists, source: str = "") -> "NegativeLists":
@@ -346,6 +368,28 @@ def load_negatives(directory, examples, corpus, *, check: bool = True) -> Negati
         lists.append([int(d) for d in dict.fromkeys(doc[offs[r]:offs[r + 1]].tolist())
                       if d not in pos])
     out = NegativeLists.from_lists(lists, str(directory))
+    if "teacher_negative_scores" in table.column_names:
+        out.teacher = _teacher_scores(table, seen, corpus, doc, offs)
     out.queries_found = int((seen >= 0).sum())
     out.extra_queries = int(len(found) - found.sum())
+    return out
+
+
+def _teacher_scores(table, seen, corpus, neg_rows, neg_offs) -> list[dict]:
+    """Per example {corpus row: score} of the shards' teacher columns (NaN left out)."""
+    pos_ids = table.column("positive_ids").to_pylist()
+    tpos = table.column("teacher_positive_scores").to_pylist()
+    tneg = table.column("teacher_negative_scores").to_pylist()
+    out = []
+    for r in seen.tolist():
+        scores = {}
+        if r >= 0:
+            for d, sc in zip(pos_ids[r], tpos[r]):
+                row = corpus.index.get(d)
+                if row is not None and sc is not None and sc == sc:
+                    scores[row] = float(sc)
+            for d, sc in zip(neg_rows[neg_offs[r]:neg_offs[r + 1]].tolist(), tneg[r]):
+                if sc is not None and sc == sc:
+                    scores[int(d)] = float(sc)
+        out.append(scores)
     return out

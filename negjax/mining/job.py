@@ -289,13 +289,15 @@ def run_mining(*args, **kwargs) -> dict:
 
 def _run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, query_max_len: int,
                doc_max_len: int, model_info: dict | None = None, train_qrels=None,
-               overwrite: bool = False) -> dict:
+               overwrite: bool = False, teacher_scores=None) -> dict:
     """The mining job (`run_mining`).
 
     `params`: encoder params in `enc`'s tower layout (queries use tower 'query', documents
     'doc'). `corpus_path` None: the training file carries inline texts.
     A rerun resumes; a finished directory mined with the same settings is returned as is; one
-    mined with other settings is refused unless `overwrite`.
+    mined with other settings is refused unless `overwrite`. `teacher_scores`: a file of a
+    teacher's (query, document) scores (`read_teacher_scores`); the shards then carry the
+    teacher's score of every positive and negative they list (NaN where it gave none).
     """
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -323,6 +325,12 @@ def _run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, qu
     train_sha = sha256_file(train_path)
     if train_qrels:
         train_sha = _hash([train_sha, sha256_file(train_qrels)])
+    teacher = teacher_sha = None
+    if teacher_scores:
+        from negjax.data.formats import read_teacher_scores
+
+        teacher = read_teacher_scores(teacher_scores)
+        teacher_sha = sha256_file(teacher_scores)
     dtype = mc.embedding_dtype
     doc_key32 = _hash({"model": ident, "params": fp_doc, "input": corpus_sha, "n": n_docs,
                        "max_length": doc_max_len, "chunk": mc.encode_chunk, "tower": "doc"})
@@ -346,7 +354,8 @@ def _run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, qu
                      "index": index_key, "filters": filters_info, "shard_size": shard_size,
                      "target_recall": mc.target_recall if sp is not None else None,
                      "audit": [mc.audit_queries, mc.seed],
-                     "corpus_ids": corpus_sha, "train": train_sha})
+                     "corpus_ids": corpus_sha, "train": train_sha,
+                     **({"teacher": teacher_sha} if teacher_sha else {})})
 
     # -- resume / refuse / start fresh (every process decides alike, then process 0 acts) ---
     run_file = work / "run.json"
@@ -492,11 +501,21 @@ def _run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, qu
                                  seed=mc.seed, edges=edges)
         _save_stats(stats_dir / f"shard-{s:05d}.npz", stats, edges)
         cid = corpus.ids
-        writer.write(s, query_ids=examples.query_ids[lo:hi],
-                     positive_ids=[[cid[r] for r in p] for p in examples.positives[lo:hi]],
-                     negative_ids=[[cid[r] for r in rows] for rows in cols["negative_rows"]],
-                     negative_scores=cols["negative_scores"], negative_ranks=cols["negative_ranks"],
-                     positive_score=cols["positive_score"])
+        pos_ids = [[cid[r] for r in p] for p in examples.positives[lo:hi]]
+        neg_ids = [[cid[r] for r in rows] for rows in cols["negative_rows"]]
+        extra = {}
+        if teacher is not None:
+            qids = examples.query_ids[lo:hi]
+            nan = float("nan")
+            extra = dict(
+                teacher_positive_scores=[[teacher.get((q, d), nan) for d in row]
+                                         for q, row in zip(qids, pos_ids)],
+                teacher_negative_scores=[[teacher.get((q, d), nan) for d in row]
+                                         for q, row in zip(qids, neg_ids)])
+        writer.write(s, query_ids=examples.query_ids[lo:hi], positive_ids=pos_ids,
+                     negative_ids=neg_ids, negative_scores=cols["negative_scores"],
+                     negative_ranks=cols["negative_ranks"],
+                     positive_score=cols["positive_score"], **extra)
         bar.update(hi - lo)
     bar.close()
     timings["mine_s"] = time.perf_counter() - t
@@ -533,7 +552,9 @@ def _run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, qu
                                       out_dir=str(out), build_seconds=build_s)
         report_mod.write_report(out, rep)
         writer.finalize(model=model_info, index=index_info, filters=filters_info,
-                        counts={"corpus": n_docs, **counts})
+                        counts={"corpus": n_docs, **counts},
+                        teacher={"path": str(teacher_scores), "sha256": teacher_sha,
+                                 "pairs": len(teacher)} if teacher is not None else None)
     _barrier("manifest")
     if pi == 0:  # per-shard candidates (of this run, or of an interrupted one with other
         for stale in work.glob("cand-*"):  # shard bounds): merged into the shards

@@ -304,7 +304,8 @@ class Trainer:
                               query_max_len=c.model.query_max_len,
                               doc_max_len=c.model.doc_max_len,
                               model_info={"path": str(self.workdir), "step": step},
-                              train_qrels=self.paths.get("train_qrels"))
+                              train_qrels=self.paths.get("train_qrels"),
+                              teacher_scores=c.mining.teacher_scores or None)
         data_state = self.pipeline.get_state()
         self.pipeline.close()
         self.negatives_dir = str(out)
