@@ -86,7 +86,9 @@ def reference(q, d, G, T, pos_ids=None, doc_ids=None, symmetric=False, extra=Non
         accuracy=np.mean([tgt[i] > sim[i][neg[i]].max(initial=-np.inf) for i in range(nq)]),
         pos_cos=cos[np.arange(nq), targets].mean(),
         hardest_neg_cos=np.mean([cos[i][neg[i]].max() for i in range(nq) if neg[i].any()]),
-        neg_cos=cos[neg].mean(), false_negatives_masked=masked)
+        neg_cos=cos[neg].mean())
+    if margin is not None:
+        metrics["false_negatives_masked"] = masked
     if symmetric:
         pd = d[::G]
         keep2 = np.ones((nq, nq), bool)
