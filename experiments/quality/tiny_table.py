@@ -36,10 +36,15 @@ def main():
     runs = a.res / "runs"
 
     def metric(name):
-        r = json.loads((a.res / f"{name}.json").read_text())
+        path = a.res / f"{name}.json"
+        if not path.is_file():
+            return float("nan"), float("nan")
+        r = json.loads(path.read_text())
         return r["mrr@10"], r["recall@10"]
 
     def ci(base, other, m="mrr@10"):
+        if not ((runs / f"{base}.trec").is_file() and (runs / f"{other}.trec").is_file()):
+            return "not run"
         p = paired(qrels, runs / f"{base}.trec", runs / f"{other}.trec")[m]
         return f"{p['diff']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]"
 
@@ -64,8 +69,11 @@ def main():
     print("| seed | base MRR@10 | guard MRR@10 | guard - base | masked per step (mean; first / last window) |")
     print("|---:|---|---|---|---|")
     for s in (0, 1):
-        lines = [json.loads(x) for x in
-                 (a.exp / f"tiny_guard_s{s}" / "metrics.jsonl").read_text().splitlines()]
+        path = a.exp / f"tiny_guard_s{s}" / "metrics.jsonl"
+        if not path.is_file():
+            print(f"| {s} | not run | | | |")
+            continue
+        lines = [json.loads(x) for x in path.read_text().splitlines()]
         masked = [x["false_negatives_masked"] for x in lines]
         mean = sum(masked) / len(masked)
         print(f"| {s} | {metric(f'base_s{s}_d128')[0]:.4f} | {metric(f'guard_s{s}')[0]:.4f} | "
