@@ -7,6 +7,7 @@ import json
 import subprocess
 
 import numpy as np
+import pytest
 
 from helpers import REPO, run_negjax, subprocess_env
 from test_train import small_data, train_cmd, write_config  # noqa: F401  (a fixture)
@@ -47,11 +48,29 @@ def test_matryoshka_train_encode_eval_mine_export(tmp_path, small_data):  # noqa
                    tmp_path / "x.npy", "--dim", 64, env=subprocess_env(1))
     assert r.returncode == 2 and "32 dimensions" in r.stderr and not (tmp_path / "x.npy").exists()
 
-    r = run_negjax("eval", "--model", work, "--corpus", small_data / "corpus.jsonl", "--queries",
-                   small_data / "dev_queries.jsonl", "--qrels", small_data / "dev_qrels.tsv",
-                   "--dim", 8, "--json", env=subprocess_env(1))
+    ev = ["eval", "--model", work, "--corpus", small_data / "corpus.jsonl", "--queries",
+          small_data / "dev_queries.jsonl", "--qrels", small_data / "dev_qrels.tsv", "--json"]
+    r = run_negjax(*ev, "--dim", 8, "--save-run", tmp_path / "r8.trec", env=subprocess_env(1))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads(r.stdout)["model"]["dim"] == 8
+    one = json.loads(r.stdout)
+    assert one["model"]["dim"] == 8
+    # Several sizes in one run (encoded once): one JSON line and one run file per size, each
+    # equal to its own single-size evaluation.
+    r = run_negjax(*ev, "--dim", "32,8", "--save-run", tmp_path / "r.trec", env=subprocess_env(1))
+    assert r.returncode == 0, r.stderr[-3000:]
+    both = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [b["model"]["dim"] for b in both] == [32, 8]
+    assert {k: v for k, v in both[1].items() if k != "model"} == pytest.approx(
+        {k: v for k, v in one.items() if k != "model"}, abs=1e-9)
+    def scored(path):  # (query, document) -> score; near-ties may swap at float32 rounding
+        return {tuple(x.split()[0:3:2]): float(x.split()[4]) for x in path.read_text().splitlines()}
+    a, b = scored(tmp_path / "r.trec.d8"), scored(tmp_path / "r8.trec")
+    common = a.keys() & b.keys()
+    assert len(common) >= 0.99 * len(b)
+    np.testing.assert_allclose([a[k] for k in common], [b[k] for k in common], atol=1e-5)
+    assert (tmp_path / "r.trec.d32").is_file() and not (tmp_path / "r.trec").exists()
+    r = run_negjax(*ev, "--dim", "16,64", env=subprocess_env(1))
+    assert r.returncode == 2 and "32 dimensions" in r.stderr and not r.stdout
 
     r = run_negjax("mine", "--model", work, "--corpus", small_data / "corpus.jsonl", "--train",
                    small_data / "train.jsonl", "--out", tmp_path / "mined", "--index", "exact",
@@ -83,8 +102,6 @@ def test_distillation_from_training_file_scores(tmp_path, small_data):  # noqa: 
     teacher scores stops before training."""
     from negjax.data.formats import read_training
     from negjax.errors import NegjaxError
-
-    import pytest
 
     corpus_ids = [json.loads(x)["id"] for x in (small_data / "corpus.jsonl").read_text().splitlines()]
     rows = [json.loads(x) for x in (small_data / "train.jsonl").read_text().splitlines()]

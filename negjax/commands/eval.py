@@ -26,17 +26,20 @@ def add_parser(sub):
                    help="document max tokens (default: a training workdir's model.doc_max_len, else 128)")
     p.add_argument("--max-queries", type=int, default=0, help="evaluate at most N queries (0 = all)")
     p.add_argument("--save-run", help="write the rankings as a TREC run file (qid Q0 doc rank score tag)")
-    p.add_argument("--dim", type=int, default=0, metavar="K", help="keep the first K embedding dimensions (re-normalised when the model normalises): a Matryoshka-trained model at a smaller size (default: all)")
+    p.add_argument("--dim", default="0", metavar="K[,K...]",
+                   help="keep the first K embedding dimensions (re-normalised when the model "
+                        "normalises): a Matryoshka-trained model at a smaller size (default: all). "
+                        "Several sizes (e.g. 384,256,128,64) encode once and report each size: "
+                        "one JSON line per size with --json, and --save-run RUN writes RUN.dK "
+                        "per size")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     return p
 
 
 def run(args) -> int:
-    import json
     from pathlib import Path
 
-    from negjax.evaluation.evaluate import TOP_K, EvalSet, rankings
-    from negjax.evaluation.metrics import evaluate_rankings
+    from negjax.evaluation.evaluate import EvalSet
     from negjax.model.encode import encode_texts
     from negjax.model.loader import load_model, saved_config
 
@@ -56,11 +59,14 @@ def run(args) -> int:
             raise NegjaxError(f"{path}: file not found")
     if args.encode_batch_size < 1 or args.max_queries < 0:
         raise NegjaxError("--encode-batch-size must be >= 1 and --max-queries >= 0")
+    dims = _parse_dims(args.dim)
     data = EvalSet.from_files(corpus, queries, qrels, max_queries=args.max_queries)
     enc, params, info = load_model(args.model)
-    if args.dim:
-        enc = enc.truncated(args.dim)
-        info = dict(info, dim=args.dim)
+    for k in filter(None, dims):
+        enc.truncated(k)  # checks each size against the model before any encoding
+    if len(dims) == 1 and dims[0]:
+        enc = enc.truncated(dims[0])
+        info = dict(info, dim=dims[0])
     saved = saved_config(args.model)  # a training workdir: the lengths it trained with
     qlen, dlen = args.query_max_length, args.doc_max_length
     if qlen is None:
@@ -71,22 +77,55 @@ def run(args) -> int:
                               batch_size=args.encode_batch_size, desc="encode corpus")
     query_emb = encode_texts(enc, params, data.query_texts, tower="query", max_length=qlen,
                              batch_size=args.encode_batch_size, desc="encode queries")
+    if len(dims) == 1:
+        _report(args, data, info, query_emb, corpus_emb, args.save_run)
+        return 0
+    import numpy as np
+
+    for k in dims:  # several sizes: truncate the full-size embeddings (as Encoder.truncated)
+        q, c = query_emb[:, :k], corpus_emb[:, :k]
+        if enc.normalize:
+            q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+            c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+        _report(args, data, dict(info, dim=k), q, c,
+                f"{args.save_run}.d{k}" if args.save_run else None)
+    return 0
+
+
+def _parse_dims(text: str) -> list[int]:
+    try:
+        dims = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise NegjaxError(f"--dim {text!r}: expected K or a comma-separated list of sizes") from None
+    if not dims or any(k < 0 for k in dims) or (len(dims) > 1 and 0 in dims):
+        raise NegjaxError(f"--dim {text!r}: sizes must be positive")
+    if len(set(dims)) != len(dims):
+        raise NegjaxError(f"--dim {text!r}: a size is repeated")
+    return dims
+
+
+def _report(args, data, info, query_emb, corpus_emb, save_run) -> None:
+    import json
+
+    from negjax.evaluation.evaluate import TOP_K, rankings
+    from negjax.evaluation.metrics import evaluate_rankings
+
     ids, scores = rankings(query_emb, corpus_emb, index=args.index, k=min(TOP_K, len(data.corpus_ids)))
     run_map = {q: [data.corpus_ids[j] for j in row if j >= 0] for q, row in zip(data.query_ids, ids)}
     metrics = evaluate_rankings(run_map, data.qrels)
-    if args.save_run:
+    if save_run:
         from negjax.utils import atomic_path
 
-        with atomic_path(args.save_run) as tmp, open(tmp, "w") as f:
+        with atomic_path(save_run) as tmp, open(tmp, "w") as f:
             for q, row, srow in zip(data.query_ids, ids, scores):
                 for rank, (j, s) in enumerate(zip(row, srow), start=1):
                     if j >= 0:
                         f.write(f"{q} Q0 {data.corpus_ids[j]} {rank} {float(s):.6f} negjax\n")
     if args.json:
-        print(json.dumps({"model": info, **metrics}))
+        print(json.dumps({"model": info, **metrics}), flush=True)
     else:
-        print(f"model: {info['path']}" + (f" (step {info['step']})" if info.get("step") is not None else ""))
+        print(f"model: {info['path']}" + (f" (step {info['step']})" if info.get("step") is not None else "")
+              + (f", {info['dim']} dimensions" if info.get("dim") else ""))
         print(f"queries: {metrics['queries']}")
         for k in ("recall@1", "recall@10", "recall@100", "mrr@10", "ndcg@10"):
             print(f"  {k:<11} {metrics[k]:.4f}")
-    return 0
