@@ -76,7 +76,7 @@ def bench(model: str, batch: int) -> list[dict]:
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=240)
         row = dict(dtype=dtype, attention=attn, batch=batch, rc=p.returncode, wall_s=round(time.time() - t, 1))
         if p.returncode == 0:
-            row["result"] = json.loads(p.stdout.strip().splitlines()[-1])
+            row["result"] = json.loads(p.stdout[p.stdout.index("{"):])
         else:
             row["stderr"] = p.stderr[-1500:]
         print(json.dumps(row)[:1500], flush=True)

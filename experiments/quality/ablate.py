@@ -40,7 +40,7 @@ EPOCH = 43256
 def build_rows(a) -> list[dict]:
     """Rows in launch-priority order: name, needs (rows), cmds (argv lists), eval options."""
     py = [sys.executable, "-m", "negjax"]
-    W, E = Path(a.work), Path(a.eval_dir)
+    W = Path(a.work)
 
     def train(name, steps=338, batch=128, cfg=MINI, sets=(), model=a.model):
         steps, batch = min(steps, a.max_steps), min(batch, a.max_batch)  # --max-*: a smoke test
@@ -82,9 +82,9 @@ def build_rows(a) -> list[dict]:
     row("h7_s0", [train("h7_s0", sets=neg("neg_margin", 7))], needs=["mine_margin"])
     row("remined_s0", [train("remined_s0", sets=neg("neg_remined"))], needs=["mine_remined"])
     row("teacher", [[sys.executable, str(REPO / "experiments/quality/teacher_scores.py"),
-                     "--teacher", str(W / "inbatch_s0"), "--negatives", str(W / "neg_margin"),
+                     "--teacher", str(W / "inbatch_s0"), "--negatives", str(W / "neg_remined"),
                      "--out", str(W / "teacher_train.jsonl"), "--max-negatives", "7"]],
-        needs=["inbatch_s0", "mine_margin"], evaluate=False)
+        needs=["mine_remined"], evaluate=False)
     # batch size at equal examples seen (one epoch), same learning rate; B = 128 is inbatch_s0
     for b in (32, 512, 2048, 4096, 64, 256, 1024):
         row(f"batch{b}", [train(f"batch{b}", steps=round(EPOCH / b), batch=b)])
@@ -98,8 +98,9 @@ def build_rows(a) -> list[dict]:
         row(f"single{k}", [train(f"single{k}", sets=[f"loss.matryoshka_dims=[{k}]"])], dims=str(k))
     # false-negative guard
     row("guard_s0", [train("guard_s0", sets=["loss.false_negative_margin=0.1"])])
-    # distillation: the teacher (fine-tuned in-batch MiniLM) scores the zero-shot-mined
-    # margin candidates; students with the same file and negatives, with and without KL
+    # distillation: the teacher (the fine-tuned in-batch MiniLM) scores the candidates it
+    # mined itself (re-mined, margin-filtered); students train on the same file and
+    # negatives, with and without the KL term
     tfile = f"data.train={W / 'teacher_train.jsonl'}"
     kl = ["loss.distill=kl", "loss.distill_weight=1.0", "loss.teacher_temperature=0.05"]
     row("tiny_file_s0", [train("tiny_file_s0", steps=300, cfg=TINY, model=None,
