@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     runs = a.runs or a.res / "runs"
     base_run = run_file(runs, a.base)
-    print(f"| row | MRR@10 | R@10 | MRR@10 - base [95% CI] | R@10 - base [95% CI] |")
+    print("| row | MRR@10 | R@10 | MRR@10 - base [95% CI] | R@10 - base [95% CI] |")
     print("|---|---:|---:|---|---|")
     for item in a.rows.split(","):
         name, _, label = item.partition("=")
