@@ -11,8 +11,6 @@ A row whose rankings are missing is shown without interval.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import sys
 from pathlib import Path
@@ -20,14 +18,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-
-def paired(qrels: Path, a: Path, b: Path) -> dict:
-    from paired import main as paired_main
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        paired_main([str(qrels), str(a), str(b), "--json"])
-    return json.loads(buf.getvalue())
+from tiny_table import paired  # noqa: E402  (paired.py's bootstrap as a dict)
 
 
 def run_file(runs: Path, name: str) -> Path | None:
