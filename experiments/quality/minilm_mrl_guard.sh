@@ -7,6 +7,8 @@
 #         mrl_s0 mrl_s1 (loss.matryoshka_dims=[384, 256, 128, 64])
 #         d256 d128 d64 (loss.matryoshka_dims=[K]: single-size training, same budget)
 #         guard_s0 guard_s1 (loss.false_negative_margin=0.1)
+#         topk topk_guard topk_s1 topk_guard_s1 (H = 1 unfiltered top-k negatives mined by zero-shot MiniLM, section
+#         A's neg_topk, without / with loss.false_negative_margin=0.1; mined once into $EXP/neg_topk)
 # Usage: bash experiments/quality/minilm_mrl_guard.sh [ROW...]   (default: all, serially)
 # Results: results/minilm/NAME.dK.json (eval --json), rankings results/minilm/runs/NAME.trec.dK;
 # table: python experiments/quality/minilm_table.py
@@ -55,6 +57,14 @@ row() {
     d256|d128|d64) k=${1#d}; tr $1 --set "loss.matryoshka_dims=[$k]"; ev $EXP/minilm_$1 single $k ;;
     guard_s0) tr guard_s0 --set loss.false_negative_margin=0.1; ev $EXP/minilm_guard_s0 guard_s0 384 ;;
     guard_s1) tr guard_s1 --set loss.false_negative_margin=0.1 --set train.seed=1; ev $EXP/minilm_guard_s1 guard_s1 384 ;;
+    topk|topk_guard|topk_s1|topk_guard_s1)
+      [ -f "$EXP/neg_topk/manifest.json" ] || "$PY" -m negjax mine --config $CFG --model minilm \
+          --out "$EXP/neg_topk" --sampling top --no-dedup-text
+      local g= sd=
+      case $1 in *guard*) g="--set loss.false_negative_margin=0.1" ;; esac
+      case $1 in *_s1) sd="--set train.seed=1" ;; esac
+      tr $1 --set data.negatives=$EXP/neg_topk --set data.num_negatives=1 $g $sd
+      ev $EXP/minilm_$1 $1 384 ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac
 }

@@ -64,21 +64,26 @@ def main():
           f"MRL s1 - MRL s0 {ci('mrl_s0', 'mrl_s1', 384)}")
 
     print("\n## False-negative guard, all-MiniLM-L6-v2 (loss.false_negative_margin = 0.1)\n")
-    print(f"| seed | plain MRR@10 | guard MRR@10 | guard - plain | masked per step of "
-          f"{BATCH}x{BATCH} pairs (mean; first / last 10-step window) |")
-    print("|---:|---|---|---|---|")
-    for s in (0, 1):
-        path = a.res / f"guard_s{s}.metrics.jsonl"
-        g, p = metric(f"guard_s{s}", 384), metric(f"plain_s{s}", 384)
+    print("| negatives | seed | without guard MRR@10 | guard MRR@10 | guard - without [95% CI] | "
+          "masked per step (mean; first / last 10-step window) | negative pairs per step |")
+    print("|---|---:|---:|---:|---|---|---:|")
+    rows = (("in-batch", 0, "plain_s0", "guard_s0", BATCH * (BATCH - 1)),
+            ("in-batch", 1, "plain_s1", "guard_s1", BATCH * (BATCH - 1)),
+            ("in-batch + H=1 top-k", 0, "topk", "topk_guard", BATCH * (2 * BATCH - 1)),
+            ("in-batch + H=1 top-k", 1, "topk_s1", "topk_guard_s1", BATCH * (2 * BATCH - 1)))
+    for label, s, base, guard, pairs in rows:
+        path = a.res / f"{guard}.metrics.jsonl"
+        g, p = metric(guard, 384), metric(base, 384)
         if not path.is_file() or g is None or p is None:
-            print(f"| {s} | not run | | | |")
+            print(f"| {label} | {s} | not run | | | | |")
             continue
         lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
         masked = [x["false_negatives_masked"] for x in lines if "false_negatives_masked" in x]
         mean = sum(masked) / len(masked)
-        print(f"| {s} | {p[0]:.4f} | {g[0]:.4f} | {ci(f'plain_s{s}', f'guard_s{s}', 384)} | "
-              f"{mean:.1f} ({masked[0]:.1f} / {masked[-1]:.1f}) |")
-
+        print(f"| {label} | {s} | {p[0]:.4f} | {g[0]:.4f} | {ci(base, guard, 384)} | "
+              f"{mean:.1f} ({masked[0]:.1f} / {masked[-1]:.1f}) | {pairs} |")
+    print(f"\ntop-k vs in-batch only, seed 0: {ci('plain_s0', 'topk', 384)}; "
+          f"top-k + guard vs in-batch only: {ci('plain_s0', 'topk_guard', 384)}")
 
 if __name__ == "__main__":
     main()
