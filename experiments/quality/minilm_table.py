@@ -28,6 +28,7 @@ def main():
     a = ap.parse_args()
     qrels = a.exp / "evalset" / "qrels.tsv"
     runs = a.res / "runs"
+    missing: set[str] = set()
 
     def metric(name, k):
         path = a.res / f"{name}.d{k}.json"
@@ -42,8 +43,15 @@ def main():
 
     def ci(base, other, k, m="mrr@10"):
         ra, rb = runs / f"{base}.trec.d{k}", runs / f"{other}.trec.d{k}"
-        if not (ra.is_file() and rb.is_file() and qrels.is_file()):
+        if metric(base, k) is None or metric(other, k) is None:
             return "not run"
+        if not (ra.is_file() and rb.is_file()):
+            missing.add(f"rankings in {runs} (git-ignored: rerun the rows with minilm_mrl_guard.sh)")
+            return "no rankings"
+        if not qrels.is_file():
+            missing.add(f"{qrels} (make_eval_set.py --out {a.exp / 'evalset'} --queries 1000 "
+                        "--corpus-size 10000 --seed 0)")
+            return "no qrels"
         p = paired(qrels, ra, rb)[m]
         return f"{p['diff']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]"
 
@@ -84,6 +92,9 @@ def main():
               f"{mean:.1f} ({masked[0]:.1f} / {masked[-1]:.1f}) | {pairs} |")
     print(f"\ntop-k vs in-batch only, seed 0: {ci('plain_s0', 'topk', 384)}; "
           f"top-k + guard vs in-batch only: {ci('plain_s0', 'topk_guard', 384)}")
+    for m in sorted(missing):
+        print(f"\nintervals need {m}", file=sys.stderr)
+
 
 if __name__ == "__main__":
     main()
