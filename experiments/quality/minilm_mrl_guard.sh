@@ -9,6 +9,9 @@
 #         guard_s0 guard_s1 (loss.false_negative_margin=0.1)
 #         topk topk_guard topk_s1 topk_guard_s1 (H = 1 unfiltered top-k negatives mined by zero-shot MiniLM, section
 #         A's neg_topk, without / with loss.false_negative_margin=0.1; mined once into $EXP/neg_topk)
+#         remine remine_guard remine_s1 remine_guard_s1 (H = 1 negatives re-mined with the plain_s0
+#         checkpoint, positive-aware margin 0.05 + text de-dup: section A's and quickstart round 2's
+#         recipe, without / with the guard; plain_s0 is retrained first if its workdir is gone)
 # Usage: bash experiments/quality/minilm_mrl_guard.sh [ROW...]   (default: all, serially)
 # Results: results/minilm/NAME.dK.json (eval --json), rankings results/minilm/runs/NAME.trec.dK;
 # table: python experiments/quality/minilm_table.py
@@ -64,6 +67,17 @@ row() {
       case $1 in *guard*) g="--set loss.false_negative_margin=0.1" ;; esac
       case $1 in *_s1) sd="--set train.seed=1" ;; esac
       tr $1 --set data.negatives=$EXP/neg_topk --set data.num_negatives=1 $g $sd
+      ev $EXP/minilm_$1 $1 384 ;;
+    remine|remine_guard|remine_s1|remine_guard_s1)
+      if [ ! -f "$EXP/neg_remined_margin/manifest.json" ]; then
+        [ -d "$EXP/minilm_plain_s0/checkpoints" ] || row plain_s0
+        "$PY" -m negjax mine --config $CFG --model $EXP/minilm_plain_s0 --out "$EXP/neg_remined_margin" \
+            --relative-margin 0.05 --overwrite
+      fi
+      local g= sd=
+      case $1 in *guard*) g="--set loss.false_negative_margin=0.1" ;; esac
+      case $1 in *_s1) sd="--set train.seed=1" ;; esac
+      tr $1 --set data.negatives=$EXP/neg_remined_margin --set data.num_negatives=1 $g $sd
       ev $EXP/minilm_$1 $1 384 ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac

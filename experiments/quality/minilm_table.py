@@ -78,7 +78,10 @@ def main():
     rows = (("in-batch", 0, "plain_s0", "guard_s0", BATCH * (BATCH - 1)),
             ("in-batch", 1, "plain_s1", "guard_s1", BATCH * (BATCH - 1)),
             ("in-batch + H=1 top-k", 0, "topk", "topk_guard", BATCH * (2 * BATCH - 1)),
-            ("in-batch + H=1 top-k", 1, "topk_s1", "topk_guard_s1", BATCH * (2 * BATCH - 1)))
+            ("in-batch + H=1 top-k", 1, "topk_s1", "topk_guard_s1", BATCH * (2 * BATCH - 1)),
+            ("in-batch + H=1 re-mined margin", 0, "remine", "remine_guard", BATCH * (2 * BATCH - 1)),
+            ("in-batch + H=1 re-mined margin", 1, "remine_s1", "remine_guard_s1",
+             BATCH * (2 * BATCH - 1)))
     for label, s, base, guard, pairs in rows:
         path = a.res / f"{guard}.metrics.jsonl"
         g, p = metric(guard, 384), metric(base, 384)
@@ -92,6 +95,10 @@ def main():
               f"{mean:.1f} ({masked[0]:.1f} / {masked[-1]:.1f}) | {pairs} |")
     print(f"\ntop-k vs in-batch only, seed 0: {ci('plain_s0', 'topk', 384)}; "
           f"top-k + guard vs in-batch only: {ci('plain_s0', 'topk_guard', 384)}")
+    for s, (p, r, g) in enumerate((("plain_s0", "remine", "remine_guard"),
+                                   ("plain_s1", "remine_s1", "remine_guard_s1"))):
+        print(f"re-mined margin vs in-batch only, seed {s}: {ci(p, r, 384)}; "
+              f"re-mined margin + guard vs in-batch only: {ci(p, g, 384)}")
     for m in sorted(missing):
         print(f"\nintervals need {m}", file=sys.stderr)
 
