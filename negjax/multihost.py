@@ -111,6 +111,9 @@ def host_leader(directory) -> bool:
 # Lost processes
 # ---------------------------------------------------------------------------------------------
 
+_DONE = "done"
+
+
 def _peer_timeout() -> float:
     try:
         return max(1.0, float(os.environ.get("NEGJAX_PEER_TIMEOUT", "20")))
@@ -123,7 +126,8 @@ class Watchdog:
     naming it, instead of leaving the others in a barrier until JAX's own heartbeat timeout
     (100 s by default, and a message that does not say which process).
 
-        with multihost.Watchdog("mine"):
+        with multihost.Watchdog("train") as dog:
+            dog.where = f"step {step}"   # optional: named in the message
             ...   # collective work
 
     A background thread publishes a counter under the job's key-value store (the
@@ -135,12 +139,20 @@ class Watchdog:
     (which hosts the coordination service) dies, JAX itself terminates the others at once with
     "the leader task was preempted/died". The threads release the GIL-free native calls they
     wait on (ScaNN builds, XLA, numpy), so a busy process still beats. A no-op in one process.
+
+    Watchdogs nest (training re-mines inside its own): the message names every active one,
+    outermost first, with its `where` ("'train' at step 25 > 'mine'"). A process that leaves
+    its watchdog normally says so ("done"), so a peer still finishing (a final save) never
+    takes it for lost.
     """
+
+    _active: list["Watchdog"] = []
 
     def __init__(self, name: str, *, interval: float = 1.0, timeout: float | None = None):
         import threading
 
         self.name, self.interval = name, float(interval)
+        self.where = ""
         self.timeout = _peer_timeout() if timeout is None else float(timeout)
         self._stop = threading.Event()
         self._thread = None
@@ -150,6 +162,7 @@ class Watchdog:
 
         import jax
 
+        Watchdog._active.append(self)
         if jax.process_count() > 1:
             from jax._src import distributed
 
@@ -177,11 +190,20 @@ class Watchdog:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+            if exc_type is None:
+                try:
+                    self._client.key_value_set(f"{self._key}/{self._pi}", _DONE, allow_overwrite=True)
+                except Exception:
+                    pass
+        if self in Watchdog._active:
+            Watchdog._active.remove(self)
 
     def _lost(self, who: int, why: str) -> None:
         import sys
 
-        print(f"negjax: error: process {who} of {self._pc} was lost during '{self.name}' ({why}); "
+        during = " > ".join(f"'{w.name}'" + (f" at {w.where}" if w.where else "")
+                            for w in Watchdog._active) or f"'{self.name}'"
+        print(f"negjax: error: process {who} of {self._pc} was lost during {during} ({why}); "
               f"process {self._pi} stops too. Work already saved is kept: rerun every process "
               "with the same command to resume.", file=sys.stderr, flush=True)
         os._exit(2)
@@ -206,6 +228,8 @@ class Watchdog:
                     value = self._client.key_value_try_get(f"{self._key}/{p}")
                 except Exception:
                     value = None  # not published yet
+                if value == _DONE:
+                    continue  # left its watchdog normally: finishing, not lost
                 if value != last_value[p]:
                     last_value[p], last_change[p] = value, now
                 elif now - last_change[p] > self.timeout and not self._stop.is_set():

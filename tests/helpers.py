@@ -50,17 +50,18 @@ def run_negjax(*args, env=None, timeout=600, check=False) -> subprocess.Complete
 
 def start_negjax_processes(args_for, processes: int, *, devices: int = 1, prefix=None,
                            **env_extra) -> list[subprocess.Popen]:
-    """Start `processes` CLI processes of one `jax.distributed` job on localhost:
-    `args_for(i)` gives process i's negjax arguments (the coordinator flags are appended);
-    `prefix(i)`, when given and not empty, replaces process i's `-m negjax` (e.g. a
-    fault-injection script). Output (stdout + stderr) is captured as text."""
+    """Start `processes` CLI processes of one `jax.distributed` job on localhost (the job is
+    given by NEGJAX_COORDINATOR / NEGJAX_NUM_PROCESSES / NEGJAX_PROCESS_ID, which every
+    command reads): `args_for(i)` gives process i's negjax arguments; `prefix(i)`, when given
+    and not empty, replaces process i's `-m negjax` (e.g. a fault-injection script). Output
+    (stdout + stderr) is captured as text."""
     port = free_port()
-    env = subprocess_env(devices=devices, **env_extra)
     cmd = lambda i: list(prefix(i) if prefix else []) or ["-m", "negjax"]  # noqa: E731
-    return [subprocess.Popen([sys.executable, *cmd(i), *map(str, args_for(i)), "--coordinator",
-                              f"localhost:{port}", "--num-processes", str(processes),
-                              "--process-id", str(i)],
-                             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    return [subprocess.Popen([sys.executable, *cmd(i), *map(str, args_for(i))],
+                             env=subprocess_env(devices=devices, NEGJAX_COORDINATOR=f"localhost:{port}",
+                                                NEGJAX_NUM_PROCESSES=processes,
+                                                NEGJAX_PROCESS_ID=i, **env_extra),
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True) for i in range(processes)]
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO, run_negjax, subprocess_env
-from test_train import small_data, train_cmd, write_config  # noqa: F401  (a fixture)
+from test_train import train_cmd, write_config
 
 PROMPTS = {"query": "query: ", "doc": "passage: "}
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from helpers import subprocess_env
-from test_train import small_data, write_config  # noqa: F401  (small_data is a fixture)
+from test_train import write_config
 
 
 def make_negatives(data: Path, out: Path) -> Path:

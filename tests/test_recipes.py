@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO, run_negjax, subprocess_env
-from test_train import small_data, train_cmd, write_config  # noqa: F401  (a fixture)
+from test_train import train_cmd, write_config
 
 
 def test_matryoshka_train_encode_eval_mine_export(tmp_path, small_data):  # noqa: F811

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def add_parser(sub):
     from negjax.cli import add_config_args
@@ -25,10 +27,12 @@ def run(args) -> int:
     summary = train(cfg)
     import jax
 
+    line = (f"negjax train: {summary['status']} at step {summary['step']} (mesh "
+            f"{summary['mesh']}); workdir {summary['workdir']}")
     if jax.process_index() == 0:
         ev = summary.get("eval") or {}
         evs = "  ".join(f"{k}={v:.4f}" for k, v in ev.items() if k != "queries")
-        print(f"negjax train: {summary['status']} at step {summary['step']} (mesh "
-              f"{summary['mesh']}); workdir {summary['workdir']}"
-              + (f"\n  dev: {evs}" if evs else ""))
+        print(line + (f"\n  dev: {evs}" if evs else ""))
+    else:  # every host's log says where it stopped (all stop at the same step)
+        print(f"{line} [process {jax.process_index()}]", file=sys.stderr)
     return 0

@@ -10,7 +10,7 @@ import numpy as np
 
 from negjax.evaluation.metrics import METRICS, evaluate_rankings
 from negjax.model.encode import encode_across_processes
-from negjax.multihost import broadcast_floats
+from negjax.multihost import Watchdog, broadcast_floats
 from negjax.search import ScannIndex, exact_search, tune_search
 
 TOP_K = 100
@@ -62,7 +62,15 @@ def evaluate_encoder(enc, params, data: EvalSet, *, batch_size: int = 256, query
     are split over the processes (`encode_across_processes`: each encodes a slice on its own
     devices, the embeddings are all-gathered), process 0 searches and scores, and every process
     returns process 0's metrics. The result equals a one-process run on as many devices.
+    A lost process ends the others within NEGJAX_PEER_TIMEOUT s (`multihost.Watchdog`).
     `batch_size`: texts per encoding batch over all devices."""
+    with Watchdog("eval"):
+        return _evaluate(enc, params, data, batch_size=batch_size, query_max_len=query_max_len,
+                         doc_max_len=doc_max_len, index=index, corpus_emb=corpus_emb)
+
+
+def _evaluate(enc, params, data: EvalSet, *, batch_size, query_max_len, doc_max_len, index,
+              corpus_emb) -> dict:
     import jax
 
     if corpus_emb is None:

@@ -23,8 +23,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import jax
-
 from negjax.config import Config, CheckpointConfig, load_config
 from negjax.errors import NegjaxError
 from negjax.model.loader import (CONFIG_NAME, META_ITEM, STATE_ITEM, verify_checkpoint,
@@ -87,13 +85,15 @@ class Checkpointer:
             self.manager.wait_until_finished()
         return saved
 
-    def restore(self, step: int, like_state):
-        """(state, meta) of `step`; `like_state` gives structure, shapes and shardings."""
+    def restore(self, step: int, abstract_state):
+        """(state, meta) of `step`, read straight into the shardings of `abstract_state` (a
+        tree of `jax.ShapeDtypeStruct` with `sharding`, e.g. `abstract_train_state`): each
+        process reads only the shards its devices hold, whatever mesh wrote the checkpoint,
+        and nothing moves between processes."""
         import orbax.checkpoint as ocp
 
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
         out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
 
     def wait(self) -> None:

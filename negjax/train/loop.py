@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import time
 import weakref
 from collections import deque
@@ -40,11 +41,12 @@ from negjax.evaluation.evaluate import EvalSet, evaluate_encoder
 from negjax.mining.job import run_mining
 from negjax.model.loader import load_model
 from negjax.model.loader import CHECKPOINTS, CONFIG_NAME
+from negjax.multihost import Watchdog
 from negjax.train.checkpoint import (Checkpointer, manifest_digest, save_run_config,
                                      select_checkpoint)
 from negjax.train.diagnostics import Diagnostics
-from negjax.train.state import init_state, learning_rate_schedule
-from negjax.train.step import make_train_step, place_state
+from negjax.train.state import init_state, learning_rate_schedule, relayout_bank
+from negjax.train.step import make_train_step, state_shardings
 from negjax.train.workdir_lock import WorkdirLock
 from negjax.utils import atomic_write_text, progress
 
@@ -172,6 +174,18 @@ class _Preemption:
         return bool(np.asarray(flags).any())
 
 
+def _topology(mesh) -> dict:
+    """Who trains: processes, devices (all of them split the batch) and the mesh's axes."""
+    return {"processes": jax.process_count(), "devices": jax.device_count(),
+            "mesh": {str(k): int(v) for k, v in mesh.shape.items()}}
+
+
+def _describe(t: dict) -> str:
+    p, d = t["processes"], t["devices"]
+    mesh = " x ".join(f"{k} {v}" for k, v in t["mesh"].items())
+    return f"{p} process{'es' if p > 1 else ''} x {d // p} device{'s' if d // p > 1 else ''} ({mesh})"
+
+
 def _to_float(x) -> float:
     return float(np.asarray(x))
 
@@ -199,8 +213,9 @@ def _eval_set(cfg: Config, paths: dict) -> EvalSet | None:
 class Trainer:
     """One training run (see the module docstring); `run()` trains to `train.steps`."""
 
-    def __init__(self, cfg: Config, paths: dict):
+    def __init__(self, cfg: Config, paths: dict, watchdog: Watchdog | None = None):
         self.cfg, self.paths = cfg, paths
+        self.watchdog = watchdog  # told the step, for the message naming a lost process
         self.pi, self.pc = distributed.initialize(cfg.distributed)
         self.main = self.pi == 0
         self.workdir = Path(cfg.workdir).absolute()
@@ -227,20 +242,17 @@ class Trainer:
         if cfg.model.name == "tiny":  # from scratch: initialisation follows the run's seed
             params = self.enc.init_params(jax.random.PRNGKey(cfg.train.seed))
         self.ckpt = Checkpointer(self.workdir / "checkpoints", cfg.checkpoint)
-        state = init_state(params, cfg, dim=self.enc.dim)
+        fresh = lambda: init_state(params, cfg, dim=self.enc.dim)  # noqa: E731
+        shardings = state_shardings(jax.eval_shape(fresh), self.mesh)
         self.negatives_dir = cfg.data.negatives
         self.start, meta = 0, None
-        latest = resume_step
-        if latest is not None:
-            state, meta = self.ckpt.restore(latest, state)
-            self.start = int(meta["step"])
-            self.negatives_dir = meta.get("negatives", "")
-            if self.negatives_dir and (manifest_digest(self.negatives_dir)
-                                       != meta.get("negatives_sha256", "")):
-                raise NegjaxError(f"{self.negatives_dir}: the hard negatives changed since "
-                                  f"checkpoint {latest} was written (manifest checksum differs)")
+        if resume_step is not None:
+            self.state, meta = self._restore(resume_step, fresh, shardings)
+        else:
+            self.state = jax.device_put(fresh(), shardings)
         self.pipeline = self._pipeline(meta["data"] if meta is not None else None)
-        self.state = place_state(state, self.mesh)
+        if meta is not None:
+            self._relayout_bank(meta.get("topology", _topology(self.mesh)), shardings)
         self.step_fn = make_train_step(self.enc, cfg, self.mesh,
                                        group_size=self.pipeline.group_size)
         self.lr_at = learning_rate_schedule(cfg.train)
@@ -257,6 +269,42 @@ class Trainer:
                                         purge_step=self.start + 1 if self.start else None)
         self.diagnostics = Diagnostics(self.workdir, enabled=self.main)
         self.last_eval: dict = {}
+
+    def _restore(self, step: int, fresh, shardings):
+        """(state, meta) of checkpoint `step`, read straight into this run's shardings (each
+        process its own shards; the writer's processes, devices and FSDP factor may differ).
+        The memory bank is re-laid for a new device count; the log says what changed."""
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                jax.eval_shape(fresh), shardings)
+        state, meta = self.ckpt.restore(step, abstract)
+        self.start = int(meta["step"])
+        self.negatives_dir = meta.get("negatives", "")
+        if self.negatives_dir and (manifest_digest(self.negatives_dir)
+                                   != meta.get("negatives_sha256", "")):
+            raise NegjaxError(f"{self.negatives_dir}: the hard negatives changed since "
+                              f"checkpoint {step} was written (manifest checksum differs)")
+        now = _topology(self.mesh)
+        then = meta.get("topology", now)  # (checkpoints written before it was recorded)
+        change = "" if then == now else f", written on {_describe(then)}, now on {_describe(now)}"
+        if self.main:
+            print(f"negjax train: resuming from checkpoint {step}{change}", file=sys.stderr,
+                  flush=True)
+        return state, meta
+
+    def _relayout_bank(self, then: dict, shardings) -> None:
+        """A memory bank written on another number of devices, laid out for this mesh
+        (`relayout_bank`: same queue, same eviction order)."""
+        now, state = _topology(self.mesh), self.state
+        if state.bank is None or then["devices"] == now["devices"]:
+            return
+        bank, ids, ptr = relayout_bank(
+            distributed.to_host(state.bank), distributed.to_host(state.bank_ids),
+            int(distributed.to_host(state.bank_ptr)), old_devices=then["devices"],
+            new_devices=now["devices"], docs_per_step=self.cfg.train.batch_size * self.pipeline.group_size)
+        put = lambda a, s: jax.make_array_from_callback(a.shape, s, lambda i: a[i])  # noqa: E731
+        self.state = state.replace(bank=put(bank, shardings.bank),
+                                   bank_ids=put(ids, shardings.bank_ids),
+                                   bank_ptr=put(np.asarray(ptr, np.int32), shardings.bank_ptr))
 
     def _pipeline(self, data_state: dict | None):
         pipe = build_pipeline(self.cfg, self.enc.tokenizer, prompts=self.enc.prompts,
@@ -314,7 +362,8 @@ class Trainer:
 
     def save(self, step: int, metrics: dict | None = None) -> None:
         meta = {"step": step, "data": self.pipeline.get_state(), "negatives": self.negatives_dir,
-                "negatives_sha256": manifest_digest(self.negatives_dir), "seed": self.cfg.train.seed}
+                "negatives_sha256": manifest_digest(self.negatives_dir), "seed": self.cfg.train.seed,
+                "topology": _topology(self.mesh)}
         self.ckpt.save(step, self.state, meta, metrics=metrics or None)
 
     def _flush(self, step: int, preempt=None) -> bool:
@@ -385,6 +434,8 @@ class Trainer:
                 self._sample = (m.pop("sample_q"), m.pop("sample_d"))  # the diagnostics'
                 self._window = m if self._window is None else _add(self._window, m)
                 step += 1
+                if self.watchdog is not None:
+                    self.watchdog.where = f"step {step}"
                 self.bar.update(1)
                 inflight.append(m["loss"])
                 if len(inflight) > 2:  # bound how far the host runs ahead (no transfer)
@@ -432,4 +483,7 @@ class Trainer:
 def train(cfg: Config) -> dict:
     """Run (or resume) training; returns a summary dict (final step, last metrics, eval)."""
     paths = _check_inputs(cfg)
-    return Trainer(cfg, paths).run()
+    distributed.initialize(cfg.distributed)
+    # A lost process ends every other one within NEGJAX_PEER_TIMEOUT s, naming it and the step.
+    with Watchdog("train") as watchdog:
+        return Trainer(cfg, paths, watchdog=watchdog).run()

@@ -8,9 +8,11 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from negjax.config import Config, TrainConfig
+from negjax.errors import NegjaxError
 from negjax.losses import init_log_scale
 from negjax.model.lora import combine, split_trainable
 
@@ -118,3 +120,33 @@ def init_state(model_params, cfg: Config, *, dim: int, num_devices: int = 1,
             bank_ids=jnp.full((k,), -1, jnp.int32),
             bank_ptr=jnp.zeros((), jnp.int32))
     return state
+
+
+def relayout_bank(bank, bank_ids, ptr: int, *, old_devices: int, new_devices: int,
+                  docs_per_step: int):
+    """The memory-bank queue of a checkpoint written on `old_devices` batch devices, laid out
+    for `new_devices` (a resume on another topology). numpy in, numpy out.
+
+    bank [K, D], bank_ids [K]; `ptr` is the next write offset within each device's slice of
+    K / devices rows. Every step writes its `docs_per_step` (N) global documents cut in
+    `devices` pieces, piece d at offset ptr of device d's slice, so one slice offset holds one
+    step's documents across all slices. The result holds the same steps, each step's documents
+    in global order and cut for `new_devices`, the oldest step at offset 0 and ptr 0: the queue
+    evicts in the same order as it would have on the old devices. Returns (bank, bank_ids, ptr)."""
+    bank, bank_ids = np.asarray(bank), np.asarray(bank_ids)
+    k, n = bank.shape[0], int(docs_per_step)
+    for devices in (old_devices, new_devices):
+        if k % devices or n % devices or (k // devices) % (n // devices):
+            raise NegjaxError(f"loss.memory_bank_size={k}: cannot be laid out over {devices} "
+                              f"devices with {n} documents per step (each device's share must "
+                              "be a multiple of its documents per step)")
+    s, m = k // old_devices, n // old_devices
+    s2, m2 = k // new_devices, n // new_devices
+    slots = s // m
+    src = np.empty(k, np.int64)
+    for age in range(slots):                               # 0 = oldest (overwritten next)
+        o = ((int(ptr) // m + age) % slots) * m
+        step_rows = (np.arange(old_devices)[:, None] * s + o + np.arange(m)).reshape(-1)  # [N]
+        dst = (np.arange(new_devices)[:, None] * s2 + age * m2 + np.arange(m2)).reshape(-1)
+        src[dst] = step_rows
+    return bank[src], bank_ids[src], 0
