@@ -68,12 +68,13 @@ def put(batch, mesh):
     return {k: jax.device_put(v, sh[k]) for k, v in batch.items()}
 
 
-def assert_trees_close(a, b, rtol=1e-5):
-    """Elementwise rtol, with an absolute floor of rtol x the tensor's largest entry: float32
-    sums over devices in a different order differ by rounding at that level."""
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-9):
+    """Elementwise rtol, with an absolute floor of rtol x the tensor's largest entry (and at
+    least `atol`): float32 sums over devices in a different order differ by rounding at that
+    level."""
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         y = np.asarray(y)
-        np.testing.assert_allclose(np.asarray(x), y, rtol=rtol, atol=max(rtol * float(np.abs(y).max()), 1e-9))
+        np.testing.assert_allclose(np.asarray(x), y, rtol=rtol, atol=max(rtol * float(np.abs(y).max()), atol))
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 8])
@@ -230,7 +231,11 @@ def test_fsdp_matches_replicated(enc, mode):
     losses, size, params, ref_state = runs[1]
     for fsdp in (8, 4):
         np.testing.assert_allclose(runs[fsdp][0], losses, rtol=1e-5)
-        assert_trees_close(runs[fsdp][2], params, rtol=1e-4)
+        # Parameters whose gradient is zero in exact arithmetic (the attention key bias: softmax
+        # ignores a per-query constant) get rounding noise as gradients, which AdamW turns into
+        # steps of up to ~1e-9 of either sign in any layout (measured: 1.3e-9 against 1.2e-10).
+        # A wrong gradient moves a parameter by about lr per step: 1e-3 x lr sits between.
+        assert_trees_close(runs[fsdp][2], params, rtol=1e-4, atol=1e-3 * cfg.train.learning_rate)
         assert runs[fsdp][1] <= size / fsdp * 1.05, (fsdp, runs[fsdp][1], size)
     if mode != "plain":  # the queue and the momentum encoder follow too
         for fsdp in (8, 4):

@@ -20,6 +20,7 @@ hard negatives), diagnostics (cosine histograms over training).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -410,12 +411,13 @@ class Trainer:
         and overlaps the step already dispatched)."""
         return distributed.global_batch_from_local(next(self.pipeline), self.mesh)
 
-    def run(self) -> dict:
+    def run(self, preempt: "_Preemption | None" = None) -> dict:
         """Train to `train.steps`. Nothing is fetched from the devices between logging points:
         metrics are summed on device and fetched every `train.log_every` steps (and at every
         evaluation, re-mining, checkpoint and the end), where the non-finite guard and the
         cross-process preemption agreement also run. The next batch is transferred while the
-        current step runs; at most two steps are in flight."""
+        current step runs; at most two steps are in flight. `preempt`: the SIGTERM handler
+        `train` installs before start-up (else one is installed for the loop)."""
         c = self.cfg
         total = c.train.steps
         self.bar = progress(total=total, desc="train", unit="step",
@@ -426,7 +428,7 @@ class Trainer:
         self.fetches = 0
         self._window, self._window_start, self._t_window = None, step, time.perf_counter()
         inflight: deque = deque()
-        with _Preemption() as preempt:
+        with contextlib.nullcontext(preempt) if preempt else _Preemption() as preempt:
             nxt = self._next_batch() if step < total else None
             while step < total:
                 batch = nxt
@@ -485,5 +487,6 @@ def train(cfg: Config) -> dict:
     paths = _check_inputs(cfg)
     distributed.initialize(cfg.distributed)
     # A lost process ends every other one within NEGJAX_PEER_TIMEOUT s, naming it and the step.
-    with Watchdog("train") as watchdog:
-        return Trainer(cfg, paths, watchdog=watchdog).run()
+    # SIGTERM from start-up on: a preemption while loading still saves after the first step.
+    with Watchdog("train") as watchdog, _Preemption() as preempt:
+        return Trainer(cfg, paths, watchdog=watchdog).run(preempt)
