@@ -134,3 +134,32 @@ def test_renamed_flags_still_work_with_a_warning():
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 2
     assert lines[0].startswith("negjax: warning: flag --num-negatives is deprecated")
+
+
+def test_progress_is_plain_lines_in_a_log(monkeypatch, capsys):
+    """stderr not a terminal (a pod's log file): count, rate and ETA as lines, one per
+    NEGJAX_PROGRESS_EVERY seconds (0: every update), the units of a resumed run not counted
+    in the rate; a last line says how it ended. NEGJAX_PROGRESS=0 silences it."""
+    from negjax.utils import LineProgress, progress
+
+    monkeypatch.setenv("NEGJAX_PROGRESS", "")
+    monkeypatch.setenv("NEGJAX_PROGRESS_EVERY", "0")
+    bar = progress(total=10, desc="train", unit="step", initial=4)
+    assert isinstance(bar, LineProgress)
+    bar.update(2)
+    bar.set_postfix(loss="0.5")
+    bar.close()
+    bar.close()  # once only
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("negjax: train: 6/10 step (60%), ")
+    assert " step/s, ETA " in lines[0] and "stopped after" in lines[1] and lines[1].endswith("loss=0.5")
+    monkeypatch.setenv("NEGJAX_PROGRESS_EVERY", "3600")
+    assert list(progress(range(5), desc="tokenise docs", unit="text")) == [0, 1, 2, 3, 4]
+    lines = capsys.readouterr().err.splitlines()  # the first update, then the end
+    assert [x.split(":")[1].strip() for x in lines] == ["tokenise docs"] * 2
+    assert "1/5 text" in lines[0] and "5/5 text (100%)" in lines[1] and "finished in" in lines[1]
+    monkeypatch.setenv("NEGJAX_PROGRESS", "0")
+    bar = progress(total=3, desc="quiet")
+    bar.update(3)
+    bar.close()
+    assert capsys.readouterr().err == ""

@@ -85,9 +85,15 @@ def test_kill9_and_resume_is_exact(tmp_path, small_data):
     cfg = write_config(tmp_path, small_data)
     cfg.write_text(cfg.read_text().replace("prefetch = 2", "prefetch = 2\nnum_negatives = 1") + MINING)
     ref = tmp_path / "ref"
-    run = subprocess.run(train_cmd(cfg, ref), env=subprocess_env(4), capture_output=True, text=True,
-                         cwd=REPO, timeout=600)
+    # Output to a pipe, as on a pod: progress comes as plain lines (NEGJAX_PROGRESS_EVERY
+    # seconds apart; 0 here: every update), while tokenising and while re-mining too.
+    run = subprocess.run(train_cmd(cfg, ref), capture_output=True, text=True, cwd=REPO, timeout=600,
+                         env=subprocess_env(4, NEGJAX_PROGRESS="", NEGJAX_PROGRESS_EVERY=0))
     assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stderr.splitlines()
+    for what in ("tokenise", "encode doc", "mine", "train"):  # (mine, encode doc: re-mining)
+        assert any(x.startswith(f"negjax: {what}") and "/s" in x for x in lines), (what, run.stderr[-3000:])
+    assert not any("\r" in x for x in lines)  # no terminal bar in the log
     # Kill -9 after a random number of completed steps (past the first checkpoint).
     kill_after = random.Random(os.getpid()).randint(4, 10)
     work = tmp_path / "killed"

@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from negjax.errors import NegjaxError, file_error
-from negjax.utils import atomic_save_npy, atomic_write_text, process_memory_bytes, progress
+from negjax.utils import atomic_save_npy, atomic_write_text, log, process_memory_bytes, progress
 
 _GEN_CHUNK = 65536  # rows per generation chunk; part of the data's definition (seeded per chunk)
 _BARRIER_MS = 12 * 3600 * 1000  # a barrier waits for the slowest process's build; lost ones: Watchdog
@@ -269,7 +269,7 @@ _LOG_PREFIX = "[bench mine]"
 
 
 def _log(msg: str) -> None:
-    print(f"{_LOG_PREFIX} {msg}", file=sys.stderr, flush=True)
+    log(f"{_LOG_PREFIX} {msg}", every_process=True)
 
 
 def _peak_rss_mb() -> float:

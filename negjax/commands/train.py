@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+from negjax.utils import log
 
 
 def add_parser(sub):
@@ -34,5 +34,5 @@ def run(args) -> int:
         evs = "  ".join(f"{k}={v:.4f}" for k, v in ev.items() if k != "queries")
         print(line + (f"\n  dev: {evs}" if evs else ""))
     else:  # every host's log says where it stopped (all stop at the same step)
-        print(f"{line} [process {jax.process_index()}]", file=sys.stderr)
+        log(line, every_process=True)
     return 0

@@ -54,7 +54,6 @@ import hashlib
 import json
 import math
 import shutil
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -76,7 +75,7 @@ from negjax.search import (ScannIndex, audit_recall, describe, query_samples,
 from negjax.search.tuning import recall_summary
 from negjax.search.sharded import (load_candidates, merge_candidates, merge_ids, save_candidates,
                                    shard_bounds, shard_candidates)
-from negjax.utils import atomic_save_npz, atomic_write_text, progress, sha256_file
+from negjax.utils import atomic_save_npz, atomic_write_text, log, progress, sha256_file
 
 WORK = ".work"
 JOB_VERSION = 1
@@ -91,8 +90,7 @@ def _barrier(name: str) -> None:
 
 
 def _log(msg: str) -> None:
-    if jax.process_index() == 0:
-        print(f"[mine] {msg}", file=sys.stderr, flush=True)
+    log(f"[mine] {msg}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ import contextlib
 import json
 import math
 import signal
-import sys
 import time
 import weakref
 from collections import deque
@@ -49,7 +48,7 @@ from negjax.train.diagnostics import Diagnostics
 from negjax.train.state import init_state, learning_rate_schedule, relayout_bank
 from negjax.train.step import make_train_step, state_shardings
 from negjax.train.workdir_lock import WorkdirLock
-from negjax.utils import atomic_write_text, progress
+from negjax.utils import atomic_write_text, log, progress
 
 
 def _check_inputs(cfg: Config) -> dict:
@@ -287,9 +286,7 @@ class Trainer:
         now = _topology(self.mesh)
         then = meta.get("topology", now)  # (checkpoints written before it was recorded)
         change = "" if then == now else f", written on {_describe(then)}, now on {_describe(now)}"
-        if self.main:
-            print(f"negjax train: resuming from checkpoint {step}{change}", file=sys.stderr,
-                  flush=True)
+        log(f"negjax train: resuming from checkpoint {step}{change}")
         return state, meta
 
     def _relayout_bank(self, then: dict, shardings) -> None:
@@ -421,8 +418,7 @@ class Trainer:
         c = self.cfg
         total = c.train.steps
         self.bar = progress(total=total, desc="train", unit="step",
-                            disable=None if self.main else True)
-        self.bar.update(self.start)
+                            disable=None if self.main else True, initial=self.start)
         status = "finished"
         step = self.start
         self.fetches = 0
