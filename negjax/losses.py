@@ -3,7 +3,7 @@
     loss = contrastive_loss(q, d, group_size=G, temperature=0.05,
                             query_pos_ids=pos_ids, doc_ids=ids, chunk_size=1024)
 
-Layout (DESIGN.md "Batch layout"): `q [B, D]`, `d [B*G, D]` grouped per query; document
+Layout (docs/design.md, "Batch layout"): `q [B, D]`, `d [B*G, D]` grouped per query; document
 `i*G` is query `i`'s positive, the next `G-1` its hard negatives. Query `i` is scored
 against every document of the global batch; its target column is `i*G`.
 

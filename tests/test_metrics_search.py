@@ -137,7 +137,7 @@ def test_embedding_store_reads_rows_across_chunks(tmp_path, dtype):
 def test_sharded_candidates_merge_to_the_unsharded_top_k(shards):
     """Per-shard top-k merged == top-k of the whole corpus by exact score (ties: smaller row),
     duplicates included, for any cut, with a shard smaller than k."""
-    from negjax.mining.filters import pair_scores
+    from negjax.search import pair_scores
     from negjax.search.sharded import merge_candidates, shard_bounds, shard_candidates
 
     rng = np.random.default_rng(shards)

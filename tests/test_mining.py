@@ -15,8 +15,9 @@ from negjax.config import MiningConfig, ModelConfig
 from negjax.data import shards
 from negjax.data.formats import normalize_text, read_training
 from negjax.errors import NegjaxError
-from negjax.mining.filters import (FILTER_ORDER, FilterSettings, filter_candidates, pair_scores,
+from negjax.mining.filters import (FILTER_ORDER, FilterSettings, filter_candidates,
                                    positive_ranks, sample_block, text_groups)
+from negjax.search import pair_scores
 
 TINY = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
 TINY_SET = [x for key, v in TINY.items() for x in ("--set", f"model.{key}={v}")]

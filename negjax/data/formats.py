@@ -1,4 +1,4 @@
-"""Readers for the input formats in DESIGN.md, into one in-memory representation.
+"""Readers for the input formats in docs/formats.md, into one in-memory representation.
 
     corpus = read_corpus("corpus.jsonl")                      # {"id"|"_id", "text", "title"?}
     corpus, train = read_training("train.jsonl", corpus)      # pairs with corpus ids

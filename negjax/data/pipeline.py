@@ -1,7 +1,7 @@
 """The training input pipeline: (seed, step) -> this process' slice of the global batch.
 
     pipe = build_pipeline(cfg, tokenizer)        # or Pipeline(...) from parts
-    batch = next(pipe)                           # dict of numpy arrays (INTERFACES.md)
+    batch = next(pipe)                           # dict of numpy arrays (docs/design.md)
     state = pipe.get_state()                     # small JSON-able dict, saved with a checkpoint
     pipe.set_state(state)                        # the sequence continues exactly
 

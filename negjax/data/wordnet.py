@@ -7,7 +7,7 @@ are natural hard negatives; near-synonymous senses natural false negatives. The 
 every synset; queries are split 90/5/5 into train/dev/test by a stable hash of the synset, so
 dev/test synsets are never training positives. `tools/build_wordnet.py` builds the compressed
 files shipped in `wordnet_data/` (with WordNet's licence, which asks that it travel with every
-copy); this module only expands them into the project's input formats (DESIGN.md):
+copy); this module only expands them into the project's input formats (docs/formats.md):
 
     corpus.jsonl         {"id": "n.00001740", "text": "entity (noun): that which is ..."}
     train.jsonl          {"id": "q.n.00001740.0", "query": "...", "pos": ["n.00001740"]}

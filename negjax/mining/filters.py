@@ -7,8 +7,8 @@ counts add up to the number removed. Ranks are 1-based positions in the retrieve
 positives included), as in NV-Retriever's and Tevatron's rank windows.
 
 The positive score `pos` of a query is the highest score among its positives, computed exactly
-(`pair_scores`, not taken from the candidate list, so it exists even when a positive is outside
-the top-k).
+(`negjax.search.pair_scores`, not taken from the candidate list, so it exists even when a
+positive is outside the top-k).
 """
 
 from __future__ import annotations
@@ -69,24 +69,6 @@ def text_groups(texts) -> np.ndarray:
     seen: dict[str, int] = {}
     return np.fromiter((seen.setdefault(normalize_text(t), len(seen)) for t in texts),
                        dtype=np.int64, count=len(texts))
-
-
-def pair_scores(queries: np.ndarray, corpus: np.ndarray, rows: np.ndarray,
-                block: int = 256) -> np.ndarray:
-    """Exact scores of chosen pairs: `queries [Q, D]`, `corpus [N, D]` float32, `rows [Q, M]`
-    int64 (-1 = none) -> `[Q, M] float32` (-inf where rows < 0).
-
-    Each score is an elementwise product summed over D, whose arithmetic does not depend on M
-    or on the other rows, so a document scores the same as a positive and as a candidate.
-    Memory: `block x M x D` floats at a time."""
-    out = np.full(rows.shape, -np.inf, np.float32)
-    for q0 in range(0, len(rows), block):
-        r = rows[q0:q0 + block]
-        valid = r >= 0
-        docs = corpus[np.where(valid, r, 0)]                                   # [b, M, D]
-        s = (queries[q0:q0 + block, None, :].astype(np.float32) * docs).sum(axis=-1)
-        out[q0:q0 + block] = np.where(valid, s, -np.inf)
-    return out
 
 
 def positive_ranks(ids: np.ndarray, pos_rows: np.ndarray) -> np.ndarray:

@@ -69,8 +69,8 @@ from negjax.mining import report as report_mod
 from negjax.mining.embeddings import EMBEDDING_DTYPES, encode_chunked, model_identity, params_fingerprint
 from negjax.multihost import Watchdog
 from negjax.mining.filters import (FILTER_ORDER, SAMPLING, FilterSettings, filter_candidates,
-                                   pair_scores, positive_ranks, sample_block, text_groups)
-from negjax.search import (ScannIndex, audit_recall, describe, query_samples,
+                                   positive_ranks, sample_block, text_groups)
+from negjax.search import (ScannIndex, audit_recall, describe, pair_scores, query_samples,
                            scann_settings, tunable_settings, tune_search)
 from negjax.search.tuning import recall_summary
 from negjax.search.sharded import (load_candidates, merge_candidates, merge_ids, save_candidates,

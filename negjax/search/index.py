@@ -232,6 +232,24 @@ class ScannIndex:
         return cls(searcher, ScannParams(**meta["params"]), meta["n"])
 
 
+def pair_scores(queries: np.ndarray, corpus: np.ndarray, rows: np.ndarray,
+                block: int = 256) -> np.ndarray:
+    """Exact scores of chosen pairs: `queries [Q, D]`, `corpus [N, D]` float32, `rows [Q, M]`
+    int64 (-1 = none) -> `[Q, M] float32` (-inf where rows < 0).
+
+    Each score is an elementwise product summed over D, whose arithmetic does not depend on M
+    or on the other rows, so a document scores the same as a positive and as a candidate.
+    Memory: `block x M x D` floats at a time."""
+    out = np.full(rows.shape, -np.inf, np.float32)
+    for q0 in range(0, len(rows), block):
+        r = rows[q0:q0 + block]
+        valid = r >= 0
+        docs = corpus[np.where(valid, r, 0)]                                   # [b, M, D]
+        s = (queries[q0:q0 + block, None, :].astype(np.float32) * docs).sum(axis=-1)
+        out[q0:q0 + block] = np.where(valid, s, -np.inf)
+    return out
+
+
 def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
     """Mean over queries of |approx top-k ∩ exact top-k| / k."""
     k = exact_ids.shape[1]

@@ -26,8 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from negjax.mining.filters import pair_scores
-from negjax.search.index import exact_search
+from negjax.search.index import exact_search, pair_scores
 
 _NONE = np.iinfo(np.int64).max
 
