@@ -56,12 +56,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from negjax.distributed import BATCH_AXES
 from negjax.errors import NegjaxError
 from negjax.loss_blocks import EMPTY, PRECISIONS, ce
 from negjax.loss_ring import ring_ce
 
-AXIS = "data"
-BATCH_AXES = ("data", "fsdp")  # a batch is split over those of these the mesh has
 COLLECTIVES = ("gather", "ring")
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -12,7 +10,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from helpers import free_port, require_devices, subprocess_env
+from helpers import require_devices, start_processes, wait_all
 from negjax import distributed
 from negjax.config import DistributedConfig
 from negjax.errors import NegjaxError
@@ -89,11 +87,9 @@ _CHILD = textwrap.dedent("""
     import sys
     import numpy as np
     from negjax import distributed
-    from negjax.config import DistributedConfig
 
-    port, pid, data, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    distributed.initialize(DistributedConfig(coordinator_address=f"localhost:{port}",
-                                             num_processes=2, process_id=pid))
+    data, out = sys.argv[1], sys.argv[2]
+    pid, _ = distributed.initialize()  # the job: NEGJAX_COORDINATOR etc. (helpers.start_processes)
     import jax
     from negjax.losses import contrastive_loss
     assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 8, 4)
@@ -129,19 +125,8 @@ def test_two_processes_match_single_process(tmp_path):
     np.savez(tmp_path / "data.npz", q=q, d=d, ids=ids, pos=pos, G=G)
     script = tmp_path / "child.py"
     script.write_text(_CHILD)
-    port = free_port()
-    env = subprocess_env(devices=4)
-    procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(tmp_path / "data.npz"),
-                               str(tmp_path / f"out{i}")], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"process {i} failed:\n{out[-3000:]}"
+    wait_all(start_processes(lambda i: [script, tmp_path / "data.npz", tmp_path / f"out{i}"], 2,
+                             devices=4), timeout=240)
 
     mesh = distributed.make_mesh(8)
     for chunk in (None, 5):

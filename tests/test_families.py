@@ -10,8 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from helpers import REPO, run_negjax, subprocess_env
-from test_train import train_cmd, write_config
+from helpers import REPO, run_negjax, subprocess_env, train_cmd, write_config
 
 PROMPTS = {"query": "query: ", "doc": "passage: "}
 

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import subprocess_env
-from test_train import write_config
+from helpers import subprocess_env, write_config
 
 
 def make_negatives(data: Path, out: Path) -> Path:

@@ -12,7 +12,8 @@ from flax.traverse_util import flatten_dict
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from helpers import require_devices
+from helpers import (G, assert_trees_close, make_cfg, make_token_batch, mesh_of, put_batch,
+                     require_devices)
 from negjax.config import ModelConfig
 from negjax.losses import contrastive_loss
 from negjax.model import load_encoder
@@ -20,7 +21,6 @@ from negjax.model.lora import combine, split_trainable
 from negjax.model.packaged import minilm_dir
 from negjax.train.state import init_state
 from negjax.train.step import make_train_step, place_state, tree_specs
-from test_step import G, assert_trees_close, make_batch, make_cfg, mesh_of, put
 
 RANK, ALPHA = 4, 8.0
 
@@ -56,7 +56,7 @@ def test_fresh_adapters_leave_the_model_unchanged():
     _, frozen = split_trainable(lora.params)
     for x, y in zip(jax.tree.leaves(frozen), jax.tree.leaves(plain.params)):
         np.testing.assert_array_equal(x, y)
-    batch = make_batch()
+    batch = make_token_batch()
     a = lora.encode(lora.params, batch["q_tokens"], batch["q_mask"])
     b = plain.encode(plain.params, batch["q_tokens"], batch["q_mask"])
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -80,7 +80,7 @@ def reference(enc, params, batch, cfg):
 def test_lora_gradients_match_reference(enc, n, mode):
     require_devices(n)
     cfg = make_cfg(train__grad_cache_chunk=2 if mode == "gradcache" else 0)
-    batch = make_batch()
+    batch = make_token_batch()
     ref_loss, ref_grads = reference(enc, enc.params, batch, cfg)
     if mode == "fsdp":
         from negjax.distributed import make_mesh
@@ -93,7 +93,7 @@ def test_lora_gradients_match_reference(enc, n, mode):
     params = jax.device_put(params, jax.tree.map(lambda s: NamedSharding(mesh, s),
                                                  tree_specs(params, mesh),
                                                  is_leaf=lambda x: isinstance(x, P)))
-    loss, _, grads = step_fn.loss_and_grads(params, put(batch, mesh), jnp.int32(0))
+    loss, _, grads = step_fn.loss_and_grads(params, put_batch(batch, mesh), jnp.int32(0))
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
     # The gradient tree holds the adapters and nothing else.
     assert adapter_paths(grads["model"]) == sorted(flatten_dict(grads["model"]))
@@ -112,7 +112,7 @@ def test_training_freezes_the_base_and_export_merges(enc, tmp_path):
     step_fn = make_train_step(enc, cfg, mesh, group_size=G)
     losses = []
     for s in range(4):
-        state, m = step_fn(state, put(make_batch(30 + s % 2), mesh))
+        state, m = step_fn(state, put_batch(make_token_batch(30 + s % 2), mesh))
         losses.append(float(m["loss"]))
     after = jax.tree.map(np.asarray, state.params["model"])
     assert losses[-1] < losses[0]
@@ -147,7 +147,7 @@ def test_training_freezes_the_base_and_export_merges(enc, tmp_path):
             np.testing.assert_allclose(tensors[hf].T, want, rtol=1e-6, atol=1e-7)
     merged = load_encoder(ModelConfig(name=str(out), pooling="mean"))
     assert not adapter_paths(merged.params)
-    batch = make_batch(5)
+    batch = make_token_batch(5)
     for tower_name, t, m in (("query", "q_tokens", "q_mask"), ("doc", "d_tokens", "d_mask")):
         a = enc.encode(after, batch[t], batch[m], tower=tower_name)
         b = merged.encode(merged.params, batch[t], batch[m], tower=tower_name)

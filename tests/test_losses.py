@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from helpers import require_devices
+from helpers import mesh_of, put_rows, require_devices
 from negjax.errors import NegjaxError
 from negjax.losses import (contrastive_loss, contrastive_loss_and_metrics, init_log_scale,
                            temperature_from_log_scale)
@@ -114,7 +114,7 @@ def reference(q, d, G, T, pos_ids=None, doc_ids=None, symmetric=False, extra=Non
 # Data and mesh helpers
 # ---------------------------------------------------------------------------------------
 
-def make_batch(G, seed=0, nq=B, dim=D, npos=3):
+def make_embeddings(G, seed=0, nq=B, dim=D, npos=3):
     """Random unit embeddings and ids with many duplicates and extra positives."""
     rng = np.random.default_rng(seed)
     q = rng.normal(size=(nq, dim)).astype(np.float32)
@@ -127,18 +127,6 @@ def make_batch(G, seed=0, nq=B, dim=D, npos=3):
     pos_ids[:, 1] = rng.choice(doc_ids, size=nq)          # another column as extra positive
     pos_ids[::2, 2] = rng.choice(doc_ids, size=len(pos_ids[::2]))
     return q, d, pos_ids, doc_ids
-
-
-def mesh_of(n):
-    require_devices(n)
-    return jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
-
-
-def put(mesh, *arrays):
-    if mesh is None:
-        return tuple(jnp.asarray(a) for a in arrays)
-    sh = NamedSharding(mesh, P("data"))
-    return tuple(jax.device_put(a, sh) for a in arrays)
 
 
 class _NoMesh:
@@ -181,9 +169,9 @@ def _matrix_fn(G):
 @pytest.mark.parametrize("ndev", [1, 2, 4, 8])
 def test_matches_numpy_reference(ndev, G):
     mesh = mesh_of(ndev) if ndev > 1 else None
-    q, d, pos_ids, doc_ids = make_batch(G, seed=ndev * 10 + G)
+    q, d, pos_ids, doc_ids = make_embeddings(G, seed=ndev * 10 + G)
     with in_mesh(mesh):
-        args = put(mesh, q, d, pos_ids, doc_ids)
+        args = put_rows(mesh, q, d, pos_ids, doc_ids)
         results = _matrix_fn(G)(*args, jnp.float32(TEMP))
     for (sym, chunk, ids, coll), (loss, (gq, gd, gt)) in zip(VARIANTS, results):
         what = f"devices={ndev} G={G} symmetric={sym} chunk={chunk} ids={ids} {coll}"
@@ -199,7 +187,7 @@ def test_matches_numpy_reference(ndev, G):
 
 def test_masking_is_exercised():
     """The matrix data really masks columns (else the id tests above prove nothing)."""
-    q, d, pos_ids, doc_ids = make_batch(2, seed=22)
+    q, d, pos_ids, doc_ids = make_embeddings(2, seed=22)
     masked = reference(q, d, 2, TEMP, pos_ids, doc_ids)[0]
     plain = reference(q, d, 2, TEMP)[0]
     assert abs(masked - plain) > 1e-3
@@ -219,7 +207,7 @@ def test_gathered_layout_targets_own_positive(chunk, collective):
     d = eye                     # every document its own direction
     q = eye[::G].copy()         # query i == its positive d[i*G]
     with jax.set_mesh(mesh):
-        qs, ds = put(mesh, q, d)
+        qs, ds = put_rows(mesh, q, d)
         loss, metrics = jax.jit(lambda q, d: contrastive_loss_and_metrics(
             q, d, group_size=G, temperature=0.05, chunk_size=chunk, collective=collective))(qs, ds)
     assert float(loss) < 1e-6
@@ -240,7 +228,7 @@ def test_metrics_and_memory_bank(chunk, collective):
     metrics match the reference on 4 devices."""
     G, K = 2, 8
     mesh = mesh_of(4)
-    q, d, pos_ids, doc_ids = make_batch(G, seed=5)
+    q, d, pos_ids, doc_ids = make_embeddings(G, seed=5)
     rng = np.random.default_rng(6)
     bank = rng.normal(size=(K, D)).astype(np.float32)
     bank /= np.linalg.norm(bank, axis=1, keepdims=True)
@@ -254,7 +242,7 @@ def test_metrics_and_memory_bank(chunk, collective):
                                             doc_ids=doc_ids, chunk_size=chunk, extra_docs=bank,
                                             extra_doc_ids=bank_ids, collective=collective)
     with jax.set_mesh(mesh):
-        args = put(mesh, q, d, bank)
+        args = put_rows(mesh, q, d, bank)
         (loss, metrics), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(*args)
     rl, rq, rd, _, rm = reference(q, d, G, TEMP, pos_ids, doc_ids, extra=bank, extra_ids=bank_ids)
     np.testing.assert_allclose(loss, rl, rtol=1e-5)
@@ -275,7 +263,7 @@ def test_inside_user_shard_map_and_unsharded_inputs(ndev, collective):
     mesh, they are laid out first. All equal the reference."""
     G = 2
     mesh = jax.make_mesh((ndev,), ("data",), devices=jax.devices()[:ndev])
-    q, d, pos_ids, doc_ids = make_batch(G, seed=9)
+    q, d, pos_ids, doc_ids = make_embeddings(G, seed=9)
     kw = dict(group_size=G, symmetric=True, chunk_size=3, collective=collective)
     rl, rq, rd, rt, _ = reference(q, d, G, TEMP, pos_ids, doc_ids, symmetric=True)
 
@@ -286,8 +274,8 @@ def test_inside_user_shard_map_and_unsharded_inputs(ndev, collective):
         return loss, gq * ndev, gd * ndev, gt   # local grads are of the global mean
     spec = P("data")
     with jax.set_mesh(mesh):
-        args = put(mesh, q, d)
-        ids = put(mesh, pos_ids, doc_ids)
+        args = put_rows(mesh, q, d)
+        ids = put_rows(mesh, pos_ids, doc_ids)
         sm = jax.shard_map(inner, in_specs=(spec, spec, P(), spec, spec), out_specs=(P(), spec, spec, P()))
         loss, gq, gd, gt = jax.jit(sm)(*args, jnp.float32(TEMP), *ids)
         got2 = jax.jit(lambda *a: contrastive_loss(*a[:2], temperature=TEMP, query_pos_ids=a[2],
@@ -301,7 +289,7 @@ def test_inside_user_shard_map_and_unsharded_inputs(ndev, collective):
 
 def test_learnable_temperature_gradient_flows():
     G = 2
-    q, d, pos_ids, doc_ids = make_batch(G, seed=3)
+    q, d, pos_ids, doc_ids = make_embeddings(G, seed=3)
     log_scale = init_log_scale(0.07)
     np.testing.assert_allclose(temperature_from_log_scale(log_scale, 0.01, 1.0), 0.07, rtol=1e-6)
 
@@ -334,7 +322,7 @@ def test_chunked_never_materialises_the_matrix():
 
 
 def test_bad_arguments():
-    q, d, pos_ids, doc_ids = make_batch(2, seed=1)
+    q, d, pos_ids, doc_ids = make_embeddings(2, seed=1)
     with pytest.raises(NegjaxError, match=r"B\*group_size"):
         contrastive_loss(q, d, group_size=3, temperature=TEMP)
     with pytest.raises(NegjaxError, match="doc_ids"):
@@ -379,7 +367,7 @@ def test_two_axis_mesh(second, collective):
     require_devices(8)
     G = 2
     mesh = jax.make_mesh((4, 2), ("data", second))
-    q, d, pos_ids, doc_ids = make_batch(G, seed=13)
+    q, d, pos_ids, doc_ids = make_embeddings(G, seed=13)
     axes = ("data",) if second == "model" else ("data", "fsdp")
 
     def f(q, d):
@@ -402,7 +390,7 @@ def test_empty_bank_slots_are_not_columns(ndev):
     logit of 0 to every row's softmax). On one device under an Explicit mesh too."""
     G, K = 2, 8
     mesh = jax.make_mesh((ndev,), ("data",), devices=jax.devices()[:ndev])
-    q, d, pos_ids, doc_ids = make_batch(G, seed=21)
+    q, d, pos_ids, doc_ids = make_embeddings(G, seed=21)
     rng = np.random.default_rng(22)
     bank = rng.normal(size=(K, D)).astype(np.float32)
     bank_ids = rng.integers(100, 200, size=K).astype(np.int32)
@@ -414,7 +402,7 @@ def test_empty_bank_slots_are_not_columns(ndev):
                                             extra_docs=bank, extra_doc_ids=ids, chunk_size=5)
     with jax.set_mesh(mesh):
         (loss, m), g = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(
-            *put(mesh, q, d, bank, bank_ids))
+            *put_rows(mesh, q, d, bank, bank_ids))
     full = bank[::2]
     rl, rq, rd, _, rm = reference(q, d, G, TEMP, pos_ids, doc_ids, extra=full, extra_ids=bank_ids[::2])
     np.testing.assert_allclose(loss, rl, rtol=1e-5)
@@ -432,7 +420,7 @@ def test_precision_reaches_the_matmuls():
     """loss.precision: 'highest' (default) compiles float32 matmuls as HIGHEST, 'default'
     leaves the backend's choice; an unknown value is refused."""
     G = 2
-    q, d, _, doc_ids = make_batch(G, seed=3)
+    q, d, _, doc_ids = make_embeddings(G, seed=3)
 
     def text(precision, chunk):
         f = lambda q, d: contrastive_loss(q, d, group_size=G, temperature=TEMP,  # noqa: E731
@@ -460,7 +448,7 @@ def test_matryoshka_loss_matches_references(ndev):
     symmetric, ring; a memory bank on top) against the same sum written out on one device."""
     G, K = 2, 8
     mesh = mesh_of(ndev) if ndev > 1 else None
-    q, d, pos_ids, doc_ids = make_batch(G, seed=40 + ndev)
+    q, d, pos_ids, doc_ids = make_embeddings(G, seed=40 + ndev)
     rng = np.random.default_rng(7)
     bank = rng.normal(size=(K, D)).astype(np.float32)
     bank_ids = rng.integers(100, 200, size=K).astype(np.int32)
@@ -490,7 +478,7 @@ def test_matryoshka_loss_matches_references(ndev):
                 extra_docs=bank if with_bank else None,
                 extra_doc_ids=bank_ids if with_bank else None, **MATRYOSHKA)[0]
         with in_mesh(mesh):
-            got_loss, got = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(*put(mesh, q, d, bank))
+            got_loss, got = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(*put_rows(mesh, q, d, bank))
         want_loss, want = jax.value_and_grad(written_out, argnums=(0, 1))(
             jnp.asarray(q), jnp.asarray(d), jnp.asarray(bank), sym, with_bank)
         ref = sum(w * reference(_cut(q, k), _cut(d, k), G, TEMP, pos_ids, doc_ids, sym,
@@ -519,7 +507,7 @@ def test_false_negative_guard_matches_reference(ndev):
     is reported."""
     G, K, m = 2, 8, 0.2
     mesh = mesh_of(ndev) if ndev > 1 else None
-    q, d, pos_ids, doc_ids = make_batch(G, seed=60 + ndev)
+    q, d, pos_ids, doc_ids = make_embeddings(G, seed=60 + ndev)
     rng = np.random.default_rng(8)
     bank = rng.normal(size=(K, D)).astype(np.float32)
     bank /= np.linalg.norm(bank, axis=1, keepdims=True)
@@ -537,9 +525,9 @@ def test_false_negative_guard_matches_reference(ndev):
                 **extra)
         with in_mesh(mesh):
             if with_bank and mesh is not None:
-                extra = dict(extra_docs=put(mesh, bank)[0], extra_doc_ids=put(mesh, bank_ids)[0])
+                extra = dict(extra_docs=put_rows(mesh, bank)[0], extra_doc_ids=put_rows(mesh, bank_ids)[0])
             (loss, metrics), (gq, gd) = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(
-                *put(mesh, q, d))
+                *put_rows(mesh, q, d))
         rl, rq, rd, _, rm = reference(q, d, G, TEMP, pos_ids, doc_ids, sym, margin=m,
                                       extra=bank if with_bank else None,
                                       extra_ids=bank_ids if with_bank else None)
@@ -583,7 +571,7 @@ def test_distillation_loss_matches_reference(mode):
     from negjax.losses import distillation_loss
 
     G = 4
-    q, d, _, _ = make_batch(G, seed=90)
+    q, d, _, _ = make_embeddings(G, seed=90)
     rng = np.random.default_rng(91)
     t = rng.normal(size=(B, G)).astype(np.float32) * 3
     t[1, 2] = np.nan

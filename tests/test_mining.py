@@ -285,8 +285,6 @@ def test_sharded_exact_search_gives_the_same_rows(reference, processes=4):
     procs = start_negjax_processes(lambda i: _mine_args(root / "data", out, "--index", "exact",
                                                         devices=processes), processes)
     outs = wait_all(procs, timeout=600)
-    for i, (p, text) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"process {i} failed:\n{text[-3000:]}"
     assert f"documents in {processes} shards" in outs[0] and "mined" in outs[0]
     assert not any("mined" in text for text in outs[1:])
     m = shards.verify(out)
@@ -308,7 +306,7 @@ def test_lost_process_stops_the_others_and_a_rerun_completes(reference):
                                    NEGJAX_PEER_TIMEOUT=10)
     procs[1].wait(timeout=600)
     killed_at = time.monotonic()
-    text0 = wait_all(procs, timeout=120)[0]
+    text0 = wait_all(procs, timeout=120, check=False)[0]
     waited = time.monotonic() - killed_at
     assert procs[1].returncode == -signal.SIGKILL
     assert procs[0].returncode not in (0, None), text0[-3000:]
@@ -317,8 +315,7 @@ def test_lost_process_stops_the_others_and_a_rerun_completes(reference):
     assert not (out / "manifest.json").exists()
     procs = start_negjax_processes(lambda i: _mine_args(root / "data", out, "--index", "exact",
                                                         devices=2), 2)
-    outs = wait_all(procs)
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    wait_all(procs)
     assert _rows(out) == want
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import REPO, free_port, subprocess_env
+from helpers import REPO, start_negjax_processes, start_processes, subprocess_env, wait_all
 
 CONFIG = """
 [model]
@@ -59,52 +59,19 @@ shard_size = 10
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """A small slice of the built-in WordNet data: ~150 documents, 32 training queries, 24
-    dev queries (dev queries and the relevant documents of every query included)."""
-    from negjax.data import wordnet
-
-    root = Path(wordnet.ensure_exported(tmp_path_factory.mktemp("wn")))
-    out = tmp_path_factory.mktemp("data")
-    train = [json.loads(x) for x in (root / "train.jsonl").read_text().splitlines()[:32]]
-    dev_q = [json.loads(x) for x in (root / "dev_queries.jsonl").read_text().splitlines()[:24]]
-    dev_ids = {q["id"] for q in dev_q}
-    qrels = [x.split("\t") for x in (root / "dev_qrels.tsv").read_text().splitlines()[1:]]
-    qrels = [r for r in qrels if r[0] in dev_ids]
-    needed = {p for t in train for p in t["pos"]} | {r[1] for r in qrels}
-    corpus = [line for i, line in enumerate((root / "corpus.jsonl").read_text().splitlines())
-              if json.loads(line)["id"] in needed or i % 1000 == 0]
-    (out / "corpus.jsonl").write_text("\n".join(corpus) + "\n")
-    (out / "train.jsonl").write_text("".join(json.dumps(t) + "\n" for t in train))
-    (out / "dev_queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in dev_q))
-    (out / "dev_qrels.tsv").write_text("query-id\tcorpus-id\tscore\n"
-                                       + "".join("\t".join(r) + "\n" for r in qrels))
-    return out
+def tiny_data(wordnet_slice):
+    """~150 documents, 32 training queries, 24 dev queries."""
+    return wordnet_slice(train=32, dev=24, every=1000)
 
 
 def _start(cfg: Path, workdir: Path, processes: int) -> list[subprocess.Popen]:
     """`negjax train` as `processes` processes x 8/`processes` devices (localhost)."""
-    cmd = [sys.executable, "-m", "negjax", "train", "--config", str(cfg), "--workdir", str(workdir)]
+    args = lambda i: ["train", "--config", cfg, "--workdir", workdir]  # noqa: E731
     if processes == 1:
-        envs = [subprocess_env(8)]
-    else:
-        port = free_port()
-        envs = [subprocess_env(8 // processes, NEGJAX_COORDINATOR=f"localhost:{port}",
-                               NEGJAX_NUM_PROCESSES=processes, NEGJAX_PROCESS_ID=i)
-                for i in range(processes)]
-    return [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for env in envs]
-
-
-def _wait(procs: list[subprocess.Popen]) -> None:
-    try:
-        outs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, (p, (_, err)) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"process {i} of {len(procs)} failed:\n{err[-3000:]}"
+        return [subprocess.Popen([sys.executable, "-m", "negjax", *map(str, args(0))], cwd=REPO,
+                                 env=subprocess_env(8), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)]
+    return start_negjax_processes(args, processes, devices=8 // processes)
 
 
 def _mined_rows(directory: Path) -> list[dict]:
@@ -124,7 +91,7 @@ def test_two_processes_evaluate_and_mine_like_one(tmp_path, tiny_data):
     cfg = tmp_path / "c.toml"
     cfg.write_text(CONFIG.format(data=tiny_data, cache=tmp_path / "cache"))
     one, two = tmp_path / "one", tmp_path / "two"
-    _wait(_start(cfg, one, 1) + _start(cfg, two, 2))  # at once: the two runs' waits overlap
+    wait_all(_start(cfg, one, 1) + _start(cfg, two, 2))  # at once: the two runs' waits overlap
 
     evals = [[json.loads(x) for x in (w / "eval.jsonl").read_text().splitlines()] for w in (one, two)]
     assert [e["step"] for e in evals[0]] == [e["step"] for e in evals[1]] == [2, 4]
@@ -147,14 +114,12 @@ _CHILD = textwrap.dedent("""
     from pathlib import Path
     import numpy as np
     from negjax import distributed
-    from negjax.config import DistributedConfig
 
-    port, pid, data, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    distributed.initialize(DistributedConfig(coordinator_address=f"localhost:{port}",
-                                             num_processes=2, process_id=pid))
+    data, out = sys.argv[1], sys.argv[2]
+    pid, _ = distributed.initialize()  # the job: NEGJAX_COORDINATOR etc. (helpers.start_processes)
     import jax
     assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 8, 4)
-    sys.path.insert(0, sys.argv[5])
+    sys.path.insert(0, sys.argv[3])
     from test_multiprocess_train import encode_eval_mine
 
     emb, res, work = encode_eval_mine(data, out)
@@ -219,25 +184,15 @@ def test_split_encode_eval_and_mining_are_exact(tmp_path, tiny_data):
         pytest.skip("needs one process with 8 devices")
     script = tmp_path / "child.py"
     script.write_text(_CHILD)
-    port = free_port()
     two = tmp_path / "two"
     two.mkdir()
-    env = subprocess_env(devices=4)
-    procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(tiny_data),
-                               str(two), str(Path(__file__).parent)], env=env, cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    procs = start_processes(lambda i: [script, tiny_data, two, Path(__file__).parent], 2, devices=4)
     try:
         one = tmp_path / "one"
         one.mkdir()
         emb, res, work = encode_eval_mine(tiny_data, one)
-        outs = [p.communicate(timeout=300)[0] for p in procs]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"process {i} failed:\n{out[-3000:]}"
+        wait_all(procs, timeout=300)
     n = len(emb)
     assert work == {"tokenised": [n], "encoded": [n]}
     got = [json.loads((two / f"res{i}.json").read_text()) for i in range(2)]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import free_port, subprocess_env
+from helpers import start_processes, subprocess_env, wait_all
 from negjax.config import Config, updated
 from negjax.data.formats import TrainExamples, read_training
 from negjax.data.pipeline import Pipeline, build_pipeline, length_buckets
@@ -319,7 +319,8 @@ CHILD_DIST = """
 import sys
 import numpy as np
 import jax
-jax.distributed.initialize("localhost:{port}", 2, int(sys.argv[1]))
+from negjax import distributed
+distributed.initialize()  # the job: NEGJAX_COORDINATOR etc. (helpers.start_processes)
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 sys.path.insert(0, {tests!r})
@@ -347,20 +348,8 @@ pipe.close()
 
 def test_two_processes_draw_slices_of_the_global_batch(data, tmp_path):
     one = make_pipeline(data, batch_size=8, num_negatives=3)
-    script = CHILD_DIST.format(port=free_port(), tests=str(HERE), data=str(data),
-                               out=str(tmp_path / "proc"))
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=subprocess_env(devices=2),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    errs = []
-    for p in procs:
-        try:
-            _, err = p.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            _, err = p.communicate()
-        errs.append(err)
-    assert all(p.returncode == 0 for p in procs), "\n".join(e[-2000:] for e in errs)
+    script = CHILD_DIST.format(tests=str(HERE), data=str(data), out=str(tmp_path / "proc"))
+    wait_all(start_processes(lambda i: ["-c", script], 2, devices=2), timeout=300)
     got = [np.load(tmp_path / f"proc{i}.npz") for i in range(2)]
     for k in range(25):
         full = one.batch(k)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import REPO, run_negjax, start_negjax_processes, subprocess_env
+from helpers import REPO, run_negjax, start_negjax_processes, subprocess_env, wait_all
 
 FAULTS = str(REPO / "tests" / "faults.py")
 
@@ -63,19 +63,6 @@ def _start(cfg, workdir, *, devices, steps=30, fault=None, extra=(), **env):
     return start_negjax_processes(args, 2, devices=devices, prefix=prefix, **env)
 
 
-def _finish(procs, timeout=300) -> list[str]:
-    """Outputs of processes that must all exit 0."""
-    try:
-        outs = [p.communicate(timeout=timeout)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"process {i} of {len(procs)} exited {p.returncode}:\n{out[-3000:]}"
-    return outs
-
-
 def _losses(workdir) -> dict[int, float]:
     lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
     return {json.loads(x)["step"]: json.loads(x)["loss"] for x in lines}
@@ -113,9 +100,9 @@ def preempted_chain(small_data, tmp_path_factory):
     cfg = _config(tmp, small_data, bank=64)
     ref, work = tmp / "uninterrupted", tmp / "chain"
     out = {}
-    _finish(_start(cfg, ref, devices=1) + _start(cfg, work, devices=1, steps=20))
+    wait_all(_start(cfg, ref, devices=1) + _start(cfg, work, devices=1, steps=20))
     out["after_20"] = _checkpoints(work)
-    out["sigterm"] = _finish(_start(cfg, work, devices=1, fault="term:23"))
+    out["sigterm"] = wait_all(_start(cfg, work, devices=1, fault="term:23"))
     out["after_sigterm"] = _checkpoints(work)
     # (the default NEGJAX_PEER_TIMEOUT, 20 s, names the lost process ~20 s after the kill;
     # 5 s here saves CI time and still shows the bound)
@@ -132,7 +119,7 @@ def preempted_chain(small_data, tmp_path_factory):
             if p.poll() is None:
                 p.kill()
     out["after_kill"] = _checkpoints(work)
-    out["final"] = _finish(_start(cfg, work, devices=1))
+    out["final"] = wait_all(_start(cfg, work, devices=1))
     return ref, work, out
 
 
@@ -147,7 +134,7 @@ def test_two_processes_resume_bit_for_bit(preempted_chain):
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step(preempted_chain):
     _, _, out = preempted_chain
-    p0, p1 = out["sigterm"]  # both exited 0 (_finish)
+    p0, p1 = out["sigterm"]  # both exited 0 (wait_all)
     assert "negjax train: preempted at step 23" in p0
     assert "negjax train: preempted at step 23" in p1 and "[process 1]" in p1
     assert out["after_sigterm"] == [10, 20, 23]
@@ -174,8 +161,8 @@ def test_fsdp_two_processes_resume_bit_for_bit(small_data, tmp_path):
     cfg = _config(tmp_path, small_data, bank=64)
     fsdp = ("--set", "distributed.fsdp=2")
     ref, work = tmp_path / "uninterrupted", tmp_path / "resumed"
-    _finish(_start(cfg, ref, devices=2, extra=fsdp) + _start(cfg, work, devices=2, steps=20, extra=fsdp))
-    out = _finish(_start(cfg, work, devices=2, extra=fsdp))
+    wait_all(_start(cfg, ref, devices=2, extra=fsdp) + _start(cfg, work, devices=2, steps=20, extra=fsdp))
+    out = wait_all(_start(cfg, work, devices=2, extra=fsdp))
     assert "resuming from checkpoint 20" in out[0]
     assert "(mesh data 2 x fsdp 2)" in out[0]
     _assert_same_run(work, ref)
@@ -195,7 +182,7 @@ def test_resume_on_another_topology(small_data, tmp_path):
     scratch = subprocess.Popen([sys.executable, "-m", "negjax", "train", "--config", cfg, "--workdir", one,
                                 "--set", "train.steps=10"], cwd=REPO, env=subprocess_env(8),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    outs = _finish(_start(cfg, src, devices=4, steps=10, extra=("--set", "distributed.fsdp=2"))
+    outs = wait_all(_start(cfg, src, devices=4, steps=10, extra=("--set", "distributed.fsdp=2"))
                    + [scratch])
     assert "(mesh data 4 x fsdp 2)" in outs[0] and "(mesh data 8)" in outs[2]
     want = _losses(src)

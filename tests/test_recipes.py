@@ -9,8 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from helpers import REPO, run_negjax, subprocess_env
-from test_train import train_cmd, write_config
+from helpers import REPO, run_negjax, subprocess_env, train_cmd, write_config
 
 
 def test_matryoshka_train_encode_eval_mine_export(tmp_path, small_data):  # noqa: F811

@@ -8,48 +8,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import require_devices
-from negjax.config import Config, ModelConfig, updated
+from helpers import (B, G, assert_trees_close, make_cfg, make_token_batch, mesh_of, put_batch,
+                     require_devices)
+from negjax.config import ModelConfig
 from negjax.losses import contrastive_loss
 from negjax.model import load_encoder
 from negjax.model.packaged import minilm_dir
 from negjax.train.state import init_state
-from negjax.train.step import batch_shardings, make_train_step, place_state
-
-B, G, LQ, LD = 8, 2, 8, 12
-
-
-def mesh_of(n):
-    return jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
-
+from negjax.train.step import make_train_step, place_state
 
 @pytest.fixture(scope="module")
 def enc():
     cfg = ModelConfig(name="tiny", tokenizer=str(minilm_dir()), hidden_size=16, num_layers=1,
                       num_heads=2, intermediate_size=32, dropout=0.0)
     return load_encoder(cfg)
-
-
-def make_cfg(**kw):
-    return updated(Config(), {key.replace("__", "."): value for key, value in kw.items()})
-
-
-def make_batch(seed=0, b=B, g=G):
-    rng = np.random.default_rng(seed)
-    def toks(n, length):
-        t = rng.integers(1000, 2000, (n, length)).astype(np.int32)
-        lens = rng.integers(3, length + 1, n)
-        m = (np.arange(length)[None, :] < lens[:, None]).astype(np.int32)
-        return t * m, m
-    qt, qm = toks(b, LQ)
-    dt, dm = toks(b * g, LD)
-    doc_ids = np.arange(b * g, dtype=np.int32) + 100
-    doc_ids[3 * g] = doc_ids[0]                # a duplicate of query 0's positive
-    dt[3 * g], dm[3 * g] = dt[0], dm[0]
-    pos = np.full((b, 2), -1, np.int32)
-    pos[:, 0] = doc_ids[::g]
-    pos[1, 1] = doc_ids[2 * g]                 # query 1 has a second positive
-    return dict(q_tokens=qt, q_mask=qm, d_tokens=dt, d_mask=dm, doc_ids=doc_ids, query_pos_ids=pos)
 
 
 def reference(enc, params, batch, cfg, g=G):
@@ -61,20 +33,6 @@ def reference(enc, params, batch, cfg, g=G):
                                 query_pos_ids=batch["query_pos_ids"], doc_ids=batch["doc_ids"],
                                 symmetric=cfg.loss.symmetric)
     return jax.value_and_grad(loss_fn)({"model": params})
-
-
-def put(batch, mesh):
-    sh = batch_shardings(mesh)
-    return {k: jax.device_put(v, sh[k]) for k, v in batch.items()}
-
-
-def assert_trees_close(a, b, rtol=1e-5, atol=1e-9):
-    """Elementwise rtol, with an absolute floor of rtol x the tensor's largest entry (and at
-    least `atol`): float32 sums over devices in a different order differ by rounding at that
-    level."""
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        y = np.asarray(y)
-        np.testing.assert_allclose(np.asarray(x), y, rtol=rtol, atol=max(rtol * float(np.abs(y).max()), atol))
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 8])
@@ -92,11 +50,11 @@ def test_grads_match_reference(enc, n, mode):
     if mode == "chunked_symmetric":
         kw.update(loss__chunk_size=5, loss__symmetric=True)
     cfg = make_cfg(**kw)
-    batch = make_batch()
+    batch = make_token_batch()
     ref_loss, ref_grads = reference(enc, enc.params, batch, cfg)
     mesh = mesh_of(n)
     step_fn = make_train_step(enc, cfg, mesh, group_size=G)
-    loss, metrics, grads = step_fn.loss_and_grads({"model": enc.params}, put(batch, mesh), jnp.int32(0))
+    loss, metrics, grads = step_fn.loss_and_grads({"model": enc.params}, put_batch(batch, mesh), jnp.int32(0))
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
     assert_trees_close(grads, ref_grads)
     assert 0.0 <= float(metrics["accuracy"]) <= 1.0
@@ -105,7 +63,7 @@ def test_grads_match_reference(enc, n, mode):
 def test_gradcache_equals_plain_with_dropout(enc):
     enc_d = dataclasses.replace(enc, config=enc.config.replace(hidden_dropout=0.1, attention_dropout=0.1))
     mesh = mesh_of(2)
-    batch = put(make_batch(1), mesh)
+    batch = put_batch(make_token_batch(1), mesh)
     # Same sub-batch = the whole per-device batch: identical dropout keys, so identical grads.
     plain = make_train_step(enc_d, make_cfg(), mesh, group_size=G)
     cached = make_train_step(enc_d, make_cfg(train__grad_cache_chunk=B // 2), mesh, group_size=G)
@@ -123,7 +81,7 @@ def test_train_steps_learnable_temperature_and_guard(enc):
     cfg = make_cfg(loss__learnable_temperature=True, train__learning_rate=1e-3, train__warmup_steps=0)
     state = place_state(init_state(enc.params, cfg, dim=enc.dim), mesh)
     step_fn = make_train_step(enc, cfg, mesh, group_size=G)
-    batch = put(make_batch(2), mesh)
+    batch = put_batch(make_token_batch(2), mesh)
     t0 = float(cfg.loss.temperature)
     losses = []
     for _ in range(5):
@@ -147,26 +105,26 @@ def test_memory_bank_rotates_and_gets_no_gradient(enc):
     cfg = make_cfg(loss__memory_bank_size=k, loss__momentum=0.5)
     state = place_state(init_state(enc.params, cfg, dim=enc.dim), mesh)
     step_fn = make_train_step(enc, cfg, mesh, group_size=G)
-    b1, b2, b3 = (make_batch(s) for s in (10, 11, 12))
+    b1, b2, b3 = (make_token_batch(s) for s in (10, 11, 12))
     for shift, b in ((1000, b1), (2000, b2)):  # distinct document ids per batch
         b["doc_ids"] = b["doc_ids"] + shift
         b["query_pos_ids"] = np.where(b["query_pos_ids"] >= 0, b["query_pos_ids"] + shift, -1)
-    state, _ = step_fn(state, put(b1, mesh))
+    state, _ = step_fn(state, put_batch(b1, mesh))
     ids = np.asarray(state.bank_ids)
     # each device enqueues its own documents at the front of its half of the queue
     half = k // 2
     np.testing.assert_array_equal(ids[:B * G // 2], b1["doc_ids"][:B * G // 2])
     np.testing.assert_array_equal(ids[half:half + B * G // 2], b1["doc_ids"][B * G // 2:])
     assert (ids == -1).sum() == k - B * G
-    state, _ = step_fn(state, put(b2, mesh))
+    state, _ = step_fn(state, put_batch(b2, mesh))
     assert (np.asarray(state.bank_ids) >= 0).all()
     # third step overwrites the oldest entries (b1's)
-    state, _ = step_fn(state, put(b3, mesh))
+    state, _ = step_fn(state, put_batch(b3, mesh))
     ids = np.asarray(state.bank_ids)
     assert set(ids.tolist()).isdisjoint(set(b1["doc_ids"].tolist()) - set(b3["doc_ids"].tolist()))
     # Queued embeddings act as negatives without gradient: the loss changes with the bank,
     # the gradient w.r.t. the bank is zero.
-    batch = put(b3, mesh)
+    batch = put_batch(b3, mesh)
     l_bank, _, _ = step_fn.loss_and_grads(state.params, batch, state.step, state.bank, state.bank_ids)
     l_none, _, _ = step_fn.loss_and_grads(state.params, batch, state.step)
     assert float(l_bank) > float(l_none)
@@ -187,7 +145,7 @@ def test_memory_bank_with_gradcache_enqueues_the_same_embeddings(enc):
         cfg = make_cfg(loss__memory_bank_size=2 * B * G, loss__momentum=0.5,
                        train__grad_cache_chunk=chunk)
         state = place_state(init_state(enc.params, cfg, dim=enc.dim), mesh)
-        state, _ = make_train_step(enc, cfg, mesh, group_size=G)(state, put(make_batch(4), mesh))
+        state, _ = make_train_step(enc, cfg, mesh, group_size=G)(state, put_batch(make_token_batch(4), mesh))
         banks.append((np.asarray(state.bank), np.asarray(state.bank_ids)))
     np.testing.assert_array_equal(banks[0][1], banks[1][1])
     assert np.abs(banks[0][0]).max() > 0
@@ -216,7 +174,7 @@ def test_fsdp_matches_replicated(enc, mode):
         kw.update(train__grad_cache_chunk=1, loss__memory_bank_size=2 * B * G,
                   loss__momentum=0.5, loss__learnable_temperature=True)
     cfg = make_cfg(**kw)
-    batches = [make_batch(20 + s) for s in range(5)]
+    batches = [make_token_batch(20 + s) for s in range(5)]
     runs = {}
     for fsdp in (1, 8, 4):
         mesh = make_mesh(8, fsdp=fsdp)
@@ -225,7 +183,7 @@ def test_fsdp_matches_replicated(enc, mode):
         step_fn = make_train_step(enc, cfg, mesh, group_size=G)
         losses = []
         for b in batches:
-            state, m = step_fn(state, put(b, mesh))
+            state, m = step_fn(state, put_batch(b, mesh))
             losses.append(float(m["loss"]))
         runs[fsdp] = (losses, size, jax.tree.map(np.asarray, state.params), state)
     losses, size, params, ref_state = runs[1]
@@ -251,9 +209,9 @@ def test_step_returns_the_diagnostics_sample(enc, chunk):
     2 queries per device, all of them, in device order, replicated."""
     mesh = mesh_of(4)
     cfg = make_cfg(train__grad_cache_chunk=chunk)
-    batch = make_batch(7)
+    batch = make_token_batch(7)
     _, metrics, _ = make_train_step(enc, cfg, mesh, group_size=G).loss_and_grads(
-        {"model": enc.params}, put(batch, mesh), jnp.int32(0))
+        {"model": enc.params}, put_batch(batch, mesh), jnp.int32(0))
     q = enc.encode(enc.params, batch["q_tokens"], batch["q_mask"], tower="query")
     d = enc.encode(enc.params, batch["d_tokens"], batch["d_mask"], tower="doc")
     np.testing.assert_allclose(np.asarray(metrics["sample_q"]), q, rtol=1e-5, atol=1e-6)
@@ -268,7 +226,7 @@ def test_matryoshka_step_matches_reference(enc, n, gc):
     dims, weights = [16, 8, 4], [1.0, 1.0, 0.5]
     cfg = make_cfg(train__grad_cache_chunk=gc, loss__matryoshka_dims=dims,
                    loss__matryoshka_weights=weights)
-    batch = make_batch(3)
+    batch = make_token_batch(3)
 
     def loss_fn(p):
         q = enc.encode(p["model"], batch["q_tokens"], batch["q_mask"], tower="query")
@@ -279,7 +237,7 @@ def test_matryoshka_step_matches_reference(enc, n, gc):
     ref_loss, ref_grads = jax.value_and_grad(loss_fn)({"model": enc.params})
     mesh = mesh_of(n)
     step_fn = make_train_step(enc, cfg, mesh, group_size=G)
-    loss, _, grads = step_fn.loss_and_grads({"model": enc.params}, put(batch, mesh), jnp.int32(0))
+    loss, _, grads = step_fn.loss_and_grads({"model": enc.params}, put_batch(batch, mesh), jnp.int32(0))
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
     assert_trees_close(grads, ref_grads)
     plain = reference(enc, enc.params, batch, cfg)[0]
@@ -295,7 +253,7 @@ def test_distillation_step_matches_reference(enc, n, gc, mode):
     require_devices(n)
     cfg = make_cfg(train__grad_cache_chunk=gc, loss__distill=mode, loss__distill_weight=0.5,
                    loss__teacher_temperature=2.0)
-    batch = make_batch(4)
+    batch = make_token_batch(4)
     t = np.random.default_rng(5).normal(size=(B, G)).astype(np.float32)
     t[2, 1] = np.nan
     batch["teacher_scores"] = t
@@ -311,7 +269,7 @@ def test_distillation_step_matches_reference(enc, n, gc, mode):
     (ref_loss, ref_dist), ref_grads = jax.value_and_grad(loss_fn, has_aux=True)({"model": enc.params})
     mesh = mesh_of(n)
     step_fn = make_train_step(enc, cfg, mesh, group_size=G)
-    placed = put({k: v for k, v in batch.items() if k != "teacher_scores"}, mesh)
+    placed = put_batch({k: v for k, v in batch.items() if k != "teacher_scores"}, mesh)
     placed["teacher_scores"] = jax.device_put(t, jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec("data")))
     loss, metrics, grads = step_fn.loss_and_grads({"model": enc.params}, placed, jnp.int32(0))

@@ -6,53 +6,13 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import REPO, run_negjax, subprocess_env
-
-CONFIG = """
-[model]
-name = "tiny"
-hidden_size = 32
-num_layers = 1
-num_heads = 2
-intermediate_size = 64
-query_max_len = 16
-doc_max_len = 32
-dropout = 0.1
-
-[data]
-dataset = "{data}"
-cache_dir = "{cache}"
-prefetch = 2
-
-[train]
-steps = {steps}
-batch_size = 16
-learning_rate = 1e-3
-warmup_steps = 2
-log_every = 1
-
-[checkpoint]
-every_steps = 3
-keep = 2
-
-[eval]
-max_queries = 40
-encode_batch_size = 64
-"""
-
-
-def write_config(tmp_path, data, steps=12, name="c.toml"):
-    path = tmp_path / name
-    path.write_text(CONFIG.format(data=data, cache=tmp_path / "tokcache", steps=steps))
-    return path
-
+from helpers import REPO, run_negjax, subprocess_env, train_cmd, write_config
 
 def final_params(workdir):
     from negjax.model.loader import load_model
@@ -65,10 +25,6 @@ def final_params(workdir):
 
 def metric_steps(workdir):
     return [json.loads(x)["step"] for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_cmd(cfg, workdir):
-    return [sys.executable, "-m", "negjax", "train", "--config", str(cfg), "--workdir", str(workdir)]
 
 
 MINING = """

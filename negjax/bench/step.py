@@ -189,17 +189,6 @@ def _device_peak(devices) -> int | None:
     return max(peaks) if peaks else None
 
 
-def _time_calls(fn, n: int) -> list[float]:
-    import jax
-
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def _summary(times: list[float]) -> dict:
     import numpy as np
 

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 from pathlib import Path
 
@@ -16,10 +16,6 @@ from negjax.errors import NegjaxError
 # name -> module under negjax.data exposing export(out_dir) -> {file: records}
 DATASETS = {"wordnet": "negjax.data.wordnet"}
 PERCENTILES = (50, 90, 99)
-
-
-def _has_validate() -> bool:
-    return importlib.util.find_spec("negjax.data.validate") is not None
 
 
 def add_parser(sub):
@@ -32,12 +28,10 @@ def add_parser(sub):
     st.add_argument("dir", metavar="DIR", help="directory with corpus.jsonl, train.jsonl, "
                     "*queries.jsonl, *qrels.tsv (or qrels/*.tsv)")
     st.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    # Validation of user data is its own stage (negjax/data/validate.py); listed once it exists.
-    if _has_validate():
-        va = dsub.add_parser("validate", help="check a corpus + training file (+ qrels) and print stats")
-        va.add_argument("--corpus", required=True, help="corpus JSONL")
-        va.add_argument("--train", required=True, help="training JSONL")
-        va.add_argument("--qrels", help="qrels TSV (optional)")
+    va = dsub.add_parser("validate", help="check a corpus + training file (+ qrels) and print stats")
+    va.add_argument("--corpus", required=True, help="corpus JSONL")
+    va.add_argument("--train", required=True, help="training JSONL")
+    va.add_argument("--qrels", help="qrels TSV (optional)")
     return p
 
 

@@ -189,7 +189,7 @@ def _score_edges(q_norm: float, d_norm: float, bins: int = 200) -> np.ndarray:
     return np.linspace(-bound, bound, bins + 1)
 
 
-def _read_json(path: Path):
+def _read_json_or_none(path: Path):
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -199,7 +199,7 @@ def _read_json(path: Path):
 def _write_json_once(path: Path, make) -> dict:
     """`path`'s JSON if a complete one is there (a resumed run), else `make()` written
     atomically."""
-    got = _read_json(path)
+    got = _read_json_or_none(path)
     if got is None:
         got = make()
         atomic_write_text(path, json.dumps(got, indent=1) + "\n")
@@ -357,7 +357,7 @@ def _run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, qu
 
     # -- resume / refuse / start fresh (every process decides alike, then process 0 acts) ---
     run_file = work / "run.json"
-    previous = _read_json(run_file) or {}
+    previous = _read_json_or_none(run_file) or {}
     finished = (out / shard_io.MANIFEST).is_file()
     same = previous.get("key") == run_key
     if finished and same and not overwrite:
@@ -429,7 +429,7 @@ def _run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, qu
             tune_key = _hash([index_key, query_key, pi, mc.target_recall, mc.audit_queries,
                               mc.seed, sorted(tunable)])
             tune_file = work / f"tune-{tune_key[:16]}.json"
-            tuning = _read_json(tune_file)
+            tuning = _read_json_or_none(tune_file)
             if tuning is None:
                 tuning = tune_search(index, q_store[tune_sample], my_docs, k_p,
                                      np.arange(len(tune_sample)), mc.target_recall, tunable)
