@@ -52,6 +52,8 @@ gradient, also through the chunked custom VJP); see `temperature_from_log_scale`
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -381,6 +383,65 @@ def contrastive_loss_and_metrics(q, d, *, group_size, temperature, query_pos_ids
 
 
 DISTILL_MODES = ("kl", "margin_mse")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Every option of the contrastive loss, bound once and validated once: the value the
+    train step, GradCache, the memory bank and `negjax bench step` all call, so they compute
+    one loss. `LossSpec.from_config(cfg.loss, group_size=G, renormalize=enc.normalize)`;
+    `spec(q, d, temperature=t, query_pos_ids=..., doc_ids=..., extra_docs=bank,
+    extra_doc_ids=bank_ids)` -> (loss, metrics) of `contrastive_loss_and_metrics`."""
+
+    group_size: int
+    symmetric: bool = False
+    chunk_size: int | None = None          # None = dense
+    collective: str = "gather"
+    precision: str = "highest"
+    matryoshka_dims: tuple = ()
+    matryoshka_weights: tuple = ()
+    renormalize: bool = True
+    false_negative_margin: float | None = None  # None = no guard
+
+    def __post_init__(self):
+        if self.group_size < 1:
+            raise NegjaxError(f"contrastive loss: group_size must be >= 1, got {self.group_size}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise NegjaxError(f"contrastive loss: chunk_size must be >= 1, or None/0 for no "
+                              f"chunking, got {self.chunk_size}")
+        if self.collective not in COLLECTIVES:
+            raise NegjaxError(f"contrastive loss: collective must be one of {COLLECTIVES}, got "
+                              f"{self.collective!r}")
+        if self.precision not in PRECISIONS:
+            raise NegjaxError(f"contrastive loss: precision {self.precision!r} is not one of "
+                              f"{sorted(PRECISIONS)}")
+        if self.matryoshka_dims:
+            dims, weights = check_matryoshka(self.matryoshka_dims, self.matryoshka_weights)
+            object.__setattr__(self, "matryoshka_dims", dims)
+            object.__setattr__(self, "matryoshka_weights", weights)
+
+    @classmethod
+    def from_config(cls, loss_cfg, *, group_size: int, renormalize: bool = True) -> "LossSpec":
+        """From a `negjax.config.LossConfig` (0 / negative values mean off, as there)."""
+        return cls(group_size=int(group_size), symmetric=bool(loss_cfg.symmetric),
+                   chunk_size=loss_cfg.chunk_size or None, collective=loss_cfg.collective,
+                   precision=loss_cfg.precision,
+                   matryoshka_dims=tuple(loss_cfg.matryoshka_dims or ()),
+                   matryoshka_weights=tuple(loss_cfg.matryoshka_weights or ()),
+                   renormalize=bool(renormalize),
+                   false_negative_margin=(loss_cfg.false_negative_margin
+                                          if loss_cfg.false_negative_margin >= 0 else None))
+
+    def __call__(self, q, d, *, temperature, query_pos_ids=None, doc_ids=None, extra_docs=None,
+                 extra_doc_ids=None):
+        return contrastive_loss_and_metrics(
+            q, d, group_size=self.group_size, temperature=temperature,
+            query_pos_ids=query_pos_ids, doc_ids=doc_ids, symmetric=self.symmetric,
+            chunk_size=self.chunk_size, extra_docs=extra_docs, extra_doc_ids=extra_doc_ids,
+            collective=self.collective, precision=self.precision,
+            matryoshka_dims=self.matryoshka_dims or None,
+            matryoshka_weights=self.matryoshka_weights or None, renormalize=self.renormalize,
+            false_negative_margin=self.false_negative_margin)
 
 
 def distillation_loss(q, d, teacher_scores, *, group_size, mode, temperature,

@@ -169,3 +169,49 @@ def test_flops_of_grouped_query_and_gated_families():
                                        intermediate_size=inter))
     g = layer_forward_flops(modern, L)
     assert g["qkv"] == 3 * 2 * L * H * H and g["ffn"] == 3 * 2 * L * H * inter
+
+
+def test_breakdown_times_the_loss_training_runs():
+    """The breakdown's loss piece is the train step's loss (one `LossSpec`, `embedding_loss`):
+    with precision, Matryoshka, the false-negative guard and a memory bank set, on the step's
+    own embeddings it gives the step's loss (`loss_and_grads`, what `negjax train` runs), and
+    that loss differs from the plain one the breakdown used to time."""
+    import jax
+
+    from helpers import G as G2, make_cfg, make_token_batch, mesh_of, put_batch, put_rows
+    from negjax.bench.step import _pieces
+    from negjax.config import ModelConfig
+    from negjax.losses import contrastive_loss_and_metrics
+    from negjax.model import load_encoder
+    from negjax.model.packaged import minilm_dir
+    from negjax.train.state import init_state
+    from negjax.train.step import make_train_step, place_state, temperature_of
+
+    enc = load_encoder(ModelConfig(name="tiny", tokenizer=str(minilm_dir()), hidden_size=16,
+                                   num_layers=1, num_heads=2, intermediate_size=32, dropout=0.0))
+    cfg = make_cfg(loss__precision="high", loss__matryoshka_dims=[16, 8],
+                   loss__false_negative_margin=0.3, loss__memory_bank_size=32,
+                   loss__temperature=0.1)
+    mesh = mesh_of(2)
+    state = place_state(init_state(enc.params, cfg, dim=enc.dim), mesh)
+    step_fn = make_train_step(enc, cfg, mesh, group_size=G2)
+    state, _ = step_fn(state, put_batch(make_token_batch(1), mesh))  # the bank holds a step
+    assert (np.asarray(state.bank_ids) >= 0).sum() == 16
+    raw = make_token_batch(2)
+    batch = put_batch(raw, mesh)
+    want, metrics, _ = step_fn.loss_and_grads(state.params, batch, state.step, state.bank,
+                                              state.bank_ids)
+    params = jax.tree.map(np.asarray, state.params["model"])
+    q = enc.encode(params, raw["q_tokens"], raw["q_mask"], tower="query")
+    d = enc.encode(params, raw["d_tokens"], raw["d_mask"], tower="doc")
+    _, loss, _ = _pieces(enc, cfg, mesh, G2)
+    q_s, d_s = put_rows(mesh, np.asarray(q), np.asarray(d))
+    got, got_metrics, _ = loss(q_s, d_s, {k: batch[k] for k in ("query_pos_ids", "doc_ids")},
+                               temperature_of(state.params, cfg), state.bank, state.bank_ids)
+    np.testing.assert_allclose(np.asarray(got), float(want), rtol=1e-5)
+    assert float(np.asarray(got_metrics["false_negatives_masked"])[0]) == float(
+        metrics["false_negatives_masked"])
+    plain, _ = contrastive_loss_and_metrics(
+        q, d, group_size=G2, temperature=0.1, query_pos_ids=raw["query_pos_ids"],
+        doc_ids=raw["doc_ids"])
+    assert abs(float(plain) - float(want)) > 1e-2

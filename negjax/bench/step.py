@@ -210,8 +210,9 @@ def _pieces(enc, cfg, mesh, group_size: int):
     from jax.sharding import PartitionSpec as P
 
     from negjax.grad_cache import backprop_sub_batches, embed_sub_batches, split_sub_batches
-    from negjax.losses import contrastive_loss_and_metrics
-    from negjax.train.step import dropout_keys, sub_batches, tower_fn, vary
+    from negjax.distributed import batch_axes
+    from negjax.losses import LossSpec
+    from negjax.train.step import dropout_keys, embedding_loss, sub_batches, tower_fn, vary
 
     axis, G, gc = "data", group_size, cfg.train.grad_cache_chunk
     seed = cfg.train.seed
@@ -238,12 +239,14 @@ def _pieces(enc, cfg, mesh, group_size: int):
         cts = (split_sub_batches(cq, n) + 0 * q, split_sub_batches(cd, n) + 0 * d)
         return lax.psum(backprop_sub_batches(towers, model, xs, cts), axis)
 
-    def loss_body(q, d, pos, ids):
+    # The train step's own loss (`embedding_loss` of the same `LossSpec`): precision,
+    # Matryoshka, the guard, distillation and the memory bank's columns included.
+    loss_of_embeddings = embedding_loss(
+        LossSpec.from_config(cfg.loss, group_size=G, renormalize=enc.normalize), cfg.loss)
+
+    def loss_body(q, d, batch, temp, bank, bank_ids):
         def f(q, d):
-            return contrastive_loss_and_metrics(
-                q, d, group_size=G, temperature=cfg.loss.temperature, query_pos_ids=pos,
-                doc_ids=ids, symmetric=cfg.loss.symmetric, chunk_size=cfg.loss.chunk_size or None,
-                collective=cfg.loss.collective)
+            return loss_of_embeddings(q, d, temp, batch, bank, bank_ids)
         (loss, metrics), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(q, d)
         # Metrics are returned so that their computation (part of the step's loss) is kept.
         return loss.reshape(1), jax.tree.map(lambda x: x.reshape(1), metrics), grads
@@ -255,7 +258,9 @@ def _pieces(enc, cfg, mesh, group_size: int):
     S, R = P(axis), P()
     encoder = jax.jit(jax.shard_map(encoder_body, mesh=mesh, in_specs=(R, S, S, S, S, S, S),
                                     out_specs=R))
-    loss = jax.jit(jax.shard_map(loss_body, mesh=mesh, in_specs=(S, S, S, S), out_specs=S))
+    B = P(batch_axes(mesh))
+    loss = jax.jit(jax.shard_map(loss_body, mesh=mesh, in_specs=(B, B, B, R, B, B),
+                                 out_specs=(B, B, (B, B))))
     gather = jax.jit(jax.shard_map(gather_body, mesh=mesh, in_specs=S, out_specs=S))
     return encoder, loss, gather
 
@@ -269,6 +274,8 @@ def _breakdown(enc, cfg, mesh, group_size, holder, compiled, step_fn, batch, n: 
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    from negjax.train.step import temperature_of
+
     encoder, loss, gather = _pieces(enc, cfg, mesh, group_size)
     sh = NamedSharding(mesh, P("data"))
     B, D = batch["q_tokens"].shape[0], enc.dim
@@ -281,16 +288,20 @@ def _breakdown(enc, cfg, mesh, group_size, holder, compiled, step_fn, batch, n: 
     cq = jax.device_put(1e-3 * jax.random.normal(kcq, q.shape), sh)
     cd = jax.device_put(1e-3 * jax.random.normal(kcd, d.shape), sh)
 
+    loss_batch = {k: batch[k] for k in ("query_pos_ids", "doc_ids", "teacher_scores") if k in batch}
+
     def step():
         holder["state"], metrics = compiled(holder["state"], batch)
         return holder["state"], metrics
 
     calls = {
         "step": step,
-        "grads": lambda: step_fn.loss_and_grads(holder["state"].params, batch, holder["state"].step),
+        "grads": lambda: step_fn.loss_and_grads(holder["state"].params, batch, holder["state"].step,
+                                                holder["state"].bank, holder["state"].bank_ids),
         "encoder": lambda: encoder(holder["state"].params["model"], batch["q_tokens"],
                                    batch["q_mask"], batch["d_tokens"], batch["d_mask"], cq, cd),
-        "loss": lambda: loss(q, d, batch["query_pos_ids"], batch["doc_ids"]),
+        "loss": lambda: loss(q, d, loss_batch, temperature_of(holder["state"].params, cfg),
+                             holder["state"].bank, holder["state"].bank_ids),
         "gather": lambda: gather(d),
     }
     first = {}

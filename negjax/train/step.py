@@ -49,8 +49,7 @@ from negjax.distributed import BATCH_AXES, FSDP, batch_axes, batch_devices
 from negjax.errors import NegjaxError
 from negjax.grad_cache import (backprop_sub_batches, embed_sub_batches, merge_sub_batches,
                                split_sub_batches, sub_batch_keys)
-from negjax.losses import (contrastive_loss_and_metrics, distillation_loss,
-                           temperature_from_log_scale)
+from negjax.losses import LossSpec, distillation_loss, temperature_from_log_scale
 from negjax.train.diagnostics import SAMPLE
 from negjax.model.lora import combine, split_trainable
 from negjax.train.state import TrainState, join_params, make_optimizer, split_params
@@ -204,36 +203,34 @@ def sub_batches(batch, rq, rd, n: int):
             split(batch["d_mask"]), sub_batch_keys(rq, n), sub_batch_keys(rd, n))
 
 
+def embedding_loss(spec: LossSpec, loss_cfg):
+    """`(q, d, temperature, batch, bank, bank_ids) -> (loss, metrics)`: InfoNCE as `spec`
+    binds it, plus the distillation term when `loss_cfg.distill` is set. The one loss of the
+    train step (plain, GradCache, memory bank) and of `negjax bench step`'s breakdown."""
+    def loss_of_embeddings(q, d, temp, batch, bank=None, bank_ids=None):
+        loss, metrics = spec(q, d, temperature=temp, query_pos_ids=batch["query_pos_ids"],
+                             doc_ids=batch["doc_ids"], extra_docs=bank, extra_doc_ids=bank_ids)
+        if loss_cfg.distill:
+            distill, counted = distillation_loss(
+                q, d, batch["teacher_scores"], group_size=spec.group_size, mode=loss_cfg.distill,
+                temperature=temp, teacher_temperature=loss_cfg.teacher_temperature)
+            loss = loss + loss_cfg.distill_weight * distill
+            metrics = dict(metrics, distill_loss=distill, distill_queries=counted)
+        return loss, metrics
+    return loss_of_embeddings
+
+
 def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
     """Build the jitted step `(state, batch) -> (state, metrics)`; see the module docstring."""
     G = group_size
     seed = cfg.train.seed
-    sym = cfg.loss.symmetric
-    chunk = cfg.loss.chunk_size or None
     gc = cfg.train.grad_cache_chunk
     momentum = cfg.loss.momentum
     axes = batch_axes(mesh)
     n_dev = batch_devices(mesh)
 
-    def loss_of_embeddings(q, d, temp, batch, bank, bank_ids):
-        loss, metrics = infonce(q, d, temp, batch, bank, bank_ids)
-        if cfg.loss.distill:
-            distill, counted = distillation_loss(
-                q, d, batch["teacher_scores"], group_size=G, mode=cfg.loss.distill,
-                temperature=temp, teacher_temperature=cfg.loss.teacher_temperature)
-            loss = loss + cfg.loss.distill_weight * distill
-            metrics = dict(metrics, distill_loss=distill, distill_queries=counted)
-        return loss, metrics
-
-    def infonce(q, d, temp, batch, bank, bank_ids):
-        return contrastive_loss_and_metrics(
-            q, d, group_size=G, temperature=temp, query_pos_ids=batch["query_pos_ids"],
-            doc_ids=batch["doc_ids"], symmetric=sym, chunk_size=chunk,
-            extra_docs=bank, extra_doc_ids=bank_ids, collective=cfg.loss.collective,
-            precision=cfg.loss.precision, matryoshka_dims=cfg.loss.matryoshka_dims or None,
-            matryoshka_weights=cfg.loss.matryoshka_weights or None, renormalize=enc.normalize,
-            false_negative_margin=(cfg.loss.false_negative_margin
-                                   if cfg.loss.false_negative_margin >= 0 else None))
+    loss_of_embeddings = embedding_loss(
+        LossSpec.from_config(cfg.loss, group_size=G, renormalize=enc.normalize), cfg.loss)
 
     base_towers = tower_fn(enc)
 
