@@ -171,10 +171,8 @@ def _data_axis():
     return axes, size, manual, explicit
 
 
-def _check(q, d, group_size, query_pos_ids, doc_ids, chunk_size, extra, extra_ids, collective):
-    if collective not in COLLECTIVES:
-        raise NegjaxError(f"contrastive loss: collective {collective!r} is not one of "
-                          f"{list(COLLECTIVES)}")
+def _check(q, d, group_size, query_pos_ids, doc_ids, extra, extra_ids):
+    """Shapes of the inputs (the options were validated by `LossSpec`)."""
     if q.ndim != 2 or d.ndim != 2:
         raise NegjaxError(f"contrastive loss: q and d must be 2-D, got {q.shape} and {d.shape}")
     if group_size < 1 or d.shape != (q.shape[0] * group_size, q.shape[1]):
@@ -188,29 +186,22 @@ def _check(q, d, group_size, query_pos_ids, doc_ids, chunk_size, extra, extra_id
         if query_pos_ids.ndim != 2 or query_pos_ids.shape[0] != q.shape[0]:
             raise NegjaxError(f"contrastive loss: query_pos_ids must be [{q.shape[0]}, P], "
                               f"got {query_pos_ids.shape}")
-    if chunk_size is not None and chunk_size < 0:
-        raise NegjaxError(f"contrastive loss: chunk_size must be >= 1, or None/0 for no chunking, "
-                          f"got {chunk_size}")
     if extra is not None and (extra.ndim != 2 or extra.shape[1] != q.shape[1]):
         raise NegjaxError(f"contrastive loss: extra_docs must be [K, {q.shape[1]}], got {extra.shape}")
     if extra_ids is not None and (extra is None or extra_ids.shape != (extra.shape[0],)):
         raise NegjaxError("contrastive loss: extra_doc_ids must be [K] and needs extra_docs")
 
 
-def _contrastive(q, d, *, group_size, temperature, query_pos_ids, doc_ids, symmetric,
-                 chunk_size, extra, extra_ids, with_stats, collective="gather",
-                 precision="highest", false_negative_margin=None):
+def _contrastive(q, d, spec: "LossSpec", *, temperature, query_pos_ids, doc_ids, extra, extra_ids,
+                 with_stats):
+    group_size = spec.group_size
     q = jnp.asarray(q, jnp.float32)
     d = jnp.asarray(d, jnp.float32)
     as_int = lambda x: None if x is None else jnp.asarray(x, jnp.int32)  # noqa: E731
     doc_ids, query_pos_ids, extra_ids = as_int(doc_ids), as_int(query_pos_ids), as_int(extra_ids)
     if extra is not None:
         extra = jnp.asarray(extra, jnp.float32)
-    _check(q, d, group_size, query_pos_ids, doc_ids, chunk_size, extra, extra_ids, collective)
-    if precision not in PRECISIONS:
-        raise NegjaxError(f"contrastive loss: precision {precision!r} is not one of "
-                          f"{list(PRECISIONS)}")
-    chunk_size = chunk_size or None  # 0 (the config's "off") = materialise the matrix
+    _check(q, d, group_size, query_pos_ids, doc_ids, extra, extra_ids)
     scale = (1.0 / jnp.asarray(temperature, jnp.float32)).reshape(())
     pos_keys = None
     if doc_ids is not None:
@@ -219,11 +210,9 @@ def _contrastive(q, d, *, group_size, temperature, query_pos_ids, doc_ids, symme
             pos_keys = jnp.concatenate([query_pos_ids, pos_keys], axis=1)
 
     axes, n, manual, explicit = _data_axis()
-    if false_negative_margin is not None and not 0.0 <= false_negative_margin < 1.0:
-        raise NegjaxError(f"contrastive loss: false_negative_margin must be in [0, 1), got "
-                          f"{false_negative_margin}")
-    kw = dict(group_size=group_size, symmetric=symmetric, chunk=chunk_size, with_stats=with_stats,
-              collective=collective, precision=PRECISIONS[precision], margin=false_negative_margin)
+    kw = dict(group_size=group_size, symmetric=spec.symmetric, chunk=spec.chunk_size,
+              with_stats=with_stats, collective=spec.collective,
+              precision=PRECISIONS[spec.precision], margin=spec.false_negative_margin)
     args = (q, d, scale, pos_keys, doc_ids, extra, extra_ids)
     # One device without a manual axis: no collective. (A 1-device Explicit mesh still goes
     # through shard_map: outside it, its arrays' shardings clash in the matmul.)
@@ -246,15 +235,15 @@ def _contrastive(q, d, *, group_size, temperature, query_pos_ids, doc_ids, symme
                                   f"{'x'.join(axes)}")
             from jax.sharding import PartitionSpec as P
 
-            spec = (P(axes), P(axes), P(), P(axes), P(axes), P(axes), P(axes))
-            spec = tuple(None if a is None else s for a, s in zip(args, spec))
+            specs = (P(axes), P(axes), P(), P(axes), P(axes), P(axes), P(axes))
+            specs = tuple(None if a is None else s for a, s in zip(args, specs))
             if explicit:  # Explicit axes: shard_map requires inputs already laid out so
                 args = tuple(a if s is None or s == P() else jax.sharding.reshard(a, s)
-                             for a, s in zip(args, spec))
-            fwd, bwd, stats = jax.shard_map(body, in_specs=spec, out_specs=P())(*args)
+                             for a, s in zip(args, specs))
+            fwd, bwd, stats = jax.shard_map(body, in_specs=specs, out_specs=P())(*args)
             global_b = q.shape[0]
     loss = fwd / global_b
-    if symmetric:
+    if spec.symmetric:
         loss = 0.5 * (loss + bwd / global_b)
     if not with_stats:
         return loss, None
@@ -267,7 +256,7 @@ def _contrastive(q, d, *, group_size, temperature, query_pos_ids, doc_ids, symme
         neg_cos=jnp.where(stats["neg_count"] > 0,
                           stats["neg_cos"] / jnp.maximum(stats["neg_count"], 1.0), jnp.nan),
     )
-    if false_negative_margin is not None:
+    if spec.false_negative_margin is not None:
         metrics["false_negatives_masked"] = stats["guarded"]
     return loss, metrics
 
@@ -298,12 +287,13 @@ def contrastive_loss(q, d, *, group_size, temperature, query_pos_ids=None, doc_i
     to the live batch; in the symmetric direction read from the positive's side).
     Returns the mean over the B global queries, [] float32.
     """
-    loss, _ = _matryoshka(q, d, None, matryoshka_dims, matryoshka_weights, renormalize,
-                          group_size=group_size, temperature=temperature,
-                          query_pos_ids=query_pos_ids, doc_ids=doc_ids, symmetric=symmetric,
-                          chunk_size=chunk_size, extra_ids=None, with_stats=False,
-                          collective=collective, precision=precision,
-                          false_negative_margin=false_negative_margin)
+    spec = LossSpec(group_size=group_size, symmetric=symmetric, chunk_size=chunk_size or None,
+                    collective=collective, precision=precision,
+                    matryoshka_dims=tuple(matryoshka_dims or ()),
+                    matryoshka_weights=tuple(matryoshka_weights or ()), renormalize=renormalize,
+                    false_negative_margin=false_negative_margin)
+    loss, _ = _matryoshka(q, d, spec, temperature=temperature, query_pos_ids=query_pos_ids,
+                          doc_ids=doc_ids, extra=None, extra_ids=None, with_stats=False)
     return loss
 
 
@@ -330,16 +320,16 @@ def truncate(x, k: int, renormalize: bool):
     return x / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True)), 1e-12)
 
 
-def _matryoshka(q, d, extra, dims, weights, renormalize, **kw):
-    """`_contrastive`, or with `dims` its weighted sum over truncations; metrics (when asked
-    for) are those of the first dimension listed."""
-    if not dims:
-        return _contrastive(q, d, extra=extra, **kw)
-    dims, weights = check_matryoshka(dims, weights, q.shape[-1])
+def _matryoshka(q, d, spec: "LossSpec", *, extra, **kw):
+    """`_contrastive`, or with `spec.matryoshka_dims` its weighted sum over truncations;
+    metrics (when asked for) are those of the first dimension listed."""
+    if not spec.matryoshka_dims:
+        return _contrastive(q, d, spec, extra=extra, **kw)
+    dims, weights = check_matryoshka(spec.matryoshka_dims, spec.matryoshka_weights, q.shape[-1])
     total, metrics = 0.0, None
     for i, (k, w) in enumerate(zip(dims, weights)):
-        cut = lambda x: None if x is None else truncate(jnp.asarray(x, jnp.float32), k, renormalize)  # noqa: E731
-        loss, m = _contrastive(cut(q), cut(d), extra=cut(extra),
+        cut = lambda x: None if x is None else truncate(jnp.asarray(x, jnp.float32), k, spec.renormalize)  # noqa: E731
+        loss, m = _contrastive(cut(q), cut(d), spec, extra=cut(extra),
                                **dict(kw, with_stats=kw["with_stats"] and i == 0))
         total = total + w * loss
         metrics = m if i == 0 else metrics
@@ -374,12 +364,13 @@ def contrastive_loss_and_metrics(q, d, *, group_size, temperature, query_pos_ids
     (query, column) pairs the guard removed in the query->document direction, over the global
     batch.
     """
-    return _matryoshka(q, d, extra_docs, matryoshka_dims, matryoshka_weights, renormalize,
-                       group_size=group_size, temperature=temperature,
-                       query_pos_ids=query_pos_ids, doc_ids=doc_ids, symmetric=symmetric,
-                       chunk_size=chunk_size, extra_ids=extra_doc_ids, with_stats=True,
-                       collective=collective, precision=precision,
-                       false_negative_margin=false_negative_margin)
+    spec = LossSpec(group_size=group_size, symmetric=symmetric, chunk_size=chunk_size or None,
+                    collective=collective, precision=precision,
+                    matryoshka_dims=tuple(matryoshka_dims or ()),
+                    matryoshka_weights=tuple(matryoshka_weights or ()), renormalize=renormalize,
+                    false_negative_margin=false_negative_margin)
+    return spec.loss_and_metrics(q, d, temperature=temperature, query_pos_ids=query_pos_ids,
+                                 doc_ids=doc_ids, extra_docs=extra_docs, extra_doc_ids=extra_doc_ids)
 
 
 DISTILL_MODES = ("kl", "margin_mse")
@@ -410,11 +401,14 @@ class LossSpec:
             raise NegjaxError(f"contrastive loss: chunk_size must be >= 1, or None/0 for no "
                               f"chunking, got {self.chunk_size}")
         if self.collective not in COLLECTIVES:
-            raise NegjaxError(f"contrastive loss: collective must be one of {COLLECTIVES}, got "
-                              f"{self.collective!r}")
+            raise NegjaxError(f"contrastive loss: collective {self.collective!r} is not one of "
+                              f"{list(COLLECTIVES)}")
         if self.precision not in PRECISIONS:
             raise NegjaxError(f"contrastive loss: precision {self.precision!r} is not one of "
                               f"{sorted(PRECISIONS)}")
+        if self.false_negative_margin is not None and not 0.0 <= self.false_negative_margin < 1.0:
+            raise NegjaxError(f"contrastive loss: false_negative_margin must be in [0, 1), got "
+                              f"{self.false_negative_margin}")
         if self.matryoshka_dims:
             dims, weights = check_matryoshka(self.matryoshka_dims, self.matryoshka_weights)
             object.__setattr__(self, "matryoshka_dims", dims)
@@ -432,16 +426,14 @@ class LossSpec:
                    false_negative_margin=(loss_cfg.false_negative_margin
                                           if loss_cfg.false_negative_margin >= 0 else None))
 
-    def __call__(self, q, d, *, temperature, query_pos_ids=None, doc_ids=None, extra_docs=None,
-                 extra_doc_ids=None):
-        return contrastive_loss_and_metrics(
-            q, d, group_size=self.group_size, temperature=temperature,
-            query_pos_ids=query_pos_ids, doc_ids=doc_ids, symmetric=self.symmetric,
-            chunk_size=self.chunk_size, extra_docs=extra_docs, extra_doc_ids=extra_doc_ids,
-            collective=self.collective, precision=self.precision,
-            matryoshka_dims=self.matryoshka_dims or None,
-            matryoshka_weights=self.matryoshka_weights or None, renormalize=self.renormalize,
-            false_negative_margin=self.false_negative_margin)
+    def loss_and_metrics(self, q, d, *, temperature, query_pos_ids=None, doc_ids=None,
+                         extra_docs=None, extra_doc_ids=None):
+        """(loss, metrics) as `contrastive_loss_and_metrics` documents them."""
+        return _matryoshka(q, d, self, temperature=temperature, query_pos_ids=query_pos_ids,
+                           doc_ids=doc_ids, extra=extra_docs, extra_ids=extra_doc_ids,
+                           with_stats=True)
+
+    __call__ = loss_and_metrics
 
 
 def distillation_loss(q, d, teacher_scores, *, group_size, mode, temperature,

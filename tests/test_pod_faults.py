@@ -12,45 +12,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import REPO, run_negjax, start_negjax_processes, subprocess_env, wait_all
+from helpers import REPO, run_negjax, start_negjax_processes, subprocess_env, wait_all, write_config
 
 FAULTS = str(REPO / "tests" / "faults.py")
 
-CONFIG = """
-[model]
-name = "tiny"
-hidden_size = 32
-num_layers = 1
-num_heads = 2
-intermediate_size = 64
-query_max_len = 16
-doc_max_len = 32
-dropout = 0.1
-
-[data]
-dataset = "{data}"
-cache_dir = "{cache}"
-
-[loss]
-memory_bank_size = {bank}
-
-[train]
-steps = 30
-batch_size = 16
-learning_rate = 1e-3
-warmup_steps = 2
-schedule = "constant"
-log_every = 1
-
-[checkpoint]
-every_steps = {every}
-keep = 3
-"""
-
-
 def _config(tmp_path, data, *, bank=0, every=10) -> Path:
-    path = tmp_path / f"c{bank}_{every}.toml"
-    path.write_text(CONFIG.format(data=data, cache=tmp_path / "tokcache", bank=bank, every=every))
+    """The tests' tiny training config (`helpers.TRAIN_CONFIG`) with a constant learning rate
+    after warm-up (so 20 steps then 30 retrace a 30-step run), checkpoints every `every`
+    steps and a memory bank of `bank` documents (0 = none)."""
+    path = write_config(tmp_path, data, steps=30, name=f"c{bank}_{every}.toml")
+    text = path.read_text().replace("log_every = 1", 'log_every = 1\nschedule = "constant"')
+    text = text.replace("every_steps = 3\nkeep = 2", f"every_steps = {every}\nkeep = 3")
+    assert 'schedule = "constant"' in text and f"every_steps = {every}" in text
+    path.write_text(text + f"\n[loss]\nmemory_bank_size = {bank}\n")
     return path
 
 
