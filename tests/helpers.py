@@ -119,7 +119,7 @@ def put_batch(batch, mesh):
     """A step's batch dict placed as the train step expects (`batch_shardings`)."""
     import jax
 
-    from negjax.train.step import batch_shardings
+    from negjax.train.sharding import batch_shardings
 
     sh = batch_shardings(mesh)
     return {k: jax.device_put(v, sh[k]) for k, v in batch.items()}

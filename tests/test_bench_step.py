@@ -185,7 +185,8 @@ def test_breakdown_times_the_loss_training_runs():
     from negjax.model import load_encoder
     from negjax.model.packaged import minilm_dir
     from negjax.train.state import init_state
-    from negjax.train.step import make_train_step, place_state, temperature_of
+    from negjax.train.sharding import place_state
+    from negjax.train.step import make_train_step, temperature_of
 
     enc = load_encoder(ModelConfig(name="tiny", tokenizer=str(minilm_dir()), hidden_size=16,
                                    num_layers=1, num_heads=2, intermediate_size=32, dropout=0.0))

@@ -20,7 +20,8 @@ from negjax.model import load_encoder
 from negjax.model.lora import combine, split_trainable
 from negjax.model.packaged import minilm_dir
 from negjax.train.state import init_state
-from negjax.train.step import make_train_step, place_state, tree_specs
+from negjax.train.sharding import place_state, tree_specs
+from negjax.train.step import make_train_step
 
 RANK, ALPHA = 4, 8.0
 

@@ -15,7 +15,8 @@ from negjax.losses import contrastive_loss
 from negjax.model import load_encoder
 from negjax.model.packaged import minilm_dir
 from negjax.train.state import init_state
-from negjax.train.step import make_train_step, place_state
+from negjax.train.sharding import place_state
+from negjax.train.step import make_train_step
 
 @pytest.fixture(scope="module")
 def enc():

@@ -67,7 +67,8 @@ def negjax_worker(args):
     from negjax.distributed import global_batch_from_local, make_mesh
     from negjax.model import load_encoder
     from negjax.train.state import init_state
-    from negjax.train.step import make_train_step, place_state
+    from negjax.train.sharding import place_state
+    from negjax.train.step import make_train_step
 
     cfg = updated(Config(), {
         "model.name": "minilm", "train.learning_rate": 5e-5, "train.warmup_steps": 0,

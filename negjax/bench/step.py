@@ -212,7 +212,8 @@ def _pieces(enc, cfg, mesh, group_size: int):
     from negjax.grad_cache import backprop_sub_batches, embed_sub_batches, split_sub_batches
     from negjax.distributed import batch_axes
     from negjax.losses import LossSpec
-    from negjax.train.step import dropout_keys, embedding_loss, sub_batches, tower_fn, vary
+    from negjax.train.sharding import vary
+    from negjax.train.step import dropout_keys, embedding_loss, sub_batches, tower_fn
 
     axis, G, gc = "data", group_size, cfg.train.grad_cache_chunk
     seed = cfg.train.seed
@@ -333,7 +334,8 @@ def measure(args) -> dict:
     from negjax.distributed import batch_devices, global_batch_from_local, make_mesh
     from negjax.model.loader import load_model
     from negjax.train.state import init_state
-    from negjax.train.step import make_train_step, place_state
+    from negjax.train.sharding import place_state
+    from negjax.train.step import make_train_step
 
     fsdp = args.fsdp or cfg.distributed.fsdp
     mesh = make_mesh(args.devices or None, fsdp=fsdp)

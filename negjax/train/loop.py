@@ -46,7 +46,8 @@ from negjax.train.checkpoint import (Checkpointer, manifest_digest, save_run_con
                                      select_checkpoint)
 from negjax.train.diagnostics import Diagnostics
 from negjax.train.state import init_state, learning_rate_schedule, relayout_bank
-from negjax.train.step import make_train_step, state_shardings
+from negjax.train.sharding import state_shardings
+from negjax.train.step import make_train_step
 from negjax.train.workdir_lock import WorkdirLock
 from negjax.utils import atomic_write_text, log, progress
 

@@ -64,7 +64,7 @@ def _decay_mask(params):
 def clip_by_global_norm(max_norm: float, norm=optax.tree.norm) -> optax.GradientTransformation:
     """optax.clip_by_global_norm (same state, same formula) with the norm computed by `norm`:
     under FSDP each device holds a shard of the gradients and the norm needs a collective
-    (negjax.train.step.global_norm)."""
+    (negjax.train.sharding.global_norm)."""
     def init(params):
         del params
         return optax.EmptyState()

@@ -5,11 +5,10 @@ memory bank.
     step_fn = make_train_step(enc, cfg, mesh, group_size=1 + H)
     state, metrics = step_fn(state, batch)     # batch: the pipeline's dict, global arrays
 
-Shardings are stated here (`state_specs`): without 'fsdp' the state is replicated; with it
-every parameter, its AdamW moments and its momentum-encoder copy are cut along their largest
-dimension that the 'fsdp' size divides (`fsdp_spec`; arrays with none stay replicated). The
-memory bank and every batch array are split on their first axis over the batch axes ('data',
-then 'fsdp'); metrics are replicated. The state is donated.
+Shardings (`negjax.train.sharding`): without 'fsdp' the state is replicated; with it every
+parameter, its AdamW moments and its momentum-encoder copy are cut over 'fsdp'; the memory bank
+(`negjax.train.memory_bank`) and every batch array are split on their first axis over the batch
+axes; metrics are replicated. The state is donated.
 
 The body runs as `jax.shard_map` over all batch axes: each device encodes its own queries and
 documents; the contrastive loss gathers documents from every device (full global in-batch
@@ -36,143 +35,34 @@ activation memory is that of one sub-batch; the result equals the plain step's g
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from negjax.config import Config
-from negjax.distributed import BATCH_AXES, FSDP, batch_axes, batch_devices
+from negjax.distributed import FSDP, batch_axes, batch_devices
 from negjax.errors import NegjaxError
 from negjax.grad_cache import (backprop_sub_batches, embed_sub_batches, merge_sub_batches,
                                split_sub_batches, sub_batch_keys)
 from negjax.losses import LossSpec, distillation_loss, temperature_from_log_scale
 from negjax.train.diagnostics import SAMPLE
+from negjax.train.memory_bank import check_bank, update_bank
 from negjax.model.lora import combine, split_trainable
+from negjax.train.sharding import (BATCH_KEYS, _manual_axes, _varying_axes, gather_params,
+                                   global_norm, layer_gather, state_specs, sum_grads, tree_specs,
+                                   vary)
 from negjax.train.state import TrainState, join_params, make_optimizer, split_params
-
-BATCH_KEYS = ("q_tokens", "q_mask", "d_tokens", "d_mask", "doc_ids", "query_pos_ids")
-
 
 def temperature_of(params, cfg: Config):
     if "log_scale" in params:
         return temperature_from_log_scale(params["log_scale"], cfg.loss.min_temperature,
                                           cfg.loss.max_temperature)
     return jnp.asarray(cfg.loss.temperature, jnp.float32)
-
-
-def fsdp_spec(shape, fsdp: int) -> P:
-    """Where FSDP cuts an array of `shape`: its largest dimension that `fsdp` divides (the
-    first of equals), or nowhere (P(): replicated) if none does or fsdp = 1."""
-    dims = [i for i, n in enumerate(shape) if n >= fsdp and n % fsdp == 0]
-    if fsdp == 1 or not dims:
-        return P()
-    i = max(dims, key=lambda i: (shape[i], -i))
-    return P(*([None] * i), FSDP)
-
-
-def _fsdp_dim(spec: P):
-    return next((i for i, a in enumerate(spec) if a == FSDP), None)
-
-
-def tree_specs(tree, mesh):
-    """`fsdp_spec` of every array of `tree` on `mesh` (all P() without an 'fsdp' axis)."""
-    f = mesh.shape.get(FSDP, 1)
-    return jax.tree.map(lambda x: fsdp_spec(x.shape, f), tree)
-
-
-def state_specs(state: TrainState, mesh) -> TrainState:
-    """PartitionSpecs of the state on `mesh`: every array by `fsdp_spec` (so a parameter, its
-    optimizer moments and its momentum-encoder copy are cut alike; all replicated without an
-    'fsdp' axis), the memory bank split over the batch axes."""
-    out = tree_specs(state, mesh)
-    if state.bank is not None:
-        axes = batch_axes(mesh)
-        out = out.replace(bank=P(axes), bank_ids=P(axes), bank_ptr=P())
-    return out
-
-
-def state_shardings(state: TrainState, mesh) -> TrainState:
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), state_specs(state, mesh),
-                        is_leaf=lambda x: isinstance(x, P))
-
-
-def place_state(state: TrainState, mesh) -> TrainState:
-    return jax.device_put(state, state_shardings(state, mesh))
-
-
-def _map_specs(fn, specs, tree):
-    return jax.tree.map(fn, specs, tree, is_leaf=lambda x: isinstance(x, P))
-
-
-def _in_layer(path) -> bool:
-    return any(str(getattr(k, "key", "")).startswith("layer_") for k in path)
-
-
-def gather_params(tree, specs, *, skip_layers: bool = False):
-    """Inside the step's shard_map: full arrays from this device's FSDP shards (all-gather over
-    'fsdp'). Each gather is rematerialised: the backward pass gathers again instead of keeping
-    every full parameter alive between the passes, and its transpose (a reduce-scatter)
-    returns each parameter's gradient to the shards as soon as it is computed.
-    `skip_layers`: leave the transformer layers' params (`layer_<i>`) as shards, for
-    `layer_gather` to gather one layer at a time as the encoder runs."""
-    def leaf(path, spec, x):
-        d = _fsdp_dim(spec)
-        if d is None or (skip_layers and _in_layer(path)):
-            return x
-        return jax.checkpoint(lambda y: lax.all_gather(y, FSDP, axis=d, tiled=True))(x)
-    return jax.tree_util.tree_map_with_path(leaf, specs, tree, is_leaf=lambda x: isinstance(x, P))
-
-
-def layer_gather(model_specs):
-    """The per-layer gather for `tower_fn(layer_params=...)`: every layer has the shapes, so
-    the specs, of the first tower's `layer_0` (None if the model has no such layers)."""
-    tower = next(iter(model_specs.values()))
-    if not isinstance(tower, dict) or "layer_0" not in tower:
-        return None
-    specs = tower["layer_0"]
-    return lambda layer: gather_params(layer, specs)
-
-
-def sum_grads(tree, specs, axes):
-    """Per-device gradients of the shards (GradCache: device-varying, unreduced) -> their sums
-    over the batch axes ('fsdp' excepted where a parameter is cut: the gather's transpose has
-    already reduce-scattered over it)."""
-    def leaf(spec, g):
-        over = tuple(a for a in axes if not (a == FSDP and _fsdp_dim(spec) is not None))
-        return lax.psum(g, over) if over else g
-    return _map_specs(leaf, specs, tree)
-
-
-def global_norm(tree, specs):
-    """The global L2 norm of a tree of FSDP shards (optax.tree.norm of the full tree)."""
-    def sq(spec, x):
-        s = jnp.sum(jnp.square(x))
-        return s if _fsdp_dim(spec) is None else lax.psum(s, FSDP)
-    return jnp.sqrt(sum(jax.tree.leaves(_map_specs(sq, specs, tree))))
-
-
-def _manual_axes() -> tuple:
-    am = jax.sharding.get_abstract_mesh()
-    return tuple(a for a in BATCH_AXES if a in am.manual_axes)
-
-
-def _varying_axes(x) -> frozenset:
-    return frozenset(jax.typeof(x).manual_axis_type.varying)
-
-
-def vary(tree):
-    """Mark values as device-varying over every batch axis, so gradients w.r.t. them stay local
-    (no all-reduce per GradCache sub-batch); one reduction at the end sums them."""
-    axes = _manual_axes()
-
-    def cast(x):
-        missing = tuple(a for a in axes if a not in _varying_axes(x))
-        return lax.pcast(x, missing, to="varying") if missing else x
-    return jax.tree.map(cast, tree)
 
 
 def dropout_keys(seed: int, step):
@@ -220,8 +110,25 @@ def embedding_loss(spec: LossSpec, loss_cfg):
     return loss_of_embeddings
 
 
-def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
-    """Build the jitted step `(state, batch) -> (state, metrics)`; see the module docstring."""
+@dataclass(frozen=True)
+class TrainStep:
+    """What `make_train_step` builds: called as `(state, batch) -> (state, metrics)` (jitted,
+    the state donated; `lower` as for any jitted function), and `loss_and_grads(params, batch,
+    step[, bank, bank_ids]) -> (loss, metrics, grads)`, the step's gradient computation alone
+    (jitted; for tests and the benchmark's breakdown)."""
+
+    step: Callable
+    loss_and_grads: Callable
+
+    def __call__(self, state, batch):
+        return self.step(state, batch)
+
+    def lower(self, *args):
+        return self.step.lower(*args)
+
+
+def make_train_step(enc, cfg: Config, mesh, *, group_size: int) -> TrainStep:
+    """Build the step (a `TrainStep`); see the module docstring."""
     G = group_size
     seed = cfg.train.seed
     gc = cfg.train.grad_cache_chunk
@@ -305,9 +212,10 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
             per_layer = layer_gather(specs["model"])
             fsdp_towers = tower_fn(enc, layer_params=per_layer)
 
-            def towers(shards, x):
+            def gathered_towers(shards, x):
                 return fsdp_towers(gather_params(shards, specs["model"],
                                                  skip_layers=per_layer is not None), x)
+            towers = gathered_towers
         if gc:
             out = cached_grads(params, towers, batch, rq, rd, bank, bank_ids, specs)
         else:
@@ -321,49 +229,11 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
             out = jax.tree.map(invariant, out)
         return out
 
-    def _update_bank(new_state, old, batch, ok, ema_specs):
-        # EMA of the document tower, then enqueue this step's documents encoded by it.
-        doc_params = enc.tower_params(new_state.params["model"], "doc")
-        ema_tower = enc.tower_params(old.ema, "doc")
-        new_tower = jax.tree.map(lambda e, p: momentum * e + (1.0 - momentum) * p, ema_tower, doc_params)
-        if enc.tied_towers:
-            ema = {"encoder": new_tower}
-        else:
-            ema = dict(old.ema, doc=new_tower)
-        # The momentum encoder honours GradCache: one sub-batch's activations at a time (and
-        # FSDP: one layer's gathered parameters at a time).
-        per_layer = layer_gather(ema_specs) if FSDP in axes else None
-        n = batch["q_tokens"].shape[0] // gc if gc else 1
-        xs = (split_sub_batches(batch["d_tokens"], n), split_sub_batches(batch["d_mask"], n))
-        keys = merge_sub_batches(embed_sub_batches(
-            lambda p, x: enc.encode(p, x[0], x[1], tower="doc", layer_params=per_layer),
-            gather_params(ema, ema_specs, skip_layers=per_layer is not None), xs))
-        ids = batch["doc_ids"].astype(jnp.int32)
-        n_new = keys.shape[0]
-        ptr = old.bank_ptr
-        bank = lax.dynamic_update_slice(old.bank, keys.astype(old.bank.dtype), (ptr, 0))
-        bank_ids = lax.dynamic_update_slice(old.bank_ids, ids, (ptr,))
-        local_k = old.bank.shape[0]
-        keep = lambda a, b: jnp.where(ok, a, b)  # noqa: E731
-        return new_state.replace(
-            ema=jax.tree.map(keep, ema, old.ema), bank=keep(bank, old.bank),
-            bank_ids=keep(bank_ids, old.bank_ids),
-            bank_ptr=keep((ptr + n_new) % local_k, ptr))
-
     keys = BATCH_KEYS + (("teacher_scores",) if cfg.loss.distill else ())
     batch_spec = {k: P(axes) for k in keys}
 
-    def _check_bank(state, batch):
-        if state.bank is not None:
-            local_k = state.bank.shape[0] // n_dev
-            local_docs = batch["d_tokens"].shape[0] // n_dev
-            if local_k % local_docs:
-                raise NegjaxError(f"loss.memory_bank_size={state.bank.shape[0]}: each device's "
-                                  f"share ({local_k}) must be a multiple of its documents per "
-                                  f"step ({local_docs})")
-
     def step(state: TrainState, batch):
-        _check_bank(state, batch)
+        check_bank(state, batch, n_dev)
         specs = state_specs(state, mesh)
         pspecs = specs.params
         tspecs = split_params(pspecs)[0]   # of the trainable params (LoRA: the adapters)
@@ -386,7 +256,8 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
                                       step=state.step + 1,
                                       nonfinite=state.nonfinite + (~ok).astype(jnp.int32))
             if state.bank is not None:
-                new_state = _update_bank(new_state, state, batch, ok, specs.ema)
+                new_state = update_bank(enc, new_state, state, batch, ok, specs.ema,
+                                        momentum=momentum, grad_cache_chunk=gc, axes=axes)
             metrics = dict(metrics, loss=loss, grad_norm=gnorm,
                            temperature=temperature_of(params, cfg),
                            skipped=(~ok).astype(jnp.float32))
@@ -404,12 +275,4 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int):
                            out_specs=(P(), P(), split_params(pspecs)[0]))
         return fn(params, {k: batch[k] for k in keys}, step, bank, bank_ids)
 
-    jitted = jax.jit(step, donate_argnums=(0,))
-    # (params, batch, step[, bank, bank_ids]) -> (loss, metrics, grads): the step's gradient
-    # computation alone, for tests and the benchmark breakdown.
-    jitted.loss_and_grads = jax.jit(loss_and_grads)
-    return jitted
-
-
-def batch_shardings(mesh) -> dict:
-    return {k: NamedSharding(mesh, P(batch_axes(mesh))) for k in BATCH_KEYS}
+    return TrainStep(jax.jit(step, donate_argnums=(0,)), jax.jit(loss_and_grads))
