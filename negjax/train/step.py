@@ -127,6 +127,68 @@ class TrainStep:
         return self.step.lower(*args)
 
 
+def diagnostics_sample(q, d, *, axes, devices: int, group_size: int):
+    """Inside the step's shard_map: the diagnostics' sample (`negjax.train.diagnostics`), the
+    first SAMPLE / devices queries of every device and their documents, replicated ([rows, D]
+    f32, no gradient)."""
+    n_dev = devices
+    b = q.shape[0]
+    s = min(b, max(1, SAMPLE // n_dev))
+    idx = lax.axis_index(axes)
+
+    def place(x, rows):
+        buf = jnp.zeros((n_dev * rows,) + x.shape[1:], jnp.float32)
+        part = lax.stop_gradient(x[:rows]).astype(jnp.float32)
+        return lax.psum(lax.dynamic_update_slice(buf, part, (idx * rows, 0)), axes)
+    return {"sample_q": place(q, s), "sample_d": place(d, s * group_size)}
+
+
+def plain_grads(params, towers, x, loss_of, specs, *, axes, devices: int, group_size: int):
+    """(loss, metrics, gradients of this device's trainable parameter shards) of one forward
+    and backward pass over the (sub-)batch `x` (`tower_fn`'s input); `loss_of(q, d, params)`
+    is the step's loss of the embeddings (the temperature read from `params`)."""
+    rest = {k: v for k, v in params.items() if k != "model"}
+    trainable, frozen = split_trainable(params["model"])
+
+    def loss_fn(model, rest):
+        q, d = towers(combine(model, frozen), x)
+        loss, metrics = loss_of(q, d, rest)
+        return loss, dict(metrics, **diagnostics_sample(q, d, axes=axes, devices=devices,
+                                                         group_size=group_size))
+    # Device-varying encoder parameters: under FSDP each gather's transpose reduce-scatters its
+    # gradient over 'fsdp' first; one sum over the other batch axes follows, of shards. LoRA:
+    # the gradient is taken w.r.t. the adapters only.
+    (loss, metrics), (gmodel, grest) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(vary(trainable), rest)
+    gspecs = split_trainable(specs["model"])[0]
+    return loss, metrics, {"model": sum_grads(gmodel, gspecs, axes), **grest}
+
+
+def cached_grads(params, towers, xs, loss_of, specs, *, axes, devices: int, group_size: int):
+    """`plain_grads` by GradCache over the sub-batches `xs` (leading axis n): (1) embeddings of
+    every sub-batch with no activations kept, (2) the loss gradient w.r.t. all embeddings (the
+    loss gathers across devices), (3) each sub-batch re-encoded with the same dropout keys and
+    its cached embedding gradient back-propagated. Equal to `plain_grads` of the whole batch."""
+    # Device-varying: each sub-batch's gradient stays local; one sum at the end. LoRA: the
+    # adapters are the argument differentiated, the base weights ride along.
+    trainable, frozen = split_trainable(params["model"])
+    model = vary(trainable)
+
+    def adapted(p, x):
+        return towers(combine(p, frozen), x)
+    q, d = jax.tree.map(merge_sub_batches, embed_sub_batches(adapted, model, xs))      # (1)
+    rest = {k: v for k, v in params.items() if k != "model"}
+    (loss, metrics), (gq, gd, grest) = jax.value_and_grad(                          # (2)
+        loss_of, argnums=(0, 1, 2), has_aux=True)(q, d, rest)
+    metrics = dict(metrics, **diagnostics_sample(q, d, axes=axes, devices=devices,
+                                                 group_size=group_size))
+    n = xs[0].shape[0]
+    cts = (split_sub_batches(gq, n), split_sub_batches(gd, n))
+    gmodel = sum_grads(backprop_sub_batches(adapted, model, xs, cts),                # (3)
+                       split_trainable(specs["model"])[0], axes)
+    return loss, metrics, {"model": gmodel, **grest}
+
+
 def make_train_step(enc, cfg: Config, mesh, *, group_size: int) -> TrainStep:
     """Build the step (a `TrainStep`); see the module docstring."""
     G = group_size
@@ -141,68 +203,6 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int) -> TrainStep:
 
     base_towers = tower_fn(enc)
 
-    def plain_grads(params, towers, batch, rq, rd, bank, bank_ids, specs):
-        # The keys of GradCache's first sub-batch: with one sub-batch both draw the same masks.
-        x = jax.tree.map(lambda a: a[0], sub_batches(batch, rq, rd, 1))
-        rest = {k: v for k, v in params.items() if k != "model"}
-        trainable, frozen = split_trainable(params["model"])
-
-        def loss_fn(model, rest):
-            q, d = towers(combine(model, frozen), x)
-            loss, metrics = loss_of_embeddings(q, d, temperature_of(rest, cfg), batch, bank,
-                                               bank_ids)
-            return loss, dict(metrics, **sample(q, d))
-        # Device-varying encoder parameters: under FSDP each gather's transpose reduce-scatters
-        # its gradient over 'fsdp' first; one sum over the other batch axes follows, of shards.
-        # LoRA: the gradient is taken w.r.t. the adapters only.
-        (loss, metrics), (gmodel, grest) = jax.value_and_grad(
-            loss_fn, argnums=(0, 1), has_aux=True)(vary(trainable), rest)
-        gspecs = split_trainable(specs["model"])[0]
-        return loss, metrics, {"model": sum_grads(gmodel, gspecs, axes), **grest}
-
-    def sample(q, d):
-        """The diagnostics' sample (`negjax.train.diagnostics`): the first SAMPLE / devices
-        queries of every device and their documents, replicated ([rows, D] f32, no gradient)."""
-        b = q.shape[0]
-        s = min(b, max(1, SAMPLE // n_dev))
-        idx = lax.axis_index(axes)
-
-        def place(x, rows):
-            buf = jnp.zeros((n_dev * rows,) + x.shape[1:], jnp.float32)
-            part = lax.stop_gradient(x[:rows]).astype(jnp.float32)
-            return lax.psum(lax.dynamic_update_slice(buf, part, (idx * rows, 0)), axes)
-        return {"sample_q": place(q, s), "sample_d": place(d, s * G)}
-
-    def cached_grads(params, towers, batch, rq, rd, bank, bank_ids, specs):
-        b = batch["q_tokens"].shape[0]
-        if b % gc:
-            raise NegjaxError(f"train.grad_cache_chunk={gc} must divide the per-device batch {b}")
-        xs = sub_batches(batch, rq, rd, b // gc)
-        # Device-varying: each sub-batch's gradient stays local; one sum at the end. LoRA: the
-        # adapters are the argument differentiated, the base weights ride along.
-        trainable, frozen = split_trainable(params["model"])
-        model = vary(trainable)
-
-        def adapted(p, x):
-            return towers(combine(p, frozen), x)
-        # (1) embeddings of every sub-batch, no activations kept
-        q, d = jax.tree.map(merge_sub_batches, embed_sub_batches(adapted, model, xs))
-
-        # (2) loss gradient w.r.t. the embeddings (the loss gathers across devices)
-        def emb_loss(q, d, p_temp):
-            return loss_of_embeddings(q, d, temperature_of(p_temp, cfg), batch, bank, bank_ids)
-        temp_params = {k: v for k, v in params.items() if k != "model"}
-        (loss, metrics), (gq, gd, gtemp) = jax.value_and_grad(emb_loss, argnums=(0, 1, 2),
-                                                              has_aux=True)(q, d, temp_params)
-        metrics = dict(metrics, **sample(q, d))
-
-        # (3) re-encode each sub-batch (same keys) and back-propagate its cached gradient
-        n = b // gc
-        cts = (split_sub_batches(gq, n), split_sub_batches(gd, n))
-        gmodel = sum_grads(backprop_sub_batches(adapted, model, xs, cts),
-                           split_trainable(specs["model"])[0], axes)
-        return loss, metrics, {"model": gmodel, **gtemp}
-
     def grads_body(params, batch, step, bank, bank_ids, specs):
         """(loss, metrics, gradients of this device's parameter shards)."""
         rq, rd = dropout_keys(seed, step)
@@ -216,10 +216,19 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int) -> TrainStep:
                 return fsdp_towers(gather_params(shards, specs["model"],
                                                  skip_layers=per_layer is not None), x)
             towers = gathered_towers
+
+        def loss_of(q, d, rest):
+            return loss_of_embeddings(q, d, temperature_of(rest, cfg), batch, bank, bank_ids)
+        b = batch["q_tokens"].shape[0]
+        if gc and b % gc:
+            raise NegjaxError(f"train.grad_cache_chunk={gc} must divide the per-device batch {b}")
+        # Plain: GradCache's first sub-batch's keys, so with one sub-batch both draw the same masks.
+        xs = sub_batches(batch, rq, rd, b // gc if gc else 1)
+        kw = dict(axes=axes, devices=n_dev, group_size=G)
         if gc:
-            out = cached_grads(params, towers, batch, rq, rd, bank, bank_ids, specs)
+            out = cached_grads(params, towers, xs, loss_of, specs, **kw)
         else:
-            out = plain_grads(params, towers, batch, rq, rd, bank, bank_ids, specs)
+            out = plain_grads(params, towers, jax.tree.map(lambda a: a[0], xs), loss_of, specs, **kw)
         if n_dev == 1:
             # On a single device the loss takes its collective-free path, whose results are
             # still typed device-varying; a psum over the size-1 axes marks them replicated.
