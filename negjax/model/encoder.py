@@ -251,7 +251,8 @@ def load_encoder(model_cfg: ModelConfig) -> Encoder:
     Normalisation follows `model_cfg.normalize`. `model_cfg.dropout >= 0` overrides the
     checkpoint's hidden and attention dropout.
     """
-    from negjax.model.hf import read_hf_dir, transformer_dir
+    from negjax.model.hf import read_hf_dir
+    from negjax.model.st_settings import transformer_dir
 
     name = model_cfg.name
     if model_cfg.dtype not in _DTYPES:

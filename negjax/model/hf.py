@@ -17,7 +17,7 @@ Key map (HF `BertModel` name -> Flax path; dense weights are transposed [out, in
     encoder.layer.i.output.dense.*                          -> layer_i/output
     encoder.layer.i.output.LayerNorm.*                      -> layer_i/output_LayerNorm
 
-Qwen3 / Qwen2 (`_qwen_key_map`) and ModernBERT (`_modernbert_key_map`: `layers.i.attn.Wqkv`
+Qwen3 / Qwen2 (`qwen3.hf_key_map`) and ModernBERT (`modernbert.hf_key_map`: `layers.i.attn.Wqkv`
 -> `layer_i/attn/Wqkv`, ...; a ModernBertForMaskedLM's `model.` prefix is stripped and its
 MLM head ignored) map the same way.
 """
@@ -35,7 +35,9 @@ import numpy as np
 
 from negjax.errors import NegjaxError, file_error
 from negjax.model.bert import MODEL_TYPES, BertConfig
-from negjax.model.modernbert import MODERNBERT_TYPES, ModernBertConfig, default_layer_types
+from negjax.model import modernbert, qwen3
+from negjax.model.st_settings import read_json, read_st_prompts, read_st_settings, transformer_dir
+from negjax.model.modernbert import MODERNBERT_TYPES, ModernBertConfig
 from negjax.model.qwen3 import QWEN_TYPES, Qwen3Config
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -60,13 +62,6 @@ class HFModel:
     prompts: dict = field(default_factory=dict)  # {"query", "doc"} from sentence-transformers
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise file_error(path, e.lineno, f"invalid JSON: {e.msg}") from None
-
-
 # ---------------------------------------------------------------------------------- config
 
 def read_config(model_dir: Path) -> BertConfig:
@@ -79,14 +74,14 @@ def read_config(model_dir: Path) -> BertConfig:
     if not path.is_file():
         raise NegjaxError(f"{model_dir}: no config.json (not a Hugging Face model directory; a "
                           "training workdir has config.toml and checkpoints/)")
-    raw = _read_json(path)
+    raw = read_json(path)
     if not isinstance(raw, dict):
         raise file_error(path, None, "expected a JSON object")
     model_type = raw.get("model_type")
     if model_type in QWEN_TYPES:
-        return _read_qwen_config(path, raw)
+        return qwen3.from_hf_config(path, raw)
     if model_type in MODERNBERT_TYPES:
-        return _read_modernbert_config(path, raw)
+        return modernbert.from_hf_config(path, raw)
     if model_type not in MODEL_TYPES:
         arch = raw.get("architectures")
         raise file_error(path, None, f"unknown architecture (model_type={model_type!r}, "
@@ -123,220 +118,13 @@ def read_config(model_dir: Path) -> BertConfig:
         raise file_error(path, None, f"bad value: {e}") from None
 
 
-def _read_qwen_config(path: Path, raw: dict) -> Qwen3Config:
-    """A Qwen3 / Qwen2 config.json (transformers' defaults for missing keys)."""
-    get = raw.get
-    qwen2 = raw["model_type"] == "qwen2"
-    rope = get("rope_parameters") or {}
-    if (rope.get("rope_type") or "default") != "default" or get("rope_scaling"):
-        raise file_error(path, None, "only the default RoPE is supported (no rope_scaling)")
-    if get("use_sliding_window"):
-        raise file_error(path, None, "sliding-window attention layers are not supported")
-    try:
-        heads = int(get("num_attention_heads", 32))
-        hidden = int(get("hidden_size", 4096))
-        pad = get("pad_token_id")
-        eos = get("eos_token_id")
-        return Qwen3Config(
-            vocab_size=int(get("vocab_size", 151936)),
-            hidden_size=hidden,
-            num_layers=int(get("num_hidden_layers", 32)),
-            num_heads=heads,
-            num_kv_heads=int(get("num_key_value_heads") or heads),
-            head_dim=int(get("head_dim") or hidden // heads),
-            intermediate_size=int(get("intermediate_size", 22016)),
-            max_position_embeddings=int(get("max_position_embeddings", 32768)),
-            rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope.get("rope_theta", get("rope_theta", 10000.0))),
-            attention_bias=bool(get("attention_bias", False)) and not qwen2,
-            qkv_bias=qwen2,
-            qk_norm=not qwen2,
-            hidden_act=str(get("hidden_act", "silu")),
-            attention_dropout=float(get("attention_dropout", 0.0)),
-            pad_token_id=int(pad if pad is not None else (eos if isinstance(eos, int) else 0)),
-            eos_token_id=eos if isinstance(eos, int) else None,
-            causal=not bool(get("negjax_bidirectional", False)),
-            initializer_range=float(get("initializer_range", 0.02)),
-            model_type=raw["model_type"],
-        )
-    except NegjaxError as e:
-        raise file_error(path, None, str(e)) from None
-    except (TypeError, ValueError) as e:
-        raise file_error(path, None, f"bad value: {e}") from None
-
-
-def _qwen_config_json(cfg: Qwen3Config) -> dict:
-    arch = {"qwen3": "Qwen3Model", "qwen2": "Qwen2Model"}[cfg.model_type]
-    out = {"architectures": [arch], "model_type": cfg.model_type, "vocab_size": cfg.vocab_size,
-           "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
-           "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-           "head_dim": cfg.head_dim, "intermediate_size": cfg.intermediate_size,
-           "max_position_embeddings": cfg.max_position_embeddings,
-           "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
-           "hidden_act": cfg.hidden_act, "attention_dropout": cfg.attention_dropout,
-           "initializer_range": cfg.initializer_range, "pad_token_id": cfg.pad_token_id,
-           "eos_token_id": cfg.eos_token_id, "tie_word_embeddings": False,
-           "use_sliding_window": False, "torch_dtype": "float32"}
-    if cfg.model_type == "qwen3":
-        out["attention_bias"] = cfg.attention_bias
-    if not cfg.causal:
-        out["negjax_bidirectional"] = True  # transformers ignores it; negjax reads it back
-    return out
-
-
-def _qwen_key_map(cfg: Qwen3Config) -> list:
-    h, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    rows = [("embed_tokens.weight", ("embed_tokens", "embedding"), (cfg.vocab_size, h), False),
-            ("norm.weight", ("norm", "scale"), (h,), False)]
-    bias = cfg.attention_bias or cfg.qkv_bias
-    for n in range(cfg.num_layers):
-        hf, fl = f"layers.{n}", f"layer_{n}"
-        for proj, out in (("q_proj", cfg.num_heads * hd), ("k_proj", cfg.num_kv_heads * hd),
-                          ("v_proj", cfg.num_kv_heads * hd)):
-            rows.append((f"{hf}.self_attn.{proj}.weight", (fl, "self_attn", proj, "kernel"), (out, h), True))
-            if bias:
-                rows.append((f"{hf}.self_attn.{proj}.bias", (fl, "self_attn", proj, "bias"), (out,), False))
-        rows.append((f"{hf}.self_attn.o_proj.weight", (fl, "self_attn", "o_proj", "kernel"),
-                     (h, cfg.num_heads * hd), True))
-        if cfg.attention_bias:
-            rows.append((f"{hf}.self_attn.o_proj.bias", (fl, "self_attn", "o_proj", "bias"), (h,), False))
-        if cfg.qk_norm:
-            for norm in ("q_norm", "k_norm"):
-                rows.append((f"{hf}.self_attn.{norm}.weight", (fl, "self_attn", norm, "scale"), (hd,), False))
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            rows.append((f"{hf}.{norm}.weight", (fl, norm, "scale"), (h,), False))
-        for proj, shape in (("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i))):
-            rows.append((f"{hf}.mlp.{proj}.weight", (fl, proj, "kernel"), shape, True))
-    return rows
-
-
-def _read_modernbert_config(path: Path, raw: dict) -> ModernBertConfig:
-    """A ModernBERT config.json (transformers' defaults for missing keys). Both forms are read:
-    `layer_types` + `rope_parameters` (transformers >= 5) and the older
-    `global_attn_every_n_layers` + `global_rope_theta` / `local_rope_theta`."""
-    get = raw.get
-    try:
-        layers = int(get("num_hidden_layers", 22))
-        hidden = int(get("hidden_size", 768))
-        heads = int(get("num_attention_heads", 12))
-        if get("head_dim") is not None and int(get("head_dim")) != hidden // heads:
-            raise NegjaxError(f"head_dim {get('head_dim')} != hidden_size / "
-                              f"num_attention_heads ({hidden // heads}) is not supported")
-        types = get("layer_types")
-        if types is None:
-            every = int(get("global_attn_every_n_layers") or 3)
-            types = default_layer_types(layers, every)
-        elif not isinstance(types, list) or not all(isinstance(t, str) for t in types):
-            raise NegjaxError("layer_types must be a list of strings")
-        rope = get("rope_parameters") or {}
-        if not isinstance(rope, dict) or set(rope) - {"full_attention", "sliding_attention"}:
-            raise NegjaxError("rope_parameters must map 'full_attention' / "
-                              "'sliding_attention' to their RoPE settings")
-        thetas = {}
-        for kind, old_key, default in (("full_attention", "global_rope_theta", 160_000.0),
-                                       ("sliding_attention", "local_rope_theta", 10_000.0)):
-            params = dict(rope.get(kind) or {})
-            params.update(get("rope_scaling") or {})  # (as transformers: applies to both)
-            rope_type = params.get("rope_type", params.get("type")) or "default"
-            if rope_type != "default":
-                raise NegjaxError(f"only the default RoPE is supported ({kind} has "
-                                  f"rope_type {rope_type!r})")
-            thetas[kind] = float(params.get("rope_theta", get(old_key, default)))
-
-        def token_id(key, default):
-            value = get(key, default)
-            return value if isinstance(value, int) else None
-
-        pad = get("pad_token_id", 50283)
-        return ModernBertConfig(
-            vocab_size=int(get("vocab_size", 50368)),
-            hidden_size=hidden,
-            num_layers=layers,
-            num_heads=heads,
-            intermediate_size=int(get("intermediate_size", 1152)),
-            max_position_embeddings=int(get("max_position_embeddings", 8192)),
-            norm_eps=float(get("norm_eps", 1e-5)),
-            norm_bias=bool(get("norm_bias", False)),
-            attention_bias=bool(get("attention_bias", False)),
-            mlp_bias=bool(get("mlp_bias", False)),
-            hidden_act=str(get("hidden_activation", "gelu")),
-            global_rope_theta=thetas["full_attention"],
-            local_rope_theta=thetas["sliding_attention"],
-            local_attention=int(get("local_attention", 128)),
-            layer_types=tuple(types),
-            attention_dropout=float(get("attention_dropout", 0.0)),
-            embedding_dropout=float(get("embedding_dropout", 0.0)),
-            mlp_dropout=float(get("mlp_dropout", 0.0)),
-            pad_token_id=int(pad if pad is not None else 0),
-            bos_token_id=token_id("bos_token_id", 50281),
-            eos_token_id=token_id("eos_token_id", 50282),
-            cls_token_id=token_id("cls_token_id", 50281),
-            sep_token_id=token_id("sep_token_id", 50282),
-            initializer_range=float(get("initializer_range", 0.02)),
-        )
-    except NegjaxError as e:
-        raise file_error(path, None, str(e)) from None
-    except (TypeError, ValueError) as e:
-        raise NegjaxError(f"bad value: {e}") from None
-
-
-def _modernbert_config_json(cfg: ModernBertConfig) -> dict:
-    """A config.json from which `transformers.AutoModel` builds the same ModernBertModel."""
-    return {"architectures": ["ModernBertModel"], "model_type": "modernbert",
-            "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-            "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-            "intermediate_size": cfg.intermediate_size,
-            "max_position_embeddings": cfg.max_position_embeddings, "norm_eps": cfg.norm_eps,
-            "norm_bias": cfg.norm_bias, "attention_bias": cfg.attention_bias,
-            "mlp_bias": cfg.mlp_bias, "hidden_activation": cfg.hidden_act,
-            "layer_types": list(cfg.layer_types), "local_attention": cfg.local_attention,
-            "rope_parameters": {
-                "full_attention": {"rope_type": "default", "rope_theta": cfg.global_rope_theta},
-                "sliding_attention": {"rope_type": "default", "rope_theta": cfg.local_rope_theta}},
-            "attention_dropout": cfg.attention_dropout,
-            "embedding_dropout": cfg.embedding_dropout, "mlp_dropout": cfg.mlp_dropout,
-            "initializer_range": cfg.initializer_range, "pad_token_id": cfg.pad_token_id,
-            "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-            "cls_token_id": cfg.cls_token_id, "sep_token_id": cfg.sep_token_id,
-            "torch_dtype": "float32"}
-
-
-def _modernbert_key_map(cfg: ModernBertConfig) -> list:
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    rows = [("embeddings.tok_embeddings.weight", ("embeddings", "tok_embeddings", "embedding"),
-             (cfg.vocab_size, h), False)]
-
-    def norm(hf, path):
-        rows.append((f"{hf}.weight", path + ("scale",), (h,), False))
-        if cfg.norm_bias:
-            rows.append((f"{hf}.bias", path + ("bias",), (h,), False))
-
-    def dense(hf, path, n_out, n_in, bias):
-        rows.append((f"{hf}.weight", path + ("kernel",), (n_out, n_in), True))
-        if bias:
-            rows.append((f"{hf}.bias", path + ("bias",), (n_out,), False))
-
-    norm("embeddings.norm", ("embeddings", "norm"))
-    for n in range(cfg.num_layers):
-        hf, fl = f"layers.{n}", f"layer_{n}"
-        if n:  # (layer 0 has no attention LayerNorm)
-            norm(f"{hf}.attn_norm", (fl, "attn_norm"))
-        dense(f"{hf}.attn.Wqkv", (fl, "attn", "Wqkv"), 3 * h, h, cfg.attention_bias)
-        dense(f"{hf}.attn.Wo", (fl, "attn", "Wo"), h, h, cfg.attention_bias)
-        norm(f"{hf}.mlp_norm", (fl, "mlp_norm"))
-        dense(f"{hf}.mlp.Wi", (fl, "mlp", "Wi"), 2 * i, h, cfg.mlp_bias)
-        dense(f"{hf}.mlp.Wo", (fl, "mlp", "Wo"), h, i, cfg.mlp_bias)
-    norm("final_norm", ("final_norm",))
-    return rows
-
-
 def config_json(cfg: BertConfig) -> dict:
     """BertConfig -> a config.json that transformers' AutoConfig reads as a BertModel
     (RobertaModel, XLMRobertaModel)."""
     if isinstance(cfg, Qwen3Config):
-        return _qwen_config_json(cfg)
+        return qwen3.to_hf_config(cfg)
     if isinstance(cfg, ModernBertConfig):
-        return _modernbert_config_json(cfg)
+        return modernbert.to_hf_config(cfg)
     arch = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}
     return {
         "architectures": [arch[cfg.model_type]],
@@ -364,9 +152,9 @@ def config_json(cfg: BertConfig) -> dict:
 def key_map(cfg: BertConfig) -> list[tuple[str, tuple[str, ...], tuple[int, ...], bool]]:
     """(HF key, Flax path, HF shape, transpose?) for every tensor the encoder needs."""
     if isinstance(cfg, Qwen3Config):
-        return _qwen_key_map(cfg)
+        return qwen3.hf_key_map(cfg)
     if isinstance(cfg, ModernBertConfig):
-        return _modernbert_key_map(cfg)
+        return modernbert.hf_key_map(cfg)
     h, i = cfg.hidden_size, cfg.intermediate_size
     rows = [
         ("embeddings.word_embeddings.weight", ("embeddings", "word_embeddings", "embedding"),
@@ -494,7 +282,7 @@ def load_weights(model_dir: Path) -> tuple[dict[str, np.ndarray], str]:
     if single.is_file():
         return _load_safetensors_file(single), str(single)
     if index.is_file():
-        meta = _read_json(index)
+        meta = read_json(index)
         shards = sorted(set((meta.get("weight_map") or {}).values()))
         if not shards:
             raise file_error(index, None, "no weight_map")
@@ -512,65 +300,6 @@ def load_weights(model_dir: Path) -> tuple[dict[str, np.ndarray], str]:
     raise NegjaxError(f"{model_dir}: no model.safetensors")
 
 
-# ---------------------------------------------------------------------------------- sentence-transformers
-
-def read_st_settings(model_dir: Path) -> tuple[str | None, bool | None, int | None]:
-    """(pooling, normalize, max_seq_length) from sentence-transformers files, None if absent.
-
-    Only Transformer -> Pooling (mean or CLS) -> Normalize pipelines are supported; any other
-    module (Dense, max pooling, ...) would change the embeddings, so it is an error."""
-    modules_path = model_dir / "modules.json"
-    pooling = normalize = max_length = None
-    if modules_path.is_file():
-        modules = _read_json(modules_path)
-        if not isinstance(modules, list):
-            raise file_error(modules_path, None, "expected a JSON list of modules")
-        normalize = False
-        for m in modules:
-            kind = str(m.get("type", "")).rsplit(".", 1)[-1] if isinstance(m, dict) else ""
-            if kind == "Transformer":
-                continue
-            if kind == "Normalize":
-                normalize = True
-            elif kind == "Pooling":
-                pooling = _read_pooling(model_dir / m.get("path", "1_Pooling") / "config.json")
-            else:
-                raise file_error(modules_path, None, f"unsupported sentence-transformers module "
-                                 f"{m.get('type') if isinstance(m, dict) else m!r}")
-    sbert = model_dir / "sentence_bert_config.json"
-    if sbert.is_file():
-        value = _read_json(sbert).get("max_seq_length")
-        max_length = int(value) if value else None
-    return pooling, normalize, max_length
-
-
-def _read_pooling(path: Path) -> str:
-    if not path.is_file():
-        raise NegjaxError(f"{path}: pooling config not found (named in modules.json)")
-    cfg = _read_json(path)
-    on = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v is True]
-    if on == ["pooling_mode_mean_tokens"]:
-        return "mean"
-    if on == ["pooling_mode_cls_token"]:
-        return "cls"
-    if on == ["pooling_mode_lasttoken"]:
-        return "last"
-    raise file_error(path, None, f"unsupported pooling {on} (negjax supports mean, CLS or last token)")
-
-
-def transformer_dir(model_dir: Path) -> Path:
-    """Where config.json, the weights and the tokenizer live: the directory itself, or the
-    Transformer module's subfolder of a sentence-transformers directory (e.g. 0_BERT/)."""
-    modules_path = model_dir / "modules.json"
-    if (model_dir / "config.json").is_file() or not modules_path.is_file():
-        return model_dir
-    modules = _read_json(modules_path)
-    for m in modules if isinstance(modules, list) else []:
-        if isinstance(m, dict) and str(m.get("type", "")).endswith("Transformer") and m.get("path"):
-            return model_dir / m["path"]
-    return model_dir
-
-
 def read_hf_dir(model_dir: str | Path) -> HFModel:
     """Config, weights and sentence-transformers settings of a model directory (no tokenizer;
     it lives in `transformer_dir(model_dir)`)."""
@@ -583,26 +312,6 @@ def read_hf_dir(model_dir: str | Path) -> HFModel:
     if max_length is None and hf_dir != model_dir:
         max_length = read_st_settings(hf_dir)[2]
     return HFModel(cfg, params, pooling, normalize, max_length, extras, read_st_prompts(model_dir))
-
-
-# sentence-transformers prompt names -> negjax towers
-_PROMPT_NAMES = {"query": "query", "document": "doc", "passage": "doc", "doc": "doc"}
-
-
-def read_st_prompts(model_dir: Path) -> dict:
-    """{"query": str, "doc": str} from config_sentence_transformers.json's `prompts` (names
-    'query' and 'document' / 'passage'); empty when absent."""
-    path = Path(model_dir) / "config_sentence_transformers.json"
-    if not path.is_file():
-        return {}
-    prompts = _read_json(path).get("prompts") or {}
-    if not isinstance(prompts, dict):
-        raise file_error(path, None, "'prompts' must be an object of name -> text")
-    out = {}
-    for name, tower in _PROMPT_NAMES.items():
-        if isinstance(prompts.get(name), str) and prompts[name] and tower not in out:
-            out[tower] = prompts[name]
-    return out
 
 
 # ---------------------------------------------------------------------------------- export

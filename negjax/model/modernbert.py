@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from negjax.errors import NegjaxError
+from negjax.errors import NegjaxError, file_error
 from negjax.model.attention import attend, check_implementation
 from negjax.model.bert import _ACTIVATIONS, Dropout, Embed
 from negjax.model.lora import dense as lora_dense
@@ -234,3 +235,126 @@ class ModernBertEncoder(nn.Module):
         for i in range(cfg.num_layers):
             x = layer_cls(cfg, i, self.dtype, name=f"layer_{i}")(x, mask, positions, deterministic)
         return _layer_norm(cfg, self.dtype, "final_norm")(x).astype(jnp.float32)
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face config.json and weight names (read and written by negjax.model.hf)
+# ---------------------------------------------------------------------------------------------
+
+def from_hf_config(path: Path, raw: dict) -> ModernBertConfig:
+    """A ModernBERT config.json (transformers' defaults for missing keys). Both forms are read:
+    `layer_types` + `rope_parameters` (transformers >= 5) and the older
+    `global_attn_every_n_layers` + `global_rope_theta` / `local_rope_theta`."""
+    get = raw.get
+    try:
+        layers = int(get("num_hidden_layers", 22))
+        hidden = int(get("hidden_size", 768))
+        heads = int(get("num_attention_heads", 12))
+        if get("head_dim") is not None and int(get("head_dim")) != hidden // heads:
+            raise NegjaxError(f"head_dim {get('head_dim')} != hidden_size / "
+                              f"num_attention_heads ({hidden // heads}) is not supported")
+        types = get("layer_types")
+        if types is None:
+            every = int(get("global_attn_every_n_layers") or 3)
+            types = default_layer_types(layers, every)
+        elif not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+            raise NegjaxError("layer_types must be a list of strings")
+        rope = get("rope_parameters") or {}
+        if not isinstance(rope, dict) or set(rope) - {"full_attention", "sliding_attention"}:
+            raise NegjaxError("rope_parameters must map 'full_attention' / "
+                              "'sliding_attention' to their RoPE settings")
+        thetas = {}
+        for kind, old_key, default in (("full_attention", "global_rope_theta", 160_000.0),
+                                       ("sliding_attention", "local_rope_theta", 10_000.0)):
+            params = dict(rope.get(kind) or {})
+            params.update(get("rope_scaling") or {})  # (as transformers: applies to both)
+            rope_type = params.get("rope_type", params.get("type")) or "default"
+            if rope_type != "default":
+                raise NegjaxError(f"only the default RoPE is supported ({kind} has "
+                                  f"rope_type {rope_type!r})")
+            thetas[kind] = float(params.get("rope_theta", get(old_key, default)))
+
+        def token_id(key, default):
+            value = get(key, default)
+            return value if isinstance(value, int) else None
+
+        pad = get("pad_token_id", 50283)
+        return ModernBertConfig(
+            vocab_size=int(get("vocab_size", 50368)),
+            hidden_size=hidden,
+            num_layers=layers,
+            num_heads=heads,
+            intermediate_size=int(get("intermediate_size", 1152)),
+            max_position_embeddings=int(get("max_position_embeddings", 8192)),
+            norm_eps=float(get("norm_eps", 1e-5)),
+            norm_bias=bool(get("norm_bias", False)),
+            attention_bias=bool(get("attention_bias", False)),
+            mlp_bias=bool(get("mlp_bias", False)),
+            hidden_act=str(get("hidden_activation", "gelu")),
+            global_rope_theta=thetas["full_attention"],
+            local_rope_theta=thetas["sliding_attention"],
+            local_attention=int(get("local_attention", 128)),
+            layer_types=tuple(types),
+            attention_dropout=float(get("attention_dropout", 0.0)),
+            embedding_dropout=float(get("embedding_dropout", 0.0)),
+            mlp_dropout=float(get("mlp_dropout", 0.0)),
+            pad_token_id=int(pad if pad is not None else 0),
+            bos_token_id=token_id("bos_token_id", 50281),
+            eos_token_id=token_id("eos_token_id", 50282),
+            cls_token_id=token_id("cls_token_id", 50281),
+            sep_token_id=token_id("sep_token_id", 50282),
+            initializer_range=float(get("initializer_range", 0.02)),
+        )
+    except NegjaxError as e:
+        raise file_error(path, None, str(e)) from None
+    except (TypeError, ValueError) as e:
+        raise NegjaxError(f"bad value: {e}") from None
+
+
+def to_hf_config(cfg: ModernBertConfig) -> dict:
+    """A config.json from which `transformers.AutoModel` builds the same ModernBertModel."""
+    return {"architectures": ["ModernBertModel"], "model_type": "modernbert",
+            "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+            "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+            "intermediate_size": cfg.intermediate_size,
+            "max_position_embeddings": cfg.max_position_embeddings, "norm_eps": cfg.norm_eps,
+            "norm_bias": cfg.norm_bias, "attention_bias": cfg.attention_bias,
+            "mlp_bias": cfg.mlp_bias, "hidden_activation": cfg.hidden_act,
+            "layer_types": list(cfg.layer_types), "local_attention": cfg.local_attention,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "default", "rope_theta": cfg.global_rope_theta},
+                "sliding_attention": {"rope_type": "default", "rope_theta": cfg.local_rope_theta}},
+            "attention_dropout": cfg.attention_dropout,
+            "embedding_dropout": cfg.embedding_dropout, "mlp_dropout": cfg.mlp_dropout,
+            "initializer_range": cfg.initializer_range, "pad_token_id": cfg.pad_token_id,
+            "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+            "cls_token_id": cfg.cls_token_id, "sep_token_id": cfg.sep_token_id,
+            "torch_dtype": "float32"}
+
+
+def hf_key_map(cfg: ModernBertConfig) -> list:
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    rows = [("embeddings.tok_embeddings.weight", ("embeddings", "tok_embeddings", "embedding"),
+             (cfg.vocab_size, h), False)]
+
+    def norm(hf, path):
+        rows.append((f"{hf}.weight", path + ("scale",), (h,), False))
+        if cfg.norm_bias:
+            rows.append((f"{hf}.bias", path + ("bias",), (h,), False))
+
+    def dense(hf, path, n_out, n_in, bias):
+        rows.append((f"{hf}.weight", path + ("kernel",), (n_out, n_in), True))
+        if bias:
+            rows.append((f"{hf}.bias", path + ("bias",), (n_out,), False))
+
+    norm("embeddings.norm", ("embeddings", "norm"))
+    for n in range(cfg.num_layers):
+        hf, fl = f"layers.{n}", f"layer_{n}"
+        if n:  # (layer 0 has no attention LayerNorm)
+            norm(f"{hf}.attn_norm", (fl, "attn_norm"))
+        dense(f"{hf}.attn.Wqkv", (fl, "attn", "Wqkv"), 3 * h, h, cfg.attention_bias)
+        dense(f"{hf}.attn.Wo", (fl, "attn", "Wo"), h, h, cfg.attention_bias)
+        norm(f"{hf}.mlp_norm", (fl, "mlp_norm"))
+        dense(f"{hf}.mlp.Wi", (fl, "mlp", "Wi"), 2 * i, h, cfg.mlp_bias)
+        dense(f"{hf}.mlp.Wo", (fl, "mlp", "Wo"), h, i, cfg.mlp_bias)
+    norm("final_norm", ("final_norm",))
+    return rows

@@ -16,13 +16,14 @@ dtype of the projections.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from negjax.errors import NegjaxError
+from negjax.errors import NegjaxError, file_error
 from negjax.model.attention import attend, check_implementation
 from negjax.model.lora import dense as lora_dense
 
@@ -176,3 +177,93 @@ class Qwen3Encoder(nn.Module):
         for i in range(cfg.num_layers):
             x = layer_cls(cfg, self.dtype, name=f"layer_{i}")(x, mask, positions, deterministic)
         return RMSNorm(cfg.rms_norm_eps, name="norm")(x).astype(jnp.float32)
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face config.json and weight names (read and written by negjax.model.hf)
+# ---------------------------------------------------------------------------------------------
+
+def from_hf_config(path: Path, raw: dict) -> Qwen3Config:
+    """A Qwen3 / Qwen2 config.json (transformers' defaults for missing keys)."""
+    get = raw.get
+    qwen2 = raw["model_type"] == "qwen2"
+    rope = get("rope_parameters") or {}
+    if (rope.get("rope_type") or "default") != "default" or get("rope_scaling"):
+        raise file_error(path, None, "only the default RoPE is supported (no rope_scaling)")
+    if get("use_sliding_window"):
+        raise file_error(path, None, "sliding-window attention layers are not supported")
+    try:
+        heads = int(get("num_attention_heads", 32))
+        hidden = int(get("hidden_size", 4096))
+        pad = get("pad_token_id")
+        eos = get("eos_token_id")
+        return Qwen3Config(
+            vocab_size=int(get("vocab_size", 151936)),
+            hidden_size=hidden,
+            num_layers=int(get("num_hidden_layers", 32)),
+            num_heads=heads,
+            num_kv_heads=int(get("num_key_value_heads") or heads),
+            head_dim=int(get("head_dim") or hidden // heads),
+            intermediate_size=int(get("intermediate_size", 22016)),
+            max_position_embeddings=int(get("max_position_embeddings", 32768)),
+            rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope.get("rope_theta", get("rope_theta", 10000.0))),
+            attention_bias=bool(get("attention_bias", False)) and not qwen2,
+            qkv_bias=qwen2,
+            qk_norm=not qwen2,
+            hidden_act=str(get("hidden_act", "silu")),
+            attention_dropout=float(get("attention_dropout", 0.0)),
+            pad_token_id=int(pad if pad is not None else (eos if isinstance(eos, int) else 0)),
+            eos_token_id=eos if isinstance(eos, int) else None,
+            causal=not bool(get("negjax_bidirectional", False)),
+            initializer_range=float(get("initializer_range", 0.02)),
+            model_type=raw["model_type"],
+        )
+    except NegjaxError as e:
+        raise file_error(path, None, str(e)) from None
+    except (TypeError, ValueError) as e:
+        raise file_error(path, None, f"bad value: {e}") from None
+
+
+def to_hf_config(cfg: Qwen3Config) -> dict:
+    arch = {"qwen3": "Qwen3Model", "qwen2": "Qwen2Model"}[cfg.model_type]
+    out = {"architectures": [arch], "model_type": cfg.model_type, "vocab_size": cfg.vocab_size,
+           "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+           "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+           "head_dim": cfg.head_dim, "intermediate_size": cfg.intermediate_size,
+           "max_position_embeddings": cfg.max_position_embeddings,
+           "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+           "hidden_act": cfg.hidden_act, "attention_dropout": cfg.attention_dropout,
+           "initializer_range": cfg.initializer_range, "pad_token_id": cfg.pad_token_id,
+           "eos_token_id": cfg.eos_token_id, "tie_word_embeddings": False,
+           "use_sliding_window": False, "torch_dtype": "float32"}
+    if cfg.model_type == "qwen3":
+        out["attention_bias"] = cfg.attention_bias
+    if not cfg.causal:
+        out["negjax_bidirectional"] = True  # transformers ignores it; negjax reads it back
+    return out
+
+
+def hf_key_map(cfg: Qwen3Config) -> list:
+    h, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    rows = [("embed_tokens.weight", ("embed_tokens", "embedding"), (cfg.vocab_size, h), False),
+            ("norm.weight", ("norm", "scale"), (h,), False)]
+    bias = cfg.attention_bias or cfg.qkv_bias
+    for n in range(cfg.num_layers):
+        hf, fl = f"layers.{n}", f"layer_{n}"
+        for proj, out in (("q_proj", cfg.num_heads * hd), ("k_proj", cfg.num_kv_heads * hd),
+                          ("v_proj", cfg.num_kv_heads * hd)):
+            rows.append((f"{hf}.self_attn.{proj}.weight", (fl, "self_attn", proj, "kernel"), (out, h), True))
+            if bias:
+                rows.append((f"{hf}.self_attn.{proj}.bias", (fl, "self_attn", proj, "bias"), (out,), False))
+        rows.append((f"{hf}.self_attn.o_proj.weight", (fl, "self_attn", "o_proj", "kernel"),
+                     (h, cfg.num_heads * hd), True))
+        if cfg.attention_bias:
+            rows.append((f"{hf}.self_attn.o_proj.bias", (fl, "self_attn", "o_proj", "bias"), (h,), False))
+        if cfg.qk_norm:
+            for norm in ("q_norm", "k_norm"):
+                rows.append((f"{hf}.self_attn.{norm}.weight", (fl, "self_attn", norm, "scale"), (hd,), False))
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            rows.append((f"{hf}.{norm}.weight", (fl, norm, "scale"), (h,), False))
+        for proj, shape in (("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i))):
+            rows.append((f"{hf}.mlp.{proj}.weight", (fl, proj, "kernel"), shape, True))
+    return rows
