@@ -5,6 +5,7 @@
     rows = multihost.allgather_rows(local, counts)   # every process's rows, in process order
     res = multihost.broadcast_floats(values)         # process 0's float64 values, bit-exact
     if multihost.host_leader(cache_dir): ...         # one process per (host, directory)
+    procs = multihost.start_local_job(argv_for, 2)  # a job of local processes (benchmarks, tests)
 
 Each is a no-op (or a plain local computation) in a one-process run. The gathering ones are
 collectives: every process must call them, in the same order. See `negjax.distributed` for
@@ -17,6 +18,8 @@ import hashlib
 import math
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -235,3 +238,51 @@ class Watchdog:
                 elif now - last_change[p] > self.timeout and not self._stop.is_set():
                     self._lost(p, f"no heartbeat for {now - last_change[p]:.0f} s")
             self._stop.wait(self.interval)
+
+
+# ---------------------------------------------------------------------------------------------
+# A job of local processes (benchmarks, tests, experiments)
+# ---------------------------------------------------------------------------------------------
+
+_JOB_VARS = ("NEGJAX_COORDINATOR", "NEGJAX_NUM_PROCESSES", "NEGJAX_PROCESS_ID", "JAX_COORDINATOR_ADDRESS")
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now (for the coordinator of a local job)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_env(devices: int = 1, **extra) -> dict:
+    """The environment of a local CPU process: `devices` simulated CPU devices, no progress
+    output, this negjax importable, no job variables inherited from the caller; `extra`
+    (values turned into strings) on top."""
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+    env["JAX_PLATFORMS"] = "cpu"
+    env["NEGJAX_PROGRESS"] = "0"
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    for var in _JOB_VARS:
+        env.pop(var, None)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def start_local_job(argv_for, processes: int, *, devices: int = 1, cwd=None, **extra) -> list:
+    """Start `processes` Python processes of one `jax.distributed` job on localhost: process i
+    runs `python *argv_for(i)` with NEGJAX_COORDINATOR / NEGJAX_NUM_PROCESSES /
+    NEGJAX_PROCESS_ID set (read by `negjax.distributed.initialize()` and every CLI command; one
+    process gets none of them) and `local_env(devices, **extra)`. Returns the `Popen`s, stdin
+    closed, stdout and stderr together in a text pipe."""
+    port = free_port()
+    job = lambda i: ({} if processes == 1 else dict(  # noqa: E731
+        NEGJAX_COORDINATOR=f"localhost:{port}", NEGJAX_NUM_PROCESSES=processes, NEGJAX_PROCESS_ID=i))
+    return [subprocess.Popen([sys.executable, *map(str, argv_for(i))],
+                             env=local_env(devices, **job(i), **extra), cwd=cwd,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, errors="replace")
+            for i in range(processes)]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from negjax.multihost import local_env, start_local_job
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,21 +21,10 @@ def require_devices(n: int) -> None:
         pytest.skip(f"needs {n} devices, have {jax.device_count()}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def subprocess_env(devices: int = 8, **extra) -> dict:
-    """Environment for a child Python process with `devices` simulated CPU devices."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["NEGJAX_PROGRESS"] = "0"
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+    """Environment for a child Python process with `devices` simulated CPU devices
+    (`negjax.multihost.local_env`)."""
+    return local_env(devices, **extra)
 
 
 def run_negjax(*args, env=None, timeout=600, check=False) -> subprocess.CompletedProcess:
@@ -49,18 +38,12 @@ def run_negjax(*args, env=None, timeout=600, check=False) -> subprocess.Complete
 
 
 def start_processes(argv_for, processes: int, *, devices: int = 1, **env_extra) -> list[subprocess.Popen]:
-    """Start `processes` Python processes of one `jax.distributed` job on localhost: process i
+    """Start `processes` Python processes of one `jax.distributed` job on localhost
+    (`negjax.multihost.start_local_job`, the launcher `negjax bench mine` uses too): process i
     runs `python argv_for(i)...` with NEGJAX_COORDINATOR / NEGJAX_NUM_PROCESSES /
-    NEGJAX_PROCESS_ID set (which `negjax.distributed.initialize()` and every CLI command read)
-    and `devices` simulated CPU devices. Output (stdout + stderr) is captured as text. The one
-    launcher of every multi-process test."""
-    port = free_port()
-    return [subprocess.Popen([sys.executable, *map(str, argv_for(i))],
-                             env=subprocess_env(devices=devices, NEGJAX_COORDINATOR=f"localhost:{port}",
-                                                NEGJAX_NUM_PROCESSES=processes,
-                                                NEGJAX_PROCESS_ID=i, **env_extra),
-                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True) for i in range(processes)]
+    NEGJAX_PROCESS_ID set and `devices` simulated CPU devices; output (stdout + stderr) is
+    captured as text. The one launcher of every multi-process test."""
+    return start_local_job(argv_for, processes, devices=devices, cwd=REPO, **env_extra)
 
 
 def start_negjax_processes(args_for, processes: int, *, devices: int = 1, prefix=None,

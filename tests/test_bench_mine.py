@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from negjax.bench.mine import synthetic_corpus, synthetic_queries
+from negjax.bench.vectors import synthetic_corpus, synthetic_queries
 from negjax.cli import main
 
 

@@ -179,7 +179,7 @@ def test_breakdown_times_the_loss_training_runs():
     import jax
 
     from helpers import G as G2, make_cfg, make_token_batch, mesh_of, put_batch, put_rows
-    from negjax.bench.step import _pieces
+    from negjax.bench.breakdown import pieces
     from negjax.config import ModelConfig
     from negjax.losses import contrastive_loss_and_metrics
     from negjax.model import load_encoder
@@ -205,7 +205,7 @@ def test_breakdown_times_the_loss_training_runs():
     params = jax.tree.map(np.asarray, state.params["model"])
     q = enc.encode(params, raw["q_tokens"], raw["q_mask"], tower="query")
     d = enc.encode(params, raw["d_tokens"], raw["d_mask"], tower="doc")
-    _, loss, _ = _pieces(enc, cfg, mesh, G2)
+    _, loss, _ = pieces(enc, cfg, mesh, G2)
     q_s, d_s = put_rows(mesh, np.asarray(q), np.asarray(d))
     got, got_metrics, _ = loss(q_s, d_s, {k: batch[k] for k in ("query_pos_ids", "doc_ids")},
                                temperature_of(state.params, cfg), state.bank, state.bank_ids)

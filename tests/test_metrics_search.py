@@ -168,7 +168,7 @@ def test_sharded_candidates_merge_to_the_unsharded_top_k(shards):
 def test_sharded_scann_audit_over_the_whole_corpus(tmp_path):
     """Each shard's audit part (its exact and its ScaNN top-k) merges into recall over the
     whole corpus; heavy tuning (more than half of a shard's leaves) is reported."""
-    from negjax.bench.mine import synthetic_corpus, synthetic_queries
+    from negjax.bench.vectors import synthetic_corpus, synthetic_queries
     from negjax.mining.job import _audit_part, _exact_advice, _merge_audit
     from negjax.search.sharded import shard_bounds
 

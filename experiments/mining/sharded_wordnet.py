@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,12 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from negjax.multihost import free_port  # noqa: E402  (the repository on sys.path first)
 
 
 def subset(out: Path, n_docs: int, n_queries: int) -> tuple[Path, Path]:
@@ -72,7 +66,7 @@ def mine(data: tuple[Path, Path], out: Path, processes: int, *extra: str) -> dic
     corpus, train = data
     env = dict(os.environ, JAX_PLATFORMS="cpu", NEGJAX_PROGRESS="0",
                XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    port = _free_port()
+    port = free_port()
     base = ["/usr/bin/time", "-v", sys.executable, "-m", "negjax", "mine", "--model", "minilm",
             "--corpus", str(corpus), "--train", str(train), "--out", str(out), "--index", "exact",
             "--encode-batch-size", str(256 * processes), *extra]

@@ -66,16 +66,16 @@ from negjax.data.formats import read_training
 from negjax.distributed import barrier
 from negjax.errors import NegjaxError
 from negjax.mining import report as report_mod
+from negjax.mining.block import load_stats, mine_block, save_stats
 from negjax.mining.embeddings import EMBEDDING_DTYPES, encode_chunked, model_identity, params_fingerprint
 from negjax.multihost import Watchdog
-from negjax.mining.filters import (FILTER_ORDER, SAMPLING, FilterSettings, filter_candidates,
-                                   positive_ranks, sample_block, text_groups)
-from negjax.search import (ScannIndex, audit_recall, describe, pair_scores, query_samples,
-                           scann_settings, tunable_settings, tune_search)
+from negjax.mining.filters import FILTER_ORDER, SAMPLING, FilterSettings, text_groups
+from negjax.search import (ScannIndex, audit_recall, describe, query_samples, scann_settings,
+                           tunable_settings, tune_search)
 from negjax.search.tuning import recall_summary
 from negjax.search.sharded import (load_candidates, merge_candidates, merge_ids, save_candidates,
                                    shard_bounds, shard_candidates)
-from negjax.utils import atomic_save_npz, atomic_write_text, log, progress, sha256_file
+from negjax.utils import atomic_write_text, log, progress, sha256_file
 
 WORK = ".work"
 JOB_VERSION = 1
@@ -91,72 +91,6 @@ def _barrier(name: str) -> None:
 
 def _log(msg: str) -> None:
     log(f"[mine] {msg}")
-
-
-# ---------------------------------------------------------------------------------------------
-# One block of queries
-# ---------------------------------------------------------------------------------------------
-
-def _pad_rows(lists, fill=-1) -> np.ndarray:
-    width = max(1, max((len(x) for x in lists), default=0))
-    out = np.full((len(lists), width), fill, np.int64)
-    for i, x in enumerate(lists):
-        out[i, :len(x)] = x
-    return out
-
-
-def mine_block(q_emb, doc_emb, ids, scores, pos_lists, query_index, *, k: int, settings,
-               groups, num_negatives: int, sampling: str, seed: int,
-               edges: np.ndarray) -> tuple[dict, dict]:
-    """Filter and sample the candidates of the queries `q_emb [Q, D]` float32 (global query
-    numbers `query_index [Q]`, positives as corpus rows `pos_lists`): `ids [Q, k]` corpus rows
-    (-1 = none) ordered by their exact `scores` (`negjax.search.sharded.merge_candidates`, the
-    same arithmetic as the positive score, so margins compare like with like). `doc_emb`: the
-    corpus (an array or an `EmbeddingStore`; only the positives' rows are read). Returns
-    (columns of corpus rows, stats for the report)."""
-    pos_rows = _pad_rows(pos_lists)
-    pos_score = pair_scores(q_emb, doc_emb, pos_rows).max(axis=1)
-    pos_score = np.where(np.isfinite(pos_score), pos_score, np.nan).astype(np.float32)
-    ranks = positive_ranks(ids, pos_rows)
-    keep, removed = filter_candidates(ids, scores, pos_rows=pos_rows, pos_scores=pos_score,
-                                      settings=settings, groups=groups)
-    chosen = sample_block(keep, num_negatives, sampling, seed, query_index)
-
-    cols = {"negative_rows": [ids[r][chosen[r]] for r in range(len(ids))],
-            "negative_scores": [scores[r][chosen[r]] for r in range(len(ids))],
-            "negative_ranks": [(np.flatnonzero(chosen[r]) + 1).astype(np.int32)
-                               for r in range(len(ids))],
-            "positive_score": pos_score}
-    valid = ids >= 0
-    n_chosen = chosen.sum(axis=1)
-    has_pos = pos_rows >= 0
-    hist = lambda x: np.histogram(np.clip(x, edges[0], edges[-1]), bins=edges)[0]  # noqa: E731
-    stats = {
-        "queries": len(ids), "candidates": int(valid.sum()),
-        "removed": np.array([int(removed[f].sum()) for f in FILTER_ORDER], np.int64),
-        "passed_filters": int(keep.sum()), "negatives": int(n_chosen.sum()),
-        "queries_short": int((n_chosen < num_negatives).sum()),
-        "queries_without_negatives": int((n_chosen == 0).sum()),
-        "positives": int(has_pos.sum()),
-        "positives_outside_topk": int((has_pos & (ranks == 0)).sum()),
-        "queries_positive_outside_topk": int((has_pos & (ranks == 0)).any(axis=1).sum()),
-        "queries_no_positive_in_topk": int((has_pos.any(axis=1) & ~(ranks > 0).any(axis=1)).sum()),
-        "hist_positive": hist(pos_score[np.isfinite(pos_score)]),
-        "hist_passed": hist(scores[keep]),
-        "hist_negatives": hist(scores[chosen]),
-        "hist_removed": np.stack([hist(scores[removed[f]]) for f in FILTER_ORDER]),
-        "rank_hist": np.bincount(ranks[has_pos], minlength=k + 1)[: k + 1],
-    }
-    return cols, stats
-
-
-def _save_stats(path: Path, stats: dict, edges: np.ndarray) -> None:
-    atomic_save_npz(path, edges=edges, **{key: np.asarray(v) for key, v in stats.items()})
-
-
-def _load_stats(path: Path) -> dict:
-    with np.load(path) as z:
-        return {key: z[key] for key in z.files}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,7 +431,7 @@ def _run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, qu
                                  settings=settings, groups=groups,
                                  num_negatives=mc.negatives_kept, sampling=mc.sampling,
                                  seed=mc.seed, edges=edges)
-        _save_stats(stats_dir / f"shard-{s:05d}.npz", stats, edges)
+        save_stats(stats_dir / f"shard-{s:05d}.npz", stats, edges)
         cid = corpus.ids
         pos_ids = [[cid[r] for r in p] for p in examples.positives[lo:hi]]
         neg_ids = [[cid[r] for r in rows] for rows in cols["negative_rows"]]
@@ -525,7 +459,7 @@ def _run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, qu
         audit = (_merge_audit(cand_dir, pc, k, len(audit_sample)) if mc.index == "scann"
                  else audit_recall(None, None, None, k, audit_sample))
         timings["audit_s"] = time.perf_counter() - t
-        parts = [_load_stats(stats_dir / f"shard-{s:05d}.npz") for s in range(n_shards)]
+        parts = [load_stats(stats_dir / f"shard-{s:05d}.npz") for s in range(n_shards)]
         counts = report_mod.merge_counts(parts)
         index_info = {"type": mc.index, "k": k, "corpus": n_docs, "dim": enc.dim,
                       "embedding_dtype": dtype, "bytes_on_disk": doc_store.bytes_on_disk(),

@@ -1,6 +1,6 @@
 """The mining report: what the job mined, as `report.json` and `report.png`, plus a summary.
 
-Per-shard statistics (from `negjax.mining.job.mine_block`, saved under `OUT/.work/stats/`) are
+Per-shard statistics (from `negjax.mining.block.mine_block`, saved under `OUT/.work/stats/`) are
 merged here: counts, score histograms (fixed bin edges shared by all shards) of positives,
 candidates that passed the filters, negatives written and candidates each filter removed,
 and the histogram of positives' retrieval ranks (bin 0 = outside the top-k).
