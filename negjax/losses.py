@@ -92,15 +92,17 @@ def _guard(q, d, group_size, margin):
     return pos * (1.0 - margin)
 
 
-def _local_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, *, group_size, symmetric,
-                 chunk, with_stats, axis, precision, collective="gather", margin=None):
+def _local_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, spec: "LossSpec", *,
+                 with_stats, axis):
     """Sums over this device's queries. q [b, D], d [b*G, D] (local shards, or the whole batch
     when axis is None), pos_keys [b, P+1] / doc_ids [b*G] int or None, extra [k, D] / extra_ids
-    [k] or None. Returns (fwd_sum, bwd_sum or None, stats or None), unreduced."""
-    if collective == "ring" and axis is not None:
-        return _ring_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids,
-                           group_size=group_size, symmetric=symmetric, chunk=chunk,
-                           with_stats=with_stats, axis=axis, precision=precision, margin=margin)
+    [k] or None; the options from `spec`. Returns (fwd_sum, bwd_sum or None, stats or None),
+    unreduced."""
+    if spec.collective == "ring" and axis is not None:
+        return _ring_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, spec,
+                           with_stats=with_stats, axis=axis)
+    group_size, chunk = spec.group_size, spec.chunk_size
+    precision = PRECISIONS[spec.precision]
     b = q.shape[0]
     if axis is None:
         offset = 0
@@ -116,11 +118,11 @@ def _local_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, *, group_size
         col_keys = _extra_keys(cols.shape[0], col_keys, extra.shape[0],
                                None if extra_ids is None else gather(extra_ids))
         cols = jnp.concatenate([cols, lax.stop_gradient(extra)], axis=0)
-    guard = _guard(q, d, group_size, margin)
+    guard = _guard(q, d, group_size, spec.false_negative_margin)
     fwd, stats = ce(q, cols, scale, qidx * group_size, pos_keys, col_keys, chunk, with_stats,
                     precision, guard)
     bwd = None
-    if symmetric:
+    if spec.symmetric:
         # Positives against all queries; masked where the positive's id is another query's
         # positive id.
         row_keys = None if doc_ids is None else doc_ids[::group_size][:, None]
@@ -130,10 +132,12 @@ def _local_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, *, group_size
     return fwd, bwd, stats
 
 
-def _ring_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, *, group_size, symmetric,
-                chunk, with_stats, axis, precision, margin=None):
+def _ring_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, spec: "LossSpec", *,
+                with_stats, axis):
     """`_local_terms` with the columns passed around the ring instead of gathered: the same
     columns (documents, then the memory bank's), ids, masks and targets."""
+    group_size, chunk = spec.group_size, spec.chunk_size
+    precision = PRECISIONS[spec.precision]
     b = q.shape[0]
     offset = lax.axis_index(axis) * b
     qidx = offset + jnp.arange(b)
@@ -143,11 +147,11 @@ def _ring_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, *, group_size,
         col_keys = _extra_keys(cols.shape[0], col_keys, extra.shape[0], extra_ids)
         cols = jnp.concatenate([cols, lax.stop_gradient(extra)], axis=0)
         col_ids = jnp.concatenate([col_ids, jnp.full((extra.shape[0],), -1, col_ids.dtype)])
-    guard = _guard(q, d, group_size, margin)
+    guard = _guard(q, d, group_size, spec.false_negative_margin)
     fwd, stats = ring_ce(q, cols, scale, qidx * group_size, pos_keys, col_keys, col_ids, chunk,
                          with_stats, axis, precision, guard)
     bwd = None
-    if symmetric:
+    if spec.symmetric:
         row_keys = None if doc_ids is None else doc_ids[::group_size][:, None]
         bwd, _ = ring_ce(d[::group_size], q, scale, qidx, row_keys, pos_keys, qidx, chunk, False,
                          axis, precision, guard)
@@ -210,19 +214,16 @@ def _contrastive(q, d, spec: "LossSpec", *, temperature, query_pos_ids, doc_ids,
             pos_keys = jnp.concatenate([query_pos_ids, pos_keys], axis=1)
 
     axes, n, manual, explicit = _data_axis()
-    kw = dict(group_size=group_size, symmetric=spec.symmetric, chunk=spec.chunk_size,
-              with_stats=with_stats, collective=spec.collective,
-              precision=PRECISIONS[spec.precision], margin=spec.false_negative_margin)
     args = (q, d, scale, pos_keys, doc_ids, extra, extra_ids)
     # One device without a manual axis: no collective. (A 1-device Explicit mesh still goes
     # through shard_map: outside it, its arrays' shardings clash in the matmul.)
     if n == 1 and not manual and not explicit:
-        fwd, bwd, stats = _local_terms(*args, axis=None, **kw)
+        fwd, bwd, stats = _local_terms(*args, spec, axis=None, with_stats=with_stats)
         global_b = q.shape[0]
     else:
         def body(q, d, scale, pos_keys, doc_ids, extra, extra_ids):
             fwd, bwd, stats = _local_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids,
-                                           axis=axes, **kw)
+                                           spec, axis=axes, with_stats=with_stats)
             return lax.psum((fwd, bwd, stats), axes)
 
         if manual:  # already inside a shard_map over 'data': arguments are local shards

@@ -154,7 +154,7 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-9):
 # `negjax train` through the CLI on a small data slice (the `small_data` fixture)
 # ---------------------------------------------------------------------------------------------
 
-TRAIN_CONFIG = """
+TINY_MODEL = """
 [model]
 name = "tiny"
 hidden_size = 32
@@ -164,7 +164,9 @@ intermediate_size = 64
 query_max_len = 16
 doc_max_len = 32
 dropout = 0.1
+"""
 
+TRAIN_CONFIG = TINY_MODEL + """
 [data]
 dataset = "{data}"
 cache_dir = "{cache}"

@@ -12,19 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import REPO, start_negjax_processes, start_processes, subprocess_env, wait_all
+from helpers import REPO, TINY_MODEL, start_negjax_processes, start_processes, subprocess_env, wait_all
 
-CONFIG = """
-[model]
-name = "tiny"
-hidden_size = 32
-num_layers = 1
-num_heads = 2
-intermediate_size = 64
-query_max_len = 16
-doc_max_len = 32
-dropout = 0.1
-
+CONFIG = TINY_MODEL + """
 [data]
 dataset = "{data}"
 cache_dir = "{cache}"

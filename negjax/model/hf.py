@@ -6,7 +6,8 @@ pickled .bin files are refused), and the sentence-transformers settings when pre
 Export writes a directory that `transformers.AutoModel` and
 `sentence_transformers.SentenceTransformer` both load.
 
-Key map (HF `BertModel` name -> Flax path; dense weights are transposed [out, in] -> [in, out]):
+Key map (each family's `hf_key_map`; for BERT, `bert.hf_key_map`: HF `BertModel` name -> Flax
+path; dense weights are transposed [out, in] -> [in, out]):
 
     embeddings.{word,position,token_type}_embeddings.weight -> embeddings/<same>/embedding
     embeddings.LayerNorm.{weight,bias}                      -> embeddings/LayerNorm/{scale,bias}
@@ -35,7 +36,7 @@ import numpy as np
 
 from negjax.errors import NegjaxError, file_error
 from negjax.model.bert import MODEL_TYPES, BertConfig
-from negjax.model import modernbert, qwen3
+from negjax.model import bert, modernbert, qwen3
 from negjax.model.st_settings import read_json, read_st_prompts, read_st_settings, transformer_dir
 from negjax.model.modernbert import MODERNBERT_TYPES, ModernBertConfig
 from negjax.model.qwen3 import QWEN_TYPES, Qwen3Config
@@ -87,64 +88,17 @@ def read_config(model_dir: Path) -> BertConfig:
         raise file_error(path, None, f"unknown architecture (model_type={model_type!r}, "
                          f"architectures={arch!r}); negjax loads model_type "
                          f"{', '.join(repr(t) for t in MODEL_TYPES + QWEN_TYPES + MODERNBERT_TYPES)}")
-    if raw.get("position_embedding_type", "absolute") != "absolute":
-        raise file_error(path, None, f"unsupported position_embedding_type "
-                         f"{raw['position_embedding_type']!r} (only 'absolute')")
-    if raw.get("is_decoder") or raw.get("add_cross_attention"):
-        raise file_error(path, None, "decoder / cross-attention BERT configs are not supported")
-    # Missing keys take transformers' BertConfig / RobertaConfig defaults, as AutoModel would.
-    get = raw.get
-    default_pad = 0 if model_type == "bert" else 1
-    try:
-        return BertConfig(
-            vocab_size=int(get("vocab_size", 30522)),
-            hidden_size=int(get("hidden_size", 768)),
-            num_layers=int(get("num_hidden_layers", 12)),
-            num_heads=int(get("num_attention_heads", 12)),
-            intermediate_size=int(get("intermediate_size", 3072)),
-            max_position_embeddings=int(get("max_position_embeddings", 512)),
-            type_vocab_size=int(get("type_vocab_size", 2)),
-            layer_norm_eps=float(get("layer_norm_eps", 1e-12)),
-            hidden_act=str(get("hidden_act", "gelu")),
-            hidden_dropout=float(get("hidden_dropout_prob", 0.1)),
-            attention_dropout=float(get("attention_probs_dropout_prob", 0.1)),
-            pad_token_id=int(default_pad if get("pad_token_id") is None else get("pad_token_id")),
-            initializer_range=float(get("initializer_range", 0.02)),
-            model_type=model_type,
-        )
-    except NegjaxError as e:
-        raise file_error(path, None, str(e)) from None
-    except (TypeError, ValueError) as e:
-        raise file_error(path, None, f"bad value: {e}") from None
+    return bert.from_hf_config(path, raw)
 
 
 def config_json(cfg: BertConfig) -> dict:
-    """BertConfig -> a config.json that transformers' AutoConfig reads as a BertModel
-    (RobertaModel, XLMRobertaModel)."""
+    """The config.json of `cfg` that transformers' AutoConfig reads as the family's model
+    (each family's `to_hf_config`)."""
     if isinstance(cfg, Qwen3Config):
         return qwen3.to_hf_config(cfg)
     if isinstance(cfg, ModernBertConfig):
         return modernbert.to_hf_config(cfg)
-    arch = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}
-    return {
-        "architectures": [arch[cfg.model_type]],
-        "model_type": cfg.model_type,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "intermediate_size": cfg.intermediate_size,
-        "hidden_act": cfg.hidden_act,
-        "hidden_dropout_prob": cfg.hidden_dropout,
-        "attention_probs_dropout_prob": cfg.attention_dropout,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "type_vocab_size": cfg.type_vocab_size,
-        "initializer_range": cfg.initializer_range,
-        "layer_norm_eps": cfg.layer_norm_eps,
-        "pad_token_id": cfg.pad_token_id,
-        "position_embedding_type": "absolute",
-        "torch_dtype": "float32",
-    }
+    return bert.to_hf_config(cfg)
 
 
 # ---------------------------------------------------------------------------------- key map
@@ -155,36 +109,7 @@ def key_map(cfg: BertConfig) -> list[tuple[str, tuple[str, ...], tuple[int, ...]
         return qwen3.hf_key_map(cfg)
     if isinstance(cfg, ModernBertConfig):
         return modernbert.hf_key_map(cfg)
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    rows = [
-        ("embeddings.word_embeddings.weight", ("embeddings", "word_embeddings", "embedding"),
-         (cfg.vocab_size, h), False),
-        ("embeddings.position_embeddings.weight", ("embeddings", "position_embeddings", "embedding"),
-         (cfg.max_position_embeddings, h), False),
-        ("embeddings.token_type_embeddings.weight", ("embeddings", "token_type_embeddings", "embedding"),
-         (cfg.type_vocab_size, h), False),
-        ("embeddings.LayerNorm.weight", ("embeddings", "LayerNorm", "scale"), (h,), False),
-        ("embeddings.LayerNorm.bias", ("embeddings", "LayerNorm", "bias"), (h,), False),
-    ]
-
-    def dense(hf, path, n_out, n_in):
-        rows.append((f"{hf}.weight", path + ("kernel",), (n_out, n_in), True))
-        rows.append((f"{hf}.bias", path + ("bias",), (n_out,), False))
-
-    def norm(hf, path):
-        rows.append((f"{hf}.weight", path + ("scale",), (h,), False))
-        rows.append((f"{hf}.bias", path + ("bias",), (h,), False))
-
-    for n in range(cfg.num_layers):
-        hf, fl = f"encoder.layer.{n}", f"layer_{n}"
-        for proj in ("query", "key", "value"):
-            dense(f"{hf}.attention.self.{proj}", (fl, "attention", proj), h, h)
-        dense(f"{hf}.attention.output.dense", (fl, "attention_output"), h, h)
-        norm(f"{hf}.attention.output.LayerNorm", (fl, "attention_LayerNorm"))
-        dense(f"{hf}.intermediate.dense", (fl, "intermediate"), i, h)
-        dense(f"{hf}.output.dense", (fl, "output"), h, i)
-        norm(f"{hf}.output.LayerNorm", (fl, "output_LayerNorm"))
-    return rows
+    return bert.hf_key_map(cfg)
 
 
 def _canonical(key: str) -> str:
