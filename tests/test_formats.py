@@ -186,7 +186,7 @@ MALFORMED = [
      _train, "train.jsonl", 1, "'query' (query text) is empty"),
     ("train duplicate query id", {"corpus.jsonl": GOOD_C, "train.jsonl": jsonl(
         {"id": "a", "query": "q", "pos": ["d1"]}, {"id": "b", "query": "q", "pos": ["d1"]}, {"id": "a", "query": "r", "pos": ["d2"]})},
-     _train, "train.jsonl", 3, "duplicate query id 'a' (first on line 1)"),
+     _train, "train.jsonl", 3, "duplicate query id 'a' (first at line 1)"),
     ("inline negative equals positive", {"train.jsonl": jsonl(
         {"query": "q", "pos": ["Cats purr."], "neg": ["cats  PURR."]})},
      _inline, "train.jsonl", 1, "negative text equals a positive"),
@@ -199,7 +199,7 @@ MALFORMED = [
      _inline, "train.jsonl", 2, "docid"),
     ("tevatron docid with two texts", {"train.jsonl": jsonl(TEV_OK, {"query_id": "2", "query": "q",
                                                                      "positive_passages": [{"docid": "a", "text": "B."}]})},
-     _inline, "train.jsonl", 2, "different text than on line 1"),
+     _inline, "train.jsonl", 2, "different text than at line 1"),
     ("tevatron duplicate query_id", {"train.jsonl": jsonl(TEV_OK, TEV_OK)},
      _inline, "train.jsonl", 2, "duplicate query_id '1'"),
     ("tevatron negative is positive", {"train.jsonl": jsonl(

@@ -25,12 +25,13 @@ def add_parser(sub):
     ex.add_argument("dataset", metavar="DATASET", help=f"one of: {', '.join(DATASETS)}")
     ex.add_argument("dir", metavar="DIR", help="output directory (created if needed)")
     st = dsub.add_parser("stats", help="counts and length percentiles of a dataset directory")
-    st.add_argument("dir", metavar="DIR", help="directory with corpus.jsonl, train.jsonl, "
-                    "*queries.jsonl, *qrels.tsv (or qrels/*.tsv)")
+    st.add_argument("dir", metavar="DIR", help="directory with corpus, train, *queries (each "
+                    "JSONL, Parquet, Arrow or TSV), *qrels.tsv (or qrels/*.tsv)")
     st.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     va = dsub.add_parser("validate", help="check a corpus + training file (+ qrels) and print stats")
-    va.add_argument("--corpus", required=True, help="corpus JSONL")
-    va.add_argument("--train", required=True, help="training JSONL")
+    va.add_argument("--corpus", help="corpus: JSONL(.gz), Parquet, Arrow or TSV (omit when the "
+                    "training data carries texts)")
+    va.add_argument("--train", required=True, help="training data: JSONL(.gz), Parquet or Arrow")
     va.add_argument("--qrels", help="qrels TSV (optional)")
     return p
 
@@ -86,44 +87,60 @@ def _summary(arr) -> dict:
     return out
 
 
+def _stem(name: str) -> str:
+    from negjax.data.layout import INPUT_SUFFIXES
+
+    for suffix in sorted(INPUT_SUFFIXES, key=len, reverse=True):
+        if suffix and name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def dataset_stats(directory) -> dict:
-    """Counts and length statistics of the recognised files in `directory`: corpus.jsonl,
-    train.jsonl, *queries.jsonl, *qrels.tsv and qrels/*.tsv (BEIR layout). Files are read (and
-    so checked) by negjax.data.formats: qrels ids must exist in the corpus and in the matching
-    queries file (X_qrels.tsv <-> X_queries.jsonl, qrels/*.tsv <-> queries.jsonl).
-    Document lengths are of the text a model embeds ("title text" when there is a title)."""
+    """Counts and length statistics of the recognised files in `directory`: the corpus, the
+    training data, *queries and *qrels.tsv / qrels/*.tsv (BEIR layout), each input in any
+    format (`negjax.data.layout.find_input`: corpus.jsonl, corpus.parquet, corpus.tsv, a
+    corpus/ directory of Parquet or Arrow files, ...). Files are read (and so checked) by
+    negjax.data.formats: qrels ids must exist in the corpus and in the matching queries file
+    (X_qrels.tsv <-> X_queries.*, qrels/*.tsv <-> queries.*). Document lengths are of the
+    text a model embeds ("title text" when there is a title)."""
     from negjax.data import formats
+    from negjax.data.layout import find_input
 
     d = Path(directory)
     if not d.is_dir():
         raise NegjaxError(f"{d}: not a directory")
     stats: dict = {"dir": str(d), "files": {}, "lengths": {}}
     corpus = None
-    if (d / "corpus.jsonl").is_file():
-        corpus = formats.read_corpus(d / "corpus.jsonl")
-        stats["files"]["corpus.jsonl"] = {"documents": len(corpus),
-                                          "with_title": sum(bool(t) for t in corpus.titles)}
+    corpus_path = find_input(d, "corpus.jsonl")
+    if corpus_path is not None:
+        corpus = formats.read_corpus(corpus_path)
+        stats["files"][corpus_path.name] = {"documents": len(corpus),
+                                            "with_title": sum(bool(t) for t in corpus.titles)}
         stats["lengths"]["documents"] = _lengths(corpus.texts)
-    if (d / "train.jsonl").is_file():
-        _, train = formats.read_training(d / "train.jsonl", corpus)
-        stats["files"]["train.jsonl"] = {"queries": len(train),
-                                         "positives": sum(map(len, train.positives)),
-                                         "negatives": sum(map(len, train.negatives))}
+    train_path = find_input(d, "train.jsonl")
+    if train_path is not None:
+        corpus_or_none = corpus if formats.detect_train_format(train_path) in (
+            "pairs", "tevatron", "tevatron-ids") else None
+        _, train = formats.read_training(train_path, corpus_or_none)
+        stats["files"][train_path.name] = {"queries": len(train),
+                                           "positives": sum(map(len, train.positives)),
+                                           "negatives": sum(map(len, train.negatives))}
         stats["lengths"]["train queries"] = _lengths(train.queries)
     queries = {}
-    for qpath in sorted(d.glob("*queries.jsonl")):
-        queries[qpath.name] = q = formats.read_queries(qpath)
+    for qpath in sorted(p for p in d.iterdir() if _stem(p.name).endswith("queries")):
+        queries[_stem(qpath.name)] = q = formats.read_queries(qpath)
         stats["files"][qpath.name] = {"queries": len(q)}
-        label = qpath.name[: -len("queries.jsonl")].strip("_") or "eval"
+        label = _stem(qpath.name)[: -len("queries")].strip("_") or "eval"
         stats["lengths"][f"{label} queries"] = _lengths(q.texts)
     for rpath in sorted(d.glob("*qrels.tsv")) + sorted(d.glob("qrels/*.tsv")):
-        partner = (rpath.name[: -len("qrels.tsv")] + "queries.jsonl") if rpath.parent == d else "queries.jsonl"
+        partner = (rpath.name[: -len("qrels.tsv")] + "queries") if rpath.parent == d else "queries"
         known = queries[partner].ids if partner in queries else None
         qrels = formats.read_qrels(rpath, corpus=corpus, query_ids=known)
         stats["files"][rpath.relative_to(d).as_posix()] = {
             "judgements": sum(map(len, qrels.values())), "queries": len(qrels)}
     if not stats["files"]:
-        raise NegjaxError(f"{d}: no corpus.jsonl, train.jsonl, *queries.jsonl or *qrels.tsv found")
+        raise NegjaxError(f"{d}: no corpus, train, *queries or *qrels.tsv input found")
     return stats
 
 

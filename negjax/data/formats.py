@@ -14,16 +14,18 @@ training batches carry.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
-from negjax.errors import NegjaxError, file_error
+from negjax.data.records import (decode_line, iter_jsonl, iter_records, open_lines, place,
+                                  record_error)
+from negjax.errors import NegjaxError
 
+DOC_ID_KEYS = ("_id", "id", "docid", "doc_id")
+QUERY_ID_KEYS = ("_id", "id", "query_id", "qid")
+QUERY_TEXT_KEYS = ("text", "query", "query_text")
 QRELS_HEADERS = ({"query-id", "corpus-id", "score"}, {"query_id", "corpus_id", "score"},
                  {"qid", "docid", "score"}, {"query-id", "doc-id", "score"})
 
@@ -126,77 +128,48 @@ def text_id(text: str) -> str:
     return "h" + hashlib.blake2b(normalize_text(text).encode("utf-8"), digest_size=8).hexdigest()
 
 
-def _open_lines(path: Path):
-    if not path.is_file():
-        raise NegjaxError(f"{path}: file not found")
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-
-
-def _decode(path: Path, lineno: int, raw: bytes) -> str:
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise file_error(path, lineno, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    return line.lstrip("\ufeff") if lineno == 1 else line
-
-
-def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; anything but a JSON object is an error."""
-    path = Path(path)
-    with _open_lines(path) as fh:
-        for lineno, raw in enumerate(fh, 1):
-            line = _decode(path, lineno, raw)
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise file_error(path, lineno, f"invalid JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise file_error(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
-
-
 def _id(obj: dict, keys: tuple[str, ...], path, line, what: str) -> str:
     """An id field (string or integer) under the first present key of `keys`."""
     for key in keys:
         if key in obj:
             v = obj[key]
             if isinstance(v, bool) or not isinstance(v, (str, int)):
-                raise file_error(path, line, f"field {key!r} ({what}) must be a string or an "
+                raise record_error(path, line, f"field {key!r} ({what}) must be a string or an "
                                  f"integer, got {type(v).__name__}")
             v = str(v)
             if not v.strip():
-                raise file_error(path, line, f"field {key!r} ({what}) is empty")
+                raise record_error(path, line, f"field {key!r} ({what}) is empty")
             return v
-    raise file_error(path, line, f"missing field {' or '.join(repr(k) for k in keys)} ({what})")
+    raise record_error(path, line, f"missing field {' or '.join(repr(k) for k in keys)} ({what})")
 
 
 def _text(obj: dict, key: str, path, line, *, required=True, what="text") -> str:
     if key not in obj:
         if required:
-            raise file_error(path, line, f"missing field {key!r} ({what})")
+            raise record_error(path, line, f"missing field {key!r} ({what})")
         return ""
     v = obj[key]
-    if v is None and not required:
+    if v is None:  # a null cell of a Parquet / Arrow column
+        if required:
+            raise record_error(path, line, f"field {key!r} ({what}) is null")
         return ""
     if not isinstance(v, str):
-        raise file_error(path, line, f"field {key!r} must be a string, got {type(v).__name__}")
+        raise record_error(path, line, f"field {key!r} must be a string, got {type(v).__name__}")
     if required and not v.strip():
-        raise file_error(path, line, f"field {key!r} ({what}) is empty")
+        raise record_error(path, line, f"field {key!r} ({what}) is empty")
     return v
 
 
 def _list(obj: dict, key: str, path, line, *, required: bool) -> list:
     if key not in obj or obj[key] is None:
         if required:
-            raise file_error(path, line, f"missing field {key!r}")
+            raise record_error(path, line, f"missing field {key!r}")
         return []
     v = obj[key]
     if not isinstance(v, list):
-        raise file_error(path, line, f"field {key!r} must be a list, got {type(v).__name__}")
+        raise record_error(path, line, f"field {key!r} must be a list, got {type(v).__name__}")
     if required and not v:
-        raise file_error(path, line, f"field {key!r} is an empty list (every query needs a positive)")
+        raise record_error(path, line, f"field {key!r} is an empty list (every query needs a positive)")
     return v
 
 
@@ -217,12 +190,12 @@ def read_corpus(path) -> Corpus:
     path = Path(path)
     ids, texts, titles, index = [], [], [], {}
     first_line: dict[str, int] = {}
-    for line, obj in iter_jsonl(path):
-        doc_id = _id(obj, ("_id", "id"), path, line, "document id")
+    for line, obj in iter_records(path):
+        doc_id = _id(obj, DOC_ID_KEYS, path, line, "document id")
         text = _text(obj, "text", path, line, what="document text")
         title = _text(obj, "title", path, line, required=False)
         if doc_id in index:
-            raise file_error(path, line, f"duplicate document id {doc_id!r} (first on line "
+            raise record_error(path, line, f"duplicate document id {doc_id!r} (first at "
                              f"{first_line[doc_id]})")
         index[doc_id] = len(ids)
         first_line[doc_id] = line
@@ -238,11 +211,12 @@ def read_queries(path) -> Queries:
     """Queries JSONL: {"id" | "_id": str|int, "text": str (non-empty)}."""
     path = Path(path)
     ids, texts, seen = [], [], {}
-    for line, obj in iter_jsonl(path):
-        qid = _id(obj, ("_id", "id"), path, line, "query id")
-        text = _text(obj, "text", path, line, what="query text")
+    for line, obj in iter_records(path):
+        qid = _id(obj, QUERY_ID_KEYS, path, line, "query id")
+        text = _text(obj, next((k for k in QUERY_TEXT_KEYS if k in obj), "text"), path, line,
+                     what="query text")
         if qid in seen:
-            raise file_error(path, line, f"duplicate query id {qid!r} (first on line {seen[qid]})")
+            raise record_error(path, line, f"duplicate query id {qid!r} (first at {seen[qid]})")
         seen[qid] = line
         ids.append(qid)
         texts.append(text)
@@ -264,9 +238,9 @@ def read_teacher_scores(path) -> dict[tuple[str, str], float]:
 
     def add(qid, did, score, lineno):
         if isinstance(score, bool) or not isinstance(score, (int, float)) or score != score:
-            raise file_error(path, lineno, f"score must be a number, got {score!r}")
+            raise record_error(path, lineno, f"score must be a number, got {score!r}")
         if (qid, did) in first:
-            raise file_error(path, lineno, f"pair ({qid!r}, {did!r}) given twice (first on line "
+            raise record_error(path, lineno, f"pair ({qid!r}, {did!r}) given twice (first on line "
                              f"{first[(qid, did)]})")
         first[(qid, did)] = lineno
         out[(qid, did)] = float(score)
@@ -276,24 +250,24 @@ def read_teacher_scores(path) -> dict[tuple[str, str], float]:
             qid = obj.get("query_id", obj.get("qid"))
             did = obj.get("doc_id", obj.get("corpus_id", obj.get("docid")))
             if not isinstance(qid, (str, int)) or not isinstance(did, (str, int)):
-                raise file_error(path, lineno, 'expected {"query_id", "doc_id", "score"}')
+                raise record_error(path, lineno, 'expected {"query_id", "doc_id", "score"}')
             add(str(qid), str(did), obj.get("score"), lineno)
     else:
-        with _open_lines(path) as fh:
+        with open_lines(path) as fh:
             for lineno, raw in enumerate(fh, 1):
-                line = _decode(path, lineno, raw).rstrip("\r\n")
+                line = decode_line(path, lineno, raw).rstrip("\r\n")
                 if not line.strip():
                     continue
                 parts = [p.strip() for p in (line.split("\t") if "\t" in line else line.split())]
                 if len(parts) != 3:
-                    raise file_error(path, lineno, f"expected 3 tab-separated columns "
+                    raise record_error(path, lineno, f"expected 3 tab-separated columns "
                                      f"(query-id, doc-id, score), got {len(parts)}")
                 try:
                     score = float(parts[2])
                 except ValueError:
                     if lineno == 1:  # a header
                         continue
-                    raise file_error(path, lineno, f"score {parts[2]!r} is not a number") from None
+                    raise record_error(path, lineno, f"score {parts[2]!r} is not a number") from None
                 add(parts[0], parts[1], score, lineno)
     if not out:
         raise NegjaxError(f"{path}: no teacher scores")
@@ -312,9 +286,9 @@ def read_qrels(path, *, corpus: Corpus | None = None,
     qrels: dict[str, dict[str, int]] = {}
     first_line: dict[tuple[str, str], int] = {}
     known_q = set(query_ids) if query_ids is not None else None
-    with _open_lines(path) as fh:
+    with open_lines(path) as fh:
         for lineno, raw in enumerate(fh, 1):
-            line = _decode(path, lineno, raw).rstrip("\r\n")
+            line = decode_line(path, lineno, raw).rstrip("\r\n")
             if not line.strip():
                 continue
             parts = line.split("\t") if "\t" in line else line.split()
@@ -323,21 +297,21 @@ def read_qrels(path, *, corpus: Corpus | None = None,
             if len(parts) == 4:
                 parts = [parts[0], parts[2], parts[3]]
             if len(parts) != 3:
-                raise file_error(path, lineno, f"expected 3 tab-separated columns "
+                raise record_error(path, lineno, f"expected 3 tab-separated columns "
                                  f"(query-id, corpus-id, score), got {len(parts)}")
             qid, did, score_s = (p.strip() for p in parts)
             if not qid or not did:
-                raise file_error(path, lineno, "empty query id or corpus id")
+                raise record_error(path, lineno, "empty query id or corpus id")
             try:
                 score = int(score_s)
             except ValueError:
-                raise file_error(path, lineno, f"score {score_s!r} is not an integer") from None
+                raise record_error(path, lineno, f"score {score_s!r} is not an integer") from None
             if known_q is not None and qid not in known_q:
-                raise file_error(path, lineno, f"unknown query id {qid!r}")
+                raise record_error(path, lineno, f"unknown query id {qid!r}")
             if corpus is not None and did not in corpus.index:
-                raise file_error(path, lineno, f"unknown corpus id {did!r} (not in {corpus.path})")
+                raise record_error(path, lineno, f"unknown corpus id {did!r} (not in {corpus.path})")
             if (qid, did) in first_line:
-                raise file_error(path, lineno, f"duplicate pair ({qid!r}, {did!r}) (first on line "
+                raise record_error(path, lineno, f"duplicate pair ({qid!r}, {did!r}) (first on line "
                                  f"{first_line[qid, did]})")
             first_line[qid, did] = lineno
             qrels.setdefault(qid, {})[did] = score
@@ -351,20 +325,54 @@ def read_qrels(path, *, corpus: Corpus | None = None,
 # ---------------------------------------------------------------------------------------------
 
 def detect_train_format(path) -> str:
-    """'pairs' ({"query", "pos"}), 'tevatron' ({"query_id", "positive_passages"}) or
-    'queries' (BEIR queries.jsonl; positives come from qrels), from the first record."""
+    """The training format from the first record's fields (any input file format):
+    'pairs' (FlagEmbedding {"query", "pos", "neg"?, "pos_scores"?, "neg_scores"?}; pos/neg are
+    texts, or corpus ids when a corpus is given), 'sentence-transformers' ({"anchor",
+    "positive", "negative" | "negative_1".."negative_n"?}), 'tevatron' ({"query_id", "query",
+    "positive_passages", "negative_passages"?}), 'tevatron-ids' (Tevatron's newer {"query_id",
+    "query_text", "positive_document_ids", "negative_document_ids"?} with a corpus) or
+    'queries' (BEIR queries; positives come from qrels)."""
     path = Path(path)
-    for line, obj in iter_jsonl(path):
+    for line, obj in iter_records(path):
         if "positive_passages" in obj:
             return "tevatron"
+        if "positive_document_ids" in obj:
+            return "tevatron-ids"
+        if "anchor" in obj:
+            return "sentence-transformers"
         if "pos" in obj or "query" in obj:
             return "pairs"
-        if "text" in obj and ("_id" in obj or "id" in obj):
+        if "text" in obj and any(k in obj for k in QUERY_ID_KEYS):
             return "queries"
-        raise file_error(path, line, "unknown training format: expected {\"query\", \"pos\", "
-                         "\"neg\"?} pairs, Tevatron {\"query_id\", \"query\", \"positive_passages\"}"
-                         " or BEIR queries {\"_id\", \"text\"} with qrels")
+        raise record_error(path, line, "unknown training format: expected FlagEmbedding "
+                           "{\"query\", \"pos\", \"neg\"?}, sentence-transformers {\"anchor\", "
+                           "\"positive\", \"negative\"?}, Tevatron {\"query_id\", \"query\", "
+                           "\"positive_passages\"} or {\"query_id\", \"query_text\", "
+                           "\"positive_document_ids\"}, or BEIR queries {\"_id\", \"text\"} with qrels; "
+                           f"got fields {sorted(obj)}")
     raise NegjaxError(f"{path}: no training examples")
+
+
+def _from_sentence_transformers(obj: dict) -> dict:
+    """{"anchor", "positive", "negative" | "negative_1".."negative_n"} -> pairs fields."""
+    out = {"query": obj.get("anchor"), "pos": [obj.get("positive")]}
+    if "id" in obj:
+        out["id"] = obj["id"]
+    negs = [obj["negative"]] if obj.get("negative") is not None else []
+    j = 1
+    while f"negative_{j}" in obj:
+        if obj[f"negative_{j}"] is not None:
+            negs.append(obj[f"negative_{j}"])
+        j += 1
+    out["neg"] = negs
+    return out
+
+
+def _from_tevatron_ids(obj: dict) -> dict:
+    """Tevatron's {"query_id", "query_text", "positive_document_ids", "negative_document_ids"}
+    -> pairs fields (entries are corpus ids)."""
+    return {"query_id": obj.get("query_id"), "query": obj.get("query_text"),
+            "pos": obj.get("positive_document_ids"), "neg": obj.get("negative_document_ids")}
 
 
 def read_training(path, corpus: Corpus | str | Path | None = None, *, qrels=None,
@@ -388,51 +396,64 @@ def read_training(path, corpus: Corpus | str | Path | None = None, *, qrels=None
         return corpus, _read_beir(path, corpus, Path(qrels))
     if fmt == "tevatron":
         return _read_tevatron(path, corpus)
+    if fmt == "tevatron-ids":
+        if corpus is None:
+            raise NegjaxError(f"{path}: Tevatron positive_document_ids need the corpus "
+                              "(data.corpus / --corpus)")
+        return corpus, _read_pairs_ids(path, corpus, _from_tevatron_ids, fmt)
+    if fmt == "sentence-transformers":
+        if corpus is not None:
+            raise NegjaxError(f"{path}: sentence-transformers columns carry texts, not corpus "
+                              "ids; train without a corpus (the texts form it)")
+        return _read_pairs_texts(path, _from_sentence_transformers)
     if fmt == "pairs":
         return (corpus, _read_pairs_ids(path, corpus)) if corpus is not None else _read_pairs_texts(path)
-    raise NegjaxError(f"unknown training format {fmt!r} (auto, pairs, tevatron, queries)")
+    raise NegjaxError(f"unknown training format {fmt!r} (auto, pairs, sentence-transformers, "
+                      "tevatron, tevatron-ids, queries)")
 
 
 def _query_id(obj, path, line, seen: dict) -> str:
     qid = _id(obj, ("id", "_id", "query_id"), path, line, "query id") if any(
-        k in obj for k in ("id", "_id", "query_id")) else f"#{line}"
+        k in obj for k in ("id", "_id", "query_id")) else f"#{int(line)}"
     if qid in seen:
-        raise file_error(path, line, f"duplicate query id {qid!r} (first on line {seen[qid]})")
+        raise record_error(path, line, f"duplicate query id {qid!r} (first at {seen[qid]})")
     seen[qid] = line
     return qid
 
 
-def _read_pairs(path: Path, fmt: str, doc_row, clash) -> TrainExamples:
+def _read_pairs(path: Path, fmt: str, doc_row, clash, convert=None) -> TrainExamples:
     """The records of a pairs JSONL ({"query", "pos", "neg"?, "id"?}), pos/neg entries mapped
     to corpus rows by `doc_row(entry, key, j, line)`; `clash(rows)` is the error when a
     negative is also a positive."""
     ex = TrainExamples.empty(path, fmt)
     seen: dict[str, int] = {}
-    for line, obj in iter_jsonl(path):
+    for line, obj in iter_records(path):
+        if convert is not None:
+            obj = convert(obj)
         qid = _query_id(obj, path, line, seen)
         query = _text(obj, "query", path, line, what="query text")
         pos, neg = _pos_neg(obj, doc_row, "pos", "neg", path, line)
         if set(pos) & set(neg):
-            raise file_error(path, line, clash(set(pos) & set(neg)))
+            raise record_error(path, line, clash(set(pos) & set(neg)))
         ex.add(qid, query, pos, neg, line, _teacher(obj, doc_row, path, line))
     if not ex.query_ids:
         raise NegjaxError(f"{path}: no training examples")
     return ex
 
 
-def _read_pairs_ids(path: Path, corpus: Corpus) -> TrainExamples:
+def _read_pairs_ids(path: Path, corpus: Corpus, convert=None, fmt="pairs") -> TrainExamples:
     def doc_row(d, key, j, line) -> int:
         if isinstance(d, bool) or not isinstance(d, (str, int)):
-            raise file_error(path, line, f"{key}[{j}] must be a corpus id (string), got "
+            raise record_error(path, line, f"{key}[{j}] must be a corpus id (string), got "
                              f"{type(d).__name__}")
         r = corpus.index.get(str(d))
         if r is None:
-            raise file_error(path, line, f"{key}[{j}]: unknown corpus id {str(d)!r} "
+            raise record_error(path, line, f"{key}[{j}]: unknown corpus id {str(d)!r} "
                              f"(not in {corpus.path or 'the corpus'})")
         return r
 
-    return _read_pairs(path, "pairs", doc_row, lambda rows: f"negative {corpus.ids[min(rows)]!r} "
-                       "is also a positive of this query")
+    return _read_pairs(path, fmt, doc_row, lambda rows: f"negative {corpus.ids[min(rows)]!r} "
+                       "is also a positive of this query", convert)
 
 
 def _pos_neg(obj, doc_row, pos_key: str, neg_key: str, path, line) -> tuple[list, list]:
@@ -455,11 +476,11 @@ def _teacher(obj, doc_row, path, line) -> dict:
         entries = _list(obj, key, path, line, required=False)
         scores = _list(obj, scores_key, path, line, required=False)
         if len(scores) != len(entries):
-            raise file_error(path, line, f"{scores_key!r} has {len(scores)} numbers for "
+            raise record_error(path, line, f"{scores_key!r} has {len(scores)} numbers for "
                              f"{len(entries)} {key!r} entries")
         for j, (entry, score) in enumerate(zip(entries, scores)):
             if isinstance(score, bool) or not isinstance(score, (int, float)) or score != score:
-                raise file_error(path, line, f"{scores_key}[{j}] must be a number, got {score!r}")
+                raise record_error(path, line, f"{scores_key}[{j}] must be a number, got {score!r}")
             out[doc_row(entry, key, j, line)] = float(score)
     return out
 
@@ -467,10 +488,10 @@ def _teacher(obj, doc_row, path, line) -> dict:
 def _expect(value, typ, path, line, what: str, hint: str = "") -> None:
     """Raise naming file:line unless `value` is a `typ` (`what` says what was expected)."""
     if not isinstance(value, typ):
-        raise file_error(path, line, f"{what}, got {type(value).__name__}{hint}")
+        raise record_error(path, line, f"{what}, got {type(value).__name__}{hint}")
 
 
-def _read_pairs_texts(path: Path) -> tuple[Corpus, TrainExamples]:
+def _read_pairs_texts(path: Path, convert=None) -> tuple[Corpus, TrainExamples]:
     """FlagEmbedding style: pos/neg are texts; documents are deduplicated by normalised text."""
     ids, texts, index = [], [], {}
 
@@ -478,7 +499,7 @@ def _read_pairs_texts(path: Path) -> tuple[Corpus, TrainExamples]:
         _expect(t, str, path, line, f"{key}[{j}] must be a text (string)",
                 hint=" (pass --corpus when entries are corpus ids)")
         if not t.strip():
-            raise file_error(path, line, f"{key}[{j}] is an empty text")
+            raise record_error(path, line, f"{key}[{j}] is an empty text")
         did = text_id(t)
         r = index.get(did)
         if r is None:
@@ -487,8 +508,9 @@ def _read_pairs_texts(path: Path) -> tuple[Corpus, TrainExamples]:
             texts.append(t)
         return r
 
-    ex = _read_pairs(path, "pairs-text", doc_row, lambda rows: "a negative text equals a "
-                     "positive text (after normalising case and whitespace)")
+    ex = _read_pairs(path, "sentence-transformers" if convert else "pairs-text", doc_row,
+                     lambda rows: "a negative text equals a positive text (after normalising "
+                     "case and whitespace)", convert)
     return Corpus(ids, texts, [""] * len(ids), str(path), index), ex
 
 
@@ -507,7 +529,7 @@ def _read_tevatron(path: Path, corpus: Corpus | None) -> tuple[Corpus, TrainExam
         if not own:
             r = corpus.index.get(did)
             if r is None:
-                raise file_error(path, line, f"{key}[{j}]: unknown docid {did!r} (not in "
+                raise record_error(path, line, f"{key}[{j}]: unknown docid {did!r} (not in "
                                  f"{corpus.path or 'the corpus'})")
             return r
         text = _text(p, "text", path, line, what=f"{key}[{j}] text")
@@ -521,20 +543,20 @@ def _read_tevatron(path: Path, corpus: Corpus | None) -> tuple[Corpus, TrainExam
             titles.append(title)
             doc_line[did] = line
         elif texts[r] != full:
-            raise file_error(path, line, f"{key}[{j}]: docid {did!r} has a different text than "
-                             f"on line {doc_line[did]}")
+            raise record_error(path, line, f"{key}[{j}]: docid {did!r} has a different text than "
+                             f"at {doc_line[did]}")
         return r
 
-    for line, obj in iter_jsonl(path):
+    for line, obj in iter_records(path):
         qid = _id(obj, ("query_id",), path, line, "query id")
         if qid in seen:
-            raise file_error(path, line, f"duplicate query_id {qid!r} (first on line {seen[qid]})")
+            raise record_error(path, line, f"duplicate query_id {qid!r} (first at {seen[qid]})")
         seen[qid] = line
         query = _text(obj, "query", path, line, what="query text")
         pos, neg = _pos_neg(obj, doc_row, "positive_passages", "negative_passages", path, line)
         if set(pos) & set(neg):
             doc = (ids if own else corpus.ids)[min(set(pos) & set(neg))]
-            raise file_error(path, line, f"negative passage {doc!r} is also a positive")
+            raise record_error(path, line, f"negative passage {doc!r} is also a positive")
         ex.add(qid, query, pos, neg, line)
     if not ex.query_ids:
         raise NegjaxError(f"{path}: no training examples")
@@ -551,8 +573,8 @@ def _read_beir(path: Path, corpus: Corpus, qrels_path: Path) -> TrainExamples:
     qrels = read_qrels(qrels_path, corpus=corpus, query_ids=queries.ids)
     ex = TrainExamples.empty(path, "beir")
     qline = {}
-    for line, obj in iter_jsonl(path):
-        qline[str(obj.get("_id", obj.get("id")))] = line
+    for line, obj in iter_records(path):
+        qline[str(next((obj[k] for k in QUERY_ID_KEYS if k in obj), None))] = line
     for qid, text in zip(queries.ids, queries.texts):
         judged = qrels.get(qid)
         if not judged:
@@ -560,7 +582,7 @@ def _read_beir(path: Path, corpus: Corpus, qrels_path: Path) -> TrainExamples:
         pos = [corpus.index[d] for d, s in judged.items() if s > 0]
         neg = [corpus.index[d] for d, s in judged.items() if s <= 0]
         if not pos:
-            raise NegjaxError(f"{qrels_path}: query {qid!r} ({path}:{qline[qid]}) has judgements "
+            raise NegjaxError(f"{qrels_path}: query {qid!r} ({place(path, qline[qid])}) has judgements "
                               "but no positive (score > 0)")
         ex.add(qid, text, pos, neg, qline[qid])
     if not ex.query_ids:

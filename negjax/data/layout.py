@@ -7,7 +7,9 @@ mining, evaluation and the experiments.
 
 A dataset directory holds corpus.jsonl and train.jsonl (or BEIR queries.jsonl +
 qrels/train.tsv), dev_queries.jsonl + dev_qrels.tsv (or BEIR qrels/dev.tsv) and optionally
-test_queries.jsonl + test_qrels.tsv. `data.dataset = "wordnet"` is the built-in dataset,
+test_queries.jsonl + test_qrels.tsv. Any of the .jsonl files may be in another input format
+under the same stem (`find_input`): .jsonl.gz, .parquet, .arrow, .tsv (corpus and queries)
+or a directory of Parquet / Arrow files. `data.dataset = "wordnet"` is the built-in dataset,
 exported to the cache in this layout. Explicit file fields of `DataConfig` override.
 """
 
@@ -18,6 +20,24 @@ from pathlib import Path
 from negjax.data.formats import Corpus, TrainExamples, read_training
 from negjax.utils import default_cache_dir
 from negjax.errors import NegjaxError
+
+
+INPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".arrow", ".tsv", ".tsv.gz", "")
+
+
+def find_input(root: Path, name: str) -> Path | None:
+    """`root/name` for a file name like corpus.jsonl, or the same stem in another input format
+    (corpus.jsonl.gz, corpus.parquet, corpus.tsv, a corpus/ directory of Parquet or Arrow
+    files); None when there is none. Names of other files (qrels TSVs) are taken as they are."""
+    if (root / name).exists():
+        return root / name
+    if not name.endswith(".jsonl"):
+        return None
+    stem = name[: -len(".jsonl")]
+    for suffix in INPUT_SUFFIXES:
+        if (root / (stem + suffix)).exists():
+            return root / (stem + suffix)
+    return None
 
 
 def resolve_dataset(data_cfg, cache_dir=None) -> dict[str, Path | None]:
@@ -36,8 +56,9 @@ def resolve_dataset(data_cfg, cache_dir=None) -> dict[str, Path | None]:
         if explicit:
             return Path(explicit)
         for name in names:
-            if root is not None and (root / name).exists():
-                return root / name
+            found = find_input(root, name) if root is not None else None
+            if found is not None:
+                return found
         return None
 
     train = pick(data_cfg.train, "train.jsonl")
