@@ -209,6 +209,9 @@ class DistributedConfig:
     fsdp: int = f(1, "devices per FSDP group: parameters, gradients and optimizer state are "
                   "sharded over this many devices (mesh axis 'fsdp', the batch over all); "
                   "1 = replicated")
+    compile_cache: str = f("", "JAX persistent compilation cache directory (a shared path on a "
+                           "pod; process 0 writes, all read); empty = $NEGJAX_COMPILE_CACHE or "
+                           "<negjax cache>/jax-compile; 'off' = none")
 
 
 @dataclass(frozen=True)

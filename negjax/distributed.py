@@ -62,6 +62,8 @@ def initialize(dist_cfg=None) -> tuple[int, int]:
     variables NEGJAX_COORDINATOR / NEGJAX_NUM_PROCESSES / NEGJAX_PROCESS_ID, then JAX's own
     cluster auto-detection (SLURM, Open MPI, TPU pods, JAX_COORDINATOR_ADDRESS). With none of
     these it is a no-op (one process). Safe to call twice. Must run before any computation.
+    Also turns on the persistent compilation cache (`negjax.compile_cache`; the config's
+    `compile_cache`).
     """
     import jax
 
@@ -84,6 +86,9 @@ def initialize(dist_cfg=None) -> tuple[int, int]:
                           f"(distributed.coordinator_address or {_ENV_COORD})")
     elif _cluster_detected():
         jax.distributed.initialize()
+    from negjax import compile_cache
+
+    compile_cache.enable(getattr(dist_cfg, "compile_cache", ""), jax.process_index())
     return jax.process_index(), jax.process_count()
 
 

@@ -100,6 +100,23 @@ def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", dis
                 dynamic_ncols=True)
 
 
+_IMPORTED = __import__("time").time()
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux: /proc; elsewhere: since negjax loaded)."""
+    import time
+
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time() - _IMPORTED
+
+
 def log(msg: str, *, every_process: bool = False) -> None:
     """One line on stderr, flushed at once (a pod's log is a file, read while the job runs).
     In a multi-process job only process 0 writes, unless `every_process`; the others then

@@ -4,6 +4,7 @@ eval vs ranx, clear errors before any work."""
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -43,17 +44,21 @@ def test_kill9_and_resume_is_exact(tmp_path, small_data):
     ref = tmp_path / "ref"
     # Output to a pipe, as on a pod: progress comes as plain lines (NEGJAX_PROGRESS_EVERY
     # seconds apart; 0 here: every update), while tokenising and while re-mining too.
+    jit_cache = str(tmp_path / "jit")  # this test's own persistent compilation cache
     run = subprocess.run(train_cmd(cfg, ref), capture_output=True, text=True, cwd=REPO, timeout=600,
-                         env=subprocess_env(4, NEGJAX_PROGRESS="", NEGJAX_PROGRESS_EVERY=0))
+                         env=subprocess_env(4, NEGJAX_PROGRESS="", NEGJAX_PROGRESS_EVERY=0,
+                                            NEGJAX_COMPILE_CACHE=jit_cache))
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stderr.splitlines()
     for what in ("tokenise", "encode doc", "mine", "train"):  # (mine, encode doc: re-mining)
         assert any(x.startswith(f"negjax: {what}") and "/s" in x for x in lines), (what, run.stderr[-3000:])
     assert not any("\r" in x for x in lines)  # no terminal bar in the log
+    first = [x for x in lines if x.startswith("negjax train: first step")]
+    assert len(first) == 1 and "persistent cache 0 hits" in first[0], run.stderr[-3000:]
     # Kill -9 after a random number of completed steps (past the first checkpoint).
     kill_after = random.Random(os.getpid()).randint(4, 10)
     work = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(cfg, work), env=subprocess_env(4), cwd=REPO,
+    proc = subprocess.Popen(train_cmd(cfg, work), env=subprocess_env(4, NEGJAX_COMPILE_CACHE=jit_cache), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = work / "metrics.jsonl"
     deadline = time.time() + 600
@@ -64,9 +69,13 @@ def test_kill9_and_resume_is_exact(tmp_path, small_data):
         time.sleep(0.05)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    resumed = subprocess.run(train_cmd(cfg, work), env=subprocess_env(4), capture_output=True,
-                             text=True, cwd=REPO, timeout=600)
+    resumed = subprocess.run(train_cmd(cfg, work), env=subprocess_env(4, NEGJAX_COMPILE_CACHE=jit_cache),
+                             capture_output=True, text=True, cwd=REPO, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # The restart loads the step the first runs compiled (the log says so).
+    first = [x for x in resumed.stderr.splitlines() if x.startswith("negjax train: first step")]
+    assert len(first) == 1 and " restore " in first[0], resumed.stderr[-3000:]
+    assert re.search(r"persistent cache [1-9]\d* hits? / 0 misses\)", first[0]), first[0]
     step_a, a = final_params(ref)
     step_b, b = final_params(work)
     assert step_a == step_b == 12

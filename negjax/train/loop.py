@@ -32,7 +32,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from negjax import distributed
+from negjax import compile_cache, distributed
 from negjax.config import Config
 from negjax.data.layout import resolve_dataset
 from negjax.data.pipeline import build_pipeline
@@ -49,7 +49,7 @@ from negjax.train.state import init_state, learning_rate_schedule, relayout_bank
 from negjax.train.sharding import state_shardings
 from negjax.train.step import make_train_step
 from negjax.train.workdir_lock import WorkdirLock
-from negjax.utils import atomic_write_text, log, progress
+from negjax.utils import atomic_write_text, log, process_age, progress
 
 
 def _check_inputs(cfg: Config) -> dict:
@@ -217,6 +217,8 @@ class Trainer:
     def __init__(self, cfg: Config, paths: dict, watchdog: Watchdog | None = None):
         self.cfg, self.paths = cfg, paths
         self.watchdog = watchdog  # told the step, for the message naming a lost process
+        # Time to first step, by phase (logged after the first step).
+        self.phases, self._t_phase = {"start-up": process_age()}, time.perf_counter()
         self.pi, self.pc = distributed.initialize(cfg.distributed)
         self.main = self.pi == 0
         self.workdir = Path(cfg.workdir).absolute()
@@ -226,6 +228,7 @@ class Trainer:
             raise NegjaxError("model.dtype 'int8' is for encoding only (encode, eval, mine); "
                               "train in float32 or bfloat16")
         self.enc, params, _ = load_model(None, cfg.model)
+        self._phase("model")
         for key in ("query_max_len", "doc_max_len"):
             if getattr(cfg.model, key) > self.enc.config.max_tokens:
                 raise NegjaxError(f"model.{key} = {getattr(cfg.model, key)} exceeds the "
@@ -249,9 +252,12 @@ class Trainer:
         self.start, meta = 0, None
         if resume_step is not None:
             self.state, meta = self._restore(resume_step, fresh, shardings)
+            self._phase("restore")
         else:
             self.state = jax.device_put(fresh(), shardings)
+            self._phase("init")
         self.pipeline = self._pipeline(meta["data"] if meta is not None else None)
+        self._phase("data")
         if meta is not None:
             self._relayout_bank(meta.get("topology", _topology(self.mesh)), shardings)
         self.step_fn = make_train_step(self.enc, cfg, self.mesh,
@@ -270,6 +276,25 @@ class Trainer:
                                         purge_step=self.start + 1 if self.start else None)
         self.diagnostics = Diagnostics(self.workdir, enabled=self.main)
         self.last_eval: dict = {}
+        self._phase("setup")
+
+    def _phase(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self._t_phase
+        self._t_phase = now
+
+    def _log_first_step(self, loss, compiled_before: dict) -> None:
+        """After the first step: the time since the process started and its phases, with
+        what compiling cost and whether the persistent cache served it."""
+        loss.block_until_ready()
+        self._phase("first step")
+        total = sum(self.phases.values())
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in self.phases.items())
+        log(f"negjax train: first step {total:.1f} s after start ({parts}; first step: "
+            f"{compile_cache.describe(compiled_before)})")
+        self.time_to_first_step = {"total_s": round(total, 3),
+                                   **{k: round(v, 3) for k, v in self.phases.items()},
+                                   "compile": compile_cache.stats()}
 
     def _restore(self, step: int, fresh, shardings):
         """(state, meta) of checkpoint `step`, read straight into this run's shardings (each
@@ -427,9 +452,12 @@ class Trainer:
         inflight: deque = deque()
         with contextlib.nullcontext(preempt) if preempt else _Preemption() as preempt:
             nxt = self._next_batch() if step < total else None
+            compiled_before = compile_cache.stats()
             while step < total:
                 batch = nxt
                 self.state, m = self.step_fn(self.state, batch)
+                if step == self.start:
+                    self._log_first_step(m["loss"], compiled_before)
                 self._sample = (m.pop("sample_q"), m.pop("sample_d"))  # the diagnostics'
                 self._window = m if self._window is None else _add(self._window, m)
                 step += 1
@@ -467,6 +495,7 @@ class Trainer:
         return {"status": status, "step": step, "workdir": str(self.workdir),
                 "mesh": " x ".join(f"{k} {v}" for k, v in self.mesh.shape.items()),
                 "eval": self.last_eval, "nonfinite": nonfinite, "fetches": self.fetches,
+                "time_to_first_step": getattr(self, "time_to_first_step", None),
                 "data_stats": self.pipeline.stats}
 
     def close(self) -> None:
