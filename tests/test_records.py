@@ -163,3 +163,17 @@ def test_not_an_input(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(NegjaxError, match="no .parquet files and no Arrow dataset"):
         formats.read_corpus(tmp_path / "empty")
+
+
+def test_synthetic_data_is_the_same_in_jsonl_and_parquet(tmp_path):
+    """`negjax bench data`'s generator: deterministic, the same records in either format."""
+    from negjax.bench.data import write_synthetic
+
+    a = write_synthetic(tmp_path / "a", 300, pairs_ratio=0.2, fmt="jsonl", seed=1)
+    b = write_synthetic(tmp_path / "b", 300, pairs_ratio=0.2, fmt="parquet", seed=1)
+    assert (a["documents"], a["pairs"]) == (b["documents"], b["pairs"]) == (300, 60)
+    ca, xa = formats.read_training(tmp_path / "a" / "train.jsonl", tmp_path / "a" / "corpus.jsonl")
+    cb, xb = formats.read_training(tmp_path / "b" / "train.parquet", tmp_path / "b" / "corpus.parquet")
+    assert (ca.ids, ca.texts) == (cb.ids, cb.texts) and len(set(ca.texts)) == 300
+    assert (xa.query_ids, xa.queries, xa.positives) == (xb.query_ids, xb.queries, xb.positives)
+    assert not list(tmp_path.glob(".*"))  # no temporary directory left behind

@@ -1,4 +1,4 @@
-"""`negjax bench step|loss|mine`: each benchmark lives in `negjax/bench/<name>.py` with
+"""`negjax bench step|loss|mine|pipeline|data`: each benchmark lives in `negjax/bench/<name>.py` with
 `add_arguments(parser)` and `run(args) -> int`."""
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ BENCHES = {
     "loss": "time and peak memory of loss+gradients vs global batch (chunked / unchunked)",
     "mine": "ScaNN vs exact search: queries/s, recall@k, peak RSS (corpus sharded over --processes)",
     "pipeline": "input pipeline throughput: batches/s at a given batch size, lengths and H",
+    "data": "a synthetic corpus of N documents; negjax train on it cold and warm: time to "
+            "first step, build rate, peak RSS",
 }
 
 
