@@ -64,6 +64,7 @@ def write_synthetic(out: Path, n: int, *, pairs_ratio: float = 0.2, fmt: str = "
     every = max(1, round(1 / pairs_ratio))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
     rng = np.random.default_rng(seed)
     writers = _Writers(tmp, fmt)
     pairs = 0
