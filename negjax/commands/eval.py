@@ -55,7 +55,7 @@ def run(args) -> int:
     else:
         corpus, queries, qrels = args.corpus, args.queries, args.qrels
     for path in (corpus, queries, qrels):
-        if not Path(path).is_file():
+        if not Path(path).exists():
             raise NegjaxError(f"{path}: file not found")
     if args.encode_batch_size < 1 or args.max_queries < 0:
         raise NegjaxError("--encode-batch-size must be >= 1 and --max-queries >= 0")

@@ -39,8 +39,8 @@ def add_parser(sub):
     p.add_argument("--model", help="'minilm', 'tiny', a Hugging Face / sentence-transformers "
                    "directory or a negjax training workdir / checkpoint (default: model.name "
                    "from the config)")
-    p.add_argument("--corpus", help="corpus JSONL (default: the config's dataset, built-in WordNet)")
-    p.add_argument("--train", help="training JSONL (default: the config's dataset)")
+    p.add_argument("--corpus", help="corpus: JSONL, Parquet, Arrow or TSV (default: the config's dataset, built-in WordNet)")
+    p.add_argument("--train", help="training data: JSONL, Parquet or Arrow (default: the config's dataset)")
     p.add_argument("--train-qrels", help="qrels TSV when --train is a BEIR queries.jsonl")
     p.add_argument("--out", required=True, help="output directory (shards, manifest.json, "
                    "report.json, report.png; .work/ holds resumable intermediate state)")

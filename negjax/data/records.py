@@ -128,6 +128,22 @@ def fingerprint(path) -> list[list]:
     return out
 
 
+def sha256_input(path) -> str:
+    """sha256 of an input: the file's bytes, or for a directory of Parquet / Arrow files
+    (each file's name and sha256, in reading order)."""
+    from negjax.utils import sha256_file
+
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in input_files(path):
+        h.update(f"{f.name}\t{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
 def iter_records(path) -> Iterator[tuple[Where, dict]]:
     """(where, record) for every record of `path` in file order (see the module docstring)."""
     path = Path(path)

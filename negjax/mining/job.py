@@ -63,6 +63,7 @@ import numpy as np
 
 from negjax.data import shards as shard_io
 from negjax.data.formats import read_training
+from negjax.data.records import sha256_input
 from negjax.distributed import barrier
 from negjax.errors import NegjaxError
 from negjax.mining import report as report_mod
@@ -253,8 +254,8 @@ def _run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, qu
     ident = model_identity(enc)
     fp_doc = params_fingerprint(enc, params, "doc")
     fp_query = fp_doc if enc.tied_towers else params_fingerprint(enc, params, "query")
-    corpus_sha = sha256_file(corpus_path) if corpus_path else sha256_file(train_path)
-    train_sha = sha256_file(train_path)
+    corpus_sha = sha256_input(corpus_path) if corpus_path else sha256_input(train_path)
+    train_sha = sha256_input(train_path)
     if train_qrels:
         train_sha = _hash([train_sha, sha256_file(train_qrels)])
     teacher = teacher_sha = None

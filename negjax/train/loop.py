@@ -36,6 +36,7 @@ from negjax import compile_cache, distributed
 from negjax.config import Config
 from negjax.data.layout import resolve_dataset
 from negjax.data.pipeline import build_pipeline
+from negjax.data.records import input_kind
 from negjax.errors import NegjaxError
 from negjax.evaluation.evaluate import EvalSet, evaluate_encoder
 from negjax.mining.job import run_mining
@@ -60,10 +61,11 @@ def _check_inputs(cfg: Config) -> dict:
     for key in ("corpus", "train"):
         if paths.get(key) is None:
             raise NegjaxError(f"no {key} file: set data.{key} or data.dataset")
-        if not Path(paths[key]).is_file():
+        if not Path(paths[key]).exists():
             raise NegjaxError(f"{paths[key]}: {key} file not found")
+        input_kind(paths[key])  # a file, or a Parquet / Arrow directory: else a clear error
     for key in ("dev_queries", "dev_qrels"):
-        if paths.get(key) is not None and not Path(paths[key]).is_file():
+        if paths.get(key) is not None and not Path(paths[key]).exists():
             raise NegjaxError(f"{paths[key]}: {key} file not found")
     if cfg.data.negatives and not cfg.data.num_negatives:
         raise NegjaxError(f"data.negatives={cfg.data.negatives!r} is set but data.num_negatives "
