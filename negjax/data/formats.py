@@ -19,7 +19,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from negjax.data.records import (decode_line, iter_jsonl, iter_records, open_lines, place,
+from negjax.data.records import (at, decode_line, iter_jsonl, iter_records, open_lines, place,
                                   record_error)
 from negjax.errors import NegjaxError
 
@@ -196,7 +196,7 @@ def read_corpus(path) -> Corpus:
         title = _text(obj, "title", path, line, required=False)
         if doc_id in index:
             raise record_error(path, line, f"duplicate document id {doc_id!r} (first at "
-                             f"{first_line[doc_id]})")
+                             f"{at(first_line[doc_id])})")
         index[doc_id] = len(ids)
         first_line[doc_id] = line
         ids.append(doc_id)
@@ -216,7 +216,7 @@ def read_queries(path) -> Queries:
         text = _text(obj, next((k for k in QUERY_TEXT_KEYS if k in obj), "text"), path, line,
                      what="query text")
         if qid in seen:
-            raise record_error(path, line, f"duplicate query id {qid!r} (first at {seen[qid]})")
+            raise record_error(path, line, f"duplicate query id {qid!r} (first at {at(seen[qid])})")
         seen[qid] = line
         ids.append(qid)
         texts.append(text)
@@ -416,7 +416,7 @@ def _query_id(obj, path, line, seen: dict) -> str:
     qid = _id(obj, ("id", "_id", "query_id"), path, line, "query id") if any(
         k in obj for k in ("id", "_id", "query_id")) else f"#{int(line)}"
     if qid in seen:
-        raise record_error(path, line, f"duplicate query id {qid!r} (first at {seen[qid]})")
+        raise record_error(path, line, f"duplicate query id {qid!r} (first at {at(seen[qid])})")
     seen[qid] = line
     return qid
 
@@ -544,13 +544,13 @@ def _read_tevatron(path: Path, corpus: Corpus | None) -> tuple[Corpus, TrainExam
             doc_line[did] = line
         elif texts[r] != full:
             raise record_error(path, line, f"{key}[{j}]: docid {did!r} has a different text than "
-                             f"at {doc_line[did]}")
+                             f"at {at(doc_line[did])}")
         return r
 
     for line, obj in iter_records(path):
         qid = _id(obj, ("query_id",), path, line, "query id")
         if qid in seen:
-            raise record_error(path, line, f"duplicate query_id {qid!r} (first at {seen[qid]})")
+            raise record_error(path, line, f"duplicate query_id {qid!r} (first at {at(seen[qid])})")
         seen[qid] = line
         query = _text(obj, "query", path, line, what="query text")
         pos, neg = _pos_neg(obj, doc_row, "positive_passages", "negative_passages", path, line)

@@ -34,7 +34,8 @@ _BATCH = 8192  # rows converted to Python objects at a time
 
 class Where(int):
     """A record's place in its file: the 1-based line (text files) or row (Parquet, Arrow),
-    usable as an int; str() says which, e.g. 'line 7' or 'row 7 (row group 0)'."""
+    usable as an int (str() is the number); `.text` says which, e.g. 'line 7' or 'row 7 (row
+    group 0)'."""
 
     def __new__(cls, n: int, text: str = "", file=None):
         obj = super().__new__(cls, n)
@@ -42,13 +43,15 @@ class Where(int):
         obj.file = file  # the file inside a directory input
         return obj
 
+    # str() and f-strings give the plain number, as for an int (`path:{line}` messages).
     def __str__(self) -> str:
-        return self.text
-
-    __repr__ = __str__
+        return str(int(self))
 
     def __format__(self, spec: str) -> str:
-        return format(self.text, spec)
+        return format(int(self), spec)
+
+    def __repr__(self) -> str:
+        return f"Where({int(self)}, {self.text!r})"
 
     def __reduce__(self):
         return (Where, (int(self), self.text, self.file))
@@ -60,8 +63,13 @@ def place(path, where) -> str:
     if isinstance(where, Where) and where.file is not None:
         path = where.file
     if isinstance(where, Where) and not where.text.startswith("line "):
-        return f"{path}: {where}"
+        return f"{path}: {where.text}"
     return f"{path}:{int(where)}" if where is not None else f"{path}"
+
+
+def at(where) -> str:
+    """'line 7' or 'row 7 (row group 0)': where a record is, for messages naming another."""
+    return where.text if isinstance(where, Where) else f"line {where}"
 
 
 def record_error(path, where, msg: str) -> NegjaxError:
