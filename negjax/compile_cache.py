@@ -8,8 +8,8 @@ them again: the train step, evaluation's and mining's encoders. Where: `NEGJAX_C
 (a path, or `off`), else `<negjax cache>/jax-compile` (`NEGJAX_CACHE`, ~/.cache/negjax). On a
 pod point it at a shared filesystem so every host reads what process 0 compiled once.
 
-Only process 0 writes (JAX's advice for multi-process jobs: every process compiles the same
-program, and concurrent writers to one key gain nothing); the others read. Programs that
+Only process 0 writes (JAX itself skips the write on every other process: they compile the
+same programs, and concurrent writers to one key gain nothing); all read. Programs that
 compile in under `MIN_COMPILE_S` are not written.
 """
 
@@ -38,7 +38,7 @@ def cache_path(setting: str | None = None) -> Path | None:
     return Path(value).expanduser() if value else default_cache_dir() / "jax-compile"
 
 
-def enable(setting: str | None = None, process_index: int | None = None) -> Path | None:
+def enable(setting: str | None = None) -> Path | None:
     """Turn the persistent cache on (see the module docstring); returns its directory, or
     None when it is off. Idempotent. Starts counting hits, misses and compile time."""
     global _enabled
@@ -47,14 +47,10 @@ def enable(setting: str | None = None, process_index: int | None = None) -> Path
     _listen()
     path = cache_path(setting)
     if path is None or _enabled == path:
-        return _enabled if path is not None else None
-    if process_index is None:
-        process_index = jax.process_index()
+        return path
     path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
-    # Readers never write: a compile time no program reaches.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                      MIN_COMPILE_S if process_index == 0 else 1e12)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     _enabled = path
     return path

@@ -88,7 +88,7 @@ def initialize(dist_cfg=None) -> tuple[int, int]:
         jax.distributed.initialize()
     from negjax import compile_cache
 
-    compile_cache.enable(getattr(dist_cfg, "compile_cache", ""), jax.process_index())
+    compile_cache.enable(getattr(dist_cfg, "compile_cache", ""))
     return jax.process_index(), jax.process_count()
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 from pathlib import Path
 from typing import Iterator
 
@@ -52,9 +51,6 @@ class Where(int):
 
     def __repr__(self) -> str:
         return f"Where({int(self)}, {self.text!r})"
-
-    def __reduce__(self):
-        return (Where, (int(self), self.text, self.file))
 
 
 def place(path, where) -> str:
@@ -124,16 +120,6 @@ def input_files(path) -> list[Path]:
                 raise file_error(state, None, f"lists {f.name}, which is missing")
         return files
     return sorted(path.glob("*.arrow"))
-
-
-def fingerprint(path) -> list[list]:
-    """[[file, size, mtime_ns], ...] of an input: what a cached result built from it is keyed
-    on (a rewritten file changes size or mtime), read without opening the files."""
-    out = []
-    for f in input_files(path):
-        st = os.stat(f)
-        out.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
-    return out
 
 
 def sha256_input(path) -> str:

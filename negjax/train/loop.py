@@ -221,6 +221,7 @@ class Trainer:
         self.watchdog = watchdog  # told the step, for the message naming a lost process
         # Time to first step, by phase (logged after the first step).
         self.phases, self._t_phase = {"start-up": process_age()}, time.perf_counter()
+        self.time_to_first_step: dict | None = None  # the phases' figures, after step 1
         self.pi, self.pc = distributed.initialize(cfg.distributed)
         self.main = self.pi == 0
         self.workdir = Path(cfg.workdir).absolute()
@@ -497,7 +498,7 @@ class Trainer:
         return {"status": status, "step": step, "workdir": str(self.workdir),
                 "mesh": " x ".join(f"{k} {v}" for k, v in self.mesh.shape.items()),
                 "eval": self.last_eval, "nonfinite": nonfinite, "fetches": self.fetches,
-                "time_to_first_step": getattr(self, "time_to_first_step", None),
+                "time_to_first_step": self.time_to_first_step,
                 "data_stats": self.pipeline.stats}
 
     def close(self) -> None:
