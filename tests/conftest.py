@@ -10,6 +10,13 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("NEGJAX_PROGRESS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# JAX's persistent compilation cache (on by default: negjax.compile_cache) is process-global
+# state: enabled inside this pytest process by the first test that initialises negjax, it
+# would write every later test's programs to disk and load them back. A CI run aborted inside
+# XLA while executing test_losses' 8-device program with it on (not reproduced on the
+# development machine), so it is off here and in the child processes, which inherit this;
+# the tests of the cache (test_train's kill -9 restart) give their children a private one.
+os.environ["NEGJAX_COMPILE_CACHE"] = "off"
 
 
 @pytest.fixture(scope="session")
