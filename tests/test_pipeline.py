@@ -246,26 +246,27 @@ def test_build_pipeline_from_config(data):
     assert length_buckets(128) == [16, 32, 64, 128] and length_buckets(100, [8, 200]) == [8, 100]
 
 
-def test_training_tokenises_the_prompted_texts(data, monkeypatch):
+def test_training_tokenises_the_prompted_texts(data):
     """model.query_prompt / doc_prompt go in front of every training query / document before
     the token stores are built (the same strings `encode_texts` tokenises)."""
-    import negjax.data.pipeline as pipeline_mod
+    from negjax.data.formats import read_training
+    from negjax.data.token_store import load_backend_tokenizer
 
-    seen = {}
-    real = pipeline_mod.build_token_store
-
-    def spy(texts, keys, tokenizer, **kw):
-        seen[kw["name"]] = list(texts)
-        return real(texts, keys, tokenizer, **kw)
-
-    monkeypatch.setattr(pipeline_mod, "build_token_store", spy)
+    tok = minilm_tokenizer(data)
+    backend, _ = load_backend_tokenizer(tok)
     cfg = updated(Config(), {"data.dataset": str(data), "data.cache_dir": str(data / "cache_p"),
                              "train.batch_size": 8, "model.query_max_len": 32,
                              "model.doc_max_len": 64, "model.query_prompt": "query: ",
                              "model.doc_prompt": "passage: "})
-    pipe = build_pipeline(cfg, minilm_tokenizer(data), process_index=0, process_count=1)
-    assert seen["queries"] == ["query: " + q for q in pipe.examples.queries]
-    assert seen["docs"] and all(t.startswith("passage: ") for t in seen["docs"])
+    pipe = build_pipeline(cfg, tok, process_index=0, process_count=1)
+    corpus, examples = read_training(data / "train.jsonl", data / "corpus.jsonl")
+    for store, texts, max_len in ((pipe.query_store, ["query: " + q for q in examples.queries], 32),
+                                  (pipe.doc_store, ["passage: " + t for t in corpus.texts], 64)):
+        for row in (0, len(texts) - 1):
+            backend.enable_truncation(max_length=max_len)
+            want = backend.encode(texts[row]).ids
+            assert store.tokens(row).tolist() == want
+    assert list(pipe.doc_store.keys) == corpus.ids
     pipe.close()
 
 

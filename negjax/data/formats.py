@@ -104,6 +104,22 @@ class TrainExamples:
     def index(self) -> dict[str, int]:
         return {q: i for i, q in enumerate(self.query_ids)}
 
+    def positive_lists(self):
+        from negjax.data.shards import NegativeLists
+
+        return NegativeLists.from_lists(self.positives)
+
+    def negative_lists(self):
+        from negjax.data.shards import NegativeLists
+
+        return NegativeLists.from_lists(self.negatives, "")
+
+    def with_teacher(self, teacher: list) -> "TrainExamples":
+        """A copy whose teacher scores are `teacher` (per example {row: score})."""
+        import dataclasses
+
+        return dataclasses.replace(self, teacher=teacher)
+
     def add(self, query_id: str, query: str, positives: list[int], negatives: list[int],
             line: int, teacher: dict | None = None) -> None:
         self.query_ids.append(query_id)
@@ -384,7 +400,7 @@ def read_training(path, corpus: Corpus | str | Path | None = None, *, qrels=None
     queries.jsonl). The returned corpus is the given one, or the one built from the texts.
     """
     path = Path(path)
-    if corpus is not None and not isinstance(corpus, Corpus):
+    if isinstance(corpus, (str, Path)):  # else a Corpus, or anything with its ids / index / path
         corpus = read_corpus(corpus)
     if fmt == "auto":
         fmt = "queries" if qrels is not None else detect_train_format(path)

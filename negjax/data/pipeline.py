@@ -46,9 +46,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from negjax.data.formats import TrainExamples
-from negjax.data.layout import load_training_data
+from negjax.data.layout import resolve_dataset
+from negjax.data.prepared import prepare_training
 from negjax.data.shards import NegativeLists, load_negatives
-from negjax.data.token_store import TokenStore, build_token_store
+from negjax.data.token_store import TokenStore
 from negjax.errors import NegjaxError
 
 STATE_VERSION = 1
@@ -157,7 +158,7 @@ class Pipeline:
         self.process_index, self.process_count = process_index, process_count
         self.local_batch = batch_size // process_count
 
-        pos = NegativeLists.from_lists(examples.positives)
+        pos = examples.positive_lists()
         self._pos_off, self._pos_rows = pos.offsets, pos.rows.astype(np.int64)
         if (np.diff(self._pos_off) == 0).any():
             raise NegjaxError("every training query needs at least one positive")
@@ -527,31 +528,24 @@ def build_pipeline(cfg, tokenizer, *, negatives_dir: str | None = None,
         import jax
 
         process_index, process_count = jax.process_index(), jax.process_count()
-    corpus, examples = load_training_data(d, cache_dir)
     cache = cache_dir or d.cache_dir or None
-
     if prompts is None:
         prompts = {"query": cfg.model.query_prompt, "doc": cfg.model.doc_prompt}
-
-    def with_prompt(texts, tower):
-        return [prompts[tower] + t for t in texts] if prompts.get(tower) else texts
-
-    def stores():
-        return (build_token_store(with_prompt(corpus.texts, "doc"), corpus.ids, tokenizer,
-                                  max_len=cfg.model.doc_max_len, cache_dir=cache, name="docs"),
-                build_token_store(with_prompt(examples.queries, "query"), examples.query_ids, tokenizer,
-                                  max_len=cfg.model.query_max_len, cache_dir=cache, name="queries"))
-
-    doc_store, query_store = shared_token_stores(stores, cache)
+    paths = resolve_dataset(d, cache_dir)
+    if paths["train"] is None:
+        raise NegjaxError("no training data: set data.dataset or data.train")
+    data = shared_token_stores(lambda: prepare_training(
+        paths, tokenizer, doc_max_len=cfg.model.doc_max_len, query_max_len=cfg.model.query_max_len,
+        prompts=prompts, cache_dir=cache), cache)
+    examples, query_store, doc_store = data.examples, data.queries, data.docs
     if negatives_dir:
-        negatives = load_negatives(negatives_dir, examples, corpus)
+        negatives = load_negatives(negatives_dir, examples, data.corpus)
         if negatives.teacher is not None:  # mined with --teacher-scores: theirs win
-            import dataclasses
-
-            examples = dataclasses.replace(examples, teacher=[
-                {**own, **mined} for own, mined in zip(examples.teacher, negatives.teacher)])
+            own = examples.teacher if examples.has_teacher_scores else [{}] * len(examples)
+            examples = examples.with_teacher([{**o, **mined} for o, mined in
+                                              zip(own, negatives.teacher)])
     else:
-        negatives = NegativeLists.from_lists(examples.negatives, "")
+        negatives = examples.negative_lists()
     return Pipeline(examples=examples, query_store=query_store, doc_store=doc_store,
                     batch_size=cfg.train.batch_size, num_negatives=d.num_negatives,
                     negatives=negatives, seed=cfg.train.seed, strategy=d.negative_sampling,

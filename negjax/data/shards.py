@@ -321,7 +321,6 @@ def load_negatives(directory, examples, corpus, *, check: bool = True) -> Negati
     mapped to rows of `corpus`. Unknown document ids and duplicated query ids are errors naming
     the shard and row; positives of the example are dropped from its list (mined lists never
     hold them, but a shard mined against other training data might)."""
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     directory = Path(directory)
@@ -334,7 +333,7 @@ def load_negatives(directory, examples, corpus, *, check: bool = True) -> Negati
         return f"{directory / manifest['shards'][k]['name']}: row {row - bounds[k]}"
 
     qids = table.column("query_id").combine_chunks()
-    ex_index = pc.index_in(qids, value_set=pa.array(examples.query_ids, pa.string()))
+    ex_index = _index_in(qids, examples.query_ids)
     ex_index = ex_index.to_numpy(zero_copy_only=False)
     found = ~np.isnan(ex_index) if ex_index.dtype.kind == "f" else np.ones(len(ex_index), bool)
     ex_rows = np.where(found, np.nan_to_num(ex_index, nan=-1), -1).astype(np.int64)
@@ -349,7 +348,7 @@ def load_negatives(directory, examples, corpus, *, check: bool = True) -> Negati
     neg = table.column("negative_ids").combine_chunks()
     flat = pc.list_flatten(neg)
     offs = neg.offsets.to_numpy().astype(np.int64)
-    doc = pc.index_in(flat, value_set=pa.array(corpus.ids, pa.string())).to_numpy(zero_copy_only=False)
+    doc = _index_in(flat, corpus.ids).to_numpy(zero_copy_only=False)
     missing = np.isnan(doc) if doc.dtype.kind == "f" else np.zeros(len(doc), bool)
     if missing.any():
         j = int(np.flatnonzero(missing)[0])
@@ -373,6 +372,16 @@ def load_negatives(directory, examples, corpus, *, check: bool = True) -> Negati
     out.queries_found = int((seen >= 0).sum())
     out.extra_queries = int(len(found) - found.sum())
     return out
+
+
+def _index_in(values, ids):
+    """pyarrow index_in of `values` in `ids` (a list, or a token store's `Keys`, whose bytes
+    pyarrow reads in place)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    value_set = ids.arrow() if hasattr(ids, "arrow") else pa.array(ids, pa.string())
+    return pc.index_in(values.cast(value_set.type), value_set=value_set)
 
 
 def _teacher_scores(table, seen, corpus, neg_rows, neg_offs) -> list[dict]:

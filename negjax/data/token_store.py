@@ -2,22 +2,32 @@
 
     store = build_token_store(corpus.texts, corpus.ids, tokenizer, max_len=128, cache_dir=cache)
     tokens, mask = store.pad(rows, 64)          # [n, 64] int32 each
+    store.row("doc-7"), store.rows_of(ids)      # key -> row through the on-disk index
+    store.keys[5], store.text_hash[rows]        # row -> key; hashes of the normalised texts
 
-A store directory holds
-    ids.npy      [T] int32   every text's token ids back to back (special tokens included,
-                             truncated to max_len)
-    offsets.npy  [N+1] int64 text i is ids[offsets[i]:offsets[i+1]]
-    lengths.npy  [N] int32   tokens per text (<= max_len)
-    keys.json    [N] str     row -> key (document / query id)
-    meta.json    written last: tokenizer hash, max_len, pad id, counts
+A store directory holds (every array memory-mapped when opened; nothing is read whole)
+    ids.npy          [T] int32    every text's token ids back to back (special tokens
+                                  included, truncated to max_len)
+    offsets.npy      [N+1] int64  text i is ids[offsets[i]:offsets[i+1]]
+    lengths.npy      [N] int32    tokens per text (<= max_len)
+    keys.bin         UTF-8 keys (document / query ids) back to back;
+    key_offsets.npy  [N+1] int64  key i is keys.bin[key_offsets[i]:key_offsets[i+1]]
+    key_hash.npy     [N] uint64   the keys' 64-bit hashes (`hash_keys`), sorted
+    key_rows.npy     [N] int64    the row of each sorted hash: key -> row is a binary search
+                                  (a hash match is confirmed against keys.bin)
+    text_hash.npy    [N] uint64   hash of each normalised text (`formats.normalize_text`):
+                                  text-level dedup without the texts
+    meta.json        written last: tokenizer hash, max_len, pad id, counts
 
-Its name is a hash of (keys, texts, tokenizer.json, max_len, format version): the hash covers
-exactly what was tokenised, so a changed input file, a different tokenizer or max_len lands in
-a new directory and a store is never stale. It is built in a temporary directory and renamed
-into place, so a crash never leaves a half store under the final name, and concurrent
-builders all end up reading the one that won the rename. A multi-process training job builds
-each store once per host (`negjax.data.pipeline.shared_token_stores`: one leader process per
-host and cache directory tokenises, the others open its store after a barrier).
+`build_token_store` names a store by a hash of (keys, texts, tokenizer.json, max_len, format
+version): a changed input, tokenizer or max_len lands in a new directory and a store is never
+stale. `negjax.data.prepared` streams files into `StoreWriter` instead and names the store by
+the input files' fingerprints, so a warm start reads no text. A store is built in a temporary
+directory and renamed into place, so a crash never leaves a half store under the final name,
+and concurrent builders all end up reading the one that won the rename. A multi-process
+training job builds each store once per host (`negjax.data.pipeline.shared_token_stores`: one
+leader process per host and cache directory tokenises, the others open its store after a
+barrier).
 """
 
 from __future__ import annotations
@@ -28,14 +38,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from negjax.errors import NegjaxError
 from negjax.utils import default_cache_dir, progress
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _CHUNK = 8192  # texts per encode_batch call
 
 
@@ -102,23 +112,112 @@ def content_hash(keys: Sequence[str], texts: Sequence[str], tok_hash: str, max_l
 
 
 # ---------------------------------------------------------------------------------------------
+# Keys: hashes, the row -> key sequence, the key -> row index
+# ---------------------------------------------------------------------------------------------
+
+def hash_keys(keys: Iterable[str]) -> np.ndarray:
+    """uint64 hashes (blake2b, 8 bytes, little-endian) of strings: stable across runs, hosts
+    and Python versions."""
+    digest = hashlib.blake2b
+    raw = b"".join(digest(k.encode("utf-8"), digest_size=8).digest() for k in keys)
+    return np.frombuffer(raw, dtype="<u8").astype(np.uint64)
+
+
+class Keys(Sequence):
+    """Row -> key of a store, read from keys.bin on demand (a list's interface: len, [i],
+    [a:b], iteration, == list). `arrow()`: all keys as one zero-copy pyarrow array."""
+
+    def __init__(self, blob: np.ndarray, offsets: np.ndarray):
+        self._blob, self._off = blob, offsets
+
+    def __len__(self) -> int:
+        return len(self._off) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return bytes(self._blob[self._off[i]:self._off[i + 1]]).decode("utf-8")
+
+    def __iter__(self):
+        n, step = len(self), 65536
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            chunk = bytes(self._blob[self._off[lo]:self._off[hi]])
+            base, offs = int(self._off[lo]), self._off[lo:hi + 1].tolist()
+            for a, b in zip(offs[:-1], offs[1:]):
+                yield chunk[a - base:b - base].decode("utf-8")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, (list, tuple, Keys)) and len(other) == len(self) and \
+            all(a == b for a, b in zip(self, other))
+
+    def __repr__(self) -> str:
+        return f"Keys({len(self)})"
+
+    def arrow(self):
+        """Every key as a pyarrow large_string array over the memory-mapped bytes."""
+        import pyarrow as pa
+
+        return pa.LargeStringArray.from_buffers(
+            len(self), pa.py_buffer(np.ascontiguousarray(self._off, dtype=np.int64)),
+            pa.py_buffer(self._blob))
+
+
+class KeyIndex:
+    """Key -> row of a store through its sorted hashes (a read-only mapping's interface:
+    `get`, `[]`, `in`, `len`)."""
+
+    def __init__(self, store: "TokenStore"):
+        self._store = store
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def get(self, key, default=None):
+        row = int(self._store.rows_of([key])[0])
+        return default if row < 0 else row
+
+    def __getitem__(self, key) -> int:
+        row = self.get(key)
+        if row is None:
+            raise KeyError(key)
+        return row
+
+    def __contains__(self, key) -> bool:
+        return self.get(key) is not None
+
+
+# ---------------------------------------------------------------------------------------------
 # The store
 # ---------------------------------------------------------------------------------------------
+
+_ARRAYS = ("ids", "offsets", "lengths", "key_offsets", "key_hash", "key_rows", "text_hash")
+
 
 class TokenStore:
     """A read-only, memory-mapped token store (open with `TokenStore.open(dir)`)."""
 
-    def __init__(self, directory: Path, meta: dict, ids, offsets, lengths):
+    def __init__(self, directory: Path, meta: dict, arrays: dict):
         self.dir = directory
         self.meta = meta
-        self.ids = ids            # [T] int32 (memory-mapped)
-        self._flat = np.asarray(ids)  # plain-ndarray view: gathers skip np.memmap's overhead
-        self.offsets = offsets    # [N+1] int64
-        self.lengths = lengths    # [N] int32
+        self.ids = arrays["ids"]              # [T] int32
+        self._flat = np.asarray(self.ids)     # plain-ndarray view: gathers skip np.memmap's overhead
+        self.offsets = np.asarray(arrays["offsets"])  # [N+1] int64
+        self.lengths = np.asarray(arrays["lengths"])  # [N] int32
+        self.text_hash = np.asarray(arrays["text_hash"])  # [N] uint64
+        self._key_hash = np.asarray(arrays["key_hash"])
+        self._key_rows = np.asarray(arrays["key_rows"])
+        self._key_off = np.asarray(arrays["key_offsets"])
+        self._blob = arrays["keys"]
         self.max_len = int(meta["max_len"])
         self.pad_id = int(meta["pad_id"])
-        self._keys = None
-        self._index = None
+        self.keys = Keys(self._blob, self._key_off)
+        self.index = KeyIndex(self)
 
     @classmethod
     def open(cls, directory) -> "TokenStore":
@@ -134,34 +233,58 @@ class TokenStore:
             raise NegjaxError(f"{directory}: token store format {meta.get('format_version')}, "
                               f"expected {FORMAT_VERSION}; delete it to rebuild")
         try:
-            ids = np.load(directory / "ids.npy", mmap_mode="r")
-            offsets = np.load(directory / "offsets.npy")
-            lengths = np.load(directory / "lengths.npy")
+            arrays = {a: np.load(directory / f"{a}.npy", mmap_mode="r") for a in _ARRAYS}
+            size = (directory / "keys.bin").stat().st_size
+            arrays["keys"] = (np.memmap(directory / "keys.bin", dtype=np.uint8, mode="r")
+                              if size else np.zeros(0, np.uint8))
         except (OSError, ValueError) as e:
             raise NegjaxError(f"{directory}: unreadable token store ({e}); delete it to rebuild") from None
         n, t = meta["num_texts"], meta["num_tokens"]
-        if ids.shape != (t,) or offsets.shape != (n + 1,) or lengths.shape != (n,) \
-                or int(offsets[-1]) != t:
+        shapes = {"ids": (t,), "offsets": (n + 1,), "lengths": (n,), "key_offsets": (n + 1,),
+                  "key_hash": (n,), "key_rows": (n,), "text_hash": (n,)}
+        if any(arrays[a].shape != shape for a, shape in shapes.items()) \
+                or int(arrays["offsets"][-1]) != t or int(arrays["key_offsets"][-1]) != size:
             raise NegjaxError(f"{directory}: token store arrays do not match meta.json; delete it")
-        return cls(directory, meta, ids, offsets, lengths)
+        return cls(directory, meta, arrays)
 
     def __len__(self) -> int:
         return len(self.lengths)
 
-    @property
-    def keys(self) -> list[str]:
-        if self._keys is None:
-            self._keys = json.loads((self.dir / "keys.json").read_text())
-        return self._keys
-
-    @property
-    def index(self) -> dict[str, int]:
-        if self._index is None:
-            self._index = {k: i for i, k in enumerate(self.keys)}
-        return self._index
-
     def row(self, key: str) -> int:
+        """The row of `key`; KeyError when the store has none."""
         return self.index[key]
+
+    def rows_of(self, keys: Sequence[str]) -> np.ndarray:
+        """[len(keys)] int64 rows of the keys, -1 where the store has none."""
+        keys = [str(k) for k in keys]
+        h = hash_keys(keys)
+        hs = self._key_hash
+        lo = np.searchsorted(hs, h, side="left")
+        hi = np.searchsorted(hs, h, side="right")
+        rows = np.full(len(keys), -1, dtype=np.int64)
+        for width in range(1, int((hi - lo).max()) + 1 if len(keys) else 1):
+            # (width > 1 only for a 64-bit hash collision between two stored keys)
+            pending = np.flatnonzero((rows < 0) & (hi - lo >= width))
+            cand = self._key_rows[lo[pending] + width - 1].astype(np.int64)
+            same = self._keys_equal(cand, [keys[i] for i in pending])
+            rows[pending[same]] = cand[same]
+        return rows
+
+    def _keys_equal(self, rows: np.ndarray, keys: list[str]) -> np.ndarray:
+        """[n] bool: stored key of rows[i] == keys[i] (compared byte by byte, vectorised)."""
+        enc = [k.encode("utf-8") for k in keys]
+        ql = np.fromiter(map(len, enc), dtype=np.int64, count=len(enc))
+        off = self._key_off
+        equal = (off[rows + 1] - off[rows]) == ql
+        lens = np.where(equal, ql, 0)
+        if lens.sum():
+            query = np.frombuffer(b"".join(enc), dtype=np.uint8)
+            starts = np.cumsum(lens) - lens
+            pos = np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(starts, lens)
+            a = query[np.repeat(np.cumsum(ql) - ql, lens) + pos]
+            b = np.asarray(self._blob)[np.repeat(off[rows], lens) + pos]
+            equal[np.unique(np.repeat(np.arange(len(rows)), lens)[a != b])] = False
+        return equal
 
     def tokens(self, row: int) -> np.ndarray:
         """Token ids of one text: [len] int32."""
@@ -182,76 +305,162 @@ class TokenStore:
         return tokens, mask
 
 
-def build_token_store(texts: Sequence[str], keys: Sequence[str], tokenizer, *, max_len: int,
-                      cache_dir=None, name: str = "texts") -> TokenStore:
-    """Tokenise `texts` (row i has key keys[i]) once and return the memory-mapped store.
+class DuplicateKey(NegjaxError):
+    """Two rows of a store under construction share a key (`rows`: the first two)."""
 
-    Reuses `<cache>/tokens/<hash>` when it exists. tokenizer: transformers fast tokenizer,
-    `tokenizers.Tokenizer`, tokenizer.json or its directory. name: shown on the progress bar.
-    """
-    if max_len < 2:
-        raise NegjaxError(f"max_len must be >= 2, got {max_len}")
-    backend, pad_id = load_backend_tokenizer(tokenizer)
-    tok_hash = tokenizer_hash(backend)
-    key = content_hash(keys, texts, tok_hash, max_len, pad_id)
-    root = default_cache_dir(cache_dir) / "tokens"
-    final = root / f"{name}-{key}"
+    def __init__(self, key: str, rows: tuple[int, int]):
+        super().__init__(f"duplicate key {key!r} (rows {rows[0]} and {rows[1]})")
+        self.key, self.rows = key, rows
+
+
+class StoreWriter:
+    """Builds a store in `directory` from (keys, texts) chunks in bounded memory:
+
+        w = StoreWriter(tmp, tokenizer, max_len=128, name="docs")
+        for keys, texts in chunks: w.add(keys, texts)
+        w.finish()          # DuplicateKey when two rows share a key; meta.json written last
+
+    Memory: the arrays of per-row numbers (about 30 bytes a row), never the texts."""
+
+    def __init__(self, directory, tokenizer, *, max_len: int, name: str = "texts", total=None):
+        if max_len < 2:
+            raise NegjaxError(f"max_len must be >= 2, got {max_len}")
+        self.dir = Path(directory)
+        self.backend, self.pad_id = load_backend_tokenizer(tokenizer)
+        self.tok_hash = tokenizer_hash(self.backend)
+        self.backend.enable_truncation(max_length=max_len)
+        self.max_len, self.name = max_len, name
+        self._ids = open(self.dir / "ids.raw", "wb")
+        self._keys = open(self.dir / "keys.bin", "wb")
+        self._lengths, self._key_lens, self._key_hash, self._text_hash = [], [], [], []
+        self._bar = progress(total=total, desc=f"tokenise {name}", unit="text")
+
+    def add(self, keys: Sequence[str], texts: Sequence[str]) -> None:
+        from negjax.data.formats import normalize_text
+
+        if len(keys) != len(texts):
+            raise ValueError(f"{len(keys)} keys but {len(texts)} texts")
+        for lo in range(0, len(texts), _CHUNK):
+            chunk = list(texts[lo:lo + _CHUNK])
+            enc = self.backend.encode_batch(chunk, add_special_tokens=True)
+            ids = [e.ids for e in enc]
+            lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
+            self._ids.write(np.fromiter((t for x in ids for t in x), dtype=np.int32,
+                                        count=int(lengths.sum())).tobytes())
+            self._lengths.append(lengths)
+            self._text_hash.append(hash_keys(normalize_text(t) for t in chunk))
+            self._bar.update(len(chunk))
+        raw = [str(k).encode("utf-8") for k in keys]
+        self._keys.write(b"".join(raw))
+        self._key_lens.append(np.fromiter(map(len, raw), dtype=np.int64, count=len(raw)))
+        self._key_hash.append(hash_keys(str(k) for k in keys))
+
+    def finish(self, **meta_extra) -> dict:
+        self._bar.close()
+        self._ids.close()
+        self._keys.close()
+        cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)  # noqa: E731
+        lengths = cat(self._lengths, np.int32)
+        n = len(lengths)
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        key_offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(cat(self._key_lens, np.int64), out=key_offsets[1:])
+        key_hash = cat(self._key_hash, np.uint64)
+        order = np.argsort(key_hash, kind="stable")
+        sorted_hash = key_hash[order]
+        same = np.flatnonzero(sorted_hash[1:] == sorted_hash[:-1])
+        if len(same):
+            keys = Keys(np.fromfile(self.dir / "keys.bin", dtype=np.uint8), key_offsets)
+            for j in same:  # equal hashes: a duplicate key, or (rarely) a 64-bit collision
+                a, b = sorted(int(r) for r in order[j:j + 2])
+                if keys[a] == keys[b]:
+                    raise DuplicateKey(keys[a], (a, b))
+        total = int(offsets[-1])
+        # Stream the raw ids behind a .npy header (memory stays bounded for any corpus size).
+        with open(self.dir / "ids.npy", "wb") as out, open(self.dir / "ids.raw", "rb") as raw:
+            np.lib.format.write_array_header_1_0(
+                out, {"descr": np.dtype(np.int32).str, "fortran_order": False, "shape": (total,)})
+            shutil.copyfileobj(raw, out, 1 << 22)
+        (self.dir / "ids.raw").unlink()
+        for name, arr in (("offsets", offsets), ("lengths", lengths), ("key_offsets", key_offsets),
+                          ("key_hash", sorted_hash), ("key_rows", order.astype(np.int64)),
+                          ("text_hash", cat(self._text_hash, np.uint64))):
+            np.save(self.dir / f"{name}.npy", arr)
+        meta = {"format_version": FORMAT_VERSION, "name": self.name, "num_texts": n,
+                "num_tokens": total, "max_len": self.max_len, "pad_id": self.pad_id,
+                "tokenizer_sha256": self.tok_hash,
+                "at_max_len": int((lengths >= self.max_len).sum()),
+                "mean_length": float(lengths.mean()) if n else 0.0, **meta_extra}
+        (self.dir / "meta.json").write_text(json.dumps(meta, indent=1))
+        return meta
+
+    def abort(self) -> None:
+        self._bar.close()
+        self._ids.close()
+        self._keys.close()
+
+
+def build_into(final: Path, write) -> TokenStore | None:
+    """Build a store (or any directory written last-file-last) at `final` atomically:
+    `write(tmp)` fills a fresh temporary directory beside it, which is then renamed into place;
+    reuse `final` when it is complete (has meta.json). Another process winning the race with
+    an identical build is fine: its directory is used. Returns nothing; open `final` after."""
     if (final / "meta.json").is_file():
-        try:
-            return TokenStore.open(final)
-        except NegjaxError:
-            # Only a complete store is ever renamed into place, so this one was damaged
-            # afterwards (disk, a person): rebuild it.
-            shutil.rmtree(final, ignore_errors=True)
+        return None
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
-        _write(tmp, texts, keys, backend, max_len, pad_id, tok_hash, name)
+        write(tmp)
         if final.exists() and not (final / "meta.json").is_file():
-            shutil.rmtree(final, ignore_errors=True)  # damaged (see above)
+            shutil.rmtree(final, ignore_errors=True)  # damaged: only complete ones are renamed
         try:
             os.rename(tmp, final)
         except OSError:
-            # Another process won the race with an identical store: use theirs.
             if not (final / "meta.json").is_file():
                 raise
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # another process won with an identical one
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return TokenStore.open(final)
+    return None
 
 
-def _write(tmp: Path, texts, keys, backend, max_len, pad_id, tok_hash, name) -> None:
-    backend.enable_truncation(max_length=max_len)
-    n = len(texts)
-    lengths = np.zeros(n, dtype=np.int32)
-    raw_path = tmp / "ids.raw"
-    with open(raw_path, "wb") as raw, progress(total=n, desc=f"tokenise {name}", unit="text") as bar:
-        for start in range(0, n, _CHUNK):
-            chunk = list(texts[start:start + _CHUNK])
-            enc = backend.encode_batch(chunk, add_special_tokens=True)
-            ids = [e.ids for e in enc]
-            lengths[start:start + len(chunk)] = [len(x) for x in ids]
-            flat = np.fromiter((t for x in ids for t in x), dtype=np.int32,
-                               count=int(lengths[start:start + len(chunk)].sum()))
-            raw.write(flat.tobytes())
-            bar.update(len(chunk))
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    total = int(offsets[-1])
-    # Stream the raw ids behind a .npy header (memory stays bounded for any corpus size).
-    with open(tmp / "ids.npy", "wb") as out, open(raw_path, "rb") as raw:
-        np.lib.format.write_array_header_1_0(
-            out, {"descr": np.dtype(np.int32).str, "fortran_order": False, "shape": (total,)})
-        shutil.copyfileobj(raw, out, 1 << 22)
-    raw_path.unlink()
-    np.save(tmp / "offsets.npy", offsets)
-    np.save(tmp / "lengths.npy", lengths)
-    (tmp / "keys.json").write_text(json.dumps(list(keys), ensure_ascii=False))
-    meta = {"format_version": FORMAT_VERSION, "name": name, "num_texts": n, "num_tokens": total,
-            "max_len": max_len, "pad_id": pad_id, "tokenizer_sha256": tok_hash,
-            "at_max_len": int((lengths >= max_len).sum()),
-            "mean_length": float(lengths.mean()) if n else 0.0}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+def build_token_store(texts: Sequence[str], keys: Sequence[str], tokenizer, *, max_len: int,
+                      cache_dir=None, name: str = "texts") -> TokenStore:
+    """Tokenise `texts` (row i has key keys[i]) once and return the memory-mapped store.
+
+    Reuses `<cache>/tokens/<name>-<hash>` when it exists. tokenizer: transformers fast
+    tokenizer, `tokenizers.Tokenizer`, tokenizer.json or its directory. name: shown on the
+    progress bar. Keys must be distinct (`DuplicateKey`).
+    """
+    if max_len < 2:
+        raise NegjaxError(f"max_len must be >= 2, got {max_len}")
+    backend, pad_id = load_backend_tokenizer(tokenizer)
+    key = content_hash(keys, texts, tokenizer_hash(backend), max_len, pad_id)
+    final = default_cache_dir(cache_dir) / "tokens" / f"{name}-{key}"
+    return open_or_build(final, lambda tmp: _write_all(tmp, texts, keys, tokenizer, max_len, name))
+
+
+def open_or_build(final: Path, write) -> TokenStore:
+    """The store at `final`, built by `write(tmp)` (`build_into`) unless complete; a store
+    damaged after it was built (disk, a person) is rebuilt."""
+    build_into(final, write)
+    try:
+        return TokenStore.open(final)
+    except NegjaxError:
+        shutil.rmtree(final, ignore_errors=True)
+        build_into(final, write)
+        return TokenStore.open(final)
+
+
+def _write_all(tmp: Path, texts, keys, tokenizer, max_len, name) -> None:
+    w = StoreWriter(tmp, tokenizer, max_len=max_len, name=name, total=len(texts))
+    try:
+        w.add(keys, texts)
+    except BaseException:
+        w.abort()
+        raise
+    w.finish()

@@ -1,0 +1,303 @@
+"""Training data prepared once per set of input files: token stores and example arrays on
+disk, found again by the inputs' fingerprints, so a warm start reads no text.
+
+    data = prepare_training(paths, tokenizer, doc_max_len=128, query_max_len=32,
+                            prompts={"query": "", "doc": ""}, cache_dir=None)
+    data.docs        # TokenStore of the corpus (row = document; key -> row on disk)
+    data.queries     # TokenStore of the training queries (row = example)
+    data.examples    # ExampleArrays: positives / negatives / teacher scores as CSR arrays
+
+Under `<negjax cache>/tokens/`:
+    docs-<key>/   the corpus' token store. With a corpus file, <key> hashes the file's
+                  fingerprint (each file's resolved path, size and mtime_ns), the tokenizer,
+                  doc_max_len and the document prompt; the file is streamed through
+                  `StoreWriter` record by record, so building holds per-row numbers, never the
+                  texts. Without one (texts inline in the training file) the documents come
+                  from the training file and <key> hashes its fingerprint.
+    train-<key>/  queries/ (a token store), pos_offsets / pos_rows / neg_offsets / neg_rows /
+                  lines .npy (+ teacher_offsets / teacher_rows / teacher_scores), meta.json
+                  last; <key> hashes the docs key, the training (and qrels) fingerprints, the
+                  tokenizer, query_max_len and the query prompt.
+
+Editing an input file changes its size or mtime, so it lands in new directories; stale
+ones are never read (delete old ones under the cache to reclaim space). Both are built in a
+temporary directory and renamed into place (`token_store.build_into`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from negjax.data import formats
+from negjax.data.records import at, input_files, iter_records, record_error
+from negjax.data.shards import NegativeLists
+from negjax.data.token_store import (DuplicateKey, StoreWriter, TokenStore, build_into,
+                                     load_backend_tokenizer, open_or_build, tokenizer_hash)
+from negjax.errors import NegjaxError
+from negjax.utils import default_cache_dir
+
+FORMAT = 1
+_RECORDS = 16384  # corpus records per StoreWriter.add
+
+
+def fingerprint(path) -> list:
+    """[[resolved path, size, mtime_ns], ...] of the files an input consists of."""
+    out = []
+    for f in input_files(path):
+        st = f.stat()
+        out.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _key(*parts) -> str:
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples as arrays
+# ---------------------------------------------------------------------------------------------
+
+class _Ragged:
+    """Row i of a CSR array as a list (a read-only list of lists)."""
+
+    def __init__(self, offsets: np.ndarray, values: np.ndarray):
+        self._off, self._val = offsets, values
+
+    def __len__(self) -> int:
+        return len(self._off) - 1
+
+    def __getitem__(self, i: int) -> list:
+        return self._val[self._off[i]:self._off[i + 1]].tolist()
+
+
+class _TeacherScores(_Ragged):
+    """Row i as {corpus row: teacher score}."""
+
+    def __init__(self, offsets, rows, scores):
+        super().__init__(offsets, rows)
+        self._scores = scores
+
+    def __getitem__(self, i: int) -> dict:
+        lo, hi = self._off[i], self._off[i + 1]
+        return dict(zip(self._val[lo:hi].tolist(), self._scores[lo:hi].tolist()))
+
+
+class ExampleArrays:
+    """Training examples read from a prepared directory (memory-mapped): the interface of
+    `formats.TrainExamples` the pipeline and the shard loader use, without Python lists."""
+
+    def __init__(self, directory: Path, queries: TokenStore, meta: dict, teacher=None):
+        load = lambda name: np.load(directory / f"{name}.npy", mmap_mode="r")  # noqa: E731
+        self.dir, self.meta = directory, meta
+        self.path, self.format = meta["train_path"], meta["train_format"]
+        self.query_store, self.query_ids = queries, queries.keys
+        self._pos = NegativeLists(np.asarray(load("pos_offsets")), np.asarray(load("pos_rows")))
+        self._neg = NegativeLists(np.asarray(load("neg_offsets")), np.asarray(load("neg_rows")))
+        self.lines = np.asarray(load("lines"))
+        self.positives = _Ragged(self._pos.offsets, self._pos.rows)
+        self.negatives = _Ragged(self._neg.offsets, self._neg.rows)
+        if teacher is not None:
+            self.teacher = teacher
+        elif meta["teacher_scores"]:
+            self.teacher = _TeacherScores(np.asarray(load("teacher_offsets")),
+                                          np.asarray(load("teacher_rows")),
+                                          np.asarray(load("teacher_scores")))
+        else:
+            self.teacher = []
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    @property
+    def has_teacher_scores(self) -> bool:
+        return len(self.teacher) > 0
+
+    def positive_lists(self) -> NegativeLists:
+        return self._pos
+
+    def negative_lists(self) -> NegativeLists:
+        return NegativeLists(self._neg.offsets, self._neg.rows, "", int((self._neg.counts() > 0).sum()))
+
+    def with_teacher(self, teacher: list) -> "ExampleArrays":
+        """A copy whose teacher scores are `teacher` (per example {row: score})."""
+        out = object.__new__(ExampleArrays)
+        out.__dict__.update(self.__dict__)
+        out.teacher = teacher
+        return out
+
+
+def _write_examples(tmp: Path, ex: formats.TrainExamples, tokenizer, max_len: int,
+                    prompt: str, meta: dict) -> None:
+    (tmp / "queries").mkdir()
+    w = StoreWriter(tmp / "queries", tokenizer, max_len=max_len, name="queries", total=len(ex))
+    try:
+        w.add(ex.query_ids, [prompt + q for q in ex.queries] if prompt else ex.queries)
+    except BaseException:
+        w.abort()
+        raise
+    w.finish()
+    for name, lists in (("pos", ex.positives), ("neg", ex.negatives)):
+        csr = NegativeLists.from_lists(lists)
+        np.save(tmp / f"{name}_offsets.npy", csr.offsets)
+        np.save(tmp / f"{name}_rows.npy", csr.rows)
+    np.save(tmp / "lines.npy", np.asarray([int(x) for x in ex.lines], dtype=np.int64))
+    teacher = ex.has_teacher_scores
+    if teacher:
+        csr = NegativeLists.from_lists([list(t) for t in ex.teacher])
+        np.save(tmp / "teacher_offsets.npy", csr.offsets)
+        np.save(tmp / "teacher_rows.npy", csr.rows)
+        np.save(tmp / "teacher_scores.npy", np.fromiter(
+            (s for t in ex.teacher for s in t.values()), dtype=np.float64, count=len(csr.rows)))
+    (tmp / "meta.json").write_text(json.dumps({**meta, "examples": len(ex),
+                                               "teacher_scores": teacher}, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The corpus, streamed
+# ---------------------------------------------------------------------------------------------
+
+class StoreCorpus:
+    """A corpus token store seen as a `formats.Corpus` by the training readers: ids, index
+    (key -> row on disk), path; no texts."""
+
+    def __init__(self, store: TokenStore, path):
+        self.store, self.path = store, str(path)
+        self.ids, self.index = store.keys, store.index
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def row(self, doc_id: str) -> int:
+        return self.store.row(doc_id)
+
+
+def _stream_corpus(tmp: Path, path: Path, tokenizer, max_len: int, prompt: str) -> None:
+    """Tokenise a corpus file into a store at `tmp`, record by record (the checks of
+    `formats.read_corpus`; a duplicate id names both records)."""
+    w = StoreWriter(tmp, tokenizer, max_len=max_len, name="docs")
+    keys, texts = [], []
+    try:
+        for line, obj in iter_records(path):
+            keys.append(formats._id(obj, formats.DOC_ID_KEYS, path, line, "document id"))
+            title = formats._text(obj, "title", path, line, required=False)
+            texts.append(prompt + formats._join(title, formats._text(obj, "text", path, line,
+                                                                    what="document text")))
+            if len(keys) == _RECORDS:
+                w.add(keys, texts)
+                keys, texts = [], []
+        w.add(keys, texts)
+    except BaseException:
+        w.abort()
+        raise
+    try:
+        meta = w.finish(source=str(path))
+    except DuplicateKey as e:
+        first, second = (next(where for i, (where, _) in enumerate(iter_records(path)) if i == r)
+                         for r in e.rows)
+        raise record_error(path, second, f"duplicate document id {e.key!r} (first at "
+                           f"{at(first)})") from None
+    if meta["num_texts"] == 0:
+        raise NegjaxError(f"{path}: no documents")
+
+
+def _open_examples(directory: Path) -> ExampleArrays:
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+        examples = ExampleArrays(directory, TokenStore.open(directory / "queries"), meta)
+    except (OSError, ValueError, KeyError) as e:
+        raise NegjaxError(f"{directory}: unreadable prepared training data ({e})") from None
+    if meta.get("format") != FORMAT or len(examples) != len(examples.query_store) \
+            or len(examples.positives) != len(examples):
+        raise NegjaxError(f"{directory}: prepared training data does not match its meta.json")
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Prepared:
+    docs: TokenStore
+    queries: TokenStore
+    examples: ExampleArrays
+    corpus: StoreCorpus
+    seconds: float
+    built: list  # names of what was built now ([] = everything was in the cache)
+
+
+def prepare_training(paths: dict, tokenizer, *, doc_max_len: int, query_max_len: int,
+                     prompts: dict | None = None, cache_dir=None) -> Prepared:
+    """The prepared training data of `paths` (`layout.resolve_dataset`: "train", "corpus",
+    "train_qrels"), built now unless the cache has it (see the module docstring)."""
+    t0 = time.perf_counter()
+    prompts = prompts or {}
+    train, corpus_path, qrels = paths["train"], paths.get("corpus"), paths.get("train_qrels")
+    backend, pad_id = load_backend_tokenizer(tokenizer)
+    tok = [tokenizer_hash(backend), pad_id]
+    root = default_cache_dir(cache_dir) / "tokens"
+    # With a corpus file the documents are its records (training entries are its ids),
+    # without one the training file's texts; the format is detected only when building.
+    use_corpus = corpus_path is not None
+    source = fingerprint(corpus_path) if use_corpus else fingerprint(train)
+    doc_key = _key(FORMAT, "docs", use_corpus, source, tok, doc_max_len, prompts.get("doc", ""))
+    train_key = _key(FORMAT, "train", doc_key, fingerprint(train),
+                     fingerprint(qrels) if qrels else None, tok, query_max_len,
+                     prompts.get("query", ""))
+    docs_dir, train_dir = root / f"docs-{doc_key}", root / f"train-{train_key}"
+    built, read = [], {}
+
+    def train_format() -> str:
+        if "format" not in read:
+            read["format"] = "queries" if qrels else formats.detect_train_format(train)
+            if use_corpus and read["format"] == "sentence-transformers":
+                raise NegjaxError(f"{train}: sentence-transformers columns carry texts, not "
+                                  "corpus ids; train without a corpus (the texts form it)")
+        return read["format"]
+
+    def read_training(corpus):
+        if "examples" not in read:
+            read["corpus"], read["examples"] = formats.read_training(
+                train, corpus, qrels=qrels, fmt=train_format())
+        return read["corpus"], read["examples"]
+
+    def write_docs(tmp):
+        built.append("docs")
+        train_format()  # (refuse a training file that cannot use the corpus before reading it)
+        if use_corpus:
+            return _stream_corpus(tmp, Path(corpus_path), tokenizer, doc_max_len, prompts.get("doc", ""))
+        corpus, _ = read_training(None)
+        w = StoreWriter(tmp, tokenizer, max_len=doc_max_len, name="docs", total=len(corpus))
+        doc_prompt = prompts.get("doc", "")
+        w.add(corpus.ids, [doc_prompt + t for t in corpus.texts] if doc_prompt else corpus.texts)
+        w.finish(source=str(train))
+
+    docs = open_or_build(docs_dir, write_docs)
+    store_corpus = StoreCorpus(docs, corpus_path if use_corpus else train)
+    meta = {"format": FORMAT, "train_path": str(train),
+            "inputs": {"train": fingerprint(train), "corpus": source if use_corpus else None,
+                       "train_qrels": fingerprint(qrels) if qrels else None}, "docs": docs_dir.name}
+
+    def write_train(tmp):
+        built.append("train")
+        _, ex = read_training(store_corpus if use_corpus else None)
+        _write_examples(tmp, ex, tokenizer, query_max_len, prompts.get("query", ""),
+                        {**meta, "train_format": ex.format})
+
+    try:
+        build_into(train_dir, write_train)
+        examples = _open_examples(train_dir)
+    except NegjaxError:
+        if "train" in built:
+            raise
+        shutil.rmtree(train_dir, ignore_errors=True)  # damaged after it was built: rebuild
+        build_into(train_dir, write_train)
+        examples = _open_examples(train_dir)
+    return Prepared(docs, examples.query_store, examples, store_corpus, time.perf_counter() - t0, built)
