@@ -90,6 +90,7 @@ def test_bad_corpora_are_named(inputs, tok, tmp_path):
     write_jsonl(inputs["corpus"], DOCS[:2] + [{"id": "d2"}])
     with pytest.raises(NegjaxError, match=r"corpus.jsonl:3: .*text"):
         prepare(inputs, tok, tmp_path / "c2")
+    assert list((tmp_path / "c2" / "tokens").iterdir()) == []  # no store, no temporary one
     write_jsonl(inputs["corpus"], DOCS[:4])
     with pytest.raises(NegjaxError, match=r"train.jsonl:3: pos\[0\]: unknown corpus id 'd4'"):
         prepare(inputs, tok, tmp_path / "c3")
@@ -105,6 +106,7 @@ def test_key_index_survives_hash_collisions(tmp_path, tok, monkeypatch):
     store = token_store.build_token_store([f"text {i}" for i in range(21)], keys, tok,
                                           max_len=8, cache_dir=tmp_path)
     assert store.rows_of(keys[::-1] + ["k20", "k"]).tolist() == list(range(20, -1, -1)) + [-1, -1]
+    assert [store.index.get(k) for k in keys] == list(range(21)) and "k21" not in store.index
     assert store.keys[20] == "ü-ключ" and store.keys[-1] == "ü-ключ"
     with pytest.raises(NegjaxError, match="duplicate key 'k1'"):
         token_store.build_token_store(["a", "b", "c"], ["k0", "k1", "k1"], tok, max_len=8,

@@ -91,21 +91,17 @@ def test_reused_and_never_stale(tmp_path, tok_dir):
 
 
 def test_interrupted_build_leaves_no_store(tmp_path, tok_dir, monkeypatch):
-    monkeypatch.setattr(token_store, "_CHUNK", 2)
+    real = token_store.StoreWriter._tokenise
 
-    class Failing(list):
-        """Texts whose reading fails part-way through tokenisation (a crash mid-build)."""
-        calls = 0
+    def crash(self, texts):
+        """Tokenising fails part-way (a crash mid-build, on the writer's worker thread)."""
+        real(self, texts[:2])
+        raise RuntimeError("killed")
 
-        def __getitem__(self, item):
-            if isinstance(item, slice):
-                Failing.calls += 1
-                if Failing.calls == 5:  # 3 slices to hash, then fail in the 2nd tokenise chunk
-                    raise RuntimeError("killed")
-            return super().__getitem__(item)
-
+    monkeypatch.setattr(token_store.StoreWriter, "_tokenise", crash)
     with pytest.raises(RuntimeError, match="killed"):
-        build_token_store(Failing(TEXTS), KEYS, tok_dir, max_len=32, cache_dir=tmp_path)
+        build_token_store(TEXTS, KEYS, tok_dir, max_len=32, cache_dir=tmp_path)
+    monkeypatch.undo()
     assert list((tmp_path / "tokens").iterdir()) == []  # neither a final nor a temp directory
     store = build_token_store(TEXTS, KEYS, tok_dir, max_len=32, cache_dir=tmp_path)
     assert store.lengths.tolist() == build_token_store(TEXTS, KEYS, tok_dir, max_len=32,

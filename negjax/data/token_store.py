@@ -179,8 +179,15 @@ class KeyIndex:
         return len(self._store)
 
     def get(self, key, default=None):
-        row = int(self._store.rows_of([key])[0])
-        return default if row < 0 else row
+        raw, h = str(key).encode("utf-8"), hash_keys([str(key)])[0]
+        s = self._store
+        i, n = int(np.searchsorted(s._key_hash, h)), len(s._key_hash)
+        while i < n and s._key_hash[i] == h:  # (more than once only for a hash collision)
+            row = int(s._key_rows[i])
+            if bytes(s._blob[s._key_off[row]:s._key_off[row + 1]]) == raw:
+                return row
+            i += 1
+        return default
 
     def __getitem__(self, key) -> int:
         row = self.get(key)
@@ -323,42 +330,63 @@ class StoreWriter:
     Memory: the arrays of per-row numbers (about 30 bytes a row), never the texts."""
 
     def __init__(self, directory, tokenizer, *, max_len: int, name: str = "texts", total=None):
+        from concurrent.futures import ThreadPoolExecutor
+
         if max_len < 2:
             raise NegjaxError(f"max_len must be >= 2, got {max_len}")
         self.dir = Path(directory)
         self.backend, self.pad_id = load_backend_tokenizer(tokenizer)
         self.tok_hash = tokenizer_hash(self.backend)
         self.backend.enable_truncation(max_length=max_len)
+        # (encode_batch_fast: the same ids without character offsets, ~2x faster)
+        self._encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
         self.max_len, self.name = max_len, name
         self._ids = open(self.dir / "ids.raw", "wb")
         self._keys = open(self.dir / "keys.bin", "wb")
         self._lengths, self._key_lens, self._key_hash, self._text_hash = [], [], [], []
         self._bar = progress(total=total, desc=f"tokenise {name}", unit="text")
+        # Tokenising (which releases the GIL and uses every core) runs on a worker thread
+        # while the caller reads the next records; chunks are written in order.
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="negjax-tokenise")
+        self._pending = None
 
     def add(self, keys: Sequence[str], texts: Sequence[str]) -> None:
         from negjax.data.formats import normalize_text
 
         if len(keys) != len(texts):
             raise ValueError(f"{len(keys)} keys but {len(texts)} texts")
-        for lo in range(0, len(texts), _CHUNK):
-            chunk = list(texts[lo:lo + _CHUNK])
-            enc = self.backend.encode_batch(chunk, add_special_tokens=True)
-            ids = [e.ids for e in enc]
-            lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
-            self._ids.write(np.fromiter((t for x in ids for t in x), dtype=np.int32,
-                                        count=int(lengths.sum())).tobytes())
-            self._lengths.append(lengths)
-            self._text_hash.append(hash_keys(normalize_text(t) for t in chunk))
-            self._bar.update(len(chunk))
         raw = [str(k).encode("utf-8") for k in keys]
+        key_hash = hash_keys(str(k) for k in keys)
+        text_hash = hash_keys(normalize_text(t) for t in texts)
+        self._wait()
         self._keys.write(b"".join(raw))
         self._key_lens.append(np.fromiter(map(len, raw), dtype=np.int64, count=len(raw)))
-        self._key_hash.append(hash_keys(str(k) for k in keys))
+        self._key_hash.append(key_hash)
+        self._text_hash.append(text_hash)
+        self._pending = self._worker.submit(self._tokenise, list(texts))
+
+    def _tokenise(self, texts: list) -> None:
+        from itertools import chain
+
+        for lo in range(0, len(texts), _CHUNK):
+            chunk = texts[lo:lo + _CHUNK]
+            ids = [e.ids for e in self._encode(chunk, add_special_tokens=True)]
+            lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
+            self._ids.write(np.fromiter(chain.from_iterable(ids), dtype=np.int32,
+                                        count=int(lengths.sum())).tobytes())
+            self._lengths.append(lengths)
+            self._bar.update(len(chunk))
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()  # (re-raises the worker's error)
 
     def finish(self, **meta_extra) -> dict:
-        self._bar.close()
-        self._ids.close()
-        self._keys.close()
+        try:
+            self._wait()
+        finally:
+            self.abort()
         cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)  # noqa: E731
         lengths = cat(self._lengths, np.int32)
         n = len(lengths)
@@ -396,6 +424,8 @@ class StoreWriter:
         return meta
 
     def abort(self) -> None:
+        """Stop (after the chunk being tokenised) and close the files; idempotent."""
+        self._worker.shutdown(wait=True)
         self._bar.close()
         self._ids.close()
         self._keys.close()
