@@ -252,3 +252,22 @@ def test_last_token_pooling_right_and_left_padding(tmp_path):
     mean = load_encoder(ModelConfig(name=str(TINY)))
     np.testing.assert_allclose(np.load(tmp_path / "o.npy"),
                                encode_texts(mean, mean.params, texts, max_length=32), atol=1e-5)
+
+
+def test_encode_store_equals_encode_texts(tmp_path):
+    """Encoding rows of a token store (mining, evaluation) gives the embeddings of encoding
+    their texts, bit for bit: same tokens (prompt, truncation, special tokens), same padding."""
+    from negjax.data.token_store import build_token_store
+    from negjax.model.encode import encode_store
+
+    enc = load_encoder(ModelConfig(name=str(TINY), doc_prompt="passage: "))
+    texts = ["a cat", "the quick brown fox jumps over the lazy dog again and again and again",
+             "x", "dogs bark", "birds sing in the morning", "fish"]
+    store = build_token_store(enc.prompted(texts, "doc"), [f"d{i}" for i in range(6)],
+                              enc.tokenizer, max_len=16, cache_dir=tmp_path)
+    for per_device in (None, 2):
+        got = encode_store(enc, enc.params, store, 1, 5, tower="doc", batch_size=8,
+                           per_device=per_device)
+        want = encode_texts(enc, enc.params, texts[1:5], tower="doc", max_length=16,
+                            batch_size=8, per_device=per_device)
+        assert np.array_equal(got, want)

@@ -125,7 +125,7 @@ def encode_eval_mine(data, out):
     from negjax.config import MiningConfig, ModelConfig
     from negjax.data import token_store
     from negjax.data.formats import read_corpus
-    from negjax.data.pipeline import shared_token_stores
+    from negjax.data.prepared import shared_token_stores
     from negjax.evaluation.evaluate import EvalSet, evaluate_encoder
     from negjax.mining.job import run_mining
     from negjax.model import encode as encode_mod

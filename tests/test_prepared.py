@@ -11,6 +11,7 @@ import pytest
 from negjax.data import formats, prepared, token_store
 from negjax.data.prepared import prepare_training
 from negjax.errors import NegjaxError
+from negjax.mining.filters import hash_groups, text_groups
 from test_token_store import minilm_tokenizer
 
 DOCS = [{"id": f"d{i}", "text": f"document number {i} about {w}", **({"title": "T"} if i % 3 == 0 else {})}
@@ -57,6 +58,8 @@ def test_streamed_store_matches_the_readers_and_warm_start_reads_no_text(inputs,
     assert data.docs.row("d7") == 7 and "d8" not in data.docs.index
     th = data.docs.text_hash
     assert th[2] == th[7] and len(set(th.tolist())) == len(DOCS) - 1  # text-level dedup by hash
+    same = lambda g: (g[:, None] == g[None, :]).tolist()  # noqa: E731
+    assert same(hash_groups(th)) == same(text_groups(corpus.texts))
     assert [data.queries.tokens(i).tolist()[1:3] != [] for i in range(3)] == [True] * 3
     e = data.examples
     assert list(e.query_ids) == ["q0", "q1", "q2"] and len(e) == 3

@@ -47,7 +47,7 @@ import numpy as np
 
 from negjax.data.formats import TrainExamples
 from negjax.data.layout import resolve_dataset
-from negjax.data.prepared import prepare_training
+from negjax.data.prepared import prepare_training, shared_token_stores
 from negjax.data.shards import NegativeLists, load_negatives
 from negjax.data.token_store import TokenStore
 from negjax.errors import NegjaxError
@@ -482,35 +482,6 @@ def _bucket(buckets: list[int], length: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # From a config
 # ---------------------------------------------------------------------------------------------
-
-def shared_token_stores(build, cache_dir=None):
-    """`build()` (which builds or opens token stores under `cache_dir`) run once per host: in
-    a multi-process job the processes that see the same resolved cache directory on the same
-    host elect a leader (the lowest process index), the leader builds, all wait at a barrier,
-    then the others call `build()` too, which opens the stores the leader wrote (or, should
-    they not be there, e.g. a directory that is not what it seems, builds its own; a store is
-    renamed into place complete, so concurrent builders stay safe). Hosts that share a
-    network cache each tokenise once. Collective; one process: `build()`."""
-    import jax
-
-    if jax.process_count() == 1:
-        return build()
-    from negjax.distributed import barrier
-    from negjax.multihost import host_leader
-    from negjax.utils import default_cache_dir
-
-    leader = host_leader(default_cache_dir(cache_dir) / "tokens")
-    out, error = None, None
-    if leader:
-        try:
-            out = build()
-        except Exception as e:  # reach the barrier first: the others then fail alike or build
-            error = e
-    barrier("token-stores")
-    if error is not None:
-        raise error
-    return out if leader else build()
-
 
 def build_pipeline(cfg, tokenizer, *, negatives_dir: str | None = None,
                    process_index: int | None = None, process_count: int | None = None,

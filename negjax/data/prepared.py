@@ -73,7 +73,12 @@ class _Ragged:
     def __len__(self) -> int:
         return len(self._off) - 1
 
-    def __getitem__(self, i: int) -> list:
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i = i % len(self)
         return self._val[self._off[i]:self._off[i + 1]].tolist()
 
 
@@ -84,7 +89,10 @@ class _TeacherScores(_Ragged):
         super().__init__(offsets, rows)
         self._scores = scores
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i) -> dict:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i = i % len(self)
         lo, hi = self._off[i], self._off[i + 1]
         return dict(zip(self._val[lo:hi].tolist(), self._scores[lo:hi].tolist()))
 
@@ -222,6 +230,35 @@ def _open_examples(directory: Path) -> ExampleArrays:
 # ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
+
+def shared_token_stores(build, cache_dir=None):
+    """`build()` (which builds or opens token stores under `cache_dir`) run once per host: in
+    a multi-process job the processes that see the same resolved cache directory on the same
+    host elect a leader (the lowest process index), the leader builds, all wait at a barrier,
+    then the others call `build()` too, which opens the stores the leader wrote (or, should
+    they not be there, e.g. a directory that is not what it seems, builds its own; a store is
+    renamed into place complete, so concurrent builders stay safe). Hosts that share a
+    network cache each tokenise once. Collective; one process: `build()`."""
+    import jax
+
+    if jax.process_count() == 1:
+        return build()
+    from negjax.distributed import barrier
+    from negjax.multihost import host_leader
+    from negjax.utils import default_cache_dir
+
+    leader = host_leader(default_cache_dir(cache_dir) / "tokens")
+    out, error = None, None
+    if leader:
+        try:
+            out = build()
+        except Exception as e:  # reach the barrier first: the others then fail alike or build
+            error = e
+    barrier("token-stores")
+    if error is not None:
+        raise error
+    return out if leader else build()
+
 
 @dataclass
 class Prepared:

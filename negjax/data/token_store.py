@@ -25,7 +25,7 @@ stale. `negjax.data.prepared` streams files into `StoreWriter` instead and names
 the input files' fingerprints, so a warm start reads no text. A store is built in a temporary
 directory and renamed into place, so a crash never leaves a half store under the final name,
 and concurrent builders all end up reading the one that won the rename. A multi-process
-training job builds each store once per host (`negjax.data.pipeline.shared_token_stores`: one
+training job builds each store once per host (`negjax.data.prepared.shared_token_stores`: one
 leader process per host and cache directory tokenises, the others open its store after a
 barrier).
 """

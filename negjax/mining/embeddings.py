@@ -1,7 +1,7 @@
-"""The embedding cache of the mining job: texts encoded in resumable chunks on disk, read back
-out of core.
+"""The embedding cache of the mining job: texts (read from a token store, or strings) encoded
+in resumable chunks on disk, read back out of core.
 
-    store, info = encode_chunked(enc, params, texts, tower="doc", max_length=128,
+    store, info = encode_chunked(enc, params, doc_tokens, tower="doc", max_length=128,
                                  batch_size=256, chunk=8192, directory=work / "emb" / key,
                                  stage="doc", dtype="float16")
     block = store[0:65536]                       # float32 rows read from the chunk files
@@ -27,7 +27,7 @@ import numpy as np
 
 from negjax.distributed import barrier, to_host
 from negjax.errors import NegjaxError
-from negjax.model.encode import encode_texts, rows_per_device
+from negjax.model.encode import encode_store, encode_texts, rows_per_device
 from negjax.multihost import process_chunks
 from negjax.utils import atomic_save_npy
 
@@ -190,7 +190,8 @@ def encode_chunked(enc, params, texts, *, tower: str, max_length: int, batch_siz
                    chunk: int, directory: Path, stage: str, dtype: str = "float32",
                    chunks: list[tuple[int, int, int]] | None = None,
                    source: Path | None = None) -> tuple[EmbeddingStore, dict]:
-    """Embeddings of `texts`, computed chunk by chunk into `directory` (reusing chunks already
+    """Embeddings of `texts` (strings, or a `TokenStore` of them tokenised with the encoder's
+    tokenizer, prompt and `max_length`), computed chunk by chunk into `directory` (reusing chunks already
     there) and returned as an `EmbeddingStore` over all rows (read from disk on demand).
     Collective: this process encodes `chunks` [(c, lo, hi)] (default: c % P == p), then a
     barrier, then every chunk is checked. `batch_size` counts the texts of a batch over all
@@ -212,9 +213,12 @@ def encode_chunked(enc, params, texts, *, tower: str, max_length: int, batch_siz
             save_chunk(path, np.load(source / path.name), dtype)
             info["converted"] += 1
             continue
-        emb = encode_texts(enc, params, texts[lo:hi], tower=tower, max_length=max_length,
-                           batch_size=batch_size, desc=f"encode {stage} {c + 1}/{n_chunks}",
-                           per_device=rows_per_device(batch_size))
+        common = dict(tower=tower, batch_size=batch_size, desc=f"encode {stage} {c + 1}/{n_chunks}",
+                      per_device=rows_per_device(batch_size))
+        if hasattr(texts, "pad"):  # a token store: only these rows' tokens are read
+            emb = encode_store(enc, params, texts, lo, hi, **common)
+        else:
+            emb = encode_texts(enc, params, texts[lo:hi], max_length=max_length, **common)
         save_chunk(path, emb, dtype)
         info["encoded"] += 1
     barrier(f"mine-encode-{stage}")

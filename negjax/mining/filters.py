@@ -71,6 +71,13 @@ def text_groups(texts) -> np.ndarray:
                        dtype=np.int64, count=len(texts))
 
 
+def hash_groups(hashes: np.ndarray) -> np.ndarray:
+    """`[N] int64` groups from a token store's `text_hash` (hashes of the normalised texts):
+    equal iff the hashes are, i.e. `text_groups` of the texts without reading them (two
+    different texts share a group only on a 64-bit hash collision)."""
+    return np.unique(np.asarray(hashes), return_inverse=True)[1].astype(np.int64).reshape(-1)
+
+
 def positive_ranks(ids: np.ndarray, pos_rows: np.ndarray) -> np.ndarray:
     """1-based rank of each positive in the candidate list, 0 = not retrieved (or padding).
     `ids [Q, k]`, `pos_rows [Q, P]` -> `[Q, P] int32`."""

@@ -62,7 +62,7 @@ import jax
 import numpy as np
 
 from negjax.data import shards as shard_io
-from negjax.data.formats import read_training
+from negjax.data.prepared import prepare_training, shared_token_stores
 from negjax.data.records import sha256_input
 from negjax.distributed import barrier
 from negjax.errors import NegjaxError
@@ -70,7 +70,7 @@ from negjax.mining import report as report_mod
 from negjax.mining.block import load_stats, mine_block, save_stats
 from negjax.mining.embeddings import EMBEDDING_DTYPES, encode_chunked, model_identity, params_fingerprint
 from negjax.multihost import Watchdog
-from negjax.mining.filters import FILTER_ORDER, SAMPLING, FilterSettings, text_groups
+from negjax.mining.filters import FILTER_ORDER, SAMPLING, FilterSettings, hash_groups
 from negjax.search import (ScannIndex, audit_recall, describe, query_samples, scann_settings,
                            tunable_settings, tune_search)
 from negjax.search.tuning import recall_summary
@@ -222,7 +222,7 @@ def run_mining(*args, **kwargs) -> dict:
 
 def _run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, query_max_len: int,
                doc_max_len: int, model_info: dict | None = None, train_qrels=None,
-               overwrite: bool = False, teacher_scores=None) -> dict:
+               overwrite: bool = False, teacher_scores=None, cache_dir=None) -> dict:
     """The mining job (`run_mining`).
 
     `params`: encoder params in `enc`'s tower layout (queries use tower 'query', documents
@@ -244,9 +244,16 @@ def _run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, qu
     model_info = dict(model_info or {"path": enc.source, "step": None})
 
     # -- inputs and keys -------------------------------------------------------------------
-    corpus, examples = read_training(train_path, corpus_path, qrels=train_qrels)
+    # The corpus and training queries as token stores (built once per host, or found by the
+    # inputs' fingerprints): no process holds their texts; each encodes its own rows.
+    paths = {"train": Path(train_path), "corpus": Path(corpus_path) if corpus_path else None,
+             "train_qrels": Path(train_qrels) if train_qrels else None}
+    data = shared_token_stores(lambda: prepare_training(
+        paths, enc.tokenizer, doc_max_len=doc_max_len, query_max_len=query_max_len,
+        prompts=enc.prompts, cache_dir=cache_dir), cache_dir)
+    corpus, examples = data.corpus, data.examples
     n_docs, nq = len(corpus), len(examples)
-    max_pos = max((len(p) for p in examples.positives), default=0)
+    max_pos = int(examples.positive_lists().counts().max()) if nq else 0
     k = min(mc.k or 100 + max_pos, n_docs)
     if settings.rank_min > k:
         raise NegjaxError(f"rank range {settings.rank_min}:... starts beyond the {k} candidates "
@@ -333,14 +340,14 @@ def _run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, qu
     enc_info = {}
     t = time.perf_counter()
     doc_store, enc_info["doc"] = encode_chunked(
-        enc, params, corpus.texts, tower="doc", max_length=doc_max_len,
+        enc, params, data.docs, tower="doc", max_length=doc_max_len,
         batch_size=mc.encode_batch_size, chunk=chunk, stage="doc", dtype=dtype,
         directory=work / "emb" / f"doc-{doc_key[:16]}", chunks=my_doc_chunks,
         source=work / "emb" / f"doc-{doc_key32[:16]}" if dtype != "float32" else None)
     timings["encode_docs_s"] = time.perf_counter() - t
     t = time.perf_counter()
     q_store, enc_info["query"] = encode_chunked(
-        enc, params, examples.queries, tower="query", max_length=query_max_len,
+        enc, params, data.queries, tower="query", max_length=query_max_len,
         batch_size=mc.encode_batch_size, chunk=chunk, stage="query",
         directory=work / "emb" / f"query-{query_key[:16]}")
     timings["encode_queries_s"] = time.perf_counter() - t
@@ -411,7 +418,7 @@ def _run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, qu
     # -- merge, filter, sample, write: shard s by process s % P --------------------------------
     t = time.perf_counter()
     shard_info = [json.loads((cand_dir / f"shard-{p:03d}.json").read_text()) for p in range(pc)]
-    groups = text_groups(corpus.texts) if settings.dedup_text else None
+    groups = hash_groups(data.docs.text_hash) if settings.dedup_text else None
     edges = _score_edges(q_store.max_norm(), max(x["max_norm"] for x in shard_info))
     mine_ids = list(range(pi, n_shards, pc))
     todo = [s for s in mine_ids if s not in finished_shards]

@@ -200,6 +200,27 @@ def encode_texts(enc, params, texts: Sequence[str], *, tower: str = "query",
                         per_device=per_device)
 
 
+def encode_store(enc, params, store, lo: int = 0, hi: int | None = None, *,
+                 tower: str = "doc", batch_size: int = 128, buckets: Sequence[int] | None = None,
+                 desc: str = "encode", per_device: int | None = None) -> np.ndarray:
+    """Rows lo..hi of a token store (`negjax.data.token_store`, tokenised with this encoder's
+    tokenizer, the tower's prompt and the max length) -> embeddings [hi - lo, D] float32: the
+    same as `encode_texts` of those texts, without them (only the rows' tokens are read)."""
+    hi = len(store) if hi is None else int(hi)
+    lengths = np.asarray(store.lengths[lo:hi], dtype=np.int64)
+
+    pad = enc.config.pad_token_id
+
+    def rows(idx, length):
+        tokens, mask = store.pad(lo + np.asarray(idx, dtype=np.int64), length)
+        tokens[mask == 0] = pad  # (the model's pad id, as encode_texts pads)
+        return tokens, mask
+
+    return _run_batches(enc, params, lengths, rows, tower=tower, batch_size=batch_size,
+                        buckets=buckets or bucket_lengths(store.max_len), desc=desc,
+                        per_device=per_device)
+
+
 def encode_across_processes(enc, params, texts: Sequence[str], *, tower: str = "query",
                             max_length: int | None = None, batch_size: int = 128,
                             desc: str = "encode") -> np.ndarray:

@@ -380,7 +380,8 @@ class Trainer:
                               doc_max_len=c.model.doc_max_len,
                               model_info={"path": str(self.workdir), "step": step},
                               train_qrels=self.paths.get("train_qrels"),
-                              teacher_scores=c.mining.teacher_scores or None)
+                              teacher_scores=c.mining.teacher_scores or None,
+                              cache_dir=c.data.cache_dir or None)
         data_state = self.pipeline.get_state()
         self.pipeline.close()
         self.negatives_dir = str(out)
