@@ -112,7 +112,8 @@ def quickstart(workdir, *, model: str = "tiny", steps: int | None = None,
     neg_dir = workdir / "negatives"
     run_mining(enc, params1, corpus_path=data_dir / "corpus.jsonl", train_path=data_dir / "train.jsonl",
                out_dir=neg_dir, mining_cfg=cfg1.mining, query_max_len=cfg1.model.query_max_len,
-               doc_max_len=cfg1.model.doc_max_len, model_info={"path": info1["path"], "step": info1["step"]})
+               doc_max_len=cfg1.model.doc_max_len, model_info={"path": info1["path"], "step": info1["step"]},
+               cache_dir=cfg1.data.cache_dir or None)
     timings["mining_s"] = time.perf_counter() - t
 
     cfg2 = base_config(model, workdir / "round2", **sizes,
@@ -125,11 +126,14 @@ def quickstart(workdir, *, model: str = "tiny", steps: int | None = None,
 
     print("[4/4] evaluating both rounds on the test split", flush=True)
     t = time.perf_counter()
-    test = EvalSet.from_files(data_dir / "corpus.jsonl", data_dir / "test_queries.jsonl",
-                              data_dir / "test_qrels.tsv")
-    rows = []
+    test, rows = None, []
     for rnd, name in ((1, "round 1: in-batch negatives"), (2, "round 2: + mined hard negatives")):
         enc, params, info = load_model(workdir / f"round{rnd}")
+        if test is None:  # (both rounds' models share the tokenizer and prompts)
+            test = EvalSet.from_files(data_dir / "corpus.jsonl", data_dir / "test_queries.jsonl",
+                                      data_dir / "test_qrels.tsv", encoder=enc,
+                                      doc_max_len=cfg1.model.doc_max_len,
+                                      cache_dir=cfg1.data.cache_dir or None)
         res = evaluate_encoder(enc, params, test, batch_size=256, query_max_len=cfg1.model.query_max_len,
                                doc_max_len=cfg1.model.doc_max_len)
         rows.append({"round": rnd, "name": name, "model": cfg1.model.name, "steps": info["step"],

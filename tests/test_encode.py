@@ -271,3 +271,25 @@ def test_encode_store_equals_encode_texts(tmp_path):
         want = encode_texts(enc, enc.params, texts[1:5], tower="doc", max_length=16,
                             batch_size=8, per_device=per_device)
         assert np.array_equal(got, want)
+
+
+def test_evaluation_from_the_token_store_equals_from_texts(tmp_path):
+    """EvalSet.from_files(encoder=...) keeps the corpus as a token store and encodes its rows:
+    the same metrics as from the texts; a store tokenised to another length is refused."""
+    from negjax.evaluation.evaluate import EvalSet, evaluate_encoder
+
+    enc = load_encoder(ModelConfig(name=str(TINY), doc_prompt="passage: "))
+    words = ["cat", "dog", "bird", "fish", "tree", "rock", "sand", "sea", "sun", "moon"]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"id": f"d{i}", "text": f"a {w} and a {v}"})
+                                              + "\n" for i, (w, v) in enumerate(zip(words, words[::-1]))))
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"id": f"q{i}", "text": w}) + "\n"
+                                              for i, w in enumerate(words[:4])))
+    (tmp_path / "r.tsv").write_text("".join(f"q{i}\td{i}\t1\n" for i in range(4)))
+    files = (tmp_path / "c.jsonl", tmp_path / "q.jsonl", tmp_path / "r.tsv")
+    texts = EvalSet.from_files(*files)
+    store = EvalSet.from_files(*files, encoder=enc, doc_max_len=16, cache_dir=tmp_path / "cache")
+    assert store.corpus_texts == [] and list(store.corpus_ids) == texts.corpus_ids
+    kw = dict(batch_size=8, query_max_len=8, doc_max_len=16)
+    assert evaluate_encoder(enc, enc.params, store, **kw) == evaluate_encoder(enc, enc.params, texts, **kw)
+    with pytest.raises(ValueError, match="tokenised to 16 tokens"):
+        evaluate_encoder(enc, enc.params, store, **{**kw, "doc_max_len": 32})

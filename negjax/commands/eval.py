@@ -40,7 +40,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from negjax.evaluation.evaluate import EvalSet
-    from negjax.model.encode import encode_texts
+    from negjax.model.encode import encode_store, encode_texts
     from negjax.model.loader import load_model, saved_config
 
     if bool(args.queries) != bool(args.qrels):
@@ -60,7 +60,6 @@ def run(args) -> int:
     if args.encode_batch_size < 1 or args.max_queries < 0:
         raise NegjaxError("--encode-batch-size must be >= 1 and --max-queries >= 0")
     dims = _parse_dims(args.dim)
-    data = EvalSet.from_files(corpus, queries, qrels, max_queries=args.max_queries)
     enc, params, info = load_model(args.model)
     for k in filter(None, dims):
         enc.truncated(k)  # checks each size against the model before any encoding
@@ -73,7 +72,9 @@ def run(args) -> int:
         qlen = saved.model.query_max_len if saved else 32
     if dlen is None:
         dlen = saved.model.doc_max_len if saved else 128
-    corpus_emb = encode_texts(enc, params, data.corpus_texts, tower="doc", max_length=dlen,
+    data = EvalSet.from_files(corpus, queries, qrels, max_queries=args.max_queries, encoder=enc,
+                              doc_max_len=dlen)
+    corpus_emb = encode_store(enc, params, data.corpus_store, tower="doc",
                               batch_size=args.encode_batch_size, desc="encode corpus")
     query_emb = encode_texts(enc, params, data.query_texts, tower="query", max_length=qlen,
                              batch_size=args.encode_batch_size, desc="encode queries")

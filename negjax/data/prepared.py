@@ -270,6 +270,22 @@ class Prepared:
     built: list  # names of what was built now ([] = everything was in the cache)
 
 
+def _docs_key(from_corpus: bool, source: list, tok: list, max_len: int, prompt: str) -> str:
+    return _key(FORMAT, "docs", from_corpus, source, tok, max_len, prompt)
+
+
+def corpus_store(corpus_path, tokenizer, *, max_len: int, prompt: str = "",
+                 cache_dir=None) -> TokenStore:
+    """The token store of a corpus file (`<cache>/tokens/docs-<key>`, the one training uses
+    for the same corpus, tokenizer, max length and prompt), streamed in unless cached: what
+    evaluation encodes its rows from. Not collective (wrap in `shared_token_stores`)."""
+    backend, pad_id = load_backend_tokenizer(tokenizer)
+    key = _docs_key(True, fingerprint(corpus_path), [tokenizer_hash(backend), pad_id], max_len,
+                    prompt)
+    return open_or_build(default_cache_dir(cache_dir) / "tokens" / f"docs-{key}",
+                         lambda tmp: _stream_corpus(tmp, Path(corpus_path), tokenizer, max_len, prompt))
+
+
 def prepare_training(paths: dict, tokenizer, *, doc_max_len: int, query_max_len: int,
                      prompts: dict | None = None, cache_dir=None) -> Prepared:
     """The prepared training data of `paths` (`layout.resolve_dataset`: "train", "corpus",
@@ -284,7 +300,7 @@ def prepare_training(paths: dict, tokenizer, *, doc_max_len: int, query_max_len:
     # without one the training file's texts; the format is detected only when building.
     use_corpus = corpus_path is not None
     source = fingerprint(corpus_path) if use_corpus else fingerprint(train)
-    doc_key = _key(FORMAT, "docs", use_corpus, source, tok, doc_max_len, prompts.get("doc", ""))
+    doc_key = _docs_key(use_corpus, source, tok, doc_max_len, prompts.get("doc", ""))
     train_key = _key(FORMAT, "train", doc_key, fingerprint(train),
                      fingerprint(qrels) if qrels else None, tok, query_max_len,
                      prompts.get("query", ""))

@@ -5,6 +5,7 @@ In a multi-process job every process encodes a slice; process 0 searches and sco
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -18,26 +19,44 @@ TOP_K = 100
 
 @dataclass
 class EvalSet:
-    """Queries + qrels + the corpus they refer to."""
+    """Queries + qrels + the corpus they refer to: its texts, or (`corpus_store`) the token
+    store its rows are encoded from."""
 
-    corpus_ids: list
-    corpus_texts: list
+    corpus_ids: Sequence  # a list, or a token store's `Keys`
+    corpus_texts: list    # [] when `corpus_store` holds the corpus
     query_ids: list
     query_texts: list
     qrels: dict
+    corpus_store: object = None
 
     @classmethod
-    def from_files(cls, corpus_path, queries_path, qrels_path, *, max_queries: int = 0) -> "EvalSet":
+    def from_files(cls, corpus_path, queries_path, qrels_path, *, max_queries: int = 0,
+                   encoder=None, doc_max_len: int = 128, cache_dir=None) -> "EvalSet":
+        """With `encoder`, the corpus goes into the token store it is encoded from
+        (`negjax.data.prepared.corpus_store`: the encoder's tokenizer and document prompt,
+        `doc_max_len`; training's store of the same corpus; built once per host, so this is
+        collective in a multi-process job) and no process holds its texts. Without, the texts
+        are read (for another library's encoder)."""
         from negjax.data.formats import read_corpus, read_qrels, read_queries
 
-        corpus = read_corpus(corpus_path)
+        store = None
+        if encoder is not None:
+            from negjax.data.prepared import StoreCorpus, corpus_store, shared_token_stores
+
+            store = shared_token_stores(lambda: corpus_store(
+                corpus_path, encoder.tokenizer, max_len=doc_max_len,
+                prompt=encoder.prompts.get("doc", ""), cache_dir=cache_dir), cache_dir)
+            corpus = StoreCorpus(store, corpus_path)
+        else:
+            corpus = read_corpus(corpus_path)
         queries = read_queries(queries_path)
         qrels = read_qrels(qrels_path, corpus=corpus, query_ids=set(queries.ids))
         keep = [i for i, q in enumerate(queries.ids) if q in qrels]
         if max_queries:
             keep = keep[:max_queries]
-        return cls(corpus.ids, corpus.texts, [queries.ids[i] for i in keep],
-                   [queries.texts[i] for i in keep], {queries.ids[i]: qrels[queries.ids[i]] for i in keep})
+        return cls(corpus.ids, [] if store is not None else corpus.texts,
+                   [queries.ids[i] for i in keep], [queries.texts[i] for i in keep],
+                   {queries.ids[i]: qrels[queries.ids[i]] for i in keep}, store)
 
 
 def rankings(query_emb: np.ndarray, corpus_emb: np.ndarray, *, index: str = "exact",
@@ -73,8 +92,12 @@ def _evaluate(enc, params, data: EvalSet, *, batch_size, query_max_len, doc_max_
               corpus_emb) -> dict:
     import jax
 
+    if data.corpus_store is not None and data.corpus_store.max_len != doc_max_len:
+        raise ValueError(f"the evaluation corpus was tokenised to {data.corpus_store.max_len} "
+                         f"tokens, evaluation asks for {doc_max_len}")
     if corpus_emb is None:
-        corpus_emb = encode_across_processes(enc, params, data.corpus_texts, tower="doc",
+        corpus = data.corpus_store if data.corpus_store is not None else data.corpus_texts
+        corpus_emb = encode_across_processes(enc, params, corpus, tower="doc",
                                              max_length=doc_max_len, batch_size=batch_size,
                                              desc="encode corpus")
     query_emb = encode_across_processes(enc, params, data.query_texts, tower="query",

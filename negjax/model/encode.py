@@ -225,7 +225,8 @@ def encode_across_processes(enc, params, texts: Sequence[str], *, tower: str = "
                             max_length: int | None = None, batch_size: int = 128,
                             desc: str = "encode") -> np.ndarray:
     """`encode_texts` split over the processes of a multi-process job: process p tokenises and
-    encodes the p-th contiguous slice of `texts` on its local devices, then every process
+    encodes the p-th contiguous slice of `texts` (strings, or a token store: `encode_store`)
+    on its local devices, then every process
     receives all embeddings [N, D] (an all-gather). `batch_size` counts the texts of one batch
     over all devices of all processes; the per-device batch is fixed (`rows_per_device`), so
     the result equals, bit for bit, a one-process run on the same number of devices.
@@ -238,8 +239,13 @@ def encode_across_processes(enc, params, texts: Sequence[str], *, tower: str = "
     counts = [sum(hi - lo for _, lo, hi in s) for s in slices]
     mine = slices[jax.process_index()]
     lo, hi = (mine[0][1], mine[-1][2]) if mine else (0, 0)
-    local = encode_texts(enc, params, texts[lo:hi], tower=tower, max_length=max_length,
-                         batch_size=batch_size, desc=desc, per_device=rows_per_device(batch_size))
+    if hasattr(texts, "pad"):  # a token store: this process reads only its rows' tokens
+        local = encode_store(enc, params, texts, lo, hi, tower=tower, batch_size=batch_size,
+                             desc=desc, per_device=rows_per_device(batch_size))
+    else:
+        local = encode_texts(enc, params, texts[lo:hi], tower=tower, max_length=max_length,
+                             batch_size=batch_size, desc=desc,
+                             per_device=rows_per_device(batch_size))
     return allgather_rows(local, counts)
 
 

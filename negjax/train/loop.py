@@ -199,8 +199,9 @@ def _add(window: dict, metrics: dict) -> dict:
     return jax.tree.map(lambda a, b: a + b.astype(a.dtype), window, metrics)
 
 
-def _eval_set(cfg: Config, paths: dict) -> EvalSet | None:
-    """The split evaluated during training (`eval.split`), or None."""
+def _eval_set(cfg: Config, paths: dict, enc) -> EvalSet | None:
+    """The split evaluated during training (`eval.split`), or None; its corpus a token store
+    (collective)."""
     split = cfg.eval.split
     if split == "none":
         return None
@@ -210,7 +211,9 @@ def _eval_set(cfg: Config, paths: dict) -> EvalSet | None:
         queries, qrels = beside / f"{split}_queries.jsonl", beside / f"{split}_qrels.tsv"
     if queries is None or qrels is None:
         return None
-    return EvalSet.from_files(paths["corpus"], queries, qrels, max_queries=cfg.eval.max_queries)
+    return EvalSet.from_files(paths["corpus"], queries, qrels, max_queries=cfg.eval.max_queries,
+                              encoder=enc, doc_max_len=cfg.model.doc_max_len,
+                              cache_dir=cfg.data.cache_dir or None)
 
 
 class Trainer:
@@ -266,7 +269,7 @@ class Trainer:
         self.step_fn = make_train_step(self.enc, cfg, self.mesh,
                                        group_size=self.pipeline.group_size)
         self.lr_at = learning_rate_schedule(cfg.train)
-        self.dev = _eval_set(cfg, paths)
+        self.dev = _eval_set(cfg, paths, self.enc)
         self.metrics_path = self.workdir / "metrics.jsonl"
         self.eval_path = self.workdir / "eval.jsonl"
         self.writer = None
