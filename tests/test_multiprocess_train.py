@@ -146,21 +146,22 @@ def encode_eval_mine(data, out):
     finally:
         encode_mod.encode_texts = real_encode
     dev = EvalSet.from_files(data / "corpus.jsonl", data / "dev_queries.jsonl",
-                             data / "dev_qrels.tsv")
+                             data / "dev_qrels.tsv", encoder=enc, doc_max_len=32,
+                             cache_dir=out / "eval-cache")  # the corpus as a token store
     res = evaluate_encoder(enc, params, dev, batch_size=32, query_max_len=16, doc_max_len=32)
     run_mining(enc, params, corpus_path=data / "corpus.jsonl", train_path=data / "train.jsonl",
                out_dir=out / "mined", query_max_len=16, doc_max_len=32,
                mining_cfg=MiningConfig(index="exact", k=20, negatives_kept=3, audit_queries=4,
                                        encode_batch_size=32, encode_chunk=48, shard_size=10))
     writes = []
-    real_write = token_store._write
-    token_store._write = lambda tmp, texts, *a: (writes.append(len(texts)), real_write(tmp, texts, *a))
+    real_write = token_store._write_all
+    token_store._write_all = lambda tmp, texts, *a: (writes.append(len(texts)), real_write(tmp, texts, *a))
     try:
         stores = shared_token_stores(lambda: [token_store.build_token_store(
             corpus.texts, corpus.ids, enc.tokenizer, max_len=32, cache_dir=out / "cache",
             name="docs")], out / "cache")
     finally:
-        token_store._write = real_write
+        token_store._write_all = real_write
     assert len(stores[0]) == len(corpus.texts)
     return emb, res, {"tokenised": writes, "encoded": encoded}
 
