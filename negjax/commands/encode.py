@@ -40,7 +40,7 @@ def read_texts(path: Path) -> list[str]:
     """Texts of a JSONL file in line order; a malformed line raises naming file:line."""
     if not path.is_file():
         raise NegjaxError(f"{path}: input file not found")
-    from negjax.data.formats import iter_jsonl
+    from negjax.data.records import iter_jsonl
 
     texts = []
     for lineno, rec in iter_jsonl(path):

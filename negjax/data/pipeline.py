@@ -48,6 +48,7 @@ import numpy as np
 from negjax.data.formats import TrainExamples
 from negjax.data.layout import resolve_dataset
 from negjax.data.prepared import prepare_training, shared_token_stores
+from negjax.data.sampling import bucket_of, hash_u64, length_buckets, not_first, ragged_rows
 from negjax.data.shards import NegativeLists, load_negatives
 from negjax.data.token_store import TokenStore
 from negjax.errors import NegjaxError
@@ -58,48 +59,6 @@ _RANDOM_ATTEMPTS = 32  # random draws before scanning for a free document
 _FAST_DRAWS = 4       # of which drawn vectorised up front
 STAT_KEYS = ("batches", "queries", "negatives", "random_negatives", "queries_short",
              "replaced_duplicates", "unavoidable_duplicates", "shared_positives", "mix_random")
-
-
-# ---------------------------------------------------------------------------------------------
-# Stateless randomness: version-stable integer hashing instead of RNG streams
-# ---------------------------------------------------------------------------------------------
-
-def _splitmix(x: np.ndarray) -> np.ndarray:
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def hash_u64(*parts) -> np.ndarray:
-    """A uint64 hash of integer arrays (broadcast): the source of every random choice, so a
-    choice depends only on its coordinates (seed, epoch, query, ...), on any numpy version."""
-    with np.errstate(over="ignore"):
-        h = np.zeros((), dtype=np.uint64)
-        for p in parts:
-            h = _splitmix(h ^ np.asarray(p).astype(np.int64).astype(np.uint64))
-    return h
-
-
-def length_buckets(max_len: int, configured=()) -> list[int]:
-    """Pad lengths for texts of up to max_len tokens: the configured ones below max_len, or
-    powers of two from 16, and always max_len itself (few buckets = few jit compilations)."""
-    if configured:
-        small = sorted({int(b) for b in configured if int(b) < max_len})
-    else:
-        small = [b for b in (16, 32, 64, 128, 256, 512, 1024) if b < max_len]
-    return small + [int(max_len)]
-
-
-def _ragged(offsets: np.ndarray, values: np.ndarray, rows: np.ndarray, fill=-1):
-    """Rows of a CSR array padded to [len(rows), max length] (and the lengths)."""
-    starts, lens = offsets[rows], offsets[rows + 1] - offsets[rows]
-    width = int(lens.max()) if len(rows) else 0
-    j = np.arange(width)
-    valid = j[None, :] < lens[:, None]
-    idx = np.where(valid, starts[:, None] + j[None, :], 0)
-    out = np.where(valid, values[idx] if len(values) else fill, fill)
-    return out.astype(np.int64), lens
 
 
 @dataclass
@@ -217,10 +176,10 @@ class Pipeline:
         stats.update(batches=1, queries=B, negatives=B * H)
 
         # Positives: rotate through each query's list by epoch.
-        all_pos, npos = _ragged(self._pos_off, self._pos_rows, q)
+        all_pos, npos = ragged_rows(self._pos_off, self._pos_rows, q)
         rot = (hash_u64(self.seed, _POS, q) + np.uint64(epoch)) % npos.astype(np.uint64)
         chosen = all_pos[np.arange(B), rot.astype(np.int64)]
-        dup = _not_first(chosen)
+        dup = not_first(chosen)
         if dup.any():
             used = set(chosen.tolist())
             for b in np.flatnonzero(dup):
@@ -245,8 +204,8 @@ class Pipeline:
         if H:
             negs = self._negatives(k, epoch, q, chosen, all_pos, stats)
         d_rows = np.concatenate([chosen[:, None], negs], axis=1).reshape(B * G)
-        q_len = _bucket(self.query_buckets, int(self._q_lengths[q].max()))
-        d_len = _bucket(self.doc_buckets, int(self._d_lengths[d_rows].max()))
+        q_len = bucket_of(self.query_buckets, int(self._q_lengths[q].max()))
+        d_len = bucket_of(self.doc_buckets, int(self._d_lengths[d_rows].max()))
         return GlobalBatch(int(k), q, d_rows, pos_ids, q_len, d_len, stats)
 
     def curriculum_offset(self, k: int) -> int:
@@ -260,7 +219,7 @@ class Pipeline:
     def _negatives(self, k, epoch, q, chosen, all_pos, stats) -> np.ndarray:
         """[B, H] int64 document rows (the rules in the module docstring)."""
         B, H, nd = self.batch_size, self.num_negatives, self.num_docs
-        cand, n = _ragged(self._neg_off, self._neg_rows, q)
+        cand, n = ragged_rows(self._neg_off, self._neg_rows, q)
         off = self.curriculum_offset(k)
         if off and cand.shape[1]:
             # The window starts `off` ranks down each list (never past its last H entries).
@@ -300,7 +259,7 @@ class Pipeline:
         # (a random fill never displaces a mined negative); the rest are replaced.
         flat_short = short.ravel()
         prio = np.concatenate([np.flatnonzero(~flat_short), np.flatnonzero(flat_short)])
-        seen_twice = _not_first(np.concatenate([chosen, picks.ravel()[prio]]))[B:]
+        seen_twice = not_first(np.concatenate([chosen, picks.ravel()[prio]]))[B:]
         bad = np.empty(B * H, dtype=bool)
         bad[prio] = seen_twice
         bad = bad.reshape(B, H)
@@ -462,21 +421,6 @@ class Pipeline:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _not_first(x: np.ndarray) -> np.ndarray:
-    """Boolean mask: True where x[i] already occurred at an earlier index."""
-    _, first = np.unique(x, return_index=True)
-    mask = np.ones(len(x), dtype=bool)
-    mask[first] = False
-    return mask
-
-
-def _bucket(buckets: list[int], length: int) -> int:
-    for b in buckets:
-        if length <= b:
-            return b
-    return buckets[-1]
 
 
 # ---------------------------------------------------------------------------------------------

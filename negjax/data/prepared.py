@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from negjax.data import formats
+from negjax.data import formats, readers
 from negjax.data.records import at, input_files, iter_records, record_error
 from negjax.data.shards import NegativeLists
 from negjax.data.token_store import (DuplicateKey, StoreWriter, TokenStore, build_into,
@@ -193,9 +193,9 @@ def _stream_corpus(tmp: Path, path: Path, tokenizer, max_len: int, prompt: str) 
     keys, texts = [], []
     try:
         for line, obj in iter_records(path):
-            keys.append(formats._id(obj, formats.DOC_ID_KEYS, path, line, "document id"))
-            title = formats._text(obj, "title", path, line, required=False)
-            texts.append(prompt + formats._join(title, formats._text(obj, "text", path, line,
+            keys.append(readers._id(obj, readers.DOC_ID_KEYS, path, line, "document id"))
+            title = readers._text(obj, "title", path, line, required=False)
+            texts.append(prompt + readers._join(title, readers._text(obj, "text", path, line,
                                                                     what="document text")))
             if len(keys) == _RECORDS:
                 w.add(keys, texts)

@@ -351,7 +351,7 @@ class StoreWriter:
         self._pending = None
 
     def add(self, keys: Sequence[str], texts: Sequence[str]) -> None:
-        from negjax.data.formats import normalize_text
+        from negjax.data.readers import normalize_text
 
         if len(keys) != len(texts):
             raise ValueError(f"{len(keys)} keys but {len(texts)} texts")

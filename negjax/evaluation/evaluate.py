@@ -37,7 +37,7 @@ class EvalSet:
         `doc_max_len`; training's store of the same corpus; built once per host, so this is
         collective in a multi-process job) and no process holds its texts. Without, the texts
         are read (for another library's encoder)."""
-        from negjax.data.formats import read_corpus, read_qrels, read_queries
+        from negjax.data.readers import read_corpus, read_qrels, read_queries
 
         store = None
         if encoder is not None:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from negjax.data.formats import normalize_text
+from negjax.data.readers import normalize_text
 from negjax.errors import NegjaxError
 
 FILTER_ORDER = ("positive_id", "positive_text", "rank_range", "max_score", "min_score",

@@ -267,7 +267,7 @@ def _run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, qu
         train_sha = _hash([train_sha, sha256_file(train_qrels)])
     teacher = teacher_sha = None
     if teacher_scores:
-        from negjax.data.formats import read_teacher_scores
+        from negjax.data.readers import read_teacher_scores
 
         teacher = read_teacher_scores(teacher_scores)
         teacher_sha = sha256_file(teacher_scores)
