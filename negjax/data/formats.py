@@ -146,12 +146,15 @@ def _from_tevatron_ids(obj: dict) -> dict:
 
 
 def read_training(path, corpus: Corpus | str | Path | None = None, *, qrels=None,
-                  fmt: str = "auto") -> tuple[Corpus, TrainExamples]:
+                  fmt: str = "auto", sink=None) -> tuple[Corpus, TrainExamples]:
     """Read training data in any supported format; returns (corpus, examples).
 
     corpus: a `Corpus`, a corpus JSONL path, or None (then pairs carry inline texts and
     Tevatron passages form the corpus). qrels: a qrels TSV path (BEIR training: `path` is then
     queries.jsonl). The returned corpus is the given one, or the one built from the texts.
+    sink: `sink(path, format)` makes what the examples are added to (`add`, `len`) instead of
+    a `TrainExamples`, when they refer to a given corpus (`negjax.data.prepared` writes them
+    to disk as they are read).
     """
     path = Path(path)
     if isinstance(corpus, (str, Path)):  # else a Corpus, or anything with its ids / index / path
@@ -163,21 +166,23 @@ def read_training(path, corpus: Corpus | str | Path | None = None, *, qrels=None
             raise NegjaxError(f"{path}: looks like BEIR queries; pass the training qrels TSV too")
         if corpus is None:
             raise NegjaxError(f"{path}: BEIR training data needs the corpus")
-        return corpus, _read_beir(path, corpus, Path(qrels))
+        return corpus, _read_beir(path, corpus, Path(qrels), sink)
     if fmt == "tevatron":
-        return _read_tevatron(path, corpus)
+        return _read_tevatron(path, corpus, sink if corpus is not None else None)
     if fmt == "tevatron-ids":
         if corpus is None:
             raise NegjaxError(f"{path}: Tevatron positive_document_ids need the corpus "
                               "(data.corpus / --corpus)")
-        return corpus, _read_pairs_ids(path, corpus, _from_tevatron_ids, fmt)
+        return corpus, _read_pairs_ids(path, corpus, _from_tevatron_ids, fmt, sink)
     if fmt == "sentence-transformers":
         if corpus is not None:
             raise NegjaxError(f"{path}: sentence-transformers columns carry texts, not corpus "
                               "ids; train without a corpus (the texts form it)")
         return _read_pairs_texts(path, _from_sentence_transformers)
     if fmt == "pairs":
-        return (corpus, _read_pairs_ids(path, corpus)) if corpus is not None else _read_pairs_texts(path)
+        if corpus is not None:
+            return corpus, _read_pairs_ids(path, corpus, sink=sink)
+        return _read_pairs_texts(path)
     raise NegjaxError(f"unknown training format {fmt!r} (auto, pairs, sentence-transformers, "
                       "tevatron, tevatron-ids, queries)")
 
@@ -191,11 +196,11 @@ def _query_id(obj, path, line, seen: dict) -> str:
     return qid
 
 
-def _read_pairs(path: Path, fmt: str, doc_row, clash, convert=None) -> TrainExamples:
+def _read_pairs(path: Path, fmt: str, doc_row, clash, convert=None, sink=None) -> TrainExamples:
     """The records of a pairs JSONL ({"query", "pos", "neg"?, "id"?}), pos/neg entries mapped
     to corpus rows by `doc_row(entry, key, j, line)`; `clash(rows)` is the error when a
     negative is also a positive."""
-    ex = TrainExamples.empty(path, fmt)
+    ex = (sink or TrainExamples.empty)(path, fmt)
     seen: dict[str, int] = {}
     for line, obj in iter_records(path):
         if convert is not None:
@@ -206,12 +211,12 @@ def _read_pairs(path: Path, fmt: str, doc_row, clash, convert=None) -> TrainExam
         if set(pos) & set(neg):
             raise record_error(path, line, clash(set(pos) & set(neg)))
         ex.add(qid, query, pos, neg, line, _teacher(obj, doc_row, path, line))
-    if not ex.query_ids:
+    if not len(ex):
         raise NegjaxError(f"{path}: no training examples")
     return ex
 
 
-def _read_pairs_ids(path: Path, corpus: Corpus, convert=None, fmt="pairs") -> TrainExamples:
+def _read_pairs_ids(path: Path, corpus: Corpus, convert=None, fmt="pairs", sink=None) -> TrainExamples:
     def doc_row(d, key, j, line) -> int:
         if isinstance(d, bool) or not isinstance(d, (str, int)):
             raise record_error(path, line, f"{key}[{j}] must be a corpus id (string), got "
@@ -223,7 +228,7 @@ def _read_pairs_ids(path: Path, corpus: Corpus, convert=None, fmt="pairs") -> Tr
         return r
 
     return _read_pairs(path, fmt, doc_row, lambda rows: f"negative {corpus.ids[min(rows)]!r} "
-                       "is also a positive of this query", convert)
+                       "is also a positive of this query", convert, sink)
 
 
 def _pos_neg(obj, doc_row, pos_key: str, neg_key: str, path, line) -> tuple[list, list]:
@@ -278,13 +283,13 @@ def _read_pairs_texts(path: Path, convert=None) -> tuple[Corpus, TrainExamples]:
     return Corpus(ids, texts, [""] * len(ids), str(path), index), ex
 
 
-def _read_tevatron(path: Path, corpus: Corpus | None) -> tuple[Corpus, TrainExamples]:
+def _read_tevatron(path: Path, corpus: Corpus | None, sink=None) -> tuple[Corpus, TrainExamples]:
     """Tevatron: {"query_id", "query", "positive_passages": [{"docid", "title"?, "text"}],
     "negative_passages": [...]?}. Without a corpus the passages form it (a docid seen twice
     must carry the same text)."""
     own = corpus is None
     ids, texts, titles, index, doc_line = [], [], [], {}, {}
-    ex = TrainExamples.empty(path, "tevatron")
+    ex = (sink or TrainExamples.empty)(path, "tevatron")
     seen: dict[str, int] = {}
 
     def doc_row(p, key, j, line) -> int:
@@ -322,20 +327,20 @@ def _read_tevatron(path: Path, corpus: Corpus | None) -> tuple[Corpus, TrainExam
             doc = (ids if own else corpus.ids)[min(set(pos) & set(neg))]
             raise record_error(path, line, f"negative passage {doc!r} is also a positive")
         ex.add(qid, query, pos, neg, line)
-    if not ex.query_ids:
+    if not len(ex):
         raise NegjaxError(f"{path}: no training examples")
     if own:
         corpus = Corpus(ids, texts, titles, str(path), index)
     return corpus, ex
 
 
-def _read_beir(path: Path, corpus: Corpus, qrels_path: Path) -> TrainExamples:
+def _read_beir(path: Path, corpus: Corpus, qrels_path: Path, sink=None) -> TrainExamples:
     """BEIR: queries.jsonl + qrels TSV. Score > 0 = positive, score <= 0 = given negative.
     Queries without judgements are not training queries (BEIR keeps all splits' queries in one
     file); a judged query without any positive is an error."""
     queries = read_queries(path)
     qrels = read_qrels(qrels_path, corpus=corpus, query_ids=queries.ids)
-    ex = TrainExamples.empty(path, "beir")
+    ex = (sink or TrainExamples.empty)(path, "beir")
     qline = {}
     for line, obj in iter_records(path):
         qline[str(next((obj[k] for k in QUERY_ID_KEYS if k in obj), None))] = line
@@ -349,6 +354,6 @@ def _read_beir(path: Path, corpus: Corpus, qrels_path: Path) -> TrainExamples:
             raise NegjaxError(f"{qrels_path}: query {qid!r} ({place(path, qline[qid])}) has judgements "
                               "but no positive (score > 0)")
         ex.add(qid, text, pos, neg, qline[qid])
-    if not ex.query_ids:
+    if not len(ex):
         raise NegjaxError(f"{qrels_path}: no judged query of {path}")
     return ex

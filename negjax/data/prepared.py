@@ -141,30 +141,86 @@ class ExampleArrays:
         return out
 
 
+class ExampleWriter:
+    """Training examples written to a prepared directory as the readers produce them
+    (`formats.read_training(sink=...)`): queries into a `StoreWriter`, positives, negatives,
+    lines and teacher scores into growing integer arrays; memory per example is a few numbers,
+    never its texts. `finish(meta)` writes the arrays and meta.json last."""
+
+    def __init__(self, directory: Path, tokenizer, *, max_len: int, prompt: str, path="",
+                 fmt: str = "", total=None):
+        from array import array
+
+        self.dir, self.prompt, self.path, self.format = Path(directory), prompt, str(path), fmt
+        (self.dir / "queries").mkdir()
+        self._store = StoreWriter(self.dir / "queries", tokenizer, max_len=max_len,
+                                  name="queries", total=total)
+        self._ids, self._texts = [], []
+        self._arrays = {name: array(code) for name, code in (
+            ("pos_counts", "q"), ("pos_rows", "i"), ("neg_counts", "q"), ("neg_rows", "i"),
+            ("lines", "q"), ("teacher_counts", "q"), ("teacher_rows", "i"),
+            ("teacher_scores", "d"))}
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def add(self, query_id: str, query: str, positives, negatives, line, teacher=None) -> None:
+        a = self._arrays
+        self._ids.append(query_id)
+        self._texts.append(self.prompt + query)
+        a["pos_counts"].append(len(positives))
+        a["pos_rows"].extend(positives)
+        a["neg_counts"].append(len(negatives))
+        a["neg_rows"].extend(negatives)
+        a["lines"].append(int(line))
+        teacher = teacher or {}
+        a["teacher_counts"].append(len(teacher))
+        a["teacher_rows"].extend(teacher.keys())
+        a["teacher_scores"].extend(teacher.values())
+        self._n += 1
+        if len(self._ids) == _RECORDS:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._store.add(self._ids, self._texts)
+        self._ids, self._texts = [], []
+
+    def finish(self, meta: dict) -> None:
+        self._flush()
+        self._store.finish()
+        a = {k: np.frombuffer(v, dtype=v.typecode) if len(v) else np.zeros(0, v.typecode)
+             for k, v in self._arrays.items()}
+        teacher = len(a["teacher_rows"]) > 0
+        for name in ("pos", "neg") + (("teacher",) if teacher else ()):
+            offsets = np.zeros(self._n + 1, dtype=np.int64)
+            np.cumsum(a[f"{name}_counts"], out=offsets[1:])
+            np.save(self.dir / f"{name}_offsets.npy", offsets)
+            np.save(self.dir / f"{name}_rows.npy", a[f"{name}_rows"].astype(np.int32))
+        np.save(self.dir / "lines.npy", a["lines"].astype(np.int64))
+        if teacher:
+            np.save(self.dir / "teacher_scores.npy", a["teacher_scores"].astype(np.float64))
+        (self.dir / "meta.json").write_text(json.dumps(
+            {**meta, "train_format": self.format, "examples": self._n,
+             "teacher_scores": teacher}, indent=1))
+
+    def abort(self) -> None:
+        self._store.abort()
+
+
 def _write_examples(tmp: Path, ex: formats.TrainExamples, tokenizer, max_len: int,
                     prompt: str, meta: dict) -> None:
-    (tmp / "queries").mkdir()
-    w = StoreWriter(tmp / "queries", tokenizer, max_len=max_len, name="queries", total=len(ex))
+    """Examples read into memory (training files whose texts form the corpus) -> `tmp`."""
+    w = ExampleWriter(tmp, tokenizer, max_len=max_len, prompt=prompt, path=ex.path,
+                      fmt=ex.format, total=len(ex))
     try:
-        w.add(ex.query_ids, [prompt + q for q in ex.queries] if prompt else ex.queries)
+        for i in range(len(ex)):
+            w.add(ex.query_ids[i], ex.queries[i], ex.positives[i], ex.negatives[i], ex.lines[i],
+                  ex.teacher[i] if ex.teacher else None)
+        w.finish(meta)
     except BaseException:
         w.abort()
         raise
-    w.finish()
-    for name, lists in (("pos", ex.positives), ("neg", ex.negatives)):
-        csr = NegativeLists.from_lists(lists)
-        np.save(tmp / f"{name}_offsets.npy", csr.offsets)
-        np.save(tmp / f"{name}_rows.npy", csr.rows)
-    np.save(tmp / "lines.npy", np.asarray([int(x) for x in ex.lines], dtype=np.int64))
-    teacher = ex.has_teacher_scores
-    if teacher:
-        csr = NegativeLists.from_lists([list(t) for t in ex.teacher])
-        np.save(tmp / "teacher_offsets.npy", csr.offsets)
-        np.save(tmp / "teacher_rows.npy", csr.rows)
-        np.save(tmp / "teacher_scores.npy", np.fromiter(
-            (s for t in ex.teacher for s in t.values()), dtype=np.float64, count=len(csr.rows)))
-    (tmp / "meta.json").write_text(json.dumps({**meta, "examples": len(ex),
-                                               "teacher_scores": teacher}, indent=1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,9 +396,23 @@ def prepare_training(paths: dict, tokenizer, *, doc_max_len: int, query_max_len:
 
     def write_train(tmp):
         built.append("train")
-        _, ex = read_training(store_corpus if use_corpus else None)
-        _write_examples(tmp, ex, tokenizer, query_max_len, prompts.get("query", ""),
-                        {**meta, "train_format": ex.format})
+        if not use_corpus:  # (the texts are in memory already: they form the corpus)
+            _, ex = read_training(None)
+            return _write_examples(tmp, ex, tokenizer, query_max_len, prompts.get("query", ""), meta)
+        writers = []
+
+        def sink(path, fmt):  # the examples go to disk as they are read
+            writers.append(ExampleWriter(tmp, tokenizer, max_len=query_max_len,
+                                         prompt=prompts.get("query", ""), path=path, fmt=fmt))
+            return writers[-1]
+
+        try:
+            formats.read_training(train, store_corpus, qrels=qrels, fmt=train_format(), sink=sink)
+            writers[-1].finish(meta)
+        except BaseException:
+            for w in writers:
+                w.abort()
+            raise
 
     try:
         build_into(train_dir, write_train)
