@@ -43,6 +43,9 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="", help="dataset directory (default: under the negjax cache)")
     p.add_argument("--steps", type=int, default=2, help="training steps per run")
     p.add_argument("--runs", default="cold,warm", help="comma-separated: cold, warm")
+    p.add_argument("--cache", default="", help="token-store and compilation cache directory, "
+                   "kept afterwards (default: a temporary one, removed); a later --runs warm "
+                   "with the same --cache measures another warm start")
     p.add_argument("--json", default="", help="also write the results here")
 
 
@@ -184,7 +187,7 @@ def run(args) -> int:
           f"{info['bytes'] / 1e6:,.0f} MB in {out} ({time.perf_counter() - t0:.0f} s)")
     results = {"data": {**info, "dir": str(out)}, "runs": {}}
     with tempfile.TemporaryDirectory(prefix="negjax-bench-data-") as tmp:
-        cache = Path(tmp) / "cache"
+        cache = Path(args.cache) if args.cache else Path(tmp) / "cache"
         for name in [r.strip() for r in args.runs.split(",") if r.strip()]:
             r = train_run(out, cache, args.steps, Path(tmp) / name)
             data_s = r.get("phases_s", {}).get("data")
