@@ -190,10 +190,16 @@ def test_eval_and_mine_default_to_the_workdirs_lengths(trained, small_data, tmp_
         x = np.random.default_rng(0).normal(size=(len(texts), enc.dim)).astype(np.float32)
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
+    def fake_encode_store(enc, params, store, *a, tower, **kw):  # (the corpus: a token store)
+        seen[tower] = store.max_len
+        x = np.random.default_rng(0).normal(size=(len(store), enc.dim)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
     def fake_mining(enc, params, *, query_max_len, doc_max_len, **kw):
         seen.update(query=query_max_len, doc=doc_max_len)
 
     monkeypatch.setattr(negjax.model.encode, "encode_texts", fake_encode)
+    monkeypatch.setattr(negjax.model.encode, "encode_store", fake_encode_store)
     monkeypatch.setattr(negjax.mining.job, "run_mining", fake_mining)
     monkeypatch.setattr(negjax.mining.report, "summary_text", lambda out: "")
     files = ["--corpus", small_data / "corpus.jsonl"]
