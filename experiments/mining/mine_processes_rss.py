@@ -15,23 +15,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from negjax.bench.data import wait_peak_rss
 
-def wait_all(procs: list) -> list[dict]:
+
+def wait_all(procs: list, logs: list) -> list[dict]:
     out = []
-    for p in procs:
-        _, status, usage = os.wait4(p.pid, 0)
-        err = p.stderr.read()
-        if os.waitstatus_to_exitcode(status):
-            raise RuntimeError(f"process failed:\n{err[-3000:]}")
-        out.append({"peak_rss_gib": round(usage.ru_maxrss / 2**20, 3)})
+    for p, log in zip(procs, logs):
+        rss = wait_peak_rss(p)
+        if p.returncode:
+            raise RuntimeError(f"process failed:\n{log.read_text()[-3000:]}")
+        out.append({"peak_rss_gib": round(rss / 2**30, 3)})
     return out
 
 
@@ -39,18 +38,17 @@ def mine(model: Path, data: Path, out: Path, processes: int, env: dict) -> dict:
     argv = [sys.executable, "-m", "negjax", "mine", "--model", str(model), "--corpus",
             str(data / "corpus.jsonl"), "--train", str(data / "train.jsonl"), "--out", str(out),
             "--index", "exact"]
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
+    from negjax.multihost import free_port, local_env
+
+    port = free_port()
     t0 = time.perf_counter()
-    procs = []
-    for i in range(processes):
+    procs, logs = [], [out.parent / f"{out.name}-p{i}.log" for i in range(processes)]
+    for i in range(processes):  # (the launch of multihost.start_local_job, output to files)
         job = {} if processes == 1 else {"NEGJAX_COORDINATOR": f"localhost:{port}",
-                                         "NEGJAX_NUM_PROCESSES": str(processes),
-                                         "NEGJAX_PROCESS_ID": str(i)}
-        procs.append(subprocess.Popen(argv, env={**env, **job}, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, text=True))
-    per = wait_all(procs)
+                                         "NEGJAX_NUM_PROCESSES": processes, "NEGJAX_PROCESS_ID": i}
+        procs.append(subprocess.Popen(argv, env=local_env(1, **env, **job),
+                                      stdout=subprocess.DEVNULL, stderr=open(logs[i], "w")))
+    per = wait_all(procs, logs)
     return {"processes": processes, "wall_s": round(time.perf_counter() - t0, 1), "per_process": per}
 
 
@@ -67,8 +65,7 @@ def main() -> int:
         tmp = Path(tmp)
         cache = tmp / "cache"
         train = train_run(data, cache, 2, tmp / "model")
-        env = {**os.environ, "NEGJAX_CACHE": str(cache), "NEGJAX_PROGRESS": "0",
-               "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+        env = {"NEGJAX_CACHE": str(cache)}
         results = {"train": train, "runs": []}
         for n in (1, 2):
             r = mine(tmp / "model", data, tmp / f"mined{n}", n, env)

@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from negjax.bench.data import wait_peak_rss
+
 NEGJAX = """
 import sys
 from pathlib import Path
@@ -65,11 +67,11 @@ def timed(argv: list, env: dict) -> dict:
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out = proc.stdout.read().decode()
     err = proc.stderr.read().decode()
-    _, status, usage = os.wait4(proc.pid, 0)
+    rss = wait_peak_rss(proc)
     wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status):
+    if proc.returncode:
         raise RuntimeError(f"{' '.join(map(str, argv[:4]))} failed:\n{err[-3000:]}")
-    return {"wall_s": round(wall, 2), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3),
+    return {"wall_s": round(wall, 2), "peak_rss_gib": round(rss / 2**30, 3),
             "counts": [int(x) for x in out.split()[-2:]]}
 
 

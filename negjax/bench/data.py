@@ -149,6 +149,14 @@ eval_every = 0
 """
 
 
+def wait_peak_rss(proc) -> int:
+    """Wait for a child process (a `Popen`; sets its returncode) and return its peak RSS in
+    bytes (`wait4`; read its pipes first)."""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_maxrss * 1024
+
+
 def train_run(data: Path, cache: Path, steps: int, workdir: Path) -> dict:
     """One child `negjax train`: wall s, peak RSS bytes, time to first step and phases."""
     cfg = workdir.parent / f"{workdir.name}.toml"
@@ -159,12 +167,11 @@ def train_run(data: Path, cache: Path, steps: int, workdir: Path) -> dict:
                              "--workdir", str(workdir)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    rss = wait_peak_rss(proc)
     wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"negjax train failed ({proc.returncode}):\n{err[-3000:]}")
-    out = {"wall_s": round(wall, 2), "peak_rss_bytes": usage.ru_maxrss * 1024}
+    out = {"wall_s": round(wall, 2), "peak_rss_bytes": rss}
     for line in err.splitlines():
         m = _FIRST.search(line)
         if m:

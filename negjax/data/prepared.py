@@ -21,15 +21,13 @@ Under `<negjax cache>/tokens/`:
 
 Editing an input file changes its size or mtime, so it lands in new directories; stale
 ones are never read (delete old ones under the cache to reclaim space). Both are built in a
-temporary directory and renamed into place (`token_store.build_into`).
+temporary directory and renamed into place (`token_store.open_or_build`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +36,7 @@ import numpy as np
 from negjax.data import formats, readers
 from negjax.data.records import at, input_files, iter_records, record_error
 from negjax.data.shards import NegativeLists
-from negjax.data.token_store import (DuplicateKey, StoreWriter, TokenStore, build_into,
+from negjax.data.token_store import (DuplicateKey, StoreWriter, TokenStore,
                                      load_backend_tokenizer, open_or_build, tokenizer_hash)
 from negjax.errors import NegjaxError
 from negjax.utils import default_cache_dir
@@ -73,13 +71,17 @@ class _Ragged:
     def __len__(self) -> int:
         return len(self._off) - 1
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+    def _span(self, i: int) -> tuple[int, int]:
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         i = i % len(self)
-        return self._val[self._off[i]:self._off[i + 1]].tolist()
+        return self._off[i], self._off[i + 1]
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        lo, hi = self._span(i)
+        return self._val[lo:hi].tolist()
 
 
 class _TeacherScores(_Ragged):
@@ -90,10 +92,7 @@ class _TeacherScores(_Ragged):
         self._scores = scores
 
     def __getitem__(self, i) -> dict:
-        if not -len(self) <= i < len(self):
-            raise IndexError(i)
-        i = i % len(self)
-        lo, hi = self._off[i], self._off[i + 1]
+        lo, hi = self._span(i)
         return dict(zip(self._val[lo:hi].tolist(), self._scores[lo:hi].tolist()))
 
 
@@ -101,9 +100,9 @@ class ExampleArrays:
     """Training examples read from a prepared directory (memory-mapped): the interface of
     `formats.TrainExamples` the pipeline and the shard loader use, without Python lists."""
 
-    def __init__(self, directory: Path, queries: TokenStore, meta: dict, teacher=None):
+    def __init__(self, directory: Path, queries: TokenStore, meta: dict):
         load = lambda name: np.load(directory / f"{name}.npy", mmap_mode="r")  # noqa: E731
-        self.dir, self.meta = directory, meta
+        self.meta = meta
         self.path, self.format = meta["train_path"], meta["train_format"]
         self.query_store, self.query_ids = queries, queries.keys
         self._pos = NegativeLists(np.asarray(load("pos_offsets")), np.asarray(load("pos_rows")))
@@ -111,9 +110,7 @@ class ExampleArrays:
         self.lines = np.asarray(load("lines"))
         self.positives = _Ragged(self._pos.offsets, self._pos.rows)
         self.negatives = _Ragged(self._neg.offsets, self._neg.rows)
-        if teacher is not None:
-            self.teacher = teacher
-        elif meta["teacher_scores"]:
+        if meta["teacher_scores"]:
             self.teacher = _TeacherScores(np.asarray(load("teacher_offsets")),
                                           np.asarray(load("teacher_rows")),
                                           np.asarray(load("teacher_scores")))
@@ -322,7 +319,6 @@ class Prepared:
     queries: TokenStore
     examples: ExampleArrays
     corpus: StoreCorpus
-    seconds: float
     built: list  # names of what was built now ([] = everything was in the cache)
 
 
@@ -346,7 +342,6 @@ def prepare_training(paths: dict, tokenizer, *, doc_max_len: int, query_max_len:
                      prompts: dict | None = None, cache_dir=None) -> Prepared:
     """The prepared training data of `paths` (`layout.resolve_dataset`: "train", "corpus",
     "train_qrels"), built now unless the cache has it (see the module docstring)."""
-    t0 = time.perf_counter()
     prompts = prompts or {}
     train, corpus_path, qrels = paths["train"], paths.get("corpus"), paths.get("train_qrels")
     backend, pad_id = load_backend_tokenizer(tokenizer)
@@ -414,13 +409,5 @@ def prepare_training(paths: dict, tokenizer, *, doc_max_len: int, query_max_len:
                 w.abort()
             raise
 
-    try:
-        build_into(train_dir, write_train)
-        examples = _open_examples(train_dir)
-    except NegjaxError:
-        if "train" in built:
-            raise
-        shutil.rmtree(train_dir, ignore_errors=True)  # damaged after it was built: rebuild
-        build_into(train_dir, write_train)
-        examples = _open_examples(train_dir)
-    return Prepared(docs, examples.query_store, examples, store_corpus, time.perf_counter() - t0, built)
+    examples = open_or_build(train_dir, write_train, _open_examples)
+    return Prepared(docs, examples.query_store, examples, store_corpus, built)

@@ -474,16 +474,18 @@ def build_token_store(texts: Sequence[str], keys: Sequence[str], tokenizer, *, m
     return open_or_build(final, lambda tmp: _write_all(tmp, texts, keys, tokenizer, max_len, name))
 
 
-def open_or_build(final: Path, write) -> TokenStore:
-    """The store at `final`, built by `write(tmp)` (`build_into`) unless complete; a store
-    damaged after it was built (disk, a person) is rebuilt."""
+def open_or_build(final: Path, write, open_dir=None):
+    """`open_dir(final)` (default `TokenStore.open`) of the directory built by `write(tmp)`
+    (`build_into`) unless complete; one damaged after it was built (disk, a person) is
+    rebuilt once."""
+    open_dir = open_dir or TokenStore.open
     build_into(final, write)
     try:
-        return TokenStore.open(final)
+        return open_dir(final)
     except NegjaxError:
         shutil.rmtree(final, ignore_errors=True)
         build_into(final, write)
-        return TokenStore.open(final)
+        return open_dir(final)
 
 
 def _write_all(tmp: Path, texts, keys, tokenizer, max_len, name) -> None:
