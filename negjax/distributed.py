@@ -80,16 +80,31 @@ def initialize(dist_cfg=None) -> tuple[int, int]:
                               f"0 <= process_id < num_processes (got {num}, {pid}); set "
                               f"distributed.* or {_ENV_NUM}/{_ENV_ID}")
         if num > 1:
+            _same_programs_everywhere()
             jax.distributed.initialize(coord, num, pid)
     elif num > 1:
         raise NegjaxError(f"distributed: num_processes={num} needs a coordinator address "
                           f"(distributed.coordinator_address or {_ENV_COORD})")
     elif _cluster_detected():
+        _same_programs_everywhere()
         jax.distributed.initialize()
     from negjax import compile_cache
 
     compile_cache.enable(getattr(dist_cfg, "compile_cache", ""))
     return jax.process_index(), jax.process_count()
+
+
+def _same_programs_everywhere() -> None:
+    """Keep Python tracebacks out of the programs' source locations. On the CPU backend the
+    processes' cross-process collectives (gloo) only meet when every process compiled the
+    same program, metadata included; with JAX's default locations (the calling Python stack)
+    a process started through another entry point (a wrapper script, a launcher) compiles a
+    program that differs only there, and the first all-reduce waits forever on both sides
+    (seen: SIGTERM-resumed `negjax train` with one process under a wrapper, both stuck in
+    the workdir broadcast). Locations only serve profiles and HLO dumps."""
+    import jax
+
+    jax.config.update("jax_traceback_in_locations_limit", 0)
 
 
 def make_mesh(num_devices: int | None = None, axis_type: str = "explicit", fsdp: int = 1):

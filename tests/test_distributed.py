@@ -97,6 +97,11 @@ _CHILD = textwrap.dedent("""
     G, b = int(z["G"]), len(z["q"]) // 2
     local = {"q": z["q"][pid * b:(pid + 1) * b], "d": z["d"][pid * b * G:(pid + 1) * b * G],
              "pos": z["pos"][pid * b:(pid + 1) * b], "ids": z["ids"][pid * b * G:(pid + 1) * b * G]}
+    # One collective reached through different Python stacks (as under a wrapper script)
+    # still meets: the programs' locations hold no traceback (distributed.initialize).
+    from jax.experimental import multihost_utils
+    bcast = lambda: multihost_utils.broadcast_one_to_all(np.int32(7 + pid))
+    assert int((lambda: bcast())() if pid else bcast()) == 7
     mesh = distributed.make_mesh()
     with jax.set_mesh(mesh):
         batch = distributed.global_batch_from_local(local, mesh)
