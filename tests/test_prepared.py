@@ -132,3 +132,43 @@ def test_pipeline_reads_shards_through_the_store(inputs, tok, tmp_path):
     b = load_negatives(out, ex, corpus)
     assert a.offsets.tolist() == b.offsets.tolist() == [0, 1, 1, 3]
     assert a.rows.tolist() == b.rows.tolist() == [3, 7, 6]
+
+
+def test_parallel_build_is_the_one_process_store(tok, tmp_path, monkeypatch):
+    """A corpus read by 3 processes (byte ranges of a JSONL and of a TSV file) is the store one
+    process writes, file for file; a bad record in a later range is named by its line in the
+    file, the first in the file when two ranges fail, and a duplicate id across ranges names
+    both lines; a failed build leaves nothing behind."""
+    from negjax.data import corpus_build
+
+    docs = [{"id": f"d{i}", "text": f"text {i} about {w} " * (1 + i % 4)}
+            for i, w in enumerate(["cats", "dogs", "birds", "fish", "trees"] * 40)]
+    jsonl = write_jsonl(tmp_path / "big.jsonl", docs)
+    tsv = tmp_path / "big.tsv"
+    tsv.write_text("id\ttext\n" + "".join(f"{d['id']}\t{d['text']}\n" for d in docs))
+
+    def build(path, processes, cache):
+        monkeypatch.setenv("NEGJAX_BUILD_PROCESSES", str(processes))
+        return prepared.corpus_store(path, tok, max_len=16, cache_dir=tmp_path / cache)
+
+    for path in (jsonl, tsv):
+        one, three = build(path, 1, f"one{path.suffix}"), build(path, 3, f"three{path.suffix}")
+        assert len(corpus_build.plan(path)) == 3 and len(three) == len(docs)
+        assert sorted(f.name for f in three.dir.iterdir()) == sorted(f.name for f in one.dir.iterdir())
+        for f in one.dir.iterdir():
+            assert (three.dir / f.name).read_bytes() == f.read_bytes(), f.name
+
+    bad = list(docs)
+    bad[150] = {"id": "d150"}
+    write_jsonl(jsonl, bad)
+    with pytest.raises(NegjaxError, match=r"big.jsonl:151: .*text"):
+        build(jsonl, 3, "e1")
+    bad[20] = {"id": "d20"}
+    write_jsonl(jsonl, bad)
+    with pytest.raises(NegjaxError, match=r"big.jsonl:21: .*text"):
+        build(jsonl, 3, "e2")
+    write_jsonl(jsonl, docs + [{"id": "d3", "text": "again"}])
+    with pytest.raises(NegjaxError, match=r"big.jsonl:201: duplicate document id 'd3' \(first at line 4\)"):
+        build(jsonl, 3, "e3")
+    for cache in ("e1", "e2", "e3"):
+        assert list((tmp_path / cache / "tokens").iterdir()) == []  # no store, no temporary one

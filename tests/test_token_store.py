@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from negjax.data import token_store
+from negjax.data import store_writer
 from negjax.data.token_store import TokenStore, build_token_store
 
 TEXTS = ["Cats purr.", "Dogs bark loudly at the mailman every single morning, without fail, "
@@ -91,14 +91,14 @@ def test_reused_and_never_stale(tmp_path, tok_dir):
 
 
 def test_interrupted_build_leaves_no_store(tmp_path, tok_dir, monkeypatch):
-    real = token_store.StoreWriter._tokenise
+    real = store_writer.StoreWriter._tokenise
 
     def crash(self, texts):
         """Tokenising fails part-way (a crash mid-build, on the writer's worker thread)."""
         real(self, texts[:2])
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(token_store.StoreWriter, "_tokenise", crash)
+    monkeypatch.setattr(store_writer.StoreWriter, "_tokenise", crash)
     with pytest.raises(RuntimeError, match="killed"):
         build_token_store(TEXTS, KEYS, tok_dir, max_len=32, cache_dir=tmp_path)
     monkeypatch.undo()
@@ -117,3 +117,83 @@ def test_damaged_store_is_rebuilt(tmp_path, tok_dir):
     assert b.tokens(1).tolist() == want
     opened = TokenStore.open(b.dir)
     assert opened.meta["num_texts"] == 5 and opened.max_len == 32
+
+
+# ---------------------------------------------------------------------------------------------
+# The word cache (negjax.data.tokenise): the tokenizer's own ids, never an approximation
+# ---------------------------------------------------------------------------------------------
+
+HARD_TEXTS = [
+    "", " ", "x", "  leading spaces", "trailing spaces   ", "a  b   c", "a\tb\nc d\r\ne",
+    "cafe\u0301 nai\u0308ve \u0301accent after a space", "Ünïcödé façade — naïve café",
+    "中文字符测试 mixed 文字 and 日本語", "a\x00b \x07 c \u200b zero\u200bwidth \ufeff bom",
+    "x" * 150 + " y " + "z" * 101, "(noun): a, b; c. d's e-f [g] {h} 'i' \"j\"",
+    "ΟΔΟΣ ΟΔΟΣ σοφός", "wide\u3000space nb\u00a0sp", "1,000.5 2\u00bd 10%",
+    " ".join([""] * 70) + " finally words after many empty ones",  # first words give no tokens
+    " ".join(["\u200b"] * 70) + " tail",                            # words that normalise to nothing
+]
+
+
+def _encoder_cases(tok_dir):
+    """(encoder, max_len, texts) over tokenizers, budgets and texts made to break the cache:
+    every text of HARD_TEXTS, words repeated across texts, and random mixtures of them."""
+    from negjax.data.tokenise import Encoder
+    from negjax.data.token_store import load_backend_tokenizer
+    from negjax.data.wordnet import tokenizer_dir
+
+    rng = np.random.default_rng(0)
+    pool = " ".join(HARD_TEXTS + TEXTS).split(" ") + ["", "", "x"]
+    mixed = [" ".join(rng.choice(pool, size=int(rng.integers(0, 90)))) for _ in range(400)]
+    for tok in (tok_dir, tokenizer_dir()):
+        for max_len in (2, 3, 8, 24, 64):
+            backend, _ = load_backend_tokenizer(str(tok))
+            backend.enable_truncation(max_length=max_len)
+            yield backend, Encoder(backend), max_len, HARD_TEXTS + TEXTS + mixed
+
+
+def test_word_cache_gives_the_tokenizers_ids(tok_dir, monkeypatch):
+    """The cached encoder's ids equal the tokenizer's, text for text (its own check against the
+    tokenizer is switched off here, so a difference would show), including when the cache
+    fills and is emptied, and texts whose first words do not fill the budget."""
+    from negjax.data import tokenise
+
+    monkeypatch.setattr(tokenise, "CHECK_TEXTS", 0)
+    monkeypatch.setattr(tokenise, "CACHE_WORDS", 50)
+    monkeypatch.setattr(tokenise, "CHUNK", 97)
+    whole = 0
+    for backend, enc, max_len, texts in _encoder_cases(tok_dir):
+        assert enc.cached, "the BERT-family tokenizers are word-local"
+        want = [e.ids for e in backend.encode_batch(texts)]
+        lengths, ids = enc(texts)
+        assert lengths.tolist() == [len(w) for w in want], max_len
+        assert ids.tolist() == [i for w in want for i in w], max_len
+        assert enc._cache or max_len == 2  # (a budget of 2 holds only [CLS] [SEP])
+        whole += enc.whole
+    assert whole > 0  # the fallback for texts whose first words are empty ran
+
+
+def test_word_cache_only_for_word_local_tokenizers(tok_dir):
+    """A tokenizer that is not known to be word-local (byte-level BPE here, or truncation from
+    the left) tokenises whole texts; a cache that disagrees with its tokenizer is switched off
+    with a warning and the ids stay right."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from negjax.data.tokenise import Encoder
+    from negjax.data.token_store import load_backend_tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
+    bpe.enable_truncation(max_length=8)
+    assert not Encoder(bpe).cached
+    left, _ = load_backend_tokenizer(str(tok_dir))
+    left.enable_truncation(max_length=8, direction="left")
+    assert not Encoder(left).cached
+
+    backend, _ = load_backend_tokenizer(str(tok_dir))
+    backend.enable_truncation(max_length=8)
+    enc = Encoder(backend)
+    enc._assemble = lambda texts: [np.zeros(3, "<i4").tobytes() for _ in texts]  # a broken cache
+    with pytest.warns(UserWarning, match="word cache disagrees"):
+        lengths, ids = enc(TEXTS)
+    want = [e.ids for e in backend.encode_batch(TEXTS)]
+    assert not enc.cached and ids.tolist() == [i for w in want for i in w]

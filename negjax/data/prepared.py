@@ -33,16 +33,17 @@ from pathlib import Path
 
 import numpy as np
 
-from negjax.data import formats, readers
+from negjax.data import corpus_build, formats
 from negjax.data.records import at, input_files, iter_records, record_error
 from negjax.data.shards import NegativeLists
-from negjax.data.token_store import (DuplicateKey, StoreWriter, TokenStore,
-                                     load_backend_tokenizer, open_or_build, tokenizer_hash)
+from negjax.data.store_writer import DuplicateKey, StoreWriter
+from negjax.data.token_store import (TokenStore, load_backend_tokenizer, open_or_build,
+                                     tokenizer_hash)
 from negjax.errors import NegjaxError
 from negjax.utils import default_cache_dir
 
 FORMAT = 1
-_RECORDS = 16384  # corpus records per StoreWriter.add
+_RECORDS = 16384  # training records per StoreWriter.add
 
 
 def fingerprint(path) -> list:
@@ -241,19 +242,15 @@ class StoreCorpus:
 
 def _stream_corpus(tmp: Path, path: Path, tokenizer, max_len: int, prompt: str) -> None:
     """Tokenise a corpus file into a store at `tmp`, record by record (the checks of
-    `formats.read_corpus`; a duplicate id names both records)."""
+    `formats.read_corpus`; a duplicate id names both records), on every core when it is
+    large (`negjax.data.corpus_build`)."""
     w = StoreWriter(tmp, tokenizer, max_len=max_len, name="docs")
-    keys, texts = [], []
     try:
-        for line, obj in iter_records(path):
-            keys.append(readers._id(obj, readers.DOC_ID_KEYS, path, line, "document id"))
-            title = readers._text(obj, "title", path, line, required=False)
-            texts.append(prompt + readers._join(title, readers._text(obj, "text", path, line,
-                                                                    what="document text")))
-            if len(keys) == _RECORDS:
-                w.add(keys, texts)
-                keys, texts = [], []
-        w.add(keys, texts)
+        spans = corpus_build.plan(path)
+        if spans:
+            corpus_build.build_parts(w, path, spans, prompt)
+        else:
+            corpus_build.feed(w, path, prompt)
     except BaseException:
         w.abort()
         raise

@@ -138,14 +138,18 @@ def sha256_input(path) -> str:
     return h.hexdigest()
 
 
-def iter_records(path) -> Iterator[tuple[Where, dict]]:
-    """(where, record) for every record of `path` in file order (see the module docstring)."""
+def iter_records(path, span=None) -> Iterator[tuple[Where, dict]]:
+    """(where, record) for every record of `path` in file order (see the module docstring);
+    span = (start byte, end byte, number of the line at start): only the lines that start in
+    that range of an uncompressed JSONL or TSV file."""
     path = Path(path)
     kind = input_kind(path)
     if kind == "jsonl":
-        return iter_jsonl(path)
+        return iter_jsonl(path, span)
     if kind == "tsv":
-        return _iter_tsv(path)
+        return _iter_tsv(path, span)
+    if span is not None:
+        raise ValueError(f"{path}: a byte range of a {kind} input")
     return _iter_table(path, kind)
 
 
@@ -159,6 +163,22 @@ def open_lines(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
+def _lines(path: Path, span=None):
+    """(line number, raw line) of a text file, or of the lines starting in its byte range."""
+    if span is None:
+        with open_lines(path) as fh:
+            yield from enumerate(fh, 1)
+        return
+    start, end, lineno = span
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        for raw in fh:
+            if start >= end:
+                return
+            yield lineno, raw
+            start, lineno = start + len(raw), lineno + 1
+
+
 def decode_line(path: Path, lineno: int, raw: bytes) -> str:
     try:
         line = raw.decode("utf-8")
@@ -167,37 +187,35 @@ def decode_line(path: Path, lineno: int, raw: bytes) -> str:
     return line.lstrip("\ufeff") if lineno == 1 else line
 
 
-def iter_jsonl(path) -> Iterator[tuple[Where, dict]]:
+def iter_jsonl(path, span=None) -> Iterator[tuple[Where, dict]]:
     """(line, object) for every non-blank line; anything but a JSON object is an error."""
     path = Path(path)
-    with open_lines(path) as fh:
-        for lineno, raw in enumerate(fh, 1):
-            line = decode_line(path, lineno, raw)
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise file_error(path, lineno, f"invalid JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise file_error(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
-            yield Where(lineno), obj
+    for lineno, raw in _lines(path, span):
+        line = decode_line(path, lineno, raw)
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise file_error(path, lineno, f"invalid JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise file_error(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+        yield Where(lineno), obj
 
 
-def _iter_tsv(path: Path) -> Iterator[tuple[Where, dict]]:
+def _iter_tsv(path: Path, span=None) -> Iterator[tuple[Where, dict]]:
     """MS MARCO style `id<TAB>text` lines -> {"id", "text"}."""
-    with open_lines(path) as fh:
-        for lineno, raw in enumerate(fh, 1):
-            line = decode_line(path, lineno, raw).rstrip("\r\n")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if len(parts) != 2:
-                raise file_error(path, lineno, f"expected 2 tab-separated columns (id, text), "
-                                 f"got {len(parts)}")
-            if lineno == 1 and {p.strip().lower() for p in parts} in TSV_HEADERS:
-                continue
-            yield Where(lineno), {"id": parts[0].strip(), "text": parts[1]}
+    for lineno, raw in _lines(path, span):
+        line = decode_line(path, lineno, raw).rstrip("\r\n")
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2:
+            raise file_error(path, lineno, f"expected 2 tab-separated columns (id, text), "
+                             f"got {len(parts)}")
+        if lineno == 1 and {p.strip().lower() for p in parts} in TSV_HEADERS:
+            continue
+        yield Where(lineno), {"id": parts[0].strip(), "text": parts[1]}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,10 +43,10 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from negjax.errors import NegjaxError
-from negjax.utils import default_cache_dir, progress
+from negjax.utils import default_cache_dir
 
 FORMAT_VERSION = 2
-_CHUNK = 8192  # texts per encode_batch call
+_CHUNK = 8192  # texts per JSON document of content_hash
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,12 +179,12 @@ class KeyIndex:
         return len(self._store)
 
     def get(self, key, default=None):
-        raw, h = str(key).encode("utf-8"), hash_keys([str(key)])[0]
+        raw, h = str(key).encode("utf-8"), hash_keys((str(key),))[0]
         s = self._store
-        i, n = int(np.searchsorted(s._key_hash, h)), len(s._key_hash)
+        i, n = int(s._key_hash.searchsorted(h)), len(s._key_hash)
         while i < n and s._key_hash[i] == h:  # (more than once only for a hash collision)
             row = int(s._key_rows[i])
-            if bytes(s._blob[s._key_off[row]:s._key_off[row + 1]]) == raw:
+            if s._blob_flat[s._key_off[row]:s._key_off[row + 1]].tobytes() == raw:
                 return row
             i += 1
         return default
@@ -221,6 +221,7 @@ class TokenStore:
         self._key_rows = np.asarray(arrays["key_rows"])
         self._key_off = np.asarray(arrays["key_offsets"])
         self._blob = arrays["keys"]
+        self._blob_flat = np.asarray(self._blob)
         self.max_len = int(meta["max_len"])
         self.pad_id = int(meta["pad_id"])
         self.keys = Keys(self._blob, self._key_off)
@@ -312,125 +313,6 @@ class TokenStore:
         return tokens, mask
 
 
-class DuplicateKey(NegjaxError):
-    """Two rows of a store under construction share a key (`rows`: the first two)."""
-
-    def __init__(self, key: str, rows: tuple[int, int]):
-        super().__init__(f"duplicate key {key!r} (rows {rows[0]} and {rows[1]})")
-        self.key, self.rows = key, rows
-
-
-class StoreWriter:
-    """Builds a store in `directory` from (keys, texts) chunks in bounded memory:
-
-        w = StoreWriter(tmp, tokenizer, max_len=128, name="docs")
-        for keys, texts in chunks: w.add(keys, texts)
-        w.finish()          # DuplicateKey when two rows share a key; meta.json written last
-
-    Memory: the arrays of per-row numbers (about 30 bytes a row), never the texts."""
-
-    def __init__(self, directory, tokenizer, *, max_len: int, name: str = "texts", total=None):
-        from concurrent.futures import ThreadPoolExecutor
-
-        if max_len < 2:
-            raise NegjaxError(f"max_len must be >= 2, got {max_len}")
-        self.dir = Path(directory)
-        self.backend, self.pad_id = load_backend_tokenizer(tokenizer)
-        self.tok_hash = tokenizer_hash(self.backend)
-        self.backend.enable_truncation(max_length=max_len)
-        # (encode_batch_fast: the same ids without character offsets, ~2x faster)
-        self._encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
-        self.max_len, self.name = max_len, name
-        self._ids = open(self.dir / "ids.raw", "wb")
-        self._keys = open(self.dir / "keys.bin", "wb")
-        self._lengths, self._key_lens, self._key_hash, self._text_hash = [], [], [], []
-        self._bar = progress(total=total, desc=f"tokenise {name}", unit="text")
-        # Tokenising (which releases the GIL and uses every core) runs on a worker thread
-        # while the caller reads the next records; chunks are written in order.
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="negjax-tokenise")
-        self._pending = None
-
-    def add(self, keys: Sequence[str], texts: Sequence[str]) -> None:
-        from negjax.data.readers import normalize_text
-
-        if len(keys) != len(texts):
-            raise ValueError(f"{len(keys)} keys but {len(texts)} texts")
-        raw = [str(k).encode("utf-8") for k in keys]
-        key_hash = hash_keys(str(k) for k in keys)
-        text_hash = hash_keys(normalize_text(t) for t in texts)
-        self._wait()
-        self._keys.write(b"".join(raw))
-        self._key_lens.append(np.fromiter(map(len, raw), dtype=np.int64, count=len(raw)))
-        self._key_hash.append(key_hash)
-        self._text_hash.append(text_hash)
-        self._pending = self._worker.submit(self._tokenise, list(texts))
-
-    def _tokenise(self, texts: list) -> None:
-        from itertools import chain
-
-        for lo in range(0, len(texts), _CHUNK):
-            chunk = texts[lo:lo + _CHUNK]
-            ids = [e.ids for e in self._encode(chunk, add_special_tokens=True)]
-            lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
-            self._ids.write(np.fromiter(chain.from_iterable(ids), dtype=np.int32,
-                                        count=int(lengths.sum())).tobytes())
-            self._lengths.append(lengths)
-            self._bar.update(len(chunk))
-
-    def _wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()  # (re-raises the worker's error)
-
-    def finish(self, **meta_extra) -> dict:
-        try:
-            self._wait()
-        finally:
-            self.abort()
-        cat = lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)  # noqa: E731
-        lengths = cat(self._lengths, np.int32)
-        n = len(lengths)
-        offsets = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        key_offsets = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(cat(self._key_lens, np.int64), out=key_offsets[1:])
-        key_hash = cat(self._key_hash, np.uint64)
-        order = np.argsort(key_hash, kind="stable")
-        sorted_hash = key_hash[order]
-        same = np.flatnonzero(sorted_hash[1:] == sorted_hash[:-1])
-        if len(same):
-            keys = Keys(np.fromfile(self.dir / "keys.bin", dtype=np.uint8), key_offsets)
-            for j in same:  # equal hashes: a duplicate key, or (rarely) a 64-bit collision
-                a, b = sorted(int(r) for r in order[j:j + 2])
-                if keys[a] == keys[b]:
-                    raise DuplicateKey(keys[a], (a, b))
-        total = int(offsets[-1])
-        # Stream the raw ids behind a .npy header (memory stays bounded for any corpus size).
-        with open(self.dir / "ids.npy", "wb") as out, open(self.dir / "ids.raw", "rb") as raw:
-            np.lib.format.write_array_header_1_0(
-                out, {"descr": np.dtype(np.int32).str, "fortran_order": False, "shape": (total,)})
-            shutil.copyfileobj(raw, out, 1 << 22)
-        (self.dir / "ids.raw").unlink()
-        for name, arr in (("offsets", offsets), ("lengths", lengths), ("key_offsets", key_offsets),
-                          ("key_hash", sorted_hash), ("key_rows", order.astype(np.int64)),
-                          ("text_hash", cat(self._text_hash, np.uint64))):
-            np.save(self.dir / f"{name}.npy", arr)
-        meta = {"format_version": FORMAT_VERSION, "name": self.name, "num_texts": n,
-                "num_tokens": total, "max_len": self.max_len, "pad_id": self.pad_id,
-                "tokenizer_sha256": self.tok_hash,
-                "at_max_len": int((lengths >= self.max_len).sum()),
-                "mean_length": float(lengths.mean()) if n else 0.0, **meta_extra}
-        (self.dir / "meta.json").write_text(json.dumps(meta, indent=1))
-        return meta
-
-    def abort(self) -> None:
-        """Stop (after the chunk being tokenised) and close the files; idempotent."""
-        self._worker.shutdown(wait=True)
-        self._bar.close()
-        self._ids.close()
-        self._keys.close()
-
-
 def build_into(final: Path, write) -> TokenStore | None:
     """Build a store (or any directory written last-file-last) at `final` atomically:
     `write(tmp)` fills a fresh temporary directory beside it, which is then renamed into place;
@@ -489,6 +371,8 @@ def open_or_build(final: Path, write, open_dir=None):
 
 
 def _write_all(tmp: Path, texts, keys, tokenizer, max_len, name) -> None:
+    from negjax.data.store_writer import StoreWriter
+
     w = StoreWriter(tmp, tokenizer, max_len=max_len, name=name, total=len(texts))
     try:
         w.add(keys, texts)
