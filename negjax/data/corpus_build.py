@@ -95,6 +95,9 @@ def build_parts(writer, path: Path, spans: list, prompt: str) -> None:
     tok_file = tmp / ".parts-tokenizer.json"
     tok_file.write_text(writer.backend.to_str())
     parts = [tmp / f".part-{i}" for i in range(len(spans))]
+    # (this negjax, wherever the caller imported it from)
+    pythonpath = os.pathsep.join([str(Path(__file__).resolve().parents[2])]
+                                 + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     procs = []
     try:
         for i, (part, span) in enumerate(zip(parts, spans)):
@@ -104,7 +107,7 @@ def build_parts(writer, path: Path, spans: list, prompt: str) -> None:
                     "name": f"{writer.name} (part {i + 1} of {len(spans)})"}
             (part / "spec.json").write_text(json.dumps(spec))
             # One thread a process (the processes are the cores); one progress bar.
-            env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
+            env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": pythonpath,
                    **({"NEGJAX_PROGRESS": "0"} if i else {})}
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "negjax.data.corpus_build", str(part / "spec.json")], env=env))
