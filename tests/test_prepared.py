@@ -172,3 +172,41 @@ def test_parallel_build_is_the_one_process_store(tok, tmp_path, monkeypatch):
         build(jsonl, 3, "e3")
     for cache in ("e1", "e2", "e3"):
         assert list((tmp_path / cache / "tokens").iterdir()) == []  # no store, no temporary one
+
+
+def test_parallel_training_records_are_the_one_process_examples(tok, tmp_path, monkeypatch):
+    """Training records read by 3 processes (byte ranges, ids resolved through the finished
+    corpus store) are the examples one process writes, file for file, teacher scores
+    included; an unknown id in a later range and a query id repeated across ranges are named
+    by their lines in the file."""
+    docs = [{"id": f"d{i}", "text": f"document {i} on {w}"}
+            for i, w in enumerate(["cats", "dogs", "birds", "fish"] * 25)]
+    train = [{"id": f"q{i}", "query": f"which {i}", "pos": [f"d{i % 100}"],
+              "neg": [f"d{(i + 1) % 100}", f"d{(i + 7) % 100}"],
+              **({"pos_scores": [1.0], "neg_scores": [0.5, 0.25]} if i % 2 else {})}
+             for i in range(240)]
+    paths = {"corpus": write_jsonl(tmp_path / "corpus.jsonl", docs),
+             "train": write_jsonl(tmp_path / "train.jsonl", train), "train_qrels": None}
+
+    def build(processes, cache):
+        monkeypatch.setenv("NEGJAX_BUILD_PROCESSES", str(processes))
+        return prepare(paths, tok, tmp_path / cache)
+
+    one, three = build(1, "one"), build(3, "three")
+    a, b = one.queries.dir.parent, three.queries.dir.parent  # (train-<key>/queries)
+    files = sorted(str(f.relative_to(a)) for f in a.rglob("*") if f.is_file())
+    assert files == sorted(str(f.relative_to(b)) for f in b.rglob("*") if f.is_file())
+    assert "teacher_scores.npy" in files and len(three.examples) == 240
+    for f in files:
+        assert (b / f).read_bytes() == (a / f).read_bytes(), f
+
+    bad = list(train)
+    bad[180] = {**train[180], "pos": ["nope"]}
+    write_jsonl(paths["train"], bad)
+    with pytest.raises(NegjaxError, match=r"train.jsonl:181: pos\[0\]: unknown corpus id 'nope'"):
+        build(3, "e1")
+    write_jsonl(paths["train"], train + [{**train[3], "query": "again"}])
+    with pytest.raises(NegjaxError, match=r"train.jsonl:241: duplicate query id 'q3' \(first at line 4\)"):
+        build(3, "e2")
+    for cache in ("e1", "e2"):
+        assert not [p for p in (tmp_path / cache / "tokens").iterdir() if p.name.startswith("train-")]

@@ -30,7 +30,7 @@ from negjax.data import readers
 from negjax.data.records import input_kind, iter_records
 from negjax.errors import NegjaxError
 
-PARALLEL_BYTES = 32 << 20  # smaller files are read by one process (starting others costs ~1 s)
+PARALLEL_BYTES = 16 << 20  # smaller files are read by one process (starting others costs ~1 s)
 RECORDS = 16384  # records per StoreWriter.add
 
 
@@ -88,9 +88,11 @@ def plan(path) -> list:
     return [list(x) for x in zip(cuts[:-1], cuts[1:], firsts)]
 
 
-def build_parts(writer, path: Path, spans: list, prompt: str) -> None:
-    """`writer` filled from one process per span (see the module docstring); the error of the
-    first failing span in the file is raised."""
+def build_parts(writer, spans: list, spec: dict) -> None:
+    """`writer` (a `StoreWriter`, or a `prepared.ExampleWriter` for training records) filled
+    from one process per span, each running `_part` on `spec` (kind "docs" or "train", path,
+    ...) and its span (see the module docstring); the error of the first failing span in the
+    file is raised."""
     tmp = writer.dir
     tok_file = tmp / ".parts-tokenizer.json"
     tok_file.write_text(writer.backend.to_str())
@@ -102,10 +104,9 @@ def build_parts(writer, path: Path, spans: list, prompt: str) -> None:
     try:
         for i, (part, span) in enumerate(zip(parts, spans)):
             part.mkdir()
-            spec = {"path": str(path), "span": span, "tokenizer": str(tok_file),
-                    "max_len": writer.max_len, "prompt": prompt, "parent": os.getpid(),
-                    "name": f"{writer.name} (part {i + 1} of {len(spans)})"}
-            (part / "spec.json").write_text(json.dumps(spec))
+            (part / "spec.json").write_text(json.dumps({
+                **spec, "span": span, "tokenizer": str(tok_file), "max_len": writer.max_len,
+                "parent": os.getpid(), "name": f"{spec['kind']} (part {i + 1} of {len(spans)})"}))
             # One thread a process (the processes are the cores); one progress bar.
             env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": pythonpath,
                    **({"NEGJAX_PROGRESS": "0"} if i else {})}
@@ -120,8 +121,8 @@ def build_parts(writer, path: Path, spans: list, prompt: str) -> None:
         if failed is not None:
             error = parts[failed] / "error.txt"
             raise NegjaxError(error.read_text() if error.is_file() else
-                              f"{path}: reading lines from {spans[failed][2]} failed (exit code "
-                              f"{procs[failed].returncode}; its output is above)")
+                              f"{spec['path']}: reading lines from {spans[failed][2]} failed "
+                              f"(exit code {procs[failed].returncode}; its output is above)")
         for part in parts:
             writer.add_part(part)
             shutil.rmtree(part)
@@ -135,19 +136,31 @@ def build_parts(writer, path: Path, spans: list, prompt: str) -> None:
 
 def _part(spec_file: str) -> int:
     """A worker: the records of one span into a part (`python -m negjax.data.corpus_build`)."""
-    from negjax.data.store_writer import StoreWriter
-
     spec = json.loads(Path(spec_file).read_text())
-    part = Path(spec_file).parent
+    part, path, span = Path(spec_file).parent, Path(spec["path"]), tuple(spec["span"])
 
     def check() -> None:  # the parent is gone (killed): stop
         if os.getppid() != spec["parent"]:
             raise SystemExit(1)
 
     try:
-        w = StoreWriter(part, spec["tokenizer"], max_len=spec["max_len"], name=spec["name"])
+        if spec["kind"] == "docs":
+            from negjax.data.store_writer import StoreWriter
+
+            w = StoreWriter(part, spec["tokenizer"], max_len=spec["max_len"], name=spec["name"])
+            read = lambda: feed(w, path, spec["prompt"], span, check)  # noqa: E731
+        else:  # training records whose ids resolve through the finished corpus store
+            from negjax.data import formats
+            from negjax.data.prepared import ExampleWriter, StoreCorpus
+            from negjax.data.token_store import TokenStore
+
+            corpus = StoreCorpus(TokenStore.open(spec["docs"]), spec["corpus"])
+            w = ExampleWriter(part, spec["tokenizer"], max_len=spec["max_len"], path=path,
+                              prompt=spec["prompt"], fmt=spec["fmt"])
+            read = lambda: formats.read_training(  # noqa: E731
+                path, corpus, fmt=spec["fmt"], sink=lambda *_: w, span=span)
         try:
-            feed(w, Path(spec["path"]), spec["prompt"], tuple(spec["span"]), check)
+            read()
         except BaseException:
             w.abort()
             raise

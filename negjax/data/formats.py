@@ -146,7 +146,7 @@ def _from_tevatron_ids(obj: dict) -> dict:
 
 
 def read_training(path, corpus: Corpus | str | Path | None = None, *, qrels=None,
-                  fmt: str = "auto", sink=None) -> tuple[Corpus, TrainExamples]:
+                  fmt: str = "auto", sink=None, span=None) -> tuple[Corpus, TrainExamples]:
     """Read training data in any supported format; returns (corpus, examples).
 
     corpus: a `Corpus`, a corpus JSONL path, or None (then pairs carry inline texts and
@@ -154,9 +154,13 @@ def read_training(path, corpus: Corpus | str | Path | None = None, *, qrels=None
     queries.jsonl). The returned corpus is the given one, or the one built from the texts.
     sink: `sink(path, format)` makes what the examples are added to (`add`, `len`) instead of
     a `TrainExamples`, when they refer to a given corpus (`negjax.data.prepared` writes them
-    to disk as they are read).
+    to disk as they are read). span: only the lines of a byte range of a plain JSONL file
+    (`records.iter_records`; pairs or tevatron-ids records with a corpus, read by one process
+    of a parallel build: no "no examples" check, query ids distinct only within the range).
     """
     path = Path(path)
+    if span is not None and (fmt not in ("pairs", "tevatron-ids") or corpus is None):
+        raise ValueError(f"{path}: a byte range of {fmt} training data")
     if isinstance(corpus, (str, Path)):  # else a Corpus, or anything with its ids / index / path
         corpus = read_corpus(corpus)
     if fmt == "auto":
@@ -173,7 +177,7 @@ def read_training(path, corpus: Corpus | str | Path | None = None, *, qrels=None
         if corpus is None:
             raise NegjaxError(f"{path}: Tevatron positive_document_ids need the corpus "
                               "(data.corpus / --corpus)")
-        return corpus, _read_pairs_ids(path, corpus, _from_tevatron_ids, fmt, sink)
+        return corpus, _read_pairs_ids(path, corpus, _from_tevatron_ids, fmt, sink, span)
     if fmt == "sentence-transformers":
         if corpus is not None:
             raise NegjaxError(f"{path}: sentence-transformers columns carry texts, not corpus "
@@ -181,7 +185,7 @@ def read_training(path, corpus: Corpus | str | Path | None = None, *, qrels=None
         return _read_pairs_texts(path, _from_sentence_transformers)
     if fmt == "pairs":
         if corpus is not None:
-            return corpus, _read_pairs_ids(path, corpus, sink=sink)
+            return corpus, _read_pairs_ids(path, corpus, sink=sink, span=span)
         return _read_pairs_texts(path)
     raise NegjaxError(f"unknown training format {fmt!r} (auto, pairs, sentence-transformers, "
                       "tevatron, tevatron-ids, queries)")
@@ -196,13 +200,14 @@ def _query_id(obj, path, line, seen: dict) -> str:
     return qid
 
 
-def _read_pairs(path: Path, fmt: str, doc_row, clash, convert=None, sink=None) -> TrainExamples:
+def _read_pairs(path: Path, fmt: str, doc_row, clash, convert=None, sink=None,
+                span=None) -> TrainExamples:
     """The records of a pairs JSONL ({"query", "pos", "neg"?, "id"?}), pos/neg entries mapped
     to corpus rows by `doc_row(entry, key, j, line)`; `clash(rows)` is the error when a
     negative is also a positive."""
     ex = (sink or TrainExamples.empty)(path, fmt)
     seen: dict[str, int] = {}
-    for line, obj in iter_records(path):
+    for line, obj in iter_records(path, span):
         if convert is not None:
             obj = convert(obj)
         qid = _query_id(obj, path, line, seen)
@@ -211,12 +216,13 @@ def _read_pairs(path: Path, fmt: str, doc_row, clash, convert=None, sink=None) -
         if set(pos) & set(neg):
             raise record_error(path, line, clash(set(pos) & set(neg)))
         ex.add(qid, query, pos, neg, line, _teacher(obj, doc_row, path, line))
-    if not len(ex):
+    if not len(ex) and span is None:
         raise NegjaxError(f"{path}: no training examples")
     return ex
 
 
-def _read_pairs_ids(path: Path, corpus: Corpus, convert=None, fmt="pairs", sink=None) -> TrainExamples:
+def _read_pairs_ids(path: Path, corpus: Corpus, convert=None, fmt="pairs", sink=None,
+                    span=None) -> TrainExamples:
     def doc_row(d, key, j, line) -> int:
         if isinstance(d, bool) or not isinstance(d, (str, int)):
             raise record_error(path, line, f"{key}[{j}] must be a corpus id (string), got "
@@ -228,7 +234,7 @@ def _read_pairs_ids(path: Path, corpus: Corpus, convert=None, fmt="pairs", sink=
         return r
 
     return _read_pairs(path, fmt, doc_row, lambda rows: f"negative {corpus.ids[min(rows)]!r} "
-                       "is also a positive of this query", convert, sink)
+                       "is also a positive of this query", convert, sink, span)
 
 
 def _pos_neg(obj, doc_row, pos_key: str, neg_key: str, path, line) -> tuple[list, list]:

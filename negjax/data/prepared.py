@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from negjax.data import corpus_build, formats
-from negjax.data.records import at, input_files, iter_records, record_error
+from negjax.data.records import Where, at, input_files, iter_records, record_error
 from negjax.data.shards import NegativeLists
 from negjax.data.store_writer import DuplicateKey, StoreWriter
 from negjax.data.token_store import (TokenStore, load_backend_tokenizer, open_or_build,
@@ -184,9 +184,39 @@ class ExampleWriter:
         self._store.add(self._ids, self._texts)
         self._ids, self._texts = [], []
 
+    @property
+    def backend(self):
+        return self._store.backend
+
+    @property
+    def max_len(self) -> int:
+        return self._store.max_len
+
+    def save_part(self) -> None:
+        """End a part that one process of a parallel build wrote (`corpus_build`): the
+        queries' part and the raw arrays, for `add_part`."""
+        self._flush()
+        self._store.save_part()
+        for name, arr in self._arrays.items():
+            (self.dir / f"{name}.bin").write_bytes(arr.tobytes())
+        (self.dir / "part.json").write_text(json.dumps({"examples": self._n}))
+
+    def add_part(self, part: Path) -> None:
+        """Append the examples of a part (`save_part`) after those written so far."""
+        self._flush()
+        self._store.add_part(part / "queries")
+        for name, arr in self._arrays.items():
+            arr.frombytes((part / f"{name}.bin").read_bytes())
+        self._n += json.loads((part / "part.json").read_text())["examples"]
+
     def finish(self, meta: dict) -> None:
         self._flush()
-        self._store.finish()
+        try:
+            self._store.finish()
+        except DuplicateKey as e:  # (one process found these when reading; parts find them here)
+            lines = [Where(self._arrays["lines"][r]) for r in e.rows]
+            raise record_error(self.path, lines[1], f"duplicate query id {e.key!r} (first at "
+                               f"{at(lines[0])})") from None
         a = {k: np.frombuffer(v, dtype=v.typecode) if len(v) else np.zeros(0, v.typecode)
              for k, v in self._arrays.items()}
         teacher = len(a["teacher_rows"]) > 0
@@ -248,7 +278,8 @@ def _stream_corpus(tmp: Path, path: Path, tokenizer, max_len: int, prompt: str) 
     try:
         spans = corpus_build.plan(path)
         if spans:
-            corpus_build.build_parts(w, path, spans, prompt)
+            corpus_build.build_parts(w, spans, {"kind": "docs", "path": str(path),
+                                                "prompt": prompt})
         else:
             corpus_build.feed(w, path, prompt)
     except BaseException:
@@ -391,6 +422,21 @@ def prepare_training(paths: dict, tokenizer, *, doc_max_len: int, query_max_len:
         if not use_corpus:  # (the texts are in memory already: they form the corpus)
             _, ex = read_training(None)
             return _write_examples(tmp, ex, tokenizer, query_max_len, prompts.get("query", ""), meta)
+        fmt = train_format()
+        spans = corpus_build.plan(train) if fmt in ("pairs", "tevatron-ids") else []
+        if spans:  # read by one process per core (byte ranges), the parts appended in order
+            w = ExampleWriter(tmp, tokenizer, max_len=query_max_len, path=train, fmt=fmt,
+                              prompt=prompts.get("query", ""))
+            try:
+                corpus_build.build_parts(w, spans, {
+                    "kind": "train", "path": str(train), "fmt": fmt, "docs": str(docs_dir),
+                    "corpus": str(corpus_path), "prompt": prompts.get("query", "")})
+                if not len(w):
+                    raise NegjaxError(f"{train}: no training examples")
+                return w.finish(meta)
+            except BaseException:
+                w.abort()
+                raise
         writers = []
 
         def sink(path, fmt):  # the examples go to disk as they are read
@@ -399,7 +445,7 @@ def prepare_training(paths: dict, tokenizer, *, doc_max_len: int, query_max_len:
             return writers[-1]
 
         try:
-            formats.read_training(train, store_corpus, qrels=qrels, fmt=train_format(), sink=sink)
+            formats.read_training(train, store_corpus, qrels=qrels, fmt=fmt, sink=sink)
             writers[-1].finish(meta)
         except BaseException:
             for w in writers:

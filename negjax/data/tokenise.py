@@ -81,6 +81,7 @@ class Encoder:
             return
         plain = Tokenizer.from_str(backend.to_str())
         plain.no_truncation()
+        self._plain = plain
         self._words_of = getattr(plain, "encode_batch_fast", plain.encode_batch)
         # The special tokens around a text's own ids: [CLS] ... [SEP] for BERT.
         probe = "a"
@@ -106,8 +107,24 @@ class Encoder:
             self._cache.clear()  # (memory stays bounded; the words in use come back at once)
             new = words
         new = list(new)
-        ids = (e.ids for e in self._words_of(new, add_special_tokens=False))
-        self._cache.update(zip(new, (np.asarray(x, dtype="<i4").tobytes() for x in ids)))
+        for lo in range(0, len(new), CHUNK):
+            self._cache.update(self._tokenise_words(new[lo:lo + CHUNK]))
+
+    def _tokenise_words(self, words: list):
+        """(word, its ids as int32 bytes) for words without spaces: one encoding of the words
+        joined by spaces (one call instead of one a word, ~8x faster), each token given to the
+        word its character offsets fall in (a token never spans the space between two words
+        of a word-local pipeline: the pre-tokeniser splits there)."""
+        enc = self._plain.encode(" ".join(words), add_special_tokens=False)
+        lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+        starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
+        token_starts = np.fromiter((o[0] for o in enc.offsets), dtype=np.int64,
+                                   count=len(enc.offsets))
+        owner = np.searchsorted(starts, token_starts, side="right") - 1
+        ids = np.asarray(enc.ids, dtype="<i4")
+        ends = np.cumsum(np.bincount(owner, minlength=len(words)))
+        begins = np.concatenate([[0], ends[:-1]])
+        return ((w, ids[b:e].tobytes()) for w, b, e in zip(words, begins.tolist(), ends.tolist()))
 
     def _assemble(self, texts: list) -> list:
         """Every text's ids (int32 bytes) from the word cache; a text is its first `room` words
