@@ -147,7 +147,8 @@ def _part(spec_file: str) -> int:
         if spec["kind"] == "docs":
             from negjax.data.store_writer import StoreWriter
 
-            w = StoreWriter(part, spec["tokenizer"], max_len=spec["max_len"], name=spec["name"])
+            w = StoreWriter(part, spec["tokenizer"], max_len=spec["max_len"], name=spec["name"],
+                            thread=False)
             read = lambda: feed(w, path, spec["prompt"], span, check)  # noqa: E731
         else:  # training records whose ids resolve through the finished corpus store
             from negjax.data import formats
@@ -156,7 +157,7 @@ def _part(spec_file: str) -> int:
 
             corpus = StoreCorpus(TokenStore.open(spec["docs"]), spec["corpus"])
             w = ExampleWriter(part, spec["tokenizer"], max_len=spec["max_len"], path=path,
-                              prompt=spec["prompt"], fmt=spec["fmt"])
+                              prompt=spec["prompt"], fmt=spec["fmt"], thread=False)
             read = lambda: formats.read_training(  # noqa: E731
                 path, corpus, fmt=spec["fmt"], sink=lambda *_: w, span=span)
         try:

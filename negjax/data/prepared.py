@@ -146,13 +146,13 @@ class ExampleWriter:
     never its texts. `finish(meta)` writes the arrays and meta.json last."""
 
     def __init__(self, directory: Path, tokenizer, *, max_len: int, prompt: str, path="",
-                 fmt: str = "", total=None):
+                 fmt: str = "", total=None, thread: bool = True):
         from array import array
 
         self.dir, self.prompt, self.path, self.format = Path(directory), prompt, str(path), fmt
         (self.dir / "queries").mkdir()
         self._store = StoreWriter(self.dir / "queries", tokenizer, max_len=max_len,
-                                  name="queries", total=total)
+                                  name="queries", total=total, thread=thread)
         self._ids, self._texts = [], []
         self._arrays = {name: array(code) for name, code in (
             ("pos_counts", "q"), ("pos_rows", "i"), ("neg_counts", "q"), ("neg_rows", "i"),

@@ -46,7 +46,8 @@ class StoreWriter:
 
     Memory: the arrays of per-row numbers (about 30 bytes a row), never the texts."""
 
-    def __init__(self, directory, tokenizer, *, max_len: int, name: str = "texts", total=None):
+    def __init__(self, directory, tokenizer, *, max_len: int, name: str = "texts", total=None,
+                 thread: bool = True):
         from concurrent.futures import ThreadPoolExecutor
 
         from negjax.data.tokenise import Encoder
@@ -63,9 +64,10 @@ class StoreWriter:
         self._keys = open(self.dir / "keys.bin", "wb")
         self._lengths, self._key_lens, self._key_hash, self._text_hash = [], [], [], []
         self._bar = progress(total=total, desc=f"tokenise {name}", unit="text")
-        # Tokenising (which releases the GIL and uses every core) runs on a worker thread
-        # while the caller reads the next records; chunks are written in order.
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="negjax-tokenise")
+        # Tokenising (the tokenizer releases the GIL and uses every core) runs on a worker
+        # thread while the caller reads the next records; chunks are written in order.
+        # thread=False: in the caller's (a process of a parallel build, which is one core).
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="negjax-tokenise") if thread else None
         self._pending = None
 
     def add(self, keys: Sequence[str], texts: Sequence[str]) -> None:
@@ -81,7 +83,10 @@ class StoreWriter:
         self._key_lens.append(np.fromiter(map(len, raw), dtype=np.int64, count=len(raw)))
         self._key_hash.append(key_hash)
         self._text_hash.append(text_hash)
-        self._pending = self._worker.submit(self._tokenise, list(texts))
+        if self._worker is None:
+            self._tokenise(list(texts))
+        else:
+            self._pending = self._worker.submit(self._tokenise, list(texts))
 
     def _tokenise(self, texts: list) -> None:
         lengths, ids = self._encode(texts)
@@ -158,7 +163,8 @@ class StoreWriter:
 
     def abort(self) -> None:
         """Stop (after the chunk being tokenised) and close the files; idempotent."""
-        self._worker.shutdown(wait=True)
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
         self._bar.close()
         self._ids.close()
         self._keys.close()
