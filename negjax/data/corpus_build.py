@@ -1,19 +1,21 @@
-"""A corpus file streamed into a token store, on every core of the host when it is large.
+"""Corpus and training files streamed into token stores, on every core of the host when large.
 
-    feed(writer, path, prompt)            # every record of `path` -> a StoreWriter, in order
+    feed(writer, path, prompt)            # every document of `path` -> a StoreWriter, in order
     spans = plan(path)                    # byte ranges, one a process ([]: one process)
-    build_parts(writer, path, spans, prompt)
+    build_parts(writer, spans, {"kind": "docs", "path": ..., "prompt": ...})
 
 Reading, checking, hashing and tokenising a record are Python work, bound to one core by the
-interpreter's lock. A plain (uncompressed) JSONL or TSV corpus of at least `PARALLEL_BYTES`, on
-a host with several cores, is therefore cut at line boundaries into one byte range per core; a
+interpreter's lock. A plain (uncompressed) JSONL or TSV file of at least `PARALLEL_BYTES`, on a
+host with several cores, is therefore cut at line boundaries into one byte range per core; a
 fresh interpreter per range (`python -m negjax.data.corpus_build`, importing no JAX) reads its
-lines into a part (`StoreWriter.save_part`), and the parts are appended in file order
-(`StoreWriter.add_part`). The store is the one a single process writes, byte for byte
-(tests/test_prepared.py), and a bad record is named by its file and line as there (the first
-in the file when several parts fail). Parquet, Arrow and gzip'd inputs are read by one process.
-NEGJAX_BUILD_PROCESSES=N sets the number of processes (1: never more than one; any N also
-applies to small files, which tests use).
+lines into a part, and the parts are appended in file order: a corpus into a `StoreWriter`
+(kind "docs"), training records (pairs or tevatron-ids, their ids resolved through the
+finished corpus store) into a `prepared.ExampleWriter` (kind "train"). The result is what a
+single process writes, byte for byte (tests/test_prepared.py), and a bad record is named by
+its file and line as there (the first in the file when several parts fail; a duplicate id
+across parts when the parts are joined). Parquet, Arrow and gzip'd inputs, and the other
+training formats, are read by one process. NEGJAX_BUILD_PROCESSES=N sets the number of
+processes (1: never more than one; any N also applies to small files, which tests use).
 """
 
 from __future__ import annotations
