@@ -192,7 +192,14 @@ def test_parallel_training_records_are_the_one_process_examples(tok, tmp_path, m
         monkeypatch.setenv("NEGJAX_BUILD_PROCESSES", str(processes))
         return prepare(paths, tok, tmp_path / cache)
 
+    from negjax.data import corpus_build
+
+    split, real = [], corpus_build.build_parts
+    monkeypatch.setattr(corpus_build, "build_parts",
+                        lambda w, spans, spec: (split.append((spec["kind"], len(spans))),
+                                                real(w, spans, spec)))
     one, three = build(1, "one"), build(3, "three")
+    assert split == [("docs", 3), ("train", 3)]  # the 3-process build did split both files
     a, b = one.queries.dir.parent, three.queries.dir.parent  # (train-<key>/queries)
     files = sorted(str(f.relative_to(a)) for f in a.rglob("*") if f.is_file())
     assert files == sorted(str(f.relative_to(b)) for f in b.rglob("*") if f.is_file())

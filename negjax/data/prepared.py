@@ -43,7 +43,6 @@ from negjax.errors import NegjaxError
 from negjax.utils import default_cache_dir
 
 FORMAT = 1
-_RECORDS = 16384  # training records per StoreWriter.add
 
 
 def fingerprint(path) -> list:
@@ -177,7 +176,7 @@ class ExampleWriter:
         a["teacher_rows"].extend(teacher.keys())
         a["teacher_scores"].extend(teacher.values())
         self._n += 1
-        if len(self._ids) == _RECORDS:
+        if len(self._ids) == corpus_build.RECORDS:
             self._flush()
 
     def _flush(self) -> None:

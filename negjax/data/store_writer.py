@@ -32,11 +32,6 @@ class DuplicateKey(NegjaxError):
         self.key, self.rows = key, rows
 
 
-def _columns_of(w):  # the per-row columns a StoreWriter gathers
-    return (("lengths", w._lengths, np.int32), ("key_lens", w._key_lens, np.int64),
-            ("key_hash", w._key_hash, np.uint64), ("text_hash", w._text_hash, np.uint64))
-
-
 class StoreWriter:
     """Builds a store in `directory` from (keys, texts) chunks in bounded memory:
 
@@ -99,6 +94,11 @@ class StoreWriter:
         if pending is not None:
             pending.result()  # (re-raises the worker's error)
 
+    def _gathered(self):
+        """(name, list of per-chunk arrays, dtype) of each per-row column gathered so far."""
+        return (("lengths", self._lengths, np.int32), ("key_lens", self._key_lens, np.int64),
+                ("key_hash", self._key_hash, np.uint64), ("text_hash", self._text_hash, np.uint64))
+
     def _columns(self) -> dict:
         """Per-row arrays so far, with their dtypes (after the last chunk is written)."""
         try:
@@ -106,7 +106,7 @@ class StoreWriter:
         finally:
             self.abort()
         return {name: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)
-                for name, parts, dt in _columns_of(self)}
+                for name, parts, dt in self._gathered()}
 
     def save_part(self) -> None:
         """End a part that one process of a parallel build wrote (`negjax.data.corpus_build`):
@@ -120,7 +120,7 @@ class StoreWriter:
         for name, out in (("ids.raw", self._ids), ("keys.bin", self._keys)):
             with open(Path(part) / name, "rb") as f:
                 shutil.copyfileobj(f, out, 1 << 22)
-        for name, parts, _ in _columns_of(self):
+        for name, parts, _ in self._gathered():
             parts.append(np.load(Path(part) / f"{name}.npy"))
         self._bar.update(len(self._lengths[-1]))
 

@@ -290,7 +290,7 @@ class TokenStore:
             starts = np.cumsum(lens) - lens
             pos = np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(starts, lens)
             a = query[np.repeat(np.cumsum(ql) - ql, lens) + pos]
-            b = np.asarray(self._blob)[np.repeat(off[rows], lens) + pos]
+            b = self._blob_flat[np.repeat(off[rows], lens) + pos]
             equal[np.unique(np.repeat(np.arange(len(rows)), lens)[a != b])] = False
         return equal
 

@@ -82,11 +82,10 @@ class Encoder:
         plain = Tokenizer.from_str(backend.to_str())
         plain.no_truncation()
         self._plain = plain
-        self._words_of = getattr(plain, "encode_batch_fast", plain.encode_batch)
         # The special tokens around a text's own ids: [CLS] ... [SEP] for BERT.
         probe = "a"
-        full = self._words_of([probe], add_special_tokens=True)[0].ids  # (untruncated)
-        own = self._words_of([probe], add_special_tokens=False)[0].ids
+        full = plain.encode(probe, add_special_tokens=True).ids  # (untruncated)
+        own = plain.encode(probe, add_special_tokens=False).ids
         starts = [k for k in range(len(full) - len(own) + 1) if full[k:k + len(own)] == own]
         if len(own) == 0 or len(starts) != 1:
             return
