@@ -55,15 +55,17 @@ def test_kill9_and_resume_is_exact(tmp_path, small_data):
     assert not any("\r" in x for x in lines)  # no terminal bar in the log
     first = [x for x in lines if x.startswith("negjax train: first step")]
     assert len(first) == 1 and "persistent cache 0 hits" in first[0], run.stderr[-3000:]
-    # Kill -9 after a random number of completed steps (past the first checkpoint).
+    # Kill -9 after a random number of completed steps, once the first checkpoint is complete
+    # (orbax renames it to its step number when finalised; saving is asynchronous).
     kill_after = random.Random(os.getpid()).randint(4, 10)
     work = tmp_path / "killed"
     proc = subprocess.Popen(train_cmd(cfg, work), env=subprocess_env(4, NEGJAX_COMPILE_CACHE=jit_cache), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = work / "metrics.jsonl"
+    metrics, ckpts = work / "metrics.jsonl", work / "checkpoints"
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= kill_after:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= kill_after \
+                and ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()):
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.05)
