@@ -114,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
+    """The `negjax` process (console script, `python -m negjax`): transformers loads
+    tokenizers without importing PyTorch (`negjax.model.tokenizer.TRANSFORMERS_WITHOUT_TORCH`)."""
+    from negjax.model import tokenizer
+
+    tokenizer.TRANSFORMERS_WITHOUT_TORCH = True
     sys.exit(main())
 
 

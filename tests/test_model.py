@@ -719,3 +719,37 @@ def test_export_of_a_tiny_family_reloads_with_its_own_tokenizer(tmp_path, arch):
     mask = np.ones_like(tokens)
     np.testing.assert_allclose(back.encode(back.params, tokens, mask),
                                enc.encode(enc.params, tokens, mask), atol=1e-6)
+
+
+def test_negjax_process_loads_tokenizers_without_torch():
+    """The `negjax` process hides PyTorch from transformers (~500 MB and seconds saved per
+    process): its tokenizers give the ids of tokenizers loaded the usual way, and no PyTorch
+    is imported."""
+    import subprocess
+    import sys
+
+    from negjax.data.wordnet import tokenizer_dir
+    from negjax.model.packaged import minilm_dir
+    from negjax.model.tokenizer import load_tokenizer
+
+    dirs = [str(tokenizer_dir()), str(minilm_dir()), str(TINY)]
+    texts = ["Héllo wörld, a test!", "日本語 text", "x" * 300, ""]
+    child = f"""
+import json, sys
+from negjax import cli
+from negjax.model.tokenizer import load_tokenizer
+def main():
+    ids = [load_tokenizer(d)({texts!r}, truncation=True, max_length=16)["input_ids"]
+           for d in {dirs!r}]
+    print(json.dumps({{"ids": ids, "torch": "torch" in sys.modules}}))
+    return 0
+cli.main = main
+cli.entry()
+"""
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["torch"] is False
+    assert got["ids"] == [load_tokenizer(d)(texts, truncation=True, max_length=16)["input_ids"]
+                          for d in dirs]
