@@ -70,14 +70,18 @@ def _rowwise_order(vals: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return (order - rows * c).reshape(r, c)
 
 
-def exact_search(queries: np.ndarray, corpus: np.ndarray, k: int, *, query_block: int = 1024,
+def exact_search(queries: np.ndarray, corpus: np.ndarray, k: int, *, query_block: int = 256,
                  corpus_block: int = 65536, show_progress: bool = True, desc: str = "exact search"
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by inner product. `queries [Q, D]`, `corpus [N, D]` (any float dtype, or an
     `EmbeddingStore` streamed from disk), read `corpus_block` rows at a time as float32.
 
-    Memory is bounded by `query_block x corpus_block` scores (256 MB at the defaults) plus one
-    corpus block, whatever the corpus size. Returns `(ids [Q, k] int64, scores [Q, k] float32)`, sorted best first.
+    The corpus is read once, block by block; each block is scored against `query_block`
+    queries at a time and merged into every query's running top-k. Memory is bounded by one
+    corpus block, `query_block x corpus_block` scores (64 MB at the defaults) and Q x k
+    running results, whatever the corpus size; the result does not depend on the blocks (ties
+    go to the smaller row). Returns `(ids [Q, k] int64, scores [Q, k] float32)`, sorted best
+    first.
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     n = len(corpus)  # an array, or anything sliceable into float32 blocks (`EmbeddingStore`)
@@ -85,23 +89,20 @@ def exact_search(queries: np.ndarray, corpus: np.ndarray, k: int, *, query_block
         raise NegjaxError("exact search: the corpus is empty")
     k = min(k, n)
     nq = queries.shape[0]
-    out_ids = np.empty((nq, k), dtype=np.int64)
-    out_vals = np.empty((nq, k), dtype=np.float32)
-    bar = progress(total=nq, desc=desc, unit="q", disable=None if show_progress else True)
-    for q0 in range(0, nq, query_block):
-        qb = queries[q0:q0 + query_block]
-        best_ids = np.empty((qb.shape[0], 0), dtype=np.int64)
-        best_vals = np.empty((qb.shape[0], 0), dtype=np.float32)
-        for c0 in range(0, n, corpus_block):
-            block = np.ascontiguousarray(corpus[c0:c0 + corpus_block], dtype=np.float32)
-            scores = qb @ block.T
-            cols, vals = _block_topk(scores, k)
-            best_ids, best_vals = _merge_topk(best_ids, best_vals, cols.astype(np.int64) + c0, vals, k)
-        out_ids[q0:q0 + len(qb)] = best_ids
-        out_vals[q0:q0 + len(qb)] = best_vals
-        bar.update(len(qb))
+    starts = range(0, nq, query_block)
+    best = [(np.empty((min(query_block, nq - q0), 0), np.int64),
+             np.empty((min(query_block, nq - q0), 0), np.float32)) for q0 in starts]
+    bar = progress(total=n, desc=desc, unit="doc", disable=None if show_progress else True)
+    for c0 in range(0, n, corpus_block):
+        block = np.ascontiguousarray(corpus[c0:c0 + corpus_block], dtype=np.float32)
+        for i, q0 in enumerate(starts):
+            cols, vals = _block_topk(queries[q0:q0 + query_block] @ block.T, k)
+            best[i] = _merge_topk(*best[i], cols.astype(np.int64) + c0, vals, k)
+        bar.update(len(block))
     bar.close()
-    return out_ids, out_vals
+    if not best:
+        return np.empty((0, k), np.int64), np.empty((0, k), np.float32)
+    return np.concatenate([b[0] for b in best]), np.concatenate([b[1] for b in best])
 
 
 # ----------------------------------------------------------------------------- ScaNN
