@@ -11,7 +11,9 @@ described in `negjax.data.token_store`.
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +24,11 @@ from negjax.data import token_store
 from negjax.data.token_store import FORMAT_VERSION, Keys, load_backend_tokenizer, tokenizer_hash
 from negjax.errors import NegjaxError
 from negjax.utils import progress
+
+
+# ids.raw starts with this many bytes of room for the .npy header (numpy writes 128 bytes for
+# a 1-d array of any length: it pads for growth), so that finish makes it ids.npy in place.
+_NPY_HEADER = 128
 
 
 class DuplicateKey(NegjaxError):
@@ -56,6 +63,7 @@ class StoreWriter:
         self._encode = Encoder(self.backend)  # (a word cache: negjax.data.tokenise)
         self.max_len, self.name = max_len, name
         self._ids = open(self.dir / "ids.raw", "wb")
+        self._ids.write(bytes(_NPY_HEADER))  # room for ids.npy's header (written by finish)
         self._keys = open(self.dir / "keys.bin", "wb")
         self._lengths, self._key_lens, self._key_hash, self._text_hash = [], [], [], []
         self._bar = progress(total=total, desc=f"tokenise {name}", unit="text")
@@ -117,8 +125,9 @@ class StoreWriter:
     def add_part(self, part: Path) -> None:
         """Append the rows of a part (`save_part`) after the rows written so far."""
         self._wait()
-        for name, out in (("ids.raw", self._ids), ("keys.bin", self._keys)):
+        for name, out, skip in (("ids.raw", self._ids, _NPY_HEADER), ("keys.bin", self._keys, 0)):
             with open(Path(part) / name, "rb") as f:
+                f.seek(skip)
                 shutil.copyfileobj(f, out, 1 << 22)
         for name, parts, _ in self._gathered():
             parts.append(np.load(Path(part) / f"{name}.npy"))
@@ -143,12 +152,14 @@ class StoreWriter:
                 if keys[a] == keys[b]:
                     raise DuplicateKey(keys[a], (a, b))
         total = int(offsets[-1])
-        # Stream the raw ids behind a .npy header (memory stays bounded for any corpus size).
-        with open(self.dir / "ids.npy", "wb") as out, open(self.dir / "ids.raw", "rb") as raw:
-            np.lib.format.write_array_header_1_0(
-                out, {"descr": np.dtype(np.int32).str, "fortran_order": False, "shape": (total,)})
-            shutil.copyfileobj(raw, out, 1 << 22)
-        (self.dir / "ids.raw").unlink()
+        # The raw ids become ids.npy in place: its header goes into the room left before them.
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            header, {"descr": np.dtype(np.int32).str, "fortran_order": False, "shape": (total,)})
+        assert len(header.getvalue()) == _NPY_HEADER, "a .npy header of another size"
+        with open(self.dir / "ids.raw", "r+b") as raw:
+            raw.write(header.getvalue())
+        os.replace(self.dir / "ids.raw", self.dir / "ids.npy")
         for name, arr in (("offsets", offsets), ("lengths", lengths), ("key_offsets", key_offsets),
                           ("key_hash", sorted_hash), ("key_rows", order.astype(np.int64)),
                           ("text_hash", col["text_hash"])):
