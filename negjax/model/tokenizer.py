@@ -7,7 +7,6 @@ Token arrays follow the project contract: `tokens [N, L] int32`, `mask [N, L] in
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -16,33 +15,6 @@ import numpy as np
 from negjax.errors import NegjaxError
 
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
-
-# Set by the entry points of negjax's own processes (`negjax.cli.entry`, the token-store build
-# workers), never by an import: transformers imports all of PyTorch when PyTorch is installed,
-# ~500 MB of resident memory and seconds of start-up in every process, although negjax uses
-# transformers for its tokenizers only. Such a process hides PyTorch from transformers.
-TRANSFORMERS_WITHOUT_TORCH = False
-
-
-def _transformers():
-    """(AutoTokenizer, PreTrainedTokenizerFast), transformers imported without PyTorch where
-    `TRANSFORMERS_WITHOUT_TORCH` is set and neither is imported yet: a None in `sys.modules`
-    makes `find_spec("torch")` (transformers' `is_torch_available`, cached) find nothing."""
-    # negjax runs without PyTorch by design; transformers' "PyTorch was not found" advice at
-    # import time would only confuse (an advisory, so this silences nothing else).
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    hide = TRANSFORMERS_WITHOUT_TORCH and not {"torch", "transformers"} & sys.modules.keys()
-    if hide:
-        sys.modules["torch"] = None
-    try:
-        from transformers import AutoTokenizer, PreTrainedTokenizerFast
-        from transformers.utils.import_utils import is_torch_available
-
-        is_torch_available()  # cached from here on
-    finally:
-        if hide:
-            del sys.modules["torch"]
-    return AutoTokenizer, PreTrainedTokenizerFast
 
 
 def _generic_class(path: Path) -> bool:
@@ -65,7 +37,11 @@ def load_tokenizer(path: str | Path):
     Uses `AutoTokenizer` (which reads tokenizer_config.json when present); a directory with
     only tokenizer.json falls back to `PreTrainedTokenizerFast` over that file.
     """
-    AutoTokenizer, PreTrainedTokenizerFast = _transformers()
+    # negjax runs without PyTorch by design; transformers' "PyTorch was not found" advice at
+    # import time would only confuse (an advisory, so this silences nothing else).
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
     path = Path(path)
     if not path.is_dir():
         raise NegjaxError(f"{path}: tokenizer directory not found")
