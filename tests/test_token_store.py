@@ -57,6 +57,15 @@ def test_same_ids_as_transformers_tokenizer(tmp_path, tok_dir):
     assert tokens[1].tolist() == want[0] + [0] * (16 - len(want[0]))
     assert mask[1].tolist() == [1] * len(want[0]) + [0] * (16 - len(want[0]))
     assert mask[0].sum() == 16
+    # Rows are read with pread (a map would keep whole folios resident); the same as the map.
+    assert store._ids is not None
+    rows = np.array([3, 3, 0, len(TEXTS) - 1, 1, 4, 2])
+    for length in (1, 5, 24, 30):
+        got = store.pad(rows, length)
+        fd, store._ids = store._ids, None
+        want_pad = store.pad(rows, length)
+        store._ids = fd
+        assert all(np.array_equal(a, b) for a, b in zip(got, want_pad))
 
 
 def test_reused_and_never_stale(tmp_path, tok_dir):
