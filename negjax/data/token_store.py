@@ -217,7 +217,7 @@ class _Pread:
 
     def __init__(self, arr: np.memmap):
         self.fd = os.open(arr.filename, os.O_RDONLY)
-        self.base, self.dtype = int(arr.offset), arr.dtype
+        self.base = int(arr.offset)
 
     def __del__(self):
         os.close(self.fd)
