@@ -76,6 +76,31 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    """One `[[data.sources]]` table: a dataset of a multi-source run (docs/sources.md)."""
+    name: str = f("", "the source's name (unique; used in logs, metrics, eval and mining output)")
+    dataset: str = f("", "a dataset directory (the layout of data.dataset) or 'wordnet'")
+    corpus: str = f("", "corpus file or directory (overrides the source's dataset's)")
+    train: str = f("", "training file or directory (overrides the source's dataset's)")
+    train_qrels: str = f("", "qrels TSV of BEIR-style training data (train is then queries)")
+    dev_queries: str = f("", "dev queries of this source (overrides the source's dataset's)")
+    dev_qrels: str = f("", "dev qrels TSV of this source (overrides the source's dataset's)")
+    weight: float = f(1.0, "multiplies the source's sampling probability (data.source_sampling)")
+    query_prompt: str = f("", "text put before this source's queries (a task instruction); "
+                          "empty = model.query_prompt / the model's own")
+    doc_prompt: str = f("", "text put before this source's documents; empty = model.doc_prompt "
+                        "/ the model's own")
+    negatives: str = f("", "hard-negative shard directory mined for this source; empty = the "
+                       "training file's own \"neg\" lists, if any")
+    num_negatives: int = f(-1, "hard negatives per query; negative = data.num_negatives. "
+                           "Fewer than the largest source's leave masked slots (never random "
+                           "documents)")
+    in_batch_negatives: bool = f(True, "false: each query is scored against its own positive and "
+                                 "hard negatives only, not the batch's other documents "
+                                 "(FlagEmbedding's no_in_batch_neg)")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     dataset: str = f("wordnet", "'wordnet' (built-in) or a directory with corpus.jsonl, train.jsonl, "
                      "dev_queries.jsonl, dev_qrels.tsv")
@@ -102,6 +127,18 @@ class DataConfig:
     max_positives: int = f(32, "positives per query passed to the loss for masking "
                            "(query_pos_ids columns P = min(this, most positives of any query))")
     prefetch_threads: int = f(1, "threads preparing prefetched batches")
+    sources: list = f([], "[[data.sources]] tables (keys: `negjax config keys`, data.sources[]): "
+                      "several datasets in one run, each global batch from one of them; "
+                      "empty = the single dataset of the keys above")
+    source_sampling: str = f("proportional", "how the source of each global batch is drawn: "
+                             "'proportional' (p ~ weight x training queries), 'temperature' "
+                             "(p ~ weight x queries^data.source_temperature) or 'round_robin' "
+                             "(sources in turn; weights ignored)")
+    source_temperature: float = f(0.5, "the exponent alpha of 'temperature' sampling: 1 = "
+                                  "proportional, 0 = by weight alone")
+    sources_per_batch: int = f(1, "single-source sub-batches per global batch: 1 = every "
+                               "global batch from one source; k > 1 mixes k draws (each "
+                               "batch_size/k queries), e.g. for ablations")
 
 
 @dataclass(frozen=True)
@@ -241,6 +278,7 @@ _CHOICES = {
     "loss.precision": ("highest", "high", "default"),
     "loss.distill": ("", "kl", "margin_mse"),
     "model.attention": ("xla", "cudnn"),
+    "data.source_sampling": ("proportional", "temperature", "round_robin"),
 }
 _POSITIVE = ("train.steps", "train.batch_size", "train.log_every", "checkpoint.every_steps",
              "checkpoint.keep", "model.query_max_len", "model.doc_max_len", "mining.encode_batch_size",
@@ -301,12 +339,31 @@ def _apply(obj, data: dict, prefix: str = "") -> None:
             known = ", ".join(sorted(names))
             raise NegjaxError(f"unknown config key {full!r} (known in this section: {known})")
         typ = hints[key]
+        if full == "data.sources":
+            object.__setattr__(obj, key, _sources(value))
+            continue
         if dataclasses.is_dataclass(typ):
             if not isinstance(value, dict):
                 raise NegjaxError(f"config key {full!r}: expected a [{full}] table, got {value!r}")
             _apply(getattr(obj, key), value, prefix=f"{full}.")
         else:
             object.__setattr__(obj, key, _check_type(full, value, typ))
+
+
+def _sources(value) -> list:
+    """`[[data.sources]]` tables -> [SourceConfig] (keys checked as everywhere, named
+    data.sources[i].key)."""
+    if not isinstance(value, list) or not all(isinstance(t, (dict, SourceConfig)) for t in value):
+        raise NegjaxError(f"config key 'data.sources': expected [[data.sources]] tables, got {value!r}")
+    out = []
+    for i, table in enumerate(value):
+        if isinstance(table, SourceConfig):
+            out.append(table)
+            continue
+        src = SourceConfig()
+        _apply(src, table, prefix=f"data.sources[{i}].")
+        out.append(src)
+    return out
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -361,6 +418,7 @@ def validate(cfg: Config) -> Config:
         raise NegjaxError("config key 'model.num_heads': must divide model.hidden_size")
     if not all(isinstance(b, int) and b > 0 for b in cfg.data.length_buckets):
         raise NegjaxError("config key 'data.length_buckets': must be a list of positive integers")
+    _validate_sources(cfg.data)
     if cfg.mining.rank_range:
         parse_rank_range(cfg.mining.rank_range, key="mining.rank_range")
     if cfg.loss.teacher_temperature <= 0 or cfg.loss.distill_weight < 0:
@@ -378,6 +436,29 @@ def validate(cfg: Config) -> Config:
         raise NegjaxError(f"config key 'loss.matryoshka_weights': must be {len(dims)} positive "
                           f"numbers (one per loss.matryoshka_dims entry), got {weights}")
     return cfg
+
+
+def _validate_sources(d: DataConfig) -> None:
+    if d.sources_per_batch < 1:
+        raise NegjaxError(f"config key 'data.sources_per_batch': must be >= 1, got {d.sources_per_batch}")
+    if d.source_temperature < 0:
+        raise NegjaxError(f"config key 'data.source_temperature': must be >= 0, got "
+                          f"{d.source_temperature}")
+    names = [s.name for s in d.sources]
+    for i, s in enumerate(d.sources):
+        if not s.name or not all(c.isalnum() or c in "-_." for c in s.name):
+            raise NegjaxError(f"config key 'data.sources[{i}].name': a non-empty name of letters, "
+                              f"digits, '-', '_' or '.' is required, got {s.name!r}")
+        if names.count(s.name) > 1:
+            raise NegjaxError(f"config key 'data.sources[{i}].name': {s.name!r} is used twice")
+        if not s.dataset and not s.train:
+            raise NegjaxError(f"config key 'data.sources[{i}]' ({s.name}): set its dataset or train")
+        if not s.weight > 0:
+            raise NegjaxError(f"config key 'data.sources[{i}].weight' ({s.name}): must be > 0, "
+                              f"got {s.weight}")
+        if s.negatives and s.num_negatives == 0:
+            raise NegjaxError(f"config key 'data.sources[{i}].negatives' ({s.name}): set but "
+                              "num_negatives is 0, so no mined negative would be used")
 
 
 def parse_rank_range(text: str, key: str = "--rank-range") -> tuple[int, int]:
@@ -424,6 +505,9 @@ def to_dict(cfg) -> dict:
 
 
 def _toml_value(v) -> str:
+    if dataclasses.is_dataclass(v):  # a [[data.sources]] table, written inline
+        return "{" + ", ".join(f"{fl.name} = {_toml_value(getattr(v, fl.name))}"
+                               for fl in dataclasses.fields(v)) + "}"
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
@@ -461,4 +545,6 @@ def describe_keys(cfg_cls=Config, prefix: str = "") -> list[tuple[str, str, str]
         else:
             default = fl.default if fl.default is not dataclasses.MISSING else fl.default_factory()
             rows.append((f"{prefix}{fl.name}", _toml_value(default), fl.metadata.get("doc", "")))
+            if f"{prefix}{fl.name}" == "data.sources":
+                rows.extend(describe_keys(SourceConfig, prefix="data.sources[]."))
     return rows

@@ -18,6 +18,7 @@ _PRECISION = lax.Precision.HIGHEST
 PRECISIONS = {"highest": lax.Precision.HIGHEST, "high": lax.Precision.HIGH,
               "default": lax.Precision.DEFAULT}
 EMPTY = -2  # the key of an empty memory-bank slot: such a column is not in the softmax
+_ANY_LO, _ANY_HI = jnp.iinfo(jnp.int32).min, jnp.iinfo(jnp.int32).max  # an unrestricted window
 
 
 # ---------------------------------------------------------------------------------------
@@ -32,16 +33,33 @@ def _key_match(row_keys, col_keys):
     return eq.any(axis=(2, 3))
 
 
-def _block_masks(col_ids, valid, targets, row_keys, col_keys, sim=None, guard=None):
+def group_windows(in_batch, first, width):
+    """The column window of each row when in-batch negatives are off ("In-batch negatives
+    off" in `negjax.losses`): (lo [b], hi [b]) int32 such that row r may only score columns
+    whose global id is in [lo[r], hi[r]). A row whose flag `in_batch [b]` (bool) is False gets
+    its own group, the `width` columns from `first [b]` (its target); a row whose flag is True
+    gets an unrestricted window. None when `in_batch` is None (every row sees every column)."""
+    if in_batch is None:
+        return None
+    first = first.astype(jnp.int32)
+    return (jnp.where(in_batch, _ANY_LO, first), jnp.where(in_batch, _ANY_HI, first + width))
+
+
+def _block_masks(col_ids, valid, targets, row_keys, col_keys, sim=None, guard=None, window=None):
     """(onehot, neg, guarded) [b, c] bool for a block of columns with global ids `col_ids [c]`
     (-1 for columns that are nobody's target: memory-bank columns, padding) and `valid [c]`
     (False for padding): the target column, the columns that enter the softmax as negatives,
     and the negatives the false-negative guard removed (None without a guard): those whose
-    similarity `sim [b, c]` (no gradient) exceeds the row's threshold `guard [b]`."""
+    similarity `sim [b, c]` (no gradient) exceeds the row's threshold `guard [b]`. With
+    `window` (lo [b], hi [b], see `group_windows`) a column whose id is outside the row's
+    [lo, hi) is no negative of that row (nor a guarded one)."""
     if col_keys is not None:  # empty memory-bank slots are no columns at all
         valid = valid & (col_keys[:, 0] != EMPTY)
     onehot = col_ids[None, :] == targets[:, None]
     neg = ~onehot & valid[None, :]
+    if window is not None:
+        lo, hi = window
+        neg = neg & (col_ids[None, :] >= lo[:, None]) & (col_ids[None, :] < hi[:, None])
     if row_keys is not None:
         neg = neg & ~_key_match(row_keys, col_keys)
     guarded = None
@@ -99,17 +117,19 @@ def _finish_stats(s):
 
 
 def _dense_ce(rows, cols, scale, targets, row_keys, col_keys, with_stats, precision=_PRECISION,
-              guard=None):
+              guard=None, window=None):
     """Sum over rows of softmax cross-entropy, materialising the [b, N] logits.
 
     rows [b, D] f32, cols [N, D] f32, scale [] f32 (1/temperature), targets [b] int (column
     of each row's target), row_keys [b, Pr] / col_keys [N, Pc] int or None, guard [b] f32 or
-    None (the false-negative guard's similarity threshold per row).
+    None (the false-negative guard's similarity threshold per row), window (lo [b], hi [b])
+    int32 or None (the columns 0..N-1 each row may score, `group_windows`).
     Returns (loss_sum [] f32, stats dict of [] f32 sums, or None)."""
     sim = jnp.matmul(rows, cols.T, precision=precision)
     logits = sim * scale
     ids = jnp.arange(cols.shape[0])
-    onehot, neg, guarded = _block_masks(ids, ids >= 0, targets, row_keys, col_keys, sim, guard)
+    onehot, neg, guarded = _block_masks(ids, ids >= 0, targets, row_keys, col_keys, sim, guard,
+                                        window)
     lse = jax.nn.logsumexp(jnp.where(onehot | neg, logits, -jnp.inf), axis=1)
     tgt = jnp.sum(jnp.where(onehot, logits, 0.0), axis=1)
     loss_sum = jnp.sum(lse - tgt)
@@ -155,13 +175,13 @@ def _init_carry(rows, with_stats, *refs):
 
 
 def _fwd_block(carry, rows, blk, ids, valid, kblk, scale, targets, row_keys, inv_r,
-               precision=_PRECISION, guard=None):
+               precision=_PRECISION, guard=None, window=None):
     """Fold one block of columns into the online log-sum-exp state `carry`."""
     m, l, tgt, st = carry
     ninf = jnp.float32(-jnp.inf)
     sim = jnp.matmul(rows, blk.T, precision=precision)
     logits = sim * scale
-    onehot, neg, guarded = _block_masks(ids, valid, targets, row_keys, kblk, sim, guard)
+    onehot, neg, guarded = _block_masks(ids, valid, targets, row_keys, kblk, sim, guard, window)
     keep = onehot | neg
     m_new = jnp.maximum(m, jnp.max(jnp.where(keep, logits, ninf), axis=1))
     # Rows whose columns so far were all masked keep m = -inf; shift by 0 then.
@@ -187,11 +207,11 @@ def _finish_forward(carry, with_stats):
 
 
 def _bwd_block(rows, blk, ids, valid, kblk, scale, targets, row_keys, lse, g,
-               precision=_PRECISION, guard=None):
+               precision=_PRECISION, guard=None, window=None):
     """One block's share of the backward pass: (d rows, d scale, d block)."""
     sim = jnp.matmul(rows, blk.T, precision=precision)
     logits = sim * scale
-    onehot, neg, _ = _block_masks(ids, valid, targets, row_keys, kblk, sim, guard)
+    onehot, neg, _ = _block_masks(ids, valid, targets, row_keys, kblk, sim, guard, window)
     p = jnp.where(onehot | neg, jnp.exp(logits - lse[:, None]), 0.0)
     dlogits = g * (p - onehot.astype(jnp.float32))       # d loss_sum / d logits
     dsim = dlogits * scale
@@ -199,39 +219,39 @@ def _bwd_block(rows, blk, ids, valid, kblk, scale, targets, row_keys, lse, g,
             jnp.matmul(dsim.T, rows, precision=precision))
 
 
-def _chunked_forward(rows, cols, scale, targets, row_keys, col_keys, guard, chunk, with_stats,
-                     precision):
+def _chunked_forward(rows, cols, scale, targets, row_keys, col_keys, guard, window, chunk,
+                     with_stats, precision):
     blocks, key_blocks, ids, valid, _ = _pad_cols(cols, col_keys, chunk)
     inv_r = _inv_norm(rows) if with_stats else None
 
     def step(carry, xs):
         blk, kblk, bids, bvalid = xs
         return _fwd_block(carry, rows, blk, bids, bvalid, kblk, scale, targets, row_keys, inv_r,
-                          precision, guard), None
+                          precision, guard, window), None
 
     carry, _ = lax.scan(step, _init_carry(rows, with_stats, cols, scale),
                         (blocks, key_blocks, ids, valid))
     return _finish_forward(carry, with_stats)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _chunked_ce(rows, cols, scale, targets, row_keys, col_keys, guard, chunk, with_stats,
+@partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _chunked_ce(rows, cols, scale, targets, row_keys, col_keys, guard, window, chunk, with_stats,
                 precision):
     """Same contract as `_dense_ce`, with columns processed `chunk` at a time."""
     loss_sum, stats, _ = _chunked_forward(rows, cols, scale, targets, row_keys, col_keys, guard,
-                                          chunk, with_stats, precision)
+                                          window, chunk, with_stats, precision)
     return loss_sum, stats
 
 
-def _chunked_ce_fwd(rows, cols, scale, targets, row_keys, col_keys, guard, chunk, with_stats,
-                    precision):
+def _chunked_ce_fwd(rows, cols, scale, targets, row_keys, col_keys, guard, window, chunk,
+                    with_stats, precision):
     loss_sum, stats, lse = _chunked_forward(rows, cols, scale, targets, row_keys, col_keys, guard,
-                                            chunk, with_stats, precision)
-    return (loss_sum, stats), (rows, cols, scale, targets, row_keys, col_keys, guard, lse)
+                                            window, chunk, with_stats, precision)
+    return (loss_sum, stats), (rows, cols, scale, targets, row_keys, col_keys, guard, window, lse)
 
 
 def _chunked_ce_bwd(chunk, with_stats, precision, res, cotangents):
-    rows, cols, scale, targets, row_keys, col_keys, guard, lse = res
+    rows, cols, scale, targets, row_keys, col_keys, guard, window, lse = res
     g = cotangents[0]  # the statistics carry no gradient
     n, dim = cols.shape
     blocks, key_blocks, ids, valid, nblocks = _pad_cols(cols, col_keys, chunk)
@@ -240,28 +260,29 @@ def _chunked_ce_bwd(chunk, with_stats, precision, res, cotangents):
         blk, kblk, bids, bvalid = xs
         drows, dscale = carry
         dr, ds, dblk = _bwd_block(rows, blk, bids, bvalid, kblk, scale, targets, row_keys, lse, g,
-                                  precision, guard)
+                                  precision, guard, window)
         return (drows + dr, dscale + ds), dblk
 
     init = _match_vma((jnp.zeros_like(rows), jnp.zeros((), jnp.float32)), rows, cols, scale)
     (drows, dscale), dblocks = lax.scan(step, init, (blocks, key_blocks, ids, valid))
     dcols = dblocks.reshape(nblocks * chunk, dim)[:n]
-    return drows, dcols, dscale.astype(scale.dtype), None, None, None, None
+    return drows, dcols, dscale.astype(scale.dtype), None, None, None, None, None
 
 
 _chunked_ce.defvjp(_chunked_ce_fwd, _chunked_ce_bwd)
 
 
 def ce(rows, cols, scale, targets, row_keys, col_keys, chunk, with_stats, precision=_PRECISION,
-       guard=None):
+       guard=None, window=None):
     """Sum over rows of softmax cross-entropy (+ statistics): dense, or chunked when `chunk`
-    is smaller than the column count. `guard [b]`: see `_dense_ce`."""
+    is smaller than the column count. `guard [b]`, `window (lo [b], hi [b])`: see
+    `_dense_ce`."""
     if chunk is None or chunk >= cols.shape[0]:
         return _dense_ce(rows, cols, scale, targets, row_keys, col_keys, with_stats, precision,
-                         guard)
+                         guard, window)
     # Inside shard_map the custom VJP's cotangents must have their primals' device-variance;
     # they are computed from all three, so give all three the same variance up front (the
     # transpose of this cast sums e.g. a replicated scale's per-device cotangents).
     rows, cols, scale = _match_vma((rows, cols, scale), rows, cols, scale)
-    return _chunked_ce(rows, cols, scale, targets, row_keys, col_keys, guard, chunk, with_stats,
-                       precision)
+    return _chunked_ce(rows, cols, scale, targets, row_keys, col_keys, guard, window, chunk,
+                       with_stats, precision)

@@ -17,6 +17,16 @@ all `B` queries with target query `j`; query `i != j` is masked out when `doc_id
 one of query `i`'s positive ids (the same rule read from the document's side). The loss is
 the mean of the two directions, each a mean over the `B` global queries.
 
+In-batch negatives off (`in_batch_negatives=False`, or a `[B]` bool array with one flag per
+query; FlagEmbedding's `no_in_batch_neg`): a query whose flag is False is scored only against
+its own group, the global columns `[i*G, (i+1)*G)` (its target and its `G-1` hard negatives):
+no other query's documents and no extra (memory-bank) columns. Masking by id and the
+false-negative guard still apply inside the group, and the metrics count only those columns.
+In the symmetric direction the row of such a query's positive scores only query `i` itself,
+its target, so its term is log 1 = 0 (it still counts in the mean over `B`). The flags are
+sharded like `q` (under a mesh along the batch axes; inside a manual shard_map the local
+shard); `True` (the default) leaves the computation exactly as without the option.
+
 Devices: without a mesh (or with a `data` axis of size 1) it is plain jnp. Under
 `jax.set_mesh(mesh)` with a `data` axis of size n > 1 it runs as `jax.shard_map`: each device
 holds `b = B/n` queries and their `b*G` documents, gathers all documents with
@@ -56,11 +66,12 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from negjax.distributed import BATCH_AXES
 from negjax.errors import NegjaxError
-from negjax.loss_blocks import EMPTY, PRECISIONS, ce
+from negjax.loss_blocks import EMPTY, PRECISIONS, ce, group_windows
 from negjax.loss_ring import ring_ce
 
 COLLECTIVES = ("gather", "ring")
@@ -92,14 +103,14 @@ def _guard(q, d, group_size, margin):
     return pos * (1.0 - margin)
 
 
-def _local_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, spec: "LossSpec", *,
+def _local_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, in_batch, spec: "LossSpec", *,
                  with_stats, axis):
     """Sums over this device's queries. q [b, D], d [b*G, D] (local shards, or the whole batch
     when axis is None), pos_keys [b, P+1] / doc_ids [b*G] int or None, extra [k, D] / extra_ids
-    [k] or None; the options from `spec`. Returns (fwd_sum, bwd_sum or None, stats or None),
-    unreduced."""
+    [k] or None, in_batch [b] bool or None (per query: in-batch negatives on; None = all on);
+    the options from `spec`. Returns (fwd_sum, bwd_sum or None, stats or None), unreduced."""
     if spec.collective == "ring" and axis is not None:
-        return _ring_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, spec,
+        return _ring_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, in_batch, spec,
                            with_stats=with_stats, axis=axis)
     group_size, chunk = spec.group_size, spec.chunk_size
     precision = PRECISIONS[spec.precision]
@@ -119,8 +130,9 @@ def _local_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, spec: "LossSp
                                None if extra_ids is None else gather(extra_ids))
         cols = jnp.concatenate([cols, lax.stop_gradient(extra)], axis=0)
     guard = _guard(q, d, group_size, spec.false_negative_margin)
+    # Column ids: the gathered documents 0..B*G-1, then the extra columns (outside every group).
     fwd, stats = ce(q, cols, scale, qidx * group_size, pos_keys, col_keys, chunk, with_stats,
-                    precision, guard)
+                    precision, guard, group_windows(in_batch, qidx * group_size, group_size))
     bwd = None
     if spec.symmetric:
         # Positives against all queries; masked where the positive's id is another query's
@@ -128,11 +140,11 @@ def _local_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, spec: "LossSp
         row_keys = None if doc_ids is None else doc_ids[::group_size][:, None]
         qkeys = None if pos_keys is None else gather(pos_keys)
         bwd, _ = ce(d[::group_size], gather(q), scale, qidx, row_keys, qkeys, chunk, False,
-                    precision, guard)
+                    precision, guard, group_windows(in_batch, qidx, 1))
     return fwd, bwd, stats
 
 
-def _ring_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, spec: "LossSpec", *,
+def _ring_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, in_batch, spec: "LossSpec", *,
                 with_stats, axis):
     """`_local_terms` with the columns passed around the ring instead of gathered: the same
     columns (documents, then the memory bank's), ids, masks and targets."""
@@ -149,12 +161,13 @@ def _ring_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids, spec: "LossSpe
         col_ids = jnp.concatenate([col_ids, jnp.full((extra.shape[0],), -1, col_ids.dtype)])
     guard = _guard(q, d, group_size, spec.false_negative_margin)
     fwd, stats = ring_ce(q, cols, scale, qidx * group_size, pos_keys, col_keys, col_ids, chunk,
-                         with_stats, axis, precision, guard)
+                         with_stats, axis, precision, guard,
+                         group_windows(in_batch, qidx * group_size, group_size))
     bwd = None
     if spec.symmetric:
         row_keys = None if doc_ids is None else doc_ids[::group_size][:, None]
         bwd, _ = ring_ce(d[::group_size], q, scale, qidx, row_keys, pos_keys, qidx, chunk, False,
-                         axis, precision, guard)
+                         axis, precision, guard, group_windows(in_batch, qidx, 1))
     return fwd, bwd, stats
 
 
@@ -196,8 +209,24 @@ def _check(q, d, group_size, query_pos_ids, doc_ids, extra, extra_ids):
         raise NegjaxError("contrastive loss: extra_doc_ids must be [K] and needs extra_docs")
 
 
+def _in_batch_flags(in_batch_negatives, b):
+    """`in_batch_negatives` (None, a bool, or [b] bool / 0-1 int) -> None when every query
+    keeps its in-batch negatives by a static True/None (nothing is passed on, the computation
+    is unchanged), else [b] bool (False = only the query's own group)."""
+    if in_batch_negatives is None or isinstance(in_batch_negatives, (bool, np.bool_)):
+        if in_batch_negatives is None or in_batch_negatives:
+            return None
+        return jnp.zeros((b,), bool)
+    flags = jnp.asarray(in_batch_negatives)
+    if flags.shape != (b,) or not (jnp.issubdtype(flags.dtype, jnp.bool_)
+                                   or jnp.issubdtype(flags.dtype, jnp.integer)):
+        raise NegjaxError(f"contrastive loss: in_batch_negatives must be a bool or a [{b}] bool "
+                          f"array (one flag per query), got {flags.dtype}{list(flags.shape)}")
+    return flags if flags.dtype == jnp.bool_ else flags != 0
+
+
 def _contrastive(q, d, spec: "LossSpec", *, temperature, query_pos_ids, doc_ids, extra, extra_ids,
-                 with_stats):
+                 with_stats, in_batch_negatives=None):
     group_size = spec.group_size
     q = jnp.asarray(q, jnp.float32)
     d = jnp.asarray(d, jnp.float32)
@@ -206,6 +235,7 @@ def _contrastive(q, d, spec: "LossSpec", *, temperature, query_pos_ids, doc_ids,
     if extra is not None:
         extra = jnp.asarray(extra, jnp.float32)
     _check(q, d, group_size, query_pos_ids, doc_ids, extra, extra_ids)
+    in_batch = _in_batch_flags(in_batch_negatives, q.shape[0])
     scale = (1.0 / jnp.asarray(temperature, jnp.float32)).reshape(())
     pos_keys = None
     if doc_ids is not None:
@@ -214,16 +244,16 @@ def _contrastive(q, d, spec: "LossSpec", *, temperature, query_pos_ids, doc_ids,
             pos_keys = jnp.concatenate([query_pos_ids, pos_keys], axis=1)
 
     axes, n, manual, explicit = _data_axis()
-    args = (q, d, scale, pos_keys, doc_ids, extra, extra_ids)
+    args = (q, d, scale, pos_keys, doc_ids, extra, extra_ids, in_batch)
     # One device without a manual axis: no collective. (A 1-device Explicit mesh still goes
     # through shard_map: outside it, its arrays' shardings clash in the matmul.)
     if n == 1 and not manual and not explicit:
         fwd, bwd, stats = _local_terms(*args, spec, axis=None, with_stats=with_stats)
         global_b = q.shape[0]
     else:
-        def body(q, d, scale, pos_keys, doc_ids, extra, extra_ids):
+        def body(q, d, scale, pos_keys, doc_ids, extra, extra_ids, in_batch):
             fwd, bwd, stats = _local_terms(q, d, scale, pos_keys, doc_ids, extra, extra_ids,
-                                           spec, axis=axes, with_stats=with_stats)
+                                           in_batch, spec, axis=axes, with_stats=with_stats)
             return lax.psum((fwd, bwd, stats), axes)
 
         if manual:  # already inside a shard_map over 'data': arguments are local shards
@@ -236,7 +266,7 @@ def _contrastive(q, d, spec: "LossSpec", *, temperature, query_pos_ids, doc_ids,
                                   f"{'x'.join(axes)}")
             from jax.sharding import PartitionSpec as P
 
-            specs = (P(axes), P(axes), P(), P(axes), P(axes), P(axes), P(axes))
+            specs = (P(axes), P(axes), P(), P(axes), P(axes), P(axes), P(axes), P(axes))
             specs = tuple(None if a is None else s for a, s in zip(args, specs))
             if explicit:  # Explicit axes: shard_map requires inputs already laid out so
                 args = tuple(a if s is None or s == P() else jax.sharding.reshard(a, s)
@@ -269,7 +299,7 @@ def _contrastive(q, d, spec: "LossSpec", *, temperature, query_pos_ids, doc_ids,
 def contrastive_loss(q, d, *, group_size, temperature, query_pos_ids=None, doc_ids=None,
                      symmetric=False, chunk_size=None, collective="gather", precision="highest",
                      matryoshka_dims=None, matryoshka_weights=None, renormalize=True,
-                     false_negative_margin=None):
+                     false_negative_margin=None, in_batch_negatives=True):
     """InfoNCE over the global in-batch similarity matrix (see the module docstring).
 
     q [B, D] float, d [B*group_size, D] float (grouped per query, positive first),
@@ -286,6 +316,10 @@ def contrastive_loss(q, d, *, group_size, temperature, query_pos_ids=None, doc_i
     hard or extra) whose similarity to the row (no gradient) exceeds the row's own positive's
     similarity x (1 - m) leaves the row's softmax (the mining job's relative margin, applied
     to the live batch; in the symmetric direction read from the positive's side).
+    in_batch_negatives: True (the default: every query against the whole batch), False (every
+    query only against its own group: its positive and its G-1 hard negatives) or a [B] bool
+    (or 0/1 int) array, one flag per query, which may be traced and is sharded like `q`; see
+    "In-batch negatives off" in the module docstring. A Python True changes nothing.
     Returns the mean over the B global queries, [] float32.
     """
     spec = LossSpec(group_size=group_size, symmetric=symmetric, chunk_size=chunk_size or None,
@@ -294,7 +328,8 @@ def contrastive_loss(q, d, *, group_size, temperature, query_pos_ids=None, doc_i
                     matryoshka_weights=tuple(matryoshka_weights or ()), renormalize=renormalize,
                     false_negative_margin=false_negative_margin)
     loss, _ = _matryoshka(q, d, spec, temperature=temperature, query_pos_ids=query_pos_ids,
-                          doc_ids=doc_ids, extra=None, extra_ids=None, with_stats=False)
+                          doc_ids=doc_ids, extra=None, extra_ids=None, with_stats=False,
+                          in_batch_negatives=in_batch_negatives)
     return loss
 
 
@@ -342,7 +377,7 @@ def contrastive_loss_and_metrics(q, d, *, group_size, temperature, query_pos_ids
                                  extra_docs=None, extra_doc_ids=None, collective="gather",
                                  precision="highest", matryoshka_dims=None,
                                  matryoshka_weights=None, renormalize=True,
-                                 false_negative_margin=None):
+                                 false_negative_margin=None, in_batch_negatives=True):
     """`contrastive_loss` plus in-batch metrics and optional extra negative columns.
 
     extra_docs [K, D]: negatives appended after the batch's documents (a memory bank); they
@@ -363,7 +398,8 @@ def contrastive_loss_and_metrics(q, d, *, group_size, temperature, query_pos_ids
     bank's columns are truncated alike) the metrics are those of the first dimension listed.
     With `false_negative_margin`, metrics also hold `false_negatives_masked`: the number of
     (query, column) pairs the guard removed in the query->document direction, over the global
-    batch.
+    batch. With `in_batch_negatives` (see `contrastive_loss`) a query whose flag is False has
+    only its own group's hard negatives as negatives, in the loss and in every metric.
     """
     spec = LossSpec(group_size=group_size, symmetric=symmetric, chunk_size=chunk_size or None,
                     collective=collective, precision=precision,
@@ -371,7 +407,8 @@ def contrastive_loss_and_metrics(q, d, *, group_size, temperature, query_pos_ids
                     matryoshka_weights=tuple(matryoshka_weights or ()), renormalize=renormalize,
                     false_negative_margin=false_negative_margin)
     return spec.loss_and_metrics(q, d, temperature=temperature, query_pos_ids=query_pos_ids,
-                                 doc_ids=doc_ids, extra_docs=extra_docs, extra_doc_ids=extra_doc_ids)
+                                 doc_ids=doc_ids, extra_docs=extra_docs, extra_doc_ids=extra_doc_ids,
+                                 in_batch_negatives=in_batch_negatives)
 
 
 DISTILL_MODES = ("kl", "margin_mse")
@@ -383,7 +420,8 @@ class LossSpec:
     train step, GradCache, the memory bank and `negjax bench step` all call, so they compute
     one loss. `LossSpec.from_config(cfg.loss, group_size=G, renormalize=enc.normalize)`;
     `spec(q, d, temperature=t, query_pos_ids=..., doc_ids=..., extra_docs=bank,
-    extra_doc_ids=bank_ids)` -> (loss, metrics) of `contrastive_loss_and_metrics`."""
+    extra_doc_ids=bank_ids, in_batch_negatives=flags)` -> (loss, metrics) of
+    `contrastive_loss_and_metrics`."""
 
     group_size: int
     symmetric: bool = False
@@ -428,11 +466,12 @@ class LossSpec:
                                           if loss_cfg.false_negative_margin >= 0 else None))
 
     def loss_and_metrics(self, q, d, *, temperature, query_pos_ids=None, doc_ids=None,
-                         extra_docs=None, extra_doc_ids=None):
-        """(loss, metrics) as `contrastive_loss_and_metrics` documents them."""
+                         extra_docs=None, extra_doc_ids=None, in_batch_negatives=None):
+        """(loss, metrics) as `contrastive_loss_and_metrics` documents them;
+        `in_batch_negatives` None means True."""
         return _matryoshka(q, d, self, temperature=temperature, query_pos_ids=query_pos_ids,
                            doc_ids=doc_ids, extra=extra_docs, extra_ids=extra_doc_ids,
-                           with_stats=True)
+                           with_stats=True, in_batch_negatives=in_batch_negatives)
 
     __call__ = loss_and_metrics
 

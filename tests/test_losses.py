@@ -47,9 +47,12 @@ def _softmax_ce(logits, keep, targets):
 
 
 def reference(q, d, G, T, pos_ids=None, doc_ids=None, symmetric=False, extra=None, extra_ids=None,
-              margin=None):
+              margin=None, in_batch=None):
     """-> loss, dq, dd, dT, metrics (float64). `margin`: the false-negative guard (a negative
-    scoring above the row's positive x (1 - margin) is no column of that row)."""
+    scoring above the row's positive x (1 - margin) is no column of that row). `in_batch [nq]`
+    bool: a query whose flag is False has only its own group's columns i*G .. i*G+G-1 (no other
+    query's documents, no extra columns); in the symmetric direction its positive's row has
+    only its own query."""
     q = np.asarray(q, np.float64)
     d = np.asarray(d, np.float64)
     nq, s = len(q), 1.0 / T
@@ -66,6 +69,8 @@ def reference(q, d, G, T, pos_ids=None, doc_ids=None, symmetric=False, extra=Non
     for i in range(nq):
         for c in range(len(cols)):
             if c != targets[i] and ids is not None and ids[c] in pos[i]:
+                keep[i, c] = False
+            if in_batch is not None and not in_batch[i] and not i * G <= c < (i + 1) * G:
                 keep[i, c] = False
     sim = q @ cols.T
     masked = 0
@@ -95,6 +100,8 @@ def reference(q, d, G, T, pos_ids=None, doc_ids=None, symmetric=False, extra=Non
         for j in range(nq):
             for i in range(nq):
                 if i != j and doc_ids is not None and int(doc_ids[j * G]) in pos[i]:
+                    keep2[j, i] = False
+                if i != j and in_batch is not None and not in_batch[j]:
                     keep2[j, i] = False
         sim2 = pd @ q.T
         if margin is not None:
@@ -542,6 +549,169 @@ def test_false_negative_guard_matches_reference(ndev):
     assert abs(off - reference(q, d, G, TEMP, pos_ids, doc_ids, margin=m)[0]) > 1e-3
     with pytest.raises(NegjaxError, match="false_negative_margin"):
         contrastive_loss(q, d, group_size=G, temperature=TEMP, false_negative_margin=1.5)
+
+
+# ---------------------------------------------------------------------------------------
+# In-batch negatives off (per query)
+# ---------------------------------------------------------------------------------------
+
+IB_G = 3
+IB_MIXED = np.array([True, False, False, True, False, True, True, False])  # per query, B = 8
+# (symmetric, chunk_size, collective): chunk 4 is below both the 24 document and 8 query columns
+IB_VARIANTS = [(sym, chunk, coll) for coll in ("gather", "ring") for chunk in (None, 4)
+               for sym in (False, True)]
+
+
+def _masks_inside_restricted_group(G, pos_ids, doc_ids, flags):
+    """Whether some query without in-batch negatives has a hard negative masked by its id."""
+    pos = _positive_sets(G, pos_ids, doc_ids, len(flags))
+    return any(int(doc_ids[c]) in pos[i] for i in np.flatnonzero(~flags)
+               for c in range(i * G + 1, (i + 1) * G))
+
+
+@functools.cache
+def _in_batch_fn():
+    """One jitted function: loss and gradients (q, d, temperature) of every variant with
+    in_batch_negatives=False (a Python bool) and with a traced per-query array."""
+    def all_variants(q, d, pos_ids, doc_ids, flags, temp):
+        out = []
+        for sym, chunk, coll in IB_VARIANTS:
+            for ib in (False, flags):
+                f = lambda q, d, t: contrastive_loss(  # noqa: E731
+                    q, d, group_size=IB_G, temperature=t, query_pos_ids=pos_ids, doc_ids=doc_ids,
+                    symmetric=sym, chunk_size=chunk, collective=coll, in_batch_negatives=ib)
+                out.append(jax.value_and_grad(f, argnums=(0, 1, 2))(q, d, temp))
+        return out
+    return jax.jit(all_variants)
+
+
+@pytest.mark.parametrize("ndev", [1, 2, 4, 8])
+def test_in_batch_negatives_off_matches_reference(ndev):
+    """in_batch_negatives False / per query: a query without in-batch negatives is scored only
+    against its own group (ids still masked inside it), the symmetric row of its positive only
+    against itself; loss and gradients match the float64 reference on every path."""
+    mesh = mesh_of(ndev) if ndev > 1 else None
+    q, d, pos_ids, doc_ids = make_embeddings(IB_G, seed=70 + ndev)
+    assert _masks_inside_restricted_group(IB_G, pos_ids, doc_ids, IB_MIXED)
+    with in_mesh(mesh):
+        results = _in_batch_fn()(*put_rows(mesh, q, d, pos_ids, doc_ids, IB_MIXED),
+                                 jnp.float32(TEMP))
+    results = iter(results)
+    for sym, chunk, coll in IB_VARIANTS:
+        for name, flags in (("False", np.zeros(B, bool)), ("mixed", IB_MIXED)):
+            loss, (gq, gd, gt) = next(results)
+            what = f"devices={ndev} symmetric={sym} chunk={chunk} {coll} in_batch={name}"
+            rl, rq, rd, rt, _ = reference(q, d, IB_G, TEMP, pos_ids, doc_ids, sym, in_batch=flags)
+            np.testing.assert_allclose(loss, rl, rtol=1e-5, err_msg=what)
+            np.testing.assert_allclose(gq, rq, rtol=1e-5, atol=1e-6, err_msg=what)
+            np.testing.assert_allclose(gd, rd, rtol=1e-5, atol=1e-6, err_msg=what)
+            np.testing.assert_allclose(gt, rt, rtol=1e-4, atol=1e-6, err_msg=what)
+            # the restriction matters for this data
+            assert abs(rl - reference(q, d, IB_G, TEMP, pos_ids, doc_ids, sym)[0]) > 1e-2, what
+
+
+@pytest.mark.parametrize("ndev", [1, 4])
+def test_in_batch_negatives_all_true_is_unchanged(ndev):
+    """A [B] array of True gives the results of the call without the argument; a Python True
+    passes nothing on (the same program)."""
+    mesh = mesh_of(ndev) if ndev > 1 else None
+    q, d, pos_ids, doc_ids = make_embeddings(IB_G, seed=75)
+    variants = [(True, None, "gather"), (True, 4, "gather"), (True, None, "ring"),
+                (False, 4, "ring")]
+    kw = dict(group_size=IB_G, temperature=TEMP, query_pos_ids=pos_ids, doc_ids=doc_ids)
+
+    def both(q, d, ones):
+        out = []
+        for sym, chunk, coll in variants:
+            for ib in ({}, dict(in_batch_negatives=ones)):
+                f = lambda q, d: contrastive_loss(q, d, symmetric=sym, chunk_size=chunk,  # noqa: E731
+                                                  collective=coll, **kw, **ib)
+                out.append(jax.value_and_grad(f, argnums=(0, 1))(q, d))
+        return out
+    with in_mesh(mesh):
+        args = put_rows(mesh, q, d, np.ones(B, bool))
+        results = jax.jit(both)(*args)
+        program = lambda **ib: jax.jit(functools.partial(  # noqa: E731
+            contrastive_loss, symmetric=True, chunk_size=4, collective="ring", **kw, **ib)
+        ).lower(*args[:2]).as_text()
+        assert program(in_batch_negatives=True) == program()
+    for (sym, chunk, coll), plain, ones in zip(variants, results[::2], results[1::2]):
+        what = f"devices={ndev} symmetric={sym} chunk={chunk} {coll}"
+        for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(ones)):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-7, err_msg=what)
+
+
+@pytest.mark.parametrize("ndev", [1, 4])
+def test_in_batch_negatives_off_metrics_and_bank(ndev):
+    """With a memory bank and the false-negative guard: a query without in-batch negatives
+    never has a bank column or another query's document as a negative, in the loss or the
+    metrics (a bank copy of such a query, or another query's hard negative equal to it, would
+    be guarded and counted); `LossSpec`, 0/1 ints, matryoshka and an already-manual
+    shard_map take the flags too."""
+    from negjax.losses import LossSpec
+
+    G, K, m = IB_G, 8, 0.2
+    mesh = mesh_of(ndev) if ndev > 1 else None
+    q, d, pos_ids, doc_ids = make_embeddings(G, seed=80 + ndev)
+    rng = np.random.default_rng(81)
+    bank = rng.normal(size=(K, D)).astype(np.float32)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    bank_ids = rng.integers(100, 200, size=K).astype(np.int32)
+    off, on = np.flatnonzero(~IB_MIXED), np.flatnonzero(IB_MIXED)
+    bank[:2] = q[off[:2]]                  # restricted queries' own vectors in the bank
+    bank_ids[5] = -1                       # an empty slot
+    d[on[0] * G + 1] = q[off[2]]           # and as another query's hard negative
+    flags = IB_MIXED
+    # (symmetric, chunk_size, collective, margin)
+    variants = [(False, None, "gather", m), (False, 4, "gather", None), (False, None, "ring", m),
+                (True, 4, "ring", m)]
+
+    def all_variants(q, d, bank, bank_ids, flags):
+        out = []
+        for sym, chunk, coll, margin in variants:
+            spec = LossSpec(group_size=G, symmetric=sym, chunk_size=chunk, collective=coll,
+                            false_negative_margin=margin)
+            f = lambda q, d: spec(q, d, temperature=TEMP, query_pos_ids=pos_ids,  # noqa: E731
+                                  doc_ids=doc_ids, extra_docs=bank, extra_doc_ids=bank_ids,
+                                  in_batch_negatives=flags)
+            out.append(jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(q, d))
+        return out
+    with in_mesh(mesh):
+        results = jax.jit(all_variants)(*put_rows(mesh, q, d, bank, bank_ids, flags))
+    for (sym, chunk, coll, margin), ((loss, metrics), (gq, gd)) in zip(variants, results):
+        what = f"devices={ndev} symmetric={sym} chunk={chunk} {coll} margin={margin}"
+        rl, rq, rd, _, rm = reference(q, d, G, TEMP, pos_ids, doc_ids, sym, extra=bank,
+                                      extra_ids=bank_ids, margin=margin, in_batch=flags)
+        np.testing.assert_allclose(loss, rl, rtol=1e-5, err_msg=what)
+        np.testing.assert_allclose(gq, rq, rtol=1e-5, atol=1e-6, err_msg=what)
+        np.testing.assert_allclose(gd, rd, rtol=1e-5, atol=1e-6, err_msg=what)
+        for k, v in rm.items():
+            np.testing.assert_allclose(metrics[k], v, rtol=1e-5, err_msg=f"{what} {k}")
+        if margin is not None:  # counts: only the restricted queries' own groups' columns
+            everyone = reference(q, d, G, TEMP, pos_ids, doc_ids, extra=bank, extra_ids=bank_ids,
+                                 margin=margin)[4]["false_negatives_masked"]
+            assert int(metrics["false_negatives_masked"]) == rm["false_negatives_masked"], what
+            assert rm["false_negatives_masked"] + 3 <= everyone, what
+    want = reference(q, d, G, TEMP, pos_ids, doc_ids, True, in_batch=flags)[0]
+    if mesh is None:
+        kw = dict(group_size=G, temperature=TEMP, query_pos_ids=pos_ids, doc_ids=doc_ids)
+        got = contrastive_loss(q, d, symmetric=True, in_batch_negatives=flags.astype(np.int32), **kw)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        got = contrastive_loss(q, d, matryoshka_dims=[4], in_batch_negatives=flags, **kw)
+        ref = reference(_cut(q, 4), _cut(d, 4), G, TEMP, pos_ids, doc_ids, in_batch=flags)[0]
+        np.testing.assert_allclose(got, ref, rtol=1e-5)
+        for bad in (flags[:-1], flags.astype(np.float32)):
+            with pytest.raises(NegjaxError, match="in_batch_negatives"):
+                contrastive_loss(q, d, in_batch_negatives=bad, **kw)
+    else:  # inside a shard_map already manual over 'data' the flags are the local shard
+        def inner(q, d, p, i, f):
+            return contrastive_loss(q, d, group_size=G, temperature=TEMP, query_pos_ids=p,
+                                    doc_ids=i, symmetric=True, chunk_size=4, collective="ring",
+                                    in_batch_negatives=f)
+        with jax.set_mesh(mesh):
+            sm = jax.shard_map(inner, in_specs=(P("data"),) * 5, out_specs=P())
+            got = jax.jit(sm)(*put_rows(mesh, q, d, pos_ids, doc_ids, flags))
+        np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def _distill_reference(q, d, t, G, mode, T, Tt):

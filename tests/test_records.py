@@ -191,7 +191,7 @@ def test_a_dataset_directory_in_parquet_and_arrow_trains(formats_dirs, tmp_path)
     for kind in ("parquet", "arrow"):
         root = formats_dirs[kind][0].parent
         cfg = load_config(None, [f"workdir={tmp_path / kind}", f"data.dataset={root}"])
-        paths = _check_inputs(cfg)
+        paths = _check_inputs(cfg)["default"]
         assert paths["corpus"] == root / "corpus" and paths["train"] == root / "train"
         corpus, ex = load_training_data(cfg.data)
         got = (corpus.ids, corpus.texts, ex.positives)

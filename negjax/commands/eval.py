@@ -32,6 +32,9 @@ def add_parser(sub):
                         "Several sizes (e.g. 384,256,128,64) encode once and report each size: "
                         "one JSON line per size with --json, and --save-run RUN writes RUN.dK "
                         "per size")
+    p.add_argument("--source", metavar="NAME", help="a training workdir with [[data.sources]]: "
+                   "evaluate as that source (its query / document prompts; its --split "
+                   "queries, qrels and corpus unless given)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     return p
 
@@ -45,7 +48,18 @@ def run(args) -> int:
 
     if bool(args.queries) != bool(args.qrels):
         raise NegjaxError("--queries and --qrels go together")
-    if args.corpus is None or args.queries is None:
+    source = _source(args) if args.source else None
+    if source is not None and (args.corpus is None or args.queries is None):
+        from negjax.data.layout import resolve_dataset
+
+        paths = resolve_dataset(source.data)
+        corpus = args.corpus or paths["corpus"]
+        queries = args.queries or paths[f"{args.split}_queries"]
+        qrels = args.qrels or paths[f"{args.split}_qrels"]
+        if corpus is None or queries is None or qrels is None:
+            raise NegjaxError(f"data source {source.name!r} has no {args.split} split: pass "
+                              "--corpus, --queries and --qrels")
+    elif args.corpus is None or args.queries is None:
         from negjax.data import wordnet
 
         root = Path(wordnet.ensure_exported())
@@ -61,6 +75,9 @@ def run(args) -> int:
         raise NegjaxError("--encode-batch-size must be >= 1 and --max-queries >= 0")
     dims = _parse_dims(args.dim)
     enc, params, info = load_model(args.model)
+    if source is not None:
+        enc = enc.with_prompts({t: source.prompts[t] or enc.prompts.get(t, "") for t in source.prompts})
+        info = dict(info, source=source.name)
     for k in filter(None, dims):
         enc.truncated(k)  # checks each size against the model before any encoding
     if len(dims) == 1 and dims[0]:
@@ -91,6 +108,22 @@ def run(args) -> int:
         _report(args, data, dict(info, dim=k), q, c,
                 f"{args.save_run}.d{k}" if args.save_run else None)
     return 0
+
+
+def _source(args):
+    """The `negjax.data.sources.Source` named --source in the training workdir --model."""
+    from negjax.data.sources import sources_of
+    from negjax.model.loader import saved_config
+
+    saved = saved_config(args.model)
+    if saved is None or not saved.data.sources:
+        raise NegjaxError(f"--source {args.source}: --model {args.model} is not a training "
+                          "workdir with [[data.sources]]")
+    found = [s for s in sources_of(saved, {"query": "", "doc": ""}) if s.name == args.source]
+    if not found:
+        raise NegjaxError(f"--source {args.source}: not one of the run's sources "
+                          f"({', '.join(s.name for s in saved.data.sources)})")
+    return found[0]
 
 
 def _parse_dims(text: str) -> list[int]:

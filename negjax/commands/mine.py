@@ -5,6 +5,8 @@
         --relative-margin 0.05 --negatives-kept 32 --sampling random --seed 1
     negjax mine --model runs/round1 --out negatives/   # a training workdir: latest checkpoint
                                                        # (and its query/document lengths)
+    negjax mine --config sources.toml --out negatives/ # [[data.sources]]: negatives/<source>/
+                                                       # each (--source NAME: one of them)
 
 Settings come from the [mining] section of --config (and --set mining.key=value); the flags
 below override it (they become `--set` overrides, validated like the file). A rerun with the same settings resumes an interrupted run. Several
@@ -44,6 +46,9 @@ def add_parser(sub):
     p.add_argument("--train-qrels", help="qrels TSV when --train is a BEIR queries.jsonl")
     p.add_argument("--out", required=True, help="output directory (shards, manifest.json, "
                    "report.json, report.png; .work/ holds resumable intermediate state)")
+    p.add_argument("--source", metavar="NAME", help="with [[data.sources]] in the config: mine "
+                   "only this source (default: every source, each into OUT/<name> against "
+                   "its own corpus with its own prompts)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a finished shard set mined with other settings")
     p.add_argument("--teacher-scores", metavar="FILE",
@@ -150,9 +155,16 @@ def run(args) -> int:
 
     cfg = updated(load_config(args.config, args.overrides), flag_overrides(args))
     cfg = updated(cfg, workdir_lengths(cfg, args))
+    if args.source and not cfg.data.sources:
+        raise NegjaxError(f"--source {args.source}: the config has no [[data.sources]]")
+    if args.source and args.source not in [s.name for s in cfg.data.sources]:
+        raise NegjaxError(f"--source {args.source}: not one of the config's sources "
+                          f"({', '.join(s.name for s in cfg.data.sources)})")
     # Before anything touches a JAX device.
     pi, _ = distributed.initialize(cfg.distributed)
-    corpus, train, qrels = input_paths(cfg, args)
+    by_source = bool(cfg.data.sources) and not args.train
+    if not by_source:
+        corpus, train, qrels = input_paths(cfg, args)
 
     from negjax.mining.job import run_mining
     from negjax.mining.report import summary_text
@@ -162,10 +174,28 @@ def run(args) -> int:
     if args.dim:
         enc = enc.truncated(args.dim)
         model_info = dict(model_info, dim=args.dim)
-    run_mining(enc, params, corpus_path=corpus, train_path=train, out_dir=args.out,
-               mining_cfg=cfg.mining, query_max_len=cfg.model.query_max_len,
-               doc_max_len=cfg.model.doc_max_len, model_info=model_info, train_qrels=qrels,
-               overwrite=args.overwrite, teacher_scores=cfg.mining.teacher_scores or None)
-    if pi == 0:
-        print(summary_text(args.out))
+    def mine(enc, corpus, train, qrels, out):
+        run_mining(enc, params, corpus_path=corpus, train_path=train, out_dir=out,
+                   mining_cfg=cfg.mining, query_max_len=cfg.model.query_max_len,
+                   doc_max_len=cfg.model.doc_max_len, model_info=model_info, train_qrels=qrels,
+                   overwrite=args.overwrite, teacher_scores=cfg.mining.teacher_scores or None)
+        if pi == 0:
+            print(summary_text(out))
+
+    if not by_source:
+        mine(enc, corpus, train, qrels, args.out)
+        return 0
+    from negjax.data.layout import resolve_dataset
+    from negjax.data.sources import sources_of
+
+    for src in sources_of(cfg, enc.prompts):  # each source: its corpus, its prompts
+        if args.source and src.name != args.source:
+            continue
+        paths = resolve_dataset(src.data)
+        if paths["train"] is None or paths["corpus"] is None:
+            raise NegjaxError(f"data source {src.name!r}: no training data or corpus to mine")
+        if pi == 0:
+            print(f"negjax mine: source {src.name}")
+        mine(enc.with_prompts(src.prompts), paths["corpus"], paths["train"],
+             paths["train_qrels"], Path(args.out) / src.name)
     return 0

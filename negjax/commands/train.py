@@ -30,8 +30,13 @@ def run(args) -> int:
     line = (f"negjax train: {summary['status']} at step {summary['step']} (mesh "
             f"{summary['mesh']}); workdir {summary['workdir']}")
     if jax.process_index() == 0:
-        ev = summary.get("eval") or {}
-        evs = "  ".join(f"{k}={v:.4f}" for k, v in ev.items() if k != "queries")
+        def metrics(ev):
+            return "  ".join(f"{k}={v:.4f}" for k, v in ev.items() if k != "queries")
+        evs = metrics(summary.get("eval") or {})
+        per = summary.get("eval_sources") or {}
+        if per:  # with [[data.sources]]: each source's dev set, then their macro average
+            evs = "".join(f"\n    {name}: {metrics(ev)}" for name, ev in per.items()) + \
+                f"\n    macro average: {evs}"
         print(line + (f"\n  dev: {evs}" if evs else ""))
     else:  # every host's log says where it stopped (all stop at the same step)
         log(line, every_process=True)

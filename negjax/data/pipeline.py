@@ -24,16 +24,20 @@ Sampling (epoch e = k // steps_per_epoch, steps_per_epoch = num_queries // batch
   epochs walk down the ranking (Tevatron); 'random' orders the list by hash(seed, e, q, j)
   and takes the first H. A query with fewer than H gets random corpus documents for the
   rest (counted in stats as random_negatives / queries_short).
-- No document id twice in one global batch: ids are taken in priority order (every query's
-  positive, then the mined negatives query by query, slot by slot, then the random fills); a
-  negative whose id is already
-  in the batch or is one of its own query's positives is replaced by the query's next unused
-  candidate, then by random corpus documents (hash(seed, k, slot, attempt)), then by a scan
-  from a random start. Only when the corpus has no unused document left does a duplicate stay
-  (stats: unavoidable_duplicates). Two queries that share the positive first try their other
-  positives; if none is free the shared positive stays (stats: shared_positives): the loss
-  masks a column whose id is one of the query's positives (query_pos_ids), so it is never
-  a negative.
+- No document text twice in one global batch (texts compared by the store's normalised-text
+  hashes, so two rows of equal text count as one document): documents are taken in priority
+  order (every query's positive, then the mined negatives query by query, slot by slot, then
+  the random fills); a negative whose text is already in the batch or is one of its own
+  query's positives' is replaced by the query's next unused candidate, then by random corpus
+  documents (hash(seed, k, slot, attempt)), then by a bounded scan from a random start. Only
+  when that finds no unused text does a duplicate stay (stats: unavoidable_duplicates). Two
+  queries that share the positive first try their other positives; if none is free the
+  shared positive stays (stats: shared_positives).
+- Identity for the loss: the batch's doc_ids and query_pos_ids are text identities
+  (`TextIdentity`: rows of equal text get one id), and the loss masks a column whose id is
+  one of the query's positives, so a text that is some query's positive is never that
+  query's negative, whatever row carries it (stats: duplicate_texts, the batch documents
+  sharing their text with another row).
 - Lengths: queries / documents are padded to the smallest length bucket that holds the
   longest text of the *global* batch, so every process has the same shapes.
 """
@@ -48,7 +52,8 @@ import numpy as np
 from negjax.data.formats import TrainExamples
 from negjax.data.layout import resolve_dataset
 from negjax.data.prepared import prepare_training, shared_token_stores
-from negjax.data.sampling import bucket_of, hash_u64, length_buckets, not_first, ragged_rows
+from negjax.data.sampling import (bucket_of, hash_u64, length_buckets, not_first, ragged_rows,
+                                  TextIdentity)
 from negjax.data.shards import NegativeLists, load_negatives
 from negjax.data.token_store import TokenStore
 from negjax.errors import NegjaxError
@@ -58,7 +63,8 @@ _PERM, _POS, _NEG, _RAND, _MIX = 1, 2, 3, 4, 5  # hash streams: one per kind of 
 _RANDOM_ATTEMPTS = 32  # random draws before scanning for a free document
 _FAST_DRAWS = 4       # of which drawn vectorised up front
 STAT_KEYS = ("batches", "queries", "negatives", "random_negatives", "queries_short",
-             "replaced_duplicates", "unavoidable_duplicates", "shared_positives", "mix_random")
+             "replaced_duplicates", "unavoidable_duplicates", "shared_positives", "mix_random",
+             "duplicate_texts")
 
 
 @dataclass
@@ -77,7 +83,69 @@ class GlobalBatch:
 # The pipeline
 # ---------------------------------------------------------------------------------------------
 
-class Pipeline:
+class BatchIterator:
+    """Iteration over `_element(k) -> (batch, stats)` with grain's prefetch threads, the
+    position `step` and summed `stats` (what `get_state` saves); `Pipeline` and
+    `negjax.data.sources.SourcesPipeline` are ones."""
+
+    _iter = None
+    _start = 0
+
+    def _element(self, k: int):  # pragma: no cover - defined by the subclasses
+        raise NotImplementedError
+
+    def _make_iter(self, start: int):
+        import grain
+
+        ds = grain.MapDataset.range(0, 1 << 62).map(self._element)
+        opts = grain.ReadOptions(num_threads=max(self._threads, 1) if self._prefetch else 0,
+                                 prefetch_buffer_size=self._prefetch)
+        it = iter(ds.to_iter_dataset(opts))
+        if start:
+            it.set_state({"next_index": int(start)})
+        return it
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._iter is None:
+            self._iter = self._make_iter(self._start)
+        batch, stats = next(self._iter)
+        for key, v in stats.items():
+            self._stats[key] = self._stats.get(key, 0) + v
+        self._start += 1
+        return batch
+
+    @property
+    def step(self) -> int:
+        """Index of the next batch `next()` returns."""
+        return self._start
+
+    @property
+    def stats(self) -> dict:
+        """Counters over the batches returned so far (restored with the state)."""
+        return dict(self._stats)
+
+    def _seek(self, step: int, stats: dict) -> None:
+        self._start = int(step)
+        self._stats = {**dict.fromkeys(STAT_KEYS, 0), **stats}
+        if self._iter is not None:
+            self._iter.set_state({"next_index": self._start})
+
+    def close(self) -> None:
+        it, self._iter = self._iter, None
+        if it is not None and hasattr(it, "close"):
+            it.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Pipeline(BatchIterator):
     """Deterministic, resumable, multi-process batches (see the module docstring).
 
     query_store rows are training examples, doc_store rows are corpus rows (= document ids).
@@ -136,6 +204,7 @@ class Pipeline:
         self.doc_buckets = length_buckets(doc_store.max_len, doc_buckets or ())
         self._q_lengths = np.asarray(query_store.lengths)
         self._d_lengths = np.asarray(doc_store.lengths)
+        self._text_hash = doc_store.text_hash  # [nd] uint64, memory-mapped
 
         counts = np.diff(self._neg_off)
         self.info = {
@@ -179,15 +248,16 @@ class Pipeline:
         all_pos, npos = ragged_rows(self._pos_off, self._pos_rows, q)
         rot = (hash_u64(self.seed, _POS, q) + np.uint64(epoch)) % npos.astype(np.uint64)
         chosen = all_pos[np.arange(B), rot.astype(np.int64)]
-        dup = not_first(chosen)
+        th = self._text_hash
+        dup = not_first(th[chosen])
         if dup.any():
-            used = set(chosen.tolist())
+            used = set(th[chosen].tolist())
             for b in np.flatnonzero(dup):
                 for t in range(1, int(npos[b])):
                     alt = int(all_pos[b, (int(rot[b]) + t) % int(npos[b])])
-                    if alt not in used:
+                    if int(th[alt]) not in used:
                         chosen[b] = alt
-                        used.add(alt)
+                        used.add(int(th[alt]))
                         break
                 else:
                     stats["shared_positives"] += 1
@@ -259,14 +329,16 @@ class Pipeline:
         # (a random fill never displaces a mined negative); the rest are replaced.
         flat_short = short.ravel()
         prio = np.concatenate([np.flatnonzero(~flat_short), np.flatnonzero(flat_short)])
-        seen_twice = not_first(np.concatenate([chosen, picks.ravel()[prio]]))[B:]
+        th = self._text_hash
+        seen_twice = not_first(th[np.concatenate([chosen, picks.ravel()[prio]])])[B:]
         bad = np.empty(B * H, dtype=bool)
         bad[prio] = seen_twice
         bad = bad.reshape(B, H)
-        bad |= (picks[:, :, None] == all_pos[:, None, :]).any(axis=2)
+        pos_h = np.where(all_pos >= 0, th[np.maximum(all_pos, 0)], 0)
+        bad |= ((th[picks][:, :, None] == pos_h[:, None, :]) & (all_pos >= 0)[:, None, :]).any(axis=2)
         if not bad.any():
             return picks
-        used = set(chosen.tolist()) | set(picks[~bad].tolist())
+        used = set(th[chosen].tolist()) | set(th[picks[~bad]].tolist())
         bad_b, bad_h = np.nonzero(bad)
         bad_slot = slot[bad_b, bad_h]
         # The first random draws of every bad slot at once (scalar hashing is slow).
@@ -277,44 +349,48 @@ class Pipeline:
         for i, (b, h) in enumerate(zip(bad_b.tolist(), bad_h.tolist())):
             if b not in rows:
                 rows[b] = cand[b].tolist() if C else []
-                owns[b] = set(all_pos[b][all_pos[b] >= 0].tolist())
+                owns[b] = set(th[all_pos[b][all_pos[b] >= 0]].tolist())
             row, own = rows[b], owns[b]
             new = None
             # (a slot the mix made random is refilled at random, not from the mined list)
             while not mix_slot[b, h] and next_cand[b] < C and row[next_cand[b]] >= 0:
                 c = row[next_cand[b]]
                 next_cand[b] += 1
-                if c not in used and c not in own:
+                if int(th[c]) not in used and int(th[c]) not in own:
                     new = c
                     break
             if new is None:
-                new = next((d for d in draws[i] if d not in used and d not in own), None)
+                new = next((d for d in draws[i] if int(th[d]) not in used and int(th[d]) not in own),
+                           None)
                 if new is None:
                     new = self._random_free(k, int(bad_slot[i]), used, own, stats)
                 if not short[b, h]:
                     stats["random_negatives"] += 1
             stats["replaced_duplicates"] += 1
-            used.add(new)
+            used.add(int(th[new]))
             picks[b, h] = new
         return picks
 
     def _random_free(self, k: int, slot: int, used: set, own: set, stats) -> int:
-        """A document not in `used` nor `own` (after the first _FAST_DRAWS draws failed)."""
-        nd = self.num_docs
+        """A document whose text is not in `used` nor `own` (text hashes; after the first
+        _FAST_DRAWS draws failed)."""
+        nd, th = self.num_docs, self._text_hash
+        free = lambda d: int(th[d]) not in used and int(th[d]) not in own  # noqa: E731
         for attempt in range(_FAST_DRAWS + 1, _RANDOM_ATTEMPTS + 1):
             d = int(hash_u64(self.seed, _RAND, k, slot, attempt) % np.uint64(nd))
-            if d not in used and d not in own:
+            if free(d):
                 return d
         start = int(hash_u64(self.seed, _RAND, k, slot, -1) % np.uint64(nd))
-        # Bounded: a free document is within len(used) + len(own) + 1 steps, if one exists.
-        for step in range(min(nd, len(used) + len(own) + 1)):
+        # A scan from a random start, bounded (rows of repeated texts can outnumber the texts
+        # in use; past the bound a repeat stays, and the loss masks it by text identity).
+        for step in range(min(nd, 4 * (len(used) + len(own)) + 1024)):
             d = (start + step) % nd
-            if d not in used and d not in own:
+            if free(d):
                 return d
         stats["unavoidable_duplicates"] += 1
-        for step in range(nd):  # no unused document left: at least never a positive
+        for step in range(nd):  # no unused text left: at least never a positive's
             d = (start + step) % nd
-            if d not in own:
+            if int(th[d]) not in own:
                 return d
         return start
 
@@ -325,65 +401,43 @@ class Pipeline:
         q_tokens/q_mask [b, Lq] int32, d_tokens/d_mask [b*G, Ld] int32, doc_ids [b*G] int32,
         query_pos_ids [b, P] int32 (-1 padded), b = batch_size // process_count; and, when
         the training data carries teacher scores, teacher_scores [b, G] float32 (NaN where
-        the teacher did not score that document)."""
+        the teacher did not score that document). doc_ids / query_pos_ids are text
+        identities (`TextIdentity`): documents of equal text carry one id."""
         return self._element(k)[0]
 
     def _element(self, k: int):
         g = self.global_batch(k)
-        b, G, p = self.local_batch, self.group_size, self.process_index
-        q = g.q_rows[p * b:(p + 1) * b]
-        d = g.d_rows[p * b * G:(p + 1) * b * G]
-        q_tokens, q_mask = self.query_store.pad(q, g.q_len)
-        d_tokens, d_mask = self.doc_store.pad(d, g.d_len)
+        b, p = self.local_batch, self.process_index
+        batch = self.slice(g, p * b, (p + 1) * b, g.q_len, g.d_len)
+        ident = TextIdentity(g.d_rows, g.pos_ids, self.doc_store.text_hash)
+        batch["doc_ids"] = ident(batch["doc_ids"]).astype(np.int32)
+        batch["query_pos_ids"] = ident(batch["query_pos_ids"]).astype(np.int32)
+        stats = dict(g.stats, duplicate_texts=ident.duplicates)
+        return batch, stats
+
+    def slice(self, g: GlobalBatch, lo: int, hi: int, q_len: int, d_len: int) -> dict:
+        """Queries lo..hi of global batch `g` and their documents, tokens padded to q_len /
+        d_len; doc_ids [n*G] / query_pos_ids [n, P] int64 are document rows."""
+        G = self.group_size
+        q = g.q_rows[lo:hi]
+        d = g.d_rows[lo * G:hi * G]
+        q_tokens, q_mask = self.query_store.pad(q, q_len)
+        d_tokens, d_mask = self.doc_store.pad(d, d_len)
         batch = {"q_tokens": q_tokens, "q_mask": q_mask, "d_tokens": d_tokens, "d_mask": d_mask,
-                 "doc_ids": d.astype(np.int32),
-                 "query_pos_ids": g.pos_ids[p * b:(p + 1) * b].astype(np.int32)}
+                 "doc_ids": d.copy(), "query_pos_ids": g.pos_ids[lo:hi].copy()}
         if self._teacher is not None:
-            # [b, G]: the teacher's score of each query's positive and negatives (NaN = none).
-            rows = d.reshape(b, G)
+            # [n, G]: the teacher's score of each query's positive and negatives (NaN = none).
+            rows = d.reshape(-1, G)
             batch["teacher_scores"] = np.array(
                 [[self._teacher[qi].get(int(r), np.nan) for r in row]
-                 for qi, row in zip(q.tolist(), rows)], np.float32).reshape(b, G)
-        return batch, g.stats
-
-    # -- iteration, prefetch and state -------------------------------------------------------
-
-    def _make_iter(self, start: int):
-        import grain
-
-        ds = grain.MapDataset.range(0, 1 << 62).map(self._element)
-        opts = grain.ReadOptions(num_threads=max(self._threads, 1) if self._prefetch else 0,
-                                 prefetch_buffer_size=self._prefetch)
-        it = iter(ds.to_iter_dataset(opts))
-        if start:
-            it.set_state({"next_index": int(start)})
-        return it
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        if self._iter is None:
-            self._iter = self._make_iter(self._start)
-        batch, stats = next(self._iter)
-        for key, v in stats.items():
-            self._stats[key] += v
-        self._start += 1
+                 for qi, row in zip(q.tolist(), rows)], np.float32).reshape(-1, G)
         return batch
+
+    # -- state -------------------------------------------------------------------------------
 
     @property
     def has_teacher_scores(self) -> bool:
         return self._teacher is not None
-
-    @property
-    def step(self) -> int:
-        """Index of the next batch `next()` returns."""
-        return self._start
-
-    @property
-    def stats(self) -> dict:
-        """Counters over the batches returned so far (restored with the state)."""
-        return dict(self._stats)
 
     def get_state(self) -> dict:
         return {"version": STATE_VERSION, "step": self._start, "seed": self.seed,
@@ -393,6 +447,11 @@ class Pipeline:
                 "curriculum": list(self.curriculum), "stats": self.stats}
 
     def set_state(self, state: dict) -> None:
+        self.check_state(state)
+        self._seek(state["step"], state.get("stats", {}))
+
+    def check_state(self, state: dict) -> None:
+        """Raise `NegjaxError` unless `state` (`get_state`) is of this pipeline's setup."""
         if state.get("version") != STATE_VERSION:
             raise NegjaxError(f"data iterator state version {state.get('version')!r}, expected "
                               f"{STATE_VERSION}")
@@ -406,21 +465,6 @@ class Pipeline:
             if state.get(key, default) != now:
                 raise NegjaxError(f"data iterator state is from a different setup: {key} "
                                   f"{state.get(key, default)!r} there, {now!r} now")
-        self._start = int(state["step"])
-        self._stats = {**dict.fromkeys(STAT_KEYS, 0), **state.get("stats", {})}
-        if self._iter is not None:
-            self._iter.set_state({"next_index": self._start})
-
-    def close(self) -> None:
-        it, self._iter = self._iter, None
-        if it is not None and hasattr(it, "close"):
-            it.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -62,3 +62,35 @@ def bucket_of(buckets: list[int], length: int) -> int:
         if length <= b:
             return b
     return buckets[-1]
+
+
+class TextIdentity:
+    """Text identity of the documents of one global batch: `ident(rows)` maps document rows
+    to keys such that rows of equal text (`hashes[row]`, the store's normalised-text hashes)
+    get one key, the smallest such row among `rows_a` and `rows_b` (the batch's documents and
+    its queries' positive lists; negative entries are padding and kept). Used as the loss's
+    doc_ids / query_pos_ids, a document whose text equals a query's positive is then masked
+    for that query like the positive's own duplicate. `duplicates`: the batch documents
+    (entries of `rows_a`) whose key is another row's."""
+
+    def __init__(self, rows_a: np.ndarray, rows_b: np.ndarray, hashes):
+        rows = np.concatenate([np.ravel(rows_a), np.ravel(rows_b)]).astype(np.int64)
+        self._rows = np.unique(rows[rows >= 0])
+        h = np.asarray(hashes[self._rows]) if len(self._rows) else np.zeros(0, np.uint64)
+        order = np.lexsort((self._rows, h))  # by hash, then row: each group's first is its min
+        hs = h[order]
+        first = np.ones(len(hs), bool)
+        first[1:] = hs[1:] != hs[:-1]
+        group_min = self._rows[order][np.flatnonzero(first)[np.cumsum(first) - 1]]
+        self._key = np.empty_like(self._rows)
+        self._key[order] = group_min
+        a = np.ravel(rows_a).astype(np.int64)
+        a = a[a >= 0]
+        self.duplicates = int((self(a) != a).sum())
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        idx = np.clip(np.searchsorted(self._rows, rows), 0, max(len(self._rows) - 1, 0))
+        if not len(self._rows):
+            return rows.copy()
+        return np.where(rows >= 0, self._key[idx], rows)

@@ -167,3 +167,67 @@ def ensure_exported(cache_dir: str | os.PathLike | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+# The built-in data as three sources by part of speech (experiments/sources: single-source
+# against mixed batches): synset ids start with their part of speech.
+POS_SOURCES = {"nouns": ("n",), "verbs": ("v",), "adjectives": ("a", "s", "r")}
+
+
+def split_by_pos(out_dir: str | os.PathLike, *, cache_dir=None, max_train: int = 0,
+                 max_dev: int = 0, corpus_every: int = 1) -> dict[str, Path]:
+    """The built-in dataset split into `POS_SOURCES` datasets (nouns, verbs, adjectives and
+    adverbs), each a directory of the dataset layout with its own corpus (the synsets of its
+    parts of speech), training queries and dev / test queries and qrels. `max_train` /
+    `max_dev` (0 = all) keep each source's first queries; `corpus_every` > 1 keeps every k-th
+    document plus those the kept queries need (small slices for tests). Returns {name: dir}."""
+    root = ensure_exported(cache_dir)
+    out = Path(out_dir)
+    pos_of = {letter: name for name, letters in POS_SOURCES.items() for letter in letters}
+
+    def lines(name):
+        return (root / name).read_text(encoding="utf-8").splitlines()
+
+    def source(doc_id: str) -> str:
+        return pos_of[doc_id.split(".", 1)[0]]
+
+    train = {name: [] for name in POS_SOURCES}
+    for line in lines("train.jsonl"):
+        rec = json.loads(line)
+        train[source(rec["pos"][0])].append(line)
+    splits = {}
+    for split in ("dev", "test"):
+        qrels = [r.split("\t") for r in lines(f"{split}_qrels.tsv")[1:]]
+        src_of = {q: source(d) for q, d, _ in qrels}
+        queries = {name: [] for name in POS_SOURCES}
+        for line in lines(f"{split}_queries.jsonl"):
+            queries[src_of[json.loads(line)["id"]]].append(line)
+        splits[split] = (queries, qrels)
+    docs = [(json.loads(line)["id"], line) for line in lines("corpus.jsonl")]
+    made = {}
+    for name in POS_SOURCES:
+        d = out / name
+        d.mkdir(parents=True, exist_ok=True)
+        rows = train[name][:max_train or None]
+        needed = {p for line in rows for p in json.loads(line)["pos"]}
+        for split, (queries, qrels) in splits.items():
+            keep = queries[name][:(max_dev or None) if split == "dev" else None]
+            if split == "test" and max_dev:
+                keep = keep[:max_dev]
+            ids = {json.loads(q)["id"] for q in keep}
+            rel = [r for r in qrels if r[0] in ids]
+            needed |= {r[1] for r in rel}
+            with atomic_path(d / f"{split}_queries.jsonl") as tmp:
+                tmp.write_text("".join(q + "\n" for q in keep), encoding="utf-8")
+            with atomic_path(d / f"{split}_qrels.tsv") as tmp:
+                tmp.write_text(QRELS_HEADER + "".join("\t".join(r) + "\n" for r in rel))
+        corpus = [line for i, (doc_id, line) in enumerate(docs)
+                  if source(doc_id) == name and (i % corpus_every == 0 or doc_id in needed)]
+        with atomic_path(d / "corpus.jsonl") as tmp:
+            tmp.write_text("".join(x + "\n" for x in corpus), encoding="utf-8")
+        with atomic_path(d / "train.jsonl") as tmp:
+            tmp.write_text("".join(x + "\n" for x in rows), encoding="utf-8")
+        with atomic_path(d / LICENSE_NAME) as tmp:
+            tmp.write_text(_verified("LICENSE").read_text())
+        made[name] = d
+    return made

@@ -63,6 +63,15 @@ class Encoder:
                               "dimensions")
         return dataclasses.replace(self, truncate_dim=0 if k == self.config.hidden_size else k)
 
+    def with_prompts(self, prompts: dict) -> "Encoder":
+        """This encoder with other prompts ({"query", "doc"}: a data source's); the compiled
+        programs are shared (prompts are put before the texts, outside them)."""
+        import dataclasses
+
+        new = dataclasses.replace(self, prompts={**self.prompts, **prompts})
+        new._jitted = self._jitted
+        return new
+
     @property
     def module(self):
         """The Flax module of the architecture (`BertEncoder`, `Qwen3Encoder` for Qwen,

@@ -159,6 +159,9 @@ def _encoder_of(name: str, model_cfg: ModelConfig | None) -> tuple[Encoder, dict
         if model_cfg is not None and model_cfg.dtype == "int8":  # how to encode, not the model
             saved = dataclasses.replace(saved, dtype="int8")
         enc, _ = _encoder_of(saved.name, saved)
+        if model_cfg is not None:  # prompts set where the model is named win over the run's
+            given = {"query": model_cfg.query_prompt, "doc": model_cfg.doc_prompt}
+            enc = enc.with_prompts({t: v for t, v in given.items() if v})
         return enc, {"path": str(workdir), "step": int(step), "checkpoint": str(ckdir / str(step)),
                      "_ckdir": ckdir}
     if name not in BUILT_IN and not Path(name).expanduser().exists():

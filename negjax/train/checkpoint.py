@@ -144,8 +144,11 @@ def select_checkpoint(ckdir, *, move_damaged: bool = False) -> int | None:
     return None
 
 
-def manifest_digest(negatives_dir: str) -> str:
-    """sha256 of a hard-negative directory's manifest.json ('' for none)."""
+def manifest_digest(negatives_dir):
+    """sha256 of a hard-negative directory's manifest.json ('' for none); of a multi-source
+    run's {source: directory}, {source: sha256}."""
+    if isinstance(negatives_dir, dict):
+        return {name: manifest_digest(d) for name, d in negatives_dir.items()}
     if not negatives_dir:
         return ""
     path = Path(negatives_dir) / "manifest.json"

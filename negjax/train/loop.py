@@ -36,6 +36,7 @@ from negjax import compile_cache, distributed
 from negjax.config import Config
 from negjax.data.layout import resolve_dataset
 from negjax.data.pipeline import build_pipeline
+from negjax.data.sources import any_without_in_batch, build_sources_pipeline, sources_of
 from negjax.data.records import input_kind
 from negjax.errors import NegjaxError
 from negjax.evaluation.evaluate import EvalSet, evaluate_encoder
@@ -54,29 +55,37 @@ from negjax.utils import atomic_write_text, log, process_age, progress
 
 
 def _check_inputs(cfg: Config) -> dict:
-    """Fail before any work on bad paths and settings; returns the resolved dataset paths."""
+    """Fail before any work on bad paths and settings; returns the resolved dataset paths of
+    every source ({name: paths}; one source, 'default', without [[data.sources]])."""
     if not cfg.workdir:
         raise NegjaxError("config key 'workdir' is empty: set it, e.g. --set workdir=runs/x")
-    paths = resolve_dataset(cfg.data)
-    for key in ("corpus", "train"):
-        if paths.get(key) is None:
-            raise NegjaxError(f"no {key} file: set data.{key} or data.dataset")
-        if not Path(paths[key]).exists():
-            raise NegjaxError(f"{paths[key]}: {key} file not found")
-        input_kind(paths[key])  # a file, or a Parquet / Arrow directory: else a clear error
-    for key in ("dev_queries", "dev_qrels"):
-        if paths.get(key) is not None and not Path(paths[key]).exists():
-            raise NegjaxError(f"{paths[key]}: {key} file not found")
-    if cfg.data.negatives and not cfg.data.num_negatives:
-        raise NegjaxError(f"data.negatives={cfg.data.negatives!r} is set but data.num_negatives "
-                          "is 0, so no mined negative would be used: set data.num_negatives "
-                          "(hard negatives per query)")
-    if cfg.data.negatives and not (Path(cfg.data.negatives) / "manifest.json").is_file():
-        raise NegjaxError(f"{cfg.data.negatives}: not a hard-negative directory (no manifest.json)")
-    if cfg.mining.every_steps and not cfg.data.num_negatives:
-        raise NegjaxError("mining.every_steps needs data.num_negatives > 0 (mined negatives per query)")
+    out = {}
+    for src in sources_of(cfg):
+        where = f"data source {src.name!r}: " if cfg.data.sources else ""
+        key_of = (lambda k: f"data.sources.{k}") if cfg.data.sources else (lambda k: f"data.{k}")
+        d = src.data
+        paths = resolve_dataset(d)
+        for key in ("corpus", "train"):
+            if paths.get(key) is None:
+                raise NegjaxError(f"{where}no {key} file: set {key_of(key)} or {key_of('dataset')}")
+            if not Path(paths[key]).exists():
+                raise NegjaxError(f"{where}{paths[key]}: {key} file not found")
+            input_kind(paths[key])  # a file, or a Parquet / Arrow directory: else a clear error
+        for key in ("dev_queries", "dev_qrels"):
+            if paths.get(key) is not None and not Path(paths[key]).exists():
+                raise NegjaxError(f"{where}{paths[key]}: {key} file not found")
+        if d.negatives and not d.num_negatives:
+            raise NegjaxError(f"{where}{key_of('negatives')}={d.negatives!r} is set but "
+                              f"{key_of('num_negatives')} is 0, so no mined negative would be "
+                              "used: set it (hard negatives per query)")
+        if d.negatives and not (Path(d.negatives) / "manifest.json").is_file():
+            raise NegjaxError(f"{where}{d.negatives}: not a hard-negative directory (no manifest.json)")
+        if cfg.mining.every_steps and not d.num_negatives:
+            raise NegjaxError(f"{where}mining.every_steps needs {key_of('num_negatives')} > 0 "
+                              "(mined negatives per query)")
+        out[src.name] = paths
     _check_resume_negatives(cfg)
-    return paths
+    return out
 
 
 def _check_resume_negatives(cfg: Config) -> None:
@@ -94,16 +103,23 @@ def _check_resume_negatives(cfg: Config) -> None:
     import tomllib
 
     try:
-        started = tomllib.loads(saved.read_text()).get("data", {}).get("negatives", "")
+        data = tomllib.loads(saved.read_text()).get("data", {})
     except (tomllib.TOMLDecodeError, OSError):
         return  # not ours to judge here; save_run_config reports a broken config.toml
-    given = cfg.data.negatives
-    if started == given or (started and given and Path(started).resolve() == Path(given).resolve()):
-        return
-    raise NegjaxError(f"{workdir}: resuming a run started with data.negatives="
-                      f"{started or '(none)'} but data.negatives={given or '(none)'} was given; "
-                      "resume with the run's own data.negatives (re-mined lists are picked up "
-                      "from the checkpoint) or train in a new workdir")
+    if cfg.data.sources:
+        started = {s.get("name"): s.get("negatives", "") for s in data.get("sources", [])}
+        pairs = [(f"data.sources {s.name!r} negatives", started.get(s.name, ""), s.negatives)
+                 for s in cfg.data.sources]
+    else:
+        pairs = [("data.negatives", data.get("negatives", ""), cfg.data.negatives)]
+    for key, started, given in pairs:
+        if started == given or (started and given and
+                                Path(started).resolve() == Path(given).resolve()):
+            continue
+        raise NegjaxError(f"{workdir}: resuming a run started with {key}="
+                          f"{started or '(none)'} but {given or '(none)'} was given; resume "
+                          "with the run's own negatives (re-mined lists are picked up from the "
+                          "checkpoint) or train in a new workdir")
 
 
 def _claim_workdir(workdir: Path, main: bool, count: int):
@@ -199,6 +215,25 @@ def _add(window: dict, metrics: dict) -> dict:
     return jax.tree.map(lambda a, b: a + b.astype(a.dtype), window, metrics)
 
 
+def macro_average(per_source: dict) -> dict:
+    """The mean over sources of each metric ('queries': their sum)."""
+    keys = [k for k in next(iter(per_source.values())) if all(k in r for r in per_source.values())]
+    return {k: (sum(r[k] for r in per_source.values()) if k == "queries" else
+                float(np.mean([r[k] for r in per_source.values()]))) for k in keys}
+
+
+def _eval_sets(cfg: Config, paths: dict, sources, enc) -> dict:
+    """{source name: (the encoder with the source's prompts, its `EvalSet`)} of the sources
+    that have the split `eval.split` (collective)."""
+    out = {}
+    for src in sources:
+        senc = enc.with_prompts(src.prompts)
+        ev = _eval_set(cfg, paths[src.name], senc)
+        if ev is not None:
+            out[src.name] = (senc, ev)
+    return out
+
+
 def _eval_set(cfg: Config, paths: dict, enc) -> EvalSet | None:
     """The split evaluated during training (`eval.split`), or None; its corpus a token store
     (collective)."""
@@ -254,7 +289,11 @@ class Trainer:
         self.ckpt = Checkpointer(self.workdir / "checkpoints", cfg.checkpoint)
         fresh = lambda: init_state(params, cfg, dim=self.enc.dim)  # noqa: E731
         shardings = state_shardings(jax.eval_shape(fresh), self.mesh)
-        self.negatives_dir = cfg.data.negatives
+        # The data sources (one, 'default', without [[data.sources]]) and the hard negatives in
+        # use: a directory, or {source: directory} with sources (re-mining replaces them).
+        self.sources, self.multi = sources_of(cfg, self.enc.prompts), bool(cfg.data.sources)
+        self.negatives_dir = ({s.name: s.data.negatives for s in self.sources} if self.multi
+                              else cfg.data.negatives)
         self.start, meta = 0, None
         if resume_step is not None:
             self.state, meta = self._restore(resume_step, fresh, shardings)
@@ -263,13 +302,15 @@ class Trainer:
             self.state = jax.device_put(fresh(), shardings)
             self._phase("init")
         self.pipeline = self._pipeline(meta["data"] if meta is not None else None)
+        if self.multi and self.main:
+            self._log_sources()
         self._phase("data")
         if meta is not None:
             self._relayout_bank(meta.get("topology", _topology(self.mesh)), shardings)
         self.step_fn = make_train_step(self.enc, cfg, self.mesh,
                                        group_size=self.pipeline.group_size)
         self.lr_at = learning_rate_schedule(cfg.train)
-        self.dev = _eval_set(cfg, paths, self.enc)
+        self.dev = _eval_sets(cfg, paths, self.sources, self.enc)
         self.metrics_path = self.workdir / "metrics.jsonl"
         self.eval_path = self.workdir / "eval.jsonl"
         self.writer = None
@@ -281,7 +322,8 @@ class Trainer:
             self.writer = SummaryWriter(str(self.workdir / "tb"),
                                         purge_step=self.start + 1 if self.start else None)
         self.diagnostics = Diagnostics(self.workdir, enabled=self.main)
-        self.last_eval: dict = {}
+        self.last_eval: dict = {}          # (with sources: their macro average)
+        self.last_eval_sources: dict = {}  # {source: metrics}, with sources
         self._phase("setup")
 
     def _phase(self, name: str) -> None:
@@ -311,10 +353,16 @@ class Trainer:
         state, meta = self.ckpt.restore(step, abstract)
         self.start = int(meta["step"])
         self.negatives_dir = meta.get("negatives", "")
-        if self.negatives_dir and (manifest_digest(self.negatives_dir)
-                                   != meta.get("negatives_sha256", "")):
-            raise NegjaxError(f"{self.negatives_dir}: the hard negatives changed since "
-                              f"checkpoint {step} was written (manifest checksum differs)")
+        if isinstance(self.negatives_dir, dict) != self.multi:
+            raise NegjaxError(f"checkpoint {step} is of a run {'without' if self.multi else 'with'} "
+                              "[[data.sources]]: train this config in a new workdir")
+        dirs = self.negatives_dir if self.multi else {"": self.negatives_dir}
+        sha = meta.get("negatives_sha256", {} if self.multi else "")
+        sha = sha if self.multi else {"": sha}
+        for name, d in dirs.items():
+            if d and manifest_digest(d) != sha.get(name, ""):
+                raise NegjaxError(f"{d}: the hard negatives changed since checkpoint {step} "
+                                  "was written (manifest checksum differs)")
         now = _topology(self.mesh)
         then = meta.get("topology", now)  # (checkpoints written before it was recorded)
         change = "" if then == now else f", written on {_describe(then)}, now on {_describe(now)}"
@@ -337,9 +385,14 @@ class Trainer:
                                    bank_ptr=put(np.asarray(ptr, np.int32), shardings.bank_ptr))
 
     def _pipeline(self, data_state: dict | None):
-        pipe = build_pipeline(self.cfg, self.enc.tokenizer, prompts=self.enc.prompts,
-                              negatives_dir=self.negatives_dir,
-                              process_index=self.pi, process_count=self.pc)
+        if self.multi:
+            pipe = build_sources_pipeline(self.cfg, self.enc.tokenizer, self.sources,
+                                          negatives_dirs=self.negatives_dir,
+                                          process_index=self.pi, process_count=self.pc)
+        else:
+            pipe = build_pipeline(self.cfg, self.enc.tokenizer, prompts=self.enc.prompts,
+                                  negatives_dir=self.negatives_dir,
+                                  process_index=self.pi, process_count=self.pc)
         if self.cfg.loss.distill and not pipe.has_teacher_scores:
             pipe.close()
             raise NegjaxError(f"loss.distill = {self.cfg.loss.distill!r} needs teacher scores: "
@@ -349,6 +402,22 @@ class Trainer:
             pipe.set_state(data_state)
         return pipe
 
+    def _log_sources(self) -> None:
+        """The sources at start: size, weight and the probability they get."""
+        info = self.pipeline.info
+        d = self.cfg.data
+        how = d.source_sampling + (f" (alpha {d.source_temperature:g})"
+                                   if d.source_sampling == "temperature" else "")
+        per = (f", {info['sources_per_batch']} sources per global batch"
+               if info["sources_per_batch"] > 1 else ", one source per global batch")
+        lines = [f"negjax train: {len(info['sources'])} data sources, {how} sampling{per}:"]
+        for s in info["sources"]:
+            lines.append(f"  {s['name']}: {s['queries']} queries, {s['documents']} documents, "
+                         f"weight {s['weight']:g}, p = {s['probability']:.3f}, "
+                         f"{s['negatives']} hard negatives ({s['negatives_source']})"
+                         + ("" if s["in_batch_negatives"] else ", no in-batch negatives"))
+        log("\n".join(lines))
+
     def _model_params(self):
         """Host copies of the encoder's parameters (gathered from their FSDP shards)."""
         return distributed.to_host(self.state.params["model"])
@@ -356,20 +425,28 @@ class Trainer:
     def evaluate(self, step: int) -> dict:
         """Collective: every process encodes a slice of the dev corpus and queries; all return
         the same metrics; process 0 writes them."""
-        if self.dev is None:
+        if not self.dev:
             return {}
         c = self.cfg
-        res = evaluate_encoder(self.enc, self._model_params(), self.dev,
-                               batch_size=c.eval.encode_batch_size,
-                               query_max_len=c.model.query_max_len,
-                               doc_max_len=c.model.doc_max_len, index=c.eval.index)
+        params = self._model_params()
+        per = {name: evaluate_encoder(senc, params, ev, batch_size=c.eval.encode_batch_size,
+                                      query_max_len=c.model.query_max_len,
+                                      doc_max_len=c.model.doc_max_len, index=c.eval.index)
+               for name, (senc, ev) in self.dev.items()}
+        res = macro_average(per) if self.multi else per["default"]
         self.last_eval = res
         if not self.main:
             return res
         with open(self.eval_path, "a") as f:
-            f.write(json.dumps({"step": step, **res}) + "\n")
+            f.write(json.dumps({"step": step, **res, **({"sources": per} if self.multi else {})})
+                    + "\n")
         for k, v in res.items():
             self.writer.add_scalar(f"eval/{k}", v, step)
+        if self.multi:
+            for name, r in per.items():
+                for k, v in r.items():
+                    self.writer.add_scalar(f"eval/{name}/{k}", v, step)
+            self.last_eval_sources = per
         return res
 
     def remine(self, step: int) -> dict:
@@ -377,19 +454,25 @@ class Trainer:
         its sequence of batches with the new lists."""
         c = self.cfg
         out = self.workdir / "negatives" / f"step_{step}"
-        manifest = run_mining(self.enc, self._model_params(), corpus_path=self.paths["corpus"],
-                              train_path=self.paths["train"], out_dir=out, mining_cfg=c.mining,
-                              query_max_len=c.model.query_max_len,
-                              doc_max_len=c.model.doc_max_len,
-                              model_info={"path": str(self.workdir), "step": step},
-                              train_qrels=self.paths.get("train_qrels"),
-                              teacher_scores=c.mining.teacher_scores or None,
-                              cache_dir=c.data.cache_dir or None)
+        params = self._model_params()
+        manifests, dirs = {}, {}
+        for src in self.sources:  # with sources: each against its own corpus, its own prompts
+            paths = self.paths[src.name]
+            where = out / src.name if self.multi else out
+            manifests[src.name] = run_mining(
+                self.enc.with_prompts(src.prompts), params, corpus_path=paths["corpus"],
+                train_path=paths["train"], out_dir=where, mining_cfg=c.mining,
+                query_max_len=c.model.query_max_len, doc_max_len=c.model.doc_max_len,
+                model_info={"path": str(self.workdir), "step": step},
+                train_qrels=paths.get("train_qrels"),
+                teacher_scores=c.mining.teacher_scores or None,
+                cache_dir=c.data.cache_dir or None)
+            dirs[src.name] = str(where)
         data_state = self.pipeline.get_state()
         self.pipeline.close()
-        self.negatives_dir = str(out)
+        self.negatives_dir = dirs if self.multi else dirs["default"]
         self.pipeline = self._pipeline(data_state)
-        return manifest
+        return manifests if self.multi else manifests["default"]
 
     def save(self, step: int, metrics: dict | None = None) -> None:
         meta = {"step": step, "data": self.pipeline.get_state(), "negatives": self.negatives_dir,
@@ -405,14 +488,17 @@ class Trainer:
         with jax.transfer_guard_device_to_host("allow"):
             if self._window is not None:
                 diag = self.diagnostics.due(step, c)
-                sums, nonfinite, sample = jax.device_get(
-                    (self._window, self.state.nonfinite, self._sample if diag else None))
+                drawn, self._window_sources = self._window_sources, []
+                sums, nonfinite, sample, losses = jax.device_get(
+                    (self._window, self.state.nonfinite, self._sample if diag else None,
+                     [loss for _, loss in drawn]))
                 self.fetches += 1
                 n = step - self._window_start
                 now = time.perf_counter()
                 dt = (now - self._t_window) / max(n, 1)
                 self._t_window, self._window, self._window_start = now, None, step
                 m = {k: _to_float(v) / n for k, v in sums.items()}
+                m.update(self._data_window([srcs for srcs, _ in drawn], losses))
                 if self.main:
                     self._log_window(step, n, m, dt)
                 if int(nonfinite) > c.train.max_nonfinite:
@@ -423,6 +509,23 @@ class Trainer:
                 if diag:
                     self.diagnostics.record(step, *sample)
             return preempt is not None and preempt.any_process()
+
+    def _data_window(self, drawn: list, losses: list) -> dict:
+        """The window's data figures: text duplicates masked in its batches and, with
+        sources, each source's sub-batches and (one source per batch) mean loss."""
+        total = self.pipeline.stats.get("duplicate_texts", 0)
+        out = {"duplicate_texts": total - self._dup_seen}
+        self._dup_seen = total
+        if not self.multi:
+            return out
+        names = self.pipeline.names
+        for j, name in enumerate(names):
+            out[f"batches/{name}"] = sum(srcs.count(j) for srcs in drawn)
+            if self.pipeline.per_batch == 1:
+                mine = [float(v) for srcs, v in zip(drawn, losses) if srcs[0] == j]
+                if mine:  # (a source not drawn in the window has no loss line)
+                    out[f"loss/{name}"] = float(np.mean(mine))
+        return out
 
     def _log_window(self, step: int, n: int, m: dict, dt: float) -> None:
         c = self.cfg
@@ -456,6 +559,7 @@ class Trainer:
         step = self.start
         self.fetches = 0
         self._window, self._window_start, self._t_window = None, step, time.perf_counter()
+        self._window_sources, self._dup_seen = [], self.pipeline.stats.get("duplicate_texts", 0)
         inflight: deque = deque()
         with contextlib.nullcontext(preempt) if preempt else _Preemption() as preempt:
             nxt = self._next_batch() if step < total else None
@@ -467,6 +571,8 @@ class Trainer:
                     self._log_first_step(m["loss"], compiled_before)
                 self._sample = (m.pop("sample_q"), m.pop("sample_d"))  # the diagnostics'
                 self._window = m if self._window is None else _add(self._window, m)
+                if self.multi:  # which source(s) the step's batch came from, and its loss
+                    self._window_sources.append((self.pipeline.source_of_step(step), m["loss"]))
                 step += 1
                 if self.watchdog is not None:
                     self.watchdog.where = f"step {step}"
@@ -501,7 +607,8 @@ class Trainer:
             nonfinite = int(self.state.nonfinite)
         return {"status": status, "step": step, "workdir": str(self.workdir),
                 "mesh": " x ".join(f"{k} {v}" for k, v in self.mesh.shape.items()),
-                "eval": self.last_eval, "nonfinite": nonfinite, "fetches": self.fetches,
+                "eval": self.last_eval, "eval_sources": self.last_eval_sources,
+                "nonfinite": nonfinite, "fetches": self.fetches,
                 "time_to_first_step": self.time_to_first_step,
                 "data_stats": self.pipeline.stats}
 

@@ -98,8 +98,10 @@ def embedding_loss(spec: LossSpec, loss_cfg):
     binds it, plus the distillation term when `loss_cfg.distill` is set. The one loss of the
     train step (plain, GradCache, memory bank) and of `negjax bench step`'s breakdown."""
     def loss_of_embeddings(q, d, temp, batch, bank=None, bank_ids=None):
+        # in_batch [b] (sources that turn in-batch negatives off): each query's own group only
         loss, metrics = spec(q, d, temperature=temp, query_pos_ids=batch["query_pos_ids"],
-                             doc_ids=batch["doc_ids"], extra_docs=bank, extra_doc_ids=bank_ids)
+                             doc_ids=batch["doc_ids"], extra_docs=bank, extra_doc_ids=bank_ids,
+                             in_batch_negatives=batch.get("in_batch"))
         if loss_cfg.distill:
             distill, counted = distillation_loss(
                 q, d, batch["teacher_scores"], group_size=spec.group_size, mode=loss_cfg.distill,
@@ -238,7 +240,8 @@ def make_train_step(enc, cfg: Config, mesh, *, group_size: int) -> TrainStep:
             out = jax.tree.map(invariant, out)
         return out
 
-    keys = BATCH_KEYS + (("teacher_scores",) if cfg.loss.distill else ())
+    keys = (BATCH_KEYS + (("teacher_scores",) if cfg.loss.distill else ())
+            + (("in_batch",) if any(not s.in_batch_negatives for s in cfg.data.sources) else ()))
     batch_spec = {k: P(axes) for k in keys}
 
     def step(state: TrainState, batch):
