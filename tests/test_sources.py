@@ -39,7 +39,7 @@ weight = 2.0
 [[data.sources]]
 name = "adjectives"
 dataset = "{root}/adjectives"
-num_negatives = 0
+num_negatives = 1
 """
 
 CONFIG = TINY_MODEL + """
@@ -61,6 +61,14 @@ every_steps = 4
 async_save = false
 
 [eval]
+encode_batch_size = 32
+
+[mining]
+every_steps = 5
+index = "exact"
+k = 20
+negatives_kept = 3
+audit_queries = 4
 encode_batch_size = 32
 """
 
@@ -123,7 +131,7 @@ def test_sources_pipeline_batches_slices_and_state(tmp_path, pos_root):
     one = build_sources_pipeline(cfg, tok, sources, process_index=0, process_count=1)
     two = [build_sources_pipeline(cfg, tok, sources, process_index=p, process_count=2)
            for p in range(2)]
-    assert one.group_size == 3 and [p.group_size for p in one.pipes] == [3, 2, 1]
+    assert one.group_size == 3 and [p.group_size for p in one.pipes] == [3, 2, 2]
     assert [s["probability"] for s in one.info["sources"]] == pytest.approx(
         (lambda w: w / w.sum())(np.array([1, 2, 1]) * np.sqrt([40, 40, 40])))
     decode = Tokenizer.from_file(str(Path(tok) / "tokenizer.json")).decode
@@ -291,8 +299,8 @@ def test_two_processes_equal_one_with_three_sources(runs):
     assert [r["source"] for r in recs[0]] == [r["source"] for r in recs[1]] == \
         [r["source"] for r in recs[2]]
     assert len({r["source"] for r in recs[0]}) == 3
-    # masked slots: 16 queries x (3 - G) per batch of verbs (G 2) and adjectives (G 1)
-    want = {"nouns": 0, "verbs": 16, "adjectives": 32}
+    # masked slots: 16 queries x (3 - G) per batch of verbs and adjectives (G 2)
+    want = {"nouns": 0, "verbs": 16, "adjectives": 16}
     assert all(r["masked"] == want[r["source"]] for r in recs[0])
     assert all(r["masked"] * 2 == want[r["source"]] for r in recs[1] + recs[2])
     # The start-up log shows the sources; metrics.jsonl the loss per source.
@@ -305,12 +313,22 @@ def test_two_processes_equal_one_with_three_sources(runs):
         assert "duplicate_texts" in r
     ev = [json.loads(x) for x in (one / "eval.jsonl").read_text().splitlines()][-1]
     assert set(ev["sources"]) == {"nouns", "verbs", "adjectives"}
+    # Re-mining at step 5: every source against its own corpus, the same rows on 2 processes.
+    import pyarrow.parquet as pq
+
+    for name in ("nouns", "verbs", "adjectives"):
+        rows = [[r for f in sorted((w / "negatives" / "step_5" / name).glob("*.parquet"))
+                 for r in pq.read_table(f).to_pylist()] for w in (one, two)]
+        assert len(rows[0]) == len(rows[1]) == 40
+        assert [r["negative_ids"] for r in rows[0]] == [r["negative_ids"] for r in rows[1]]
+        prefix = {"nouns": "n.", "verbs": "v.", "adjectives": ("a.", "s.", "r.")}[name]
+        assert all(d.startswith(prefix) for r in rows[0] for d in r["negative_ids"])
     assert ev["mrr@10"] == pytest.approx(np.mean([e["mrr@10"] for e in ev["sources"].values()]))
 
 
 def test_kill9_and_rerun_with_three_sources_is_exact(runs):
-    """kill -9 after step 6 (checkpoint 4), rerun: the final weights equal the uninterrupted
-    1-process run's bit for bit."""
+    """kill -9 after step 6 (checkpoint 4, re-mined at 5), rerun (from 4, re-mining again):
+    the final weights equal the uninterrupted 1-process run's bit for bit."""
     from test_train import final_params
 
     work = runs["tmp"] / "killed"

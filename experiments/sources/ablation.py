@@ -2,8 +2,8 @@
 by part of speech (nouns; verbs; adjectives and adverbs), each with its own query prompt.
 
     python experiments/sources/ablation.py --model tiny --work W [--steps 300] [--batch 64]
-    python experiments/sources/ablation.py --model minilm --work W --steps 100 --batch 32 \
-        --corpus-every 4
+    python experiments/sources/ablation.py --model minilm --work W --steps 150 --batch 32 \
+        --eval-corpus-every 8
 
 For each alpha in --alphas (data.source_sampling = "temperature", p ~ queries^alpha) and seed
 in --seeds it trains twice with `negjax train`: data.sources_per_batch = 1 (every global batch
@@ -13,9 +13,11 @@ Each model is evaluated on each source's dev queries against the source's own co
 source's prompt (in-process, the library's encode and exact search); the macro MRR@10 is the
 mean of the three sources'. The comparison single - mixed is paired: per query, the mean
 reciprocal rank over the seeds, resampled with replacement within each source (--samples
-bootstrap draws), the macro difference's 2.5 / 97.5 percentiles. --corpus-every K keeps every
-K-th document of each source's corpus (plus every positive of a kept query): a cheaper
-evaluation for MiniLM on CPU. W/results.json holds every figure; the table is printed.
+bootstrap draws), the macro difference's 2.5 / 97.5 percentiles. --eval-corpus-every K
+evaluates against every K-th document of each source's corpus plus the dev positives (a
+cheaper evaluation for MiniLM on CPU; training uses the whole corpora, though with no hard
+negatives only the positives are ever in a batch). W/results.json holds every figure; the
+table is printed.
 """
 
 from __future__ import annotations
@@ -87,7 +89,23 @@ split = "none"
 """
 
 
-def reciprocal_ranks(workdir: Path, data: Path) -> dict[str, list[float]]:
+def eval_corpora(data: Path, out: Path, every: int) -> dict[str, Path]:
+    """{source: corpus evaluated against}: the source's, or every `every`-th document of it
+    plus its dev positives."""
+    if every <= 1:
+        return {name: data / name / "corpus.jsonl" for name in PROMPTS}
+    made = {}
+    for name in PROMPTS:
+        needed = {r.split("\t")[1] for r in (data / name / "dev_qrels.tsv").read_text().splitlines()[1:]}
+        lines = (data / name / "corpus.jsonl").read_text().splitlines()
+        keep = [x for i, x in enumerate(lines) if i % every == 0 or json.loads(x)["id"] in needed]
+        made[name] = out / name / "corpus.jsonl"
+        made[name].parent.mkdir(parents=True, exist_ok=True)
+        made[name].write_text("".join(x + "\n" for x in keep))
+    return made
+
+
+def reciprocal_ranks(workdir: Path, corpora: dict) -> dict[str, list[float]]:
     """{source: per-query RR@10 on its dev set} of the model trained in `workdir`."""
     from negjax.data.layout import resolve_dataset
     from negjax.config import load_config
@@ -103,7 +121,7 @@ def reciprocal_ranks(workdir: Path, data: Path) -> dict[str, list[float]]:
     for src in sources_of(cfg, enc.prompts):
         senc = enc.with_prompts(src.prompts)
         paths = resolve_dataset(src.data)
-        ev = EvalSet.from_files(paths["corpus"], paths["dev_queries"], paths["dev_qrels"],
+        ev = EvalSet.from_files(corpora[src.name], paths["dev_queries"], paths["dev_qrels"],
                                 encoder=senc, doc_max_len=cfg.model.doc_max_len,
                                 cache_dir=cfg.data.cache_dir)
         c = encode_store(senc, params, ev.corpus_store, tower="doc", batch_size=256,
@@ -138,7 +156,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--alphas", default="0.5,1")
-    p.add_argument("--corpus-every", type=int, default=1)
+    p.add_argument("--eval-corpus-every", type=int, default=1)
     p.add_argument("--samples", type=int, default=10000)
     a = p.parse_args(argv)
     a.work = a.work.absolute()
@@ -146,7 +164,8 @@ def main(argv=None) -> int:
 
     data = a.work / "data"
     if not (data / "adjectives" / "train.jsonl").is_file():
-        split_by_pos(data, corpus_every=a.corpus_every)
+        split_by_pos(data)
+    corpora = eval_corpora(data, a.work / "eval", a.eval_corpus_every)
     seeds = [int(s) for s in a.seeds.split(",")]
     alphas = [float(x) for x in a.alphas.split(",")]
     results_path = a.work / "results.json"
@@ -164,7 +183,7 @@ def main(argv=None) -> int:
                 print(f"[ablation] {row}: training", flush=True)
                 subprocess.run([sys.executable, "-m", "negjax", "train", "--config", str(cfg),
                                 "--workdir", str(workdir)], check=True, cwd=REPO)
-                rr = reciprocal_ranks(workdir, data)
+                rr = reciprocal_ranks(workdir, corpora)
                 results[row] = {"rr": rr, "mrr@10": {n: float(np.mean(v)) for n, v in rr.items()}}
                 results_path.write_text(json.dumps(results))
     print(f"\n{a.model}, {a.steps} steps x {a.batch} queries, seeds {seeds}; dev MRR@10 "

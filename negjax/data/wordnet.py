@@ -191,14 +191,21 @@ def split_by_pos(out_dir: str | os.PathLike, *, cache_dir=None, max_train: int =
     def source(doc_id: str) -> str:
         return pos_of[doc_id.split(".", 1)[0]]
 
+    # A query goes to the source of its first positive and keeps the positives of that
+    # source (a few WordNet examples also name a synset of another part of speech).
     train = {name: [] for name in POS_SOURCES}
     for line in lines("train.jsonl"):
         rec = json.loads(line)
-        train[source(rec["pos"][0])].append(line)
+        name = source(rec["pos"][0])
+        rec["pos"] = [p for p in rec["pos"] if source(p) == name]
+        train[name].append(_dumps(rec).rstrip("\n"))
     splits = {}
     for split in ("dev", "test"):
         qrels = [r.split("\t") for r in lines(f"{split}_qrels.tsv")[1:]]
-        src_of = {q: source(d) for q, d, _ in qrels}
+        src_of = {}
+        for q, d, _ in qrels:
+            src_of.setdefault(q, source(d))
+        qrels = [r for r in qrels if source(r[1]) == src_of[r[0]]]
         queries = {name: [] for name in POS_SOURCES}
         for line in lines(f"{split}_queries.jsonl"):
             queries[src_of[json.loads(line)["id"]]].append(line)

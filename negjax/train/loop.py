@@ -412,9 +412,13 @@ class Trainer:
                if info["sources_per_batch"] > 1 else ", one source per global batch")
         lines = [f"negjax train: {len(info['sources'])} data sources, {how} sampling{per}:"]
         for s in info["sources"]:
+            negs = "no hard negatives"
+            if s["negatives"]:
+                where = ("random documents" if s["negatives_source"] == "none"
+                         else s["negatives_source"])
+                negs = f"{s['negatives']} hard negatives per query from {where}"
             lines.append(f"  {s['name']}: {s['queries']} queries, {s['documents']} documents, "
-                         f"weight {s['weight']:g}, p = {s['probability']:.3f}, "
-                         f"{s['negatives']} hard negatives ({s['negatives_source']})"
+                         f"weight {s['weight']:g}, p = {s['probability']:.3f}, {negs}"
                          + ("" if s["in_batch_negatives"] else ", no in-batch negatives"))
         log("\n".join(lines))
 
