@@ -108,7 +108,7 @@ def _check_resume_negatives(cfg: Config) -> None:
         return  # not ours to judge here; save_run_config reports a broken config.toml
     if cfg.data.sources:
         started = {s.get("name"): s.get("negatives", "") for s in data.get("sources", [])}
-        pairs = [(f"data.sources {s.name!r} negatives", started.get(s.name, ""), s.negatives)
+        pairs = [(f"data.sources[{s.name}].negatives", started.get(s.name, ""), s.negatives)
                  for s in cfg.data.sources]
     else:
         pairs = [("data.negatives", data.get("negatives", ""), cfg.data.negatives)]
@@ -117,7 +117,7 @@ def _check_resume_negatives(cfg: Config) -> None:
                                 Path(started).resolve() == Path(given).resolve()):
             continue
         raise NegjaxError(f"{workdir}: resuming a run started with {key}="
-                          f"{started or '(none)'} but {given or '(none)'} was given; resume "
+                          f"{started or '(none)'} but {key}={given or '(none)'} was given; resume "
                           "with the run's own negatives (re-mined lists are picked up from the "
                           "checkpoint) or train in a new workdir")
 
