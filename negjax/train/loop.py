@@ -64,7 +64,12 @@ def _check_inputs(cfg: Config) -> dict:
         where = f"data source {src.name!r}: " if cfg.data.sources else ""
         key_of = (lambda k: f"data.sources.{k}") if cfg.data.sources else (lambda k: f"data.{k}")
         d = src.data
-        paths = resolve_dataset(d)
+        try:
+            paths = resolve_dataset(d)
+        except NegjaxError as e:
+            if not where:
+                raise
+            raise NegjaxError(f"{where}{str(e).replace('data.dataset', 'dataset')}") from None
         for key in ("corpus", "train"):
             if paths.get(key) is None:
                 raise NegjaxError(f"{where}no {key} file: set {key_of(key)} or {key_of('dataset')}")
