@@ -177,6 +177,37 @@ def test_sources_pipeline_batches_slices_and_state(tmp_path, pos_root):
         p.close()
 
 
+def test_mixed_batches_of_sub_batches(tmp_path, pos_root):
+    """data.sources_per_batch = 4: each global batch is 4 sub-batches of 4 queries, each from
+    its own draw; process slices (here across sub-batch boundaries: 2 x 8) still concatenate
+    to the one-process batch."""
+    from negjax.config import updated
+    from negjax.data import wordnet
+
+    cfg = updated(load_config(write_config(tmp_path, pos_root)), {"data.sources_per_batch": 4})
+    tok = wordnet.tokenizer_dir()
+    sources = sources_of(cfg)
+    one = build_sources_pipeline(cfg, tok, sources, process_index=0, process_count=1)
+    two = [build_sources_pipeline(cfg, tok, sources, process_index=p, process_count=2)
+           for p in range(2)]
+    mixed = 0
+    for k in range(6):
+        batch = one.batch(k)
+        halves = [p.batch(k) for p in two]
+        for key in batch:
+            np.testing.assert_array_equal(batch[key], np.concatenate([h[key] for h in halves]))
+        drawn = one.source_of_step(k)
+        mixed += len(set(drawn)) > 1
+        ids = batch["doc_ids"].reshape(4, 4 * 3)
+        for t, j in enumerate(drawn):
+            real = ids[t][ids[t] >= 0]
+            assert ((real >= one.bases[j]) & (real < one.bases[j] + one.pipes[j].num_docs)).all()
+            assert (batch["in_batch"][4 * t:4 * t + 4] == int(sources[j].in_batch_negatives)).all()
+    assert mixed > 0 and sum(one.positions(6).values()) == 24
+    for p in [one, *two]:
+        p.close()
+
+
 def test_duplicate_texts_are_masked(tmp_path):
     """Two queries whose positives are different rows of equal text: the batch gives them one
     id (so each is masked for the other query), the count is in the stats, and the sampler
