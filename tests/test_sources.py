@@ -1,6 +1,7 @@
 """Many sources in one run ([[data.sources]]): the sampler's counts, single-source global
-batches on every process (2 x 4 devices = 1 x 8), kill -9 and rerun, per-source prompts in
-train / mine / eval, masked slots, in-batch negatives off, text duplicates masked."""
+batches on every process (2 x 4 devices = 1 x 8, with GradCache, FSDP 2 and re-mining), kill
+-9 and rerun, per-source prompts in train / mine / eval, masked slots, in-batch negatives
+off, text duplicates masked."""
 
 from __future__ import annotations
 
@@ -55,6 +56,10 @@ batch_size = 16
 learning_rate = 1e-3
 warmup_steps = 1
 log_every = 1
+grad_cache_chunk = 1       # crossed with GradCache and FSDP: what a pod run combines
+
+[distributed]
+fsdp = 2
 
 [checkpoint]
 every_steps = 4
