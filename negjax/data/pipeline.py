@@ -44,6 +44,7 @@ Sampling (epoch e = k // steps_per_epoch, steps_per_epoch = num_queries // batch
 
 from __future__ import annotations
 
+import abc
 import threading
 from dataclasses import dataclass
 
@@ -83,7 +84,7 @@ class GlobalBatch:
 # The pipeline
 # ---------------------------------------------------------------------------------------------
 
-class BatchIterator:
+class BatchIterator(abc.ABC):
     """Iteration over `_element(k) -> (batch, stats)` with grain's prefetch threads, the
     position `step` and summed `stats` (what `get_state` saves); `Pipeline` and
     `negjax.data.sources.SourcesPipeline` are ones."""
@@ -91,8 +92,9 @@ class BatchIterator:
     _iter = None
     _start = 0
 
-    def _element(self, k: int):  # pragma: no cover - defined by the subclasses
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _element(self, k: int):
+        """(this process' slice of global batch k, its stats): a pure function of k."""
 
     def _make_iter(self, start: int):
         import grain
