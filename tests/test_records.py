@@ -197,3 +197,25 @@ def test_a_dataset_directory_in_parquet_and_arrow_trains(formats_dirs, tmp_path)
         got = (corpus.ids, corpus.texts, ex.positives)
         assert ref is None or got == ref
         ref = got
+
+
+def test_bench_data_rounds_each_train(tmp_path):
+    """`negjax bench data --runs warm,warm`: each round trains in its own workdir (a repeated
+    name used to reuse the first's finished workdir and train nothing), reported as warm and
+    warm2; an unknown run name is refused before any data is written."""
+    import json
+
+    from tests.helpers import subprocess_env
+
+    bad = run_negjax("bench", "data", "--synthetic", 50, "--out", tmp_path / "x", "--runs", "cold,hot",
+                     env=subprocess_env(1))
+    assert bad.returncode == 2 and "--runs takes cold and warm" in bad.stderr
+    assert not (tmp_path / "x").exists()
+    out = tmp_path / "bench.json"
+    r = run_negjax("bench", "data", "--synthetic", 200, "--out", tmp_path / "d", "--runs", "warm,warm",
+                   "--steps", 1, "--json", out, env=subprocess_env(1))
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert list(runs) == ["warm", "warm2"]
+    for run in runs.values():
+        assert run["first_step_s"] > 0 and "first step" in run["phases_s"]

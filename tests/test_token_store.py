@@ -68,6 +68,45 @@ def test_same_ids_as_transformers_tokenizer(tmp_path, tok_dir):
         assert all(np.array_equal(a, b) for a, b in zip(got, want_pad))
 
 
+def _resident_kib(path: Path) -> int:
+    """This process's resident KiB of the maps of `path` (/proc/self/smaps)."""
+    total, ours = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            ours = len(head) == 6 and head[5] == str(path)
+        elif ours and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
+
+
+def test_random_rows_read_without_keeping_the_store_resident(tmp_path):
+    """`RowReader` (pread) gives what numpy indexing of the map gives, and `drop_pages` takes
+    the pages a process read through a map out of its resident set."""
+    from negjax.data.token_store import RowReader, drop_pages
+
+    n = 1 << 20  # 8 MiB of uint64
+    want = np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    np.save(tmp_path / "h.npy", want)
+    arr = np.load(tmp_path / "h.npy", mmap_mode="r")
+    reader = RowReader(arr)
+    assert len(reader) == n and reader.dtype == np.uint64
+    rows = np.array([[5, 0, n - 1], [5, 77, 123_456]])
+    np.testing.assert_array_equal(reader[rows], want[rows])
+    assert reader[n - 1] == want[n - 1] and reader[[]].shape == (0,)
+    for bad in ([n], [-1]):
+        with pytest.raises(IndexError):
+            reader[bad]
+    path = (tmp_path / "h.npy").resolve()
+    assert _resident_kib(path) == 0  # the reader maps nothing
+    view = np.asarray(arr)
+    total = int(view[np.arange(0, n, 4096)].sum(dtype=np.uint64))  # touch every 32 KiB
+    assert _resident_kib(path) >= 4096
+    drop_pages([arr, view, np.zeros(3)])  # (a plain array is skipped)
+    assert _resident_kib(path) == 0
+    assert int(view[np.arange(0, n, 4096)].sum(dtype=np.uint64)) == total  # still readable
+
+
 def test_reused_and_never_stale(tmp_path, tok_dir):
     from transformers import AutoTokenizer
 

@@ -179,12 +179,18 @@ def train_run(data: Path, cache: Path, steps: int, workdir: Path) -> dict:
             out["phases_s"] = {k: float(v) for k, v in
                                (p.rsplit(" ", 2)[:2] for p in m.group(2).split(", "))}
             out["compile"] = m.group(3)
+    if "first_step_s" not in out:
+        raise RuntimeError(f"negjax train logged no first step (did it train?):\n{err[-3000:]}")
     return out
 
 
 def run(args) -> int:
+    from negjax.errors import NegjaxError
     from negjax.utils import default_cache_dir
 
+    names = [r.strip() for r in args.runs.split(",") if r.strip()]
+    if not names or set(names) - {"cold", "warm"}:
+        raise NegjaxError(f"--runs takes cold and warm, comma-separated (got {args.runs!r})")
     out = Path(args.out) if args.out else (
         default_cache_dir() / "synthetic" / f"{args.synthetic}-{args.format}-{args.seed}")
     t0 = time.perf_counter()
@@ -195,13 +201,17 @@ def run(args) -> int:
     results = {"data": {**info, "dir": str(out)}, "runs": {}}
     with tempfile.TemporaryDirectory(prefix="negjax-bench-data-") as tmp:
         cache = Path(args.cache) if args.cache else Path(tmp) / "cache"
-        for name in [r.strip() for r in args.runs.split(",") if r.strip()]:
-            r = train_run(out, cache, args.steps, Path(tmp) / name)
+        for i, name in enumerate(names):
+            # Each run trains in a workdir of its own (a repeated name is another round: in
+            # the same workdir it would find its steps done and train none); in the JSON the
+            # second 'warm' is 'warm2', and so on.
+            key = name if names[:i].count(name) == 0 else f"{name}{names[:i].count(name) + 1}"
+            r = train_run(out, cache, args.steps, Path(tmp) / key)
             data_s = r.get("phases_s", {}).get("data")
             if name == "cold" and data_s:
                 r["build_docs_per_s"] = round(info["documents"] / data_s)
-            results["runs"][name] = r
-            print(f"{name:>5}: first step {r.get('first_step_s', float('nan')):.1f} s, "
+            results["runs"][key] = r
+            print(f"{key:>5}: first step {r['first_step_s']:.1f} s, "
                   f"wall {r['wall_s']:.1f} s, peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB"
                   + (f", data phase {data_s:.1f} s" if data_s else "")
                   + (f" ({r['build_docs_per_s']:,} docs/s)" if "build_docs_per_s" in r else ""))

@@ -56,7 +56,7 @@ from negjax.data.prepared import prepare_training, shared_token_stores
 from negjax.data.sampling import (bucket_of, hash_u64, length_buckets, not_first, ragged_rows,
                                   TextIdentity)
 from negjax.data.shards import NegativeLists, load_negatives
-from negjax.data.token_store import TokenStore
+from negjax.data.token_store import TokenStore, drop_pages
 from negjax.errors import NegjaxError
 
 STATE_VERSION = 1
@@ -96,6 +96,10 @@ class BatchIterator(abc.ABC):
     def _element(self, k: int):
         """(this process' slice of global batch k, its stats): a pure function of k."""
 
+    def maps(self) -> list:
+        """The memory-mapped arrays batches read at random rows (`drop_pages`)."""
+        return []
+
     def _make_iter(self, start: int):
         import grain
 
@@ -114,6 +118,7 @@ class BatchIterator(abc.ABC):
         if self._iter is None:
             self._iter = self._make_iter(self._start)
         batch, stats = next(self._iter)
+        drop_pages(self.maps())  # the RSS stays what a batch reads, not the corpus's arrays
         for key, v in stats.items():
             self._stats[key] = self._stats.get(key, 0) + v
         self._start += 1
@@ -204,9 +209,9 @@ class Pipeline(BatchIterator):
         self._teacher = examples.teacher if examples.has_teacher_scores else None
         self.query_buckets = length_buckets(query_store.max_len, query_buckets or ())
         self.doc_buckets = length_buckets(doc_store.max_len, doc_buckets or ())
-        self._q_lengths = np.asarray(query_store.lengths)
-        self._d_lengths = np.asarray(doc_store.lengths)
-        self._text_hash = doc_store.text_hash  # [nd] uint64, memory-mapped
+        # [nq] / [nd] int32 token counts, [nd] uint64 text hashes: read row by row (`RowReader`)
+        self._q_lengths, self._d_lengths = query_store.length_rows, doc_store.length_rows
+        self._text_hash = doc_store.hash_rows
 
         counts = np.diff(self._neg_off)
         self.info = {
@@ -398,6 +403,10 @@ class Pipeline(BatchIterator):
 
     # -- this process' slice ---------------------------------------------------------------
 
+    def maps(self) -> list:
+        return (self.query_store.maps + self.doc_store.maps
+                + getattr(self.examples, "maps", []))
+
     def batch(self, k: int) -> dict:
         """This process' slice of global batch k (a pure function of (seed, k)):
         q_tokens/q_mask [b, Lq] int32, d_tokens/d_mask [b*G, Ld] int32, doc_ids [b*G] int32,
@@ -411,7 +420,7 @@ class Pipeline(BatchIterator):
         g = self.global_batch(k)
         b, p = self.local_batch, self.process_index
         batch = self.slice(g, p * b, (p + 1) * b, g.q_len, g.d_len)
-        ident = TextIdentity(g.d_rows, g.pos_ids, self.doc_store.text_hash)
+        ident = TextIdentity(g.d_rows, g.pos_ids, self._text_hash)
         batch["doc_ids"] = ident(batch["doc_ids"]).astype(np.int32)
         batch["query_pos_ids"] = ident(batch["query_pos_ids"]).astype(np.int32)
         stats = dict(g.stats, duplicate_texts=ident.duplicates)

@@ -101,7 +101,12 @@ class ExampleArrays:
     `formats.TrainExamples` the pipeline and the shard loader use, without Python lists."""
 
     def __init__(self, directory: Path, queries: TokenStore, meta: dict):
-        load = lambda name: np.load(directory / f"{name}.npy", mmap_mode="r")  # noqa: E731
+        self.maps = []  # the arrays' maps (`token_store.drop_pages`)
+
+        def load(name):
+            self.maps.append(np.load(directory / f"{name}.npy", mmap_mode="r"))
+            return self.maps[-1]
+
         self.meta = meta
         self.path, self.format = meta["train_path"], meta["train_format"]
         self.query_store, self.query_ids = queries, queries.keys

@@ -177,7 +177,7 @@ class _Hashes:
         out = np.zeros(ids.shape, np.uint64)
         for j in np.unique(src):
             sel = src == j
-            out[sel] = self.stores[j].text_hash[ids[sel] - self.bases[j]]
+            out[sel] = self.stores[j].hash_rows[ids[sel] - self.bases[j]]
         return out
 
 
@@ -232,6 +232,9 @@ class SourcesPipeline(BatchIterator):
         self._prefetch, self._threads = int(prefetch), int(threads)
         self._stats = dict.fromkeys(STAT_KEYS, 0)
         self._iter, self._start = None, 0
+
+    def maps(self) -> list:
+        return [m for pipe in self.pipes for m in pipe.maps()]
 
     @property
     def has_teacher_scores(self) -> bool:
