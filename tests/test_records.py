@@ -151,6 +151,39 @@ def test_malformed_rows_name_file_and_row(tmp_path, kind):
     assert ("row 8" if kind != "tsv" else "corpus.tsv:8:") in lines[0], res.stderr
 
 
+def test_input_digest_is_hashed_once_and_remembered_by_fingerprint(tmp_path):
+    """`input_digest` (what a mining job's identity hashes) is `sha256_input`, computed once
+    and then found by the files' path, size and mtime: a second call reads no byte of the
+    input (a rewrite that keeps size and mtime keeps the old digest), a new mtime or size
+    hashes again, and a damaged memo is recomputed."""
+    import os
+
+    from negjax.data.records import input_digest, sha256_input
+
+    cache = tmp_path / "cache"
+    f = tmp_path / "corpus.jsonl"
+    f.write_text('{"id": "a", "text": "one"}\n')
+    first = input_digest(f, cache)
+    assert first == sha256_input(f)
+    assert len(list((cache / "digests").iterdir())) == 1
+    st = f.stat()
+    f.write_text('{"id": "b", "text": "two"}\n')  # same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert input_digest(f, cache) == first  # not read again
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    second = input_digest(f, cache)
+    assert second == sha256_input(f) != first
+    for m in (cache / "digests").iterdir():
+        m.write_text("{not json")
+    assert input_digest(f, cache) == second
+    assert json.loads(max((cache / "digests").iterdir(), key=lambda m: m.stat().st_mtime_ns)
+                      .read_text())["sha256"] == second  # rewritten
+    # A directory input: its files' names and digests, remembered alike.
+    d = write_parquet_dir([{"id": str(i), "text": f"t{i}"} for i in range(10)], tmp_path / "pq")
+    assert input_digest(d, cache) == sha256_input(d)
+    assert len(list((cache / "digests").iterdir())) == 3
+
+
 def test_not_an_input(tmp_path):
     (tmp_path / "dd" / "train").mkdir(parents=True)
     (tmp_path / "dd" / "train" / "state.json").write_text("{}")

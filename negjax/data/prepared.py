@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from negjax.data import corpus_build, formats
-from negjax.data.records import Where, at, input_files, iter_records, record_error
+from negjax.data.records import Where, at, fingerprint, iter_records, record_error
 from negjax.data.shards import NegativeLists
 from negjax.data.store_writer import DuplicateKey, StoreWriter
 from negjax.data.token_store import (TokenStore, load_backend_tokenizer, open_or_build,
@@ -43,15 +43,6 @@ from negjax.errors import NegjaxError
 from negjax.utils import default_cache_dir
 
 FORMAT = 1
-
-
-def fingerprint(path) -> list:
-    """[[resolved path, size, mtime_ns], ...] of the files an input consists of."""
-    out = []
-    for f in input_files(path):
-        st = f.stat()
-        out.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
-    return out
 
 
 def _key(*parts) -> str:

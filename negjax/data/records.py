@@ -138,6 +138,40 @@ def sha256_input(path) -> str:
     return h.hexdigest()
 
 
+def fingerprint(path) -> list:
+    """[[resolved path, size, mtime_ns], ...] of the files an input consists of."""
+    out = []
+    for f in input_files(path):
+        st = f.stat()
+        out.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def input_digest(path, cache_dir=None) -> str:
+    """`sha256_input(path)`, remembered under `<cache>/digests/` by the input's fingerprint
+    (each file's resolved path, size and mtime_ns, as the token stores are found): the first
+    call on a host reads the input's bytes once, later ones (reruns, the host's other
+    processes) read none. An input rewritten with the same size and mtime keeps its old
+    digest, as it keeps its token stores."""
+    import hashlib
+
+    from negjax.utils import atomic_write_text, default_cache_dir
+
+    fp = fingerprint(path)
+    key = hashlib.blake2b(json.dumps(fp).encode(), digest_size=16).hexdigest()
+    memo = default_cache_dir(cache_dir) / "digests" / f"{key}.json"
+    try:
+        got = json.loads(memo.read_text())
+        if got.get("fingerprint") == fp and isinstance(got.get("sha256"), str):
+            return got["sha256"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    digest = sha256_input(path)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(memo, json.dumps({"fingerprint": fp, "sha256": digest}) + "\n")
+    return digest
+
+
 def iter_records(path, span=None) -> Iterator[tuple[Where, dict]]:
     """(where, record) for every record of `path` in file order (see the module docstring);
     span = (start byte, end byte, number of the line at start): only the lines that start in

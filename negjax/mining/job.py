@@ -22,7 +22,8 @@ under `OUT/.work/` so that a rerun after a crash (even `kill -9`) redoes only wh
 
 - `emb/{doc,query}-KEY/chunk-NNNNN.npy`: embeddings of `encode_chunk` texts each, read from
   disk on demand (`negjax.mining.embeddings.EmbeddingStore`); KEY hashes the model
-  (architecture, tokenizer, a fingerprint of the params of the tower), the input file's sha256,
+  (architecture, tokenizer, a fingerprint of the params of the tower), the input file's sha256
+  (`negjax.data.records.input_digest`: hashed once per host, remembered by fingerprint),
   the max length and the stored dtype (`mining.embedding_dtype`; queries are float32).
   Process p encodes the document chunks of its shard and the query chunks c with c % P == p.
 - `index-KEY/shard-PPP/`: process p's ScaNN index over its shard, saved before any candidate is
@@ -63,7 +64,7 @@ import numpy as np
 
 from negjax.data import shards as shard_io
 from negjax.data.prepared import prepare_training, shared_token_stores
-from negjax.data.records import sha256_input
+from negjax.data.records import input_digest
 from negjax.distributed import barrier
 from negjax.errors import NegjaxError
 from negjax.mining import report as report_mod
@@ -76,7 +77,7 @@ from negjax.search import (ScannIndex, audit_recall, describe, query_samples, sc
 from negjax.search.tuning import recall_summary
 from negjax.search.sharded import (load_candidates, merge_candidates, merge_ids, save_candidates,
                                    shard_bounds, shard_candidates)
-from negjax.utils import atomic_write_text, log, progress, sha256_file
+from negjax.utils import atomic_write_text, log, progress
 
 WORK = ".work"
 JOB_VERSION = 1
@@ -248,9 +249,19 @@ def _run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, qu
     # inputs' fingerprints): no process holds their texts; each encodes its own rows.
     paths = {"train": Path(train_path), "corpus": Path(corpus_path) if corpus_path else None,
              "train_qrels": Path(train_qrels) if train_qrels else None}
-    data = shared_token_stores(lambda: prepare_training(
-        paths, enc.tokenizer, doc_max_len=doc_max_len, query_max_len=query_max_len,
-        prompts=enc.prompts, cache_dir=cache_dir), cache_dir)
+    # The inputs' sha256s (the job's identity) are hashed once per host too, then remembered
+    # by fingerprint: a rerun, and every other process, reads no input bytes.
+    digest_of = {"corpus": corpus_path or train_path, "train": train_path,
+                 "train_qrels": train_qrels, "teacher": teacher_scores}
+
+    def prepare():
+        prepared = prepare_training(paths, enc.tokenizer, doc_max_len=doc_max_len,
+                                    query_max_len=query_max_len, prompts=enc.prompts,
+                                    cache_dir=cache_dir)
+        return prepared, {name: input_digest(p, cache_dir) if p else None
+                          for name, p in digest_of.items()}
+
+    data, digests = shared_token_stores(prepare, cache_dir)
     corpus, examples = data.corpus, data.examples
     n_docs, nq = len(corpus), len(examples)
     max_pos = int(examples.positive_lists().counts().max()) if nq else 0
@@ -261,16 +272,14 @@ def _run_mining(enc, params, *, corpus_path, train_path, out_dir, mining_cfg, qu
     ident = model_identity(enc)
     fp_doc = params_fingerprint(enc, params, "doc")
     fp_query = fp_doc if enc.tied_towers else params_fingerprint(enc, params, "query")
-    corpus_sha = sha256_input(corpus_path) if corpus_path else sha256_input(train_path)
-    train_sha = sha256_input(train_path)
+    corpus_sha, train_sha = digests["corpus"], digests["train"]
     if train_qrels:
-        train_sha = _hash([train_sha, sha256_file(train_qrels)])
-    teacher = teacher_sha = None
+        train_sha = _hash([train_sha, digests["train_qrels"]])
+    teacher, teacher_sha = None, digests["teacher"]
     if teacher_scores:
         from negjax.data.readers import read_teacher_scores
 
         teacher = read_teacher_scores(teacher_scores)
-        teacher_sha = sha256_file(teacher_scores)
     dtype = mc.embedding_dtype
     doc_key32 = _hash({"model": ident, "params": fp_doc, "input": corpus_sha, "n": n_docs,
                        "max_length": doc_max_len, "chunk": mc.encode_chunk, "tower": "doc"})
