@@ -17,7 +17,8 @@ from negjax import __version__
 from negjax.errors import NegjaxDeprecationWarning, NegjaxError, NegjaxWarning, warn_deprecated
 
 # Order is the order shown by --help. A module that does not exist yet is simply not listed.
-COMMANDS = ["quickstart", "train", "mine", "eval", "encode", "export", "bench", "data", "config"]
+COMMANDS = ["quickstart", "train", "mine", "eval", "encode", "export", "bench", "data", "config",
+            "cache"]
 
 
 class _Parser(argparse.ArgumentParser):

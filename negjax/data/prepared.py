@@ -281,7 +281,7 @@ def _stream_corpus(tmp: Path, path: Path, tokenizer, max_len: int, prompt: str) 
         w.abort()
         raise
     try:
-        meta = w.finish(source=str(path))
+        meta = w.finish(source=str(path), inputs=fingerprint(path))
     except DuplicateKey as e:
         first, second = (next(where for i, (where, _) in enumerate(iter_records(path)) if i == r)
                          for r in e.rows)
@@ -404,7 +404,7 @@ def prepare_training(paths: dict, tokenizer, *, doc_max_len: int, query_max_len:
         w = StoreWriter(tmp, tokenizer, max_len=doc_max_len, name="docs", total=len(corpus))
         doc_prompt = prompts.get("doc", "")
         w.add(corpus.ids, [doc_prompt + t for t in corpus.texts] if doc_prompt else corpus.texts)
-        w.finish(source=str(train))
+        w.finish(source=str(train), inputs=fingerprint(train))
 
     docs = open_or_build(docs_dir, write_docs)
     store_corpus = StoreCorpus(docs, corpus_path if use_corpus else train)

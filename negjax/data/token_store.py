@@ -396,7 +396,9 @@ def build_into(final: Path, write) -> TokenStore | None:
         return None
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+    from negjax.cache import builder_tag  # (the name tells `negjax cache` who builds it)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{builder_tag()}.", suffix=".tmp", dir=root))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
         write(tmp)
