@@ -1,6 +1,6 @@
 """Many sources in one run ([[data.sources]]): the sampler's counts, single-source global
-batches on every process (2 x 4 devices = 1 x 8, with GradCache, FSDP 2 and re-mining), kill
--9 and rerun, per-source prompts in train / mine / eval, masked slots, in-batch negatives
+batches on every process (2 x 4 devices = 1 x 8, with GradCache, FSDP 2, the memory bank and
+re-mining), kill -9 and rerun, per-source prompts in train / mine / eval, masked slots, in-batch negatives
 off, text duplicates masked."""
 
 from __future__ import annotations
@@ -57,6 +57,9 @@ learning_rate = 1e-3
 warmup_steps = 1
 log_every = 1
 grad_cache_chunk = 1       # crossed with GradCache and FSDP: what a pod run combines
+
+[loss]
+memory_bank_size = 96     # and with the memory bank: 2 steps of documents (16 x 3 x 2)
 
 [distributed]
 fsdp = 2
@@ -360,6 +363,14 @@ def test_two_processes_equal_one_with_three_sources(runs):
         prefix = {"nouns": "n.", "verbs": "v.", "adjectives": ("a.", "s.", "r.")}[name]
         assert all(d.startswith(prefix) for r in rows[0] for d in r["negative_ids"])
     assert ev["mrr@10"] == pytest.approx(np.mean([e["mrr@10"] for e in ev["sources"].values()]))
+    # The memory bank holds the last 2 steps' documents: their masked slots as empty (-2),
+    # the rest as real documents (ids offset per source), on 1 and on 2 processes alike.
+    from negjax.model.loader import restore_state_arrays
+
+    want_empty = sum(r["masked"] for r in recs[0][-2:])
+    for w in (one, two):
+        ids = restore_state_arrays(w / "checkpoints", 10)["bank_ids"]
+        assert ids.shape == (96,) and (ids == -2).sum() == want_empty and (ids >= 0).sum() == 96 - want_empty
 
 
 def test_kill9_and_rerun_with_three_sources_is_exact(runs):

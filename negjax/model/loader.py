@@ -123,9 +123,14 @@ def verify_checkpoint(step_dir) -> bool:
 
 def restore_model_params(ckdir: Path, step: int) -> dict:
     """The encoder params (`state.params["model"]`, tower layout) of checkpoint `step` as
-    numpy arrays, whatever topology (devices, processes) the run that saved it had: the
-    target of the restore is the saved tree's own metadata, placed on this process' first
-    device."""
+    numpy arrays, whatever topology (devices, processes) the run that saved it had."""
+    return restore_state_arrays(ckdir, step)["params"]["model"]
+
+
+def restore_state_arrays(ckdir: Path, step: int) -> dict:
+    """The whole train state of checkpoint `step` (params, optimizer, memory bank, ...) as a
+    tree of numpy arrays, whatever topology the run that saved it had: the target of the
+    restore is the saved tree's own metadata, placed on this process' first device."""
     import orbax.checkpoint as ocp
 
     verify_checkpoint(Path(ckdir) / str(step))
@@ -137,9 +142,7 @@ def restore_model_params(ckdir: Path, step: int) -> dict:
         like = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
         restored = mgr.restore(step, args=ocp.args.Composite(
             **{STATE_ITEM: ocp.args.StandardRestore(like)}))
-    state = restored[STATE_ITEM]
-    params = state["params"] if isinstance(state, dict) else state.params
-    return jax.tree.map(np.asarray, params["model"])
+    return jax.tree.map(np.asarray, restored[STATE_ITEM])
 
 
 def saved_config(name):
