@@ -462,3 +462,30 @@ cache_dir = "{tmp_path / 'cache'}"
     for x, y in zip(ra, rb):
         assert x["negative_ids"] == y["negative_ids"]
         np.testing.assert_allclose(x["negative_scores"], y["negative_scores"], atol=1e-6)
+
+
+def test_data_validate_reads_every_source_of_a_config(pos_root, tmp_path):
+    """`negjax data validate --config` checks each source's files; a malformed line in one
+    source's training file names the source, the file and the line (exit 2)."""
+    import shutil
+
+    from helpers import run_negjax
+
+    cfg = write_config(tmp_path, pos_root)
+    ok = run_negjax("data", "validate", "--config", cfg, check=True)
+    stats = json.loads(ok.stdout)
+    assert list(stats) == ["nouns", "verbs", "adjectives"]
+    assert all(s["ok"] and s["train"]["queries"] == 40 and s["qrels"]["queries"] == 16
+               for s in stats.values())
+    bad_root = tmp_path / "bad"
+    shutil.copytree(pos_root, bad_root)
+    train = bad_root / "verbs" / "train.jsonl"
+    lines = train.read_text().splitlines()
+    lines[6] = lines[6][:-3]
+    train.write_text("\n".join(lines) + "\n")
+    (tmp_path / "b").mkdir()
+    bad = run_negjax("data", "validate", "--config", write_config(tmp_path / "b", bad_root))
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert bad.stderr.startswith("negjax: error: source 'verbs': ") and f"{train}:7" in bad.stderr
+    both = run_negjax("data", "validate", "--config", cfg, "--train", train)
+    assert both.returncode == 2 and "not both" in both.stderr

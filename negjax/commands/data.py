@@ -2,7 +2,8 @@
 
     negjax data export wordnet /tmp/wn    # write corpus.jsonl, train.jsonl, {dev,test}_{queries.jsonl,qrels.tsv}
     negjax data stats /tmp/wn             # counts + length percentiles (words, characters)
-    negjax data validate --corpus C --train T [--qrels Q]   # listed when negjax.data.validate exists
+    negjax data validate --corpus C --train T [--qrels Q]
+    negjax data validate --config sources.toml   # each of its datasets
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ def add_parser(sub):
     st.add_argument("dir", metavar="DIR", help="directory with corpus, train, *queries (each "
                     "JSONL, Parquet, Arrow or TSV), *qrels.tsv (or qrels/*.tsv)")
     st.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    va = dsub.add_parser("validate", help="check a corpus + training file (+ qrels) and print stats")
+    va = dsub.add_parser("validate", help="check a corpus + training file (+ qrels), or every "
+                         "dataset of a config, and print stats")
     va.add_argument("--corpus", help="corpus: JSONL(.gz), Parquet, Arrow or TSV (omit when the "
                     "training data carries texts)")
-    va.add_argument("--train", required=True, help="training data: JSONL(.gz), Parquet or Arrow")
+    va.add_argument("--train", help="training data: JSONL(.gz), Parquet or Arrow")
     va.add_argument("--qrels", help="qrels TSV (optional)")
+    va.add_argument("--config", help="a training config: check its dataset, or each of its "
+                    "[[data.sources]] (training files and dev qrels), instead of --corpus/--train")
     return p
 
 
@@ -44,9 +48,17 @@ def run(args) -> int:
         print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
         return 0
     if args.data_command == "validate":
-        from negjax.data.validate import validate_dataset
+        from negjax.data.validate import validate_config, validate_dataset
 
-        print(json.dumps(validate_dataset(args.corpus, args.train, args.qrels), indent=2, default=str))
+        if args.config:
+            if args.corpus or args.train or args.qrels:
+                raise NegjaxError("data validate: --config or --corpus/--train/--qrels, not both")
+            out = validate_config(args.config)
+        elif not args.train:
+            raise NegjaxError("data validate: --train (or --config) is required")
+        else:
+            out = validate_dataset(args.corpus, args.train, args.qrels)
+        print(json.dumps(out, indent=2, default=str))
         return 0
     raise NegjaxError(f"unknown data action {args.data_command!r}")
 

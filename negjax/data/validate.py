@@ -1,4 +1,5 @@
-"""Check a data set up front: `negjax data validate --corpus C --train T [--qrels Q]`.
+"""Check a data set up front: `negjax data validate --corpus C --train T [--qrels Q]`, or
+every dataset of a training config (`--config`: its one dataset or each `[[data.sources]]`).
 
 Reading is the check: every reader in `negjax.data.formats` raises `NegjaxError` naming the
 file and line of the first malformed record. What comes back is a summary worth looking at
@@ -88,3 +89,26 @@ def format_report(stats: dict) -> str:
                      f"queries ({q['relevant']:,} relevant)")
     return "\n".join(lines)
 
+
+
+def validate_config(path) -> dict:
+    """`validate_dataset` of each dataset a training config reads: {source name: stats}
+    ('default' for a config without `[[data.sources]]`), each with the training qrels, else
+    the dev qrels. A malformed file stops it with an error naming the source, file and line."""
+    from negjax.config import load_config
+    from negjax.data.layout import resolve_dataset
+    from negjax.data.sources import sources_of
+    from negjax.errors import NegjaxError
+
+    cfg = load_config(path)
+    out = {}
+    for src in sources_of(cfg):
+        paths = resolve_dataset(src.data)
+        if paths.get("train") is None:
+            raise NegjaxError(f"{path}: source {src.name!r} has no training file")
+        try:
+            out[src.name] = validate_dataset(paths.get("corpus"), paths["train"],
+                                             paths.get("train_qrels") or paths.get("dev_qrels"))
+        except NegjaxError as e:
+            raise NegjaxError(f"source {src.name!r}: {e}") from None
+    return out
