@@ -13,7 +13,9 @@ go: `negjax cache` lists it, `negjax cache clean` removes what no job can use ag
 
 Removal renames an entry to a hidden name first, then deletes it: a job that opens the cache
 meanwhile finds an entry whole or not at all. Stale and abandoned entries are by construction
-not found by any job, so cleaning them is safe while jobs run; `--all` is not.
+not found by any job, so cleaning them is safe while jobs run; `--all` is not. Inputs are
+looked up at the paths recorded when the store was built: on a cache shared by hosts,
+clean from a host that sees every input (a host-local input looks gone elsewhere).
 """
 
 from __future__ import annotations
