@@ -90,7 +90,6 @@ def format_report(stats: dict) -> str:
     return "\n".join(lines)
 
 
-
 def validate_config(path) -> dict:
     """`validate_dataset` of each dataset a training config reads: {source name: stats}
     ('default' for a config without `[[data.sources]]`), each with the training qrels, else
