@@ -4,6 +4,7 @@ same step; kill -9 of one process ends the others within 60 s with one line nami
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -66,21 +67,23 @@ def _checkpoints(workdir) -> list[int]:
 
 @pytest.fixture(scope="module")
 def preempted_chain(small_data, tmp_path_factory):
-    """2 processes x 1 device, memory bank and momentum encoder on: an uninterrupted 30-step
-    run, and beside it a run that goes through every fault in turn:
-    20 steps -> rerun with 30 (resumes at 20), SIGTERM to process 1 after step 23 ->
-    rerun, kill -9 of process 1 after step 27 -> rerun to 30."""
+    """2 processes x 2 devices with distributed.fsdp = 2, memory bank and momentum encoder on
+    (its FSDP-sharded copy is restored too): an uninterrupted 30-step run, and beside it a
+    run that goes through every fault in turn: 20 steps -> rerun with 30 (resumes at 20),
+    SIGTERM to process 1 after step 23 -> rerun, kill -9 of process 1 after step 27 -> rerun
+    to 30."""
     tmp = tmp_path_factory.mktemp("chain")
     cfg = _config(tmp, small_data, bank=64)
     ref, work = tmp / "uninterrupted", tmp / "chain"
     out = {}
-    wait_all(_start(cfg, ref, devices=1) + _start(cfg, work, devices=1, steps=20))
+    start = functools.partial(_start, devices=2, extra=("--set", "distributed.fsdp=2"))
+    wait_all(start(cfg, ref) + start(cfg, work, steps=20))
     out["after_20"] = _checkpoints(work)
-    out["sigterm"] = wait_all(_start(cfg, work, devices=1, fault="term:23"))
+    out["sigterm"] = wait_all(start(cfg, work, fault="term:23"))
     out["after_sigterm"] = _checkpoints(work)
     # (the default NEGJAX_PEER_TIMEOUT, 20 s, names the lost process ~20 s after the kill;
     # 5 s here saves CI time and still shows the bound)
-    procs = _start(cfg, work, devices=1, fault="step:27", NEGJAX_PEER_TIMEOUT=5)
+    procs = start(cfg, work, fault="step:27", NEGJAX_PEER_TIMEOUT=5)
     try:
         while procs[1].poll() is None:
             time.sleep(0.1)
@@ -93,16 +96,18 @@ def preempted_chain(small_data, tmp_path_factory):
             if p.poll() is None:
                 p.kill()
     out["after_kill"] = _checkpoints(work)
-    out["final"] = wait_all(_start(cfg, work, devices=1))
+    out["final"] = wait_all(start(cfg, work))
     return ref, work, out
 
 
 def test_two_processes_resume_bit_for_bit(preempted_chain):
-    """Acceptance: 2 x 1 devices, 20 steps then 30 (and the faults below on the way) ends equal
-    to the uninterrupted 30-step run: parameters bit for bit, the loss of every step."""
+    """Acceptance: 2 x 2 devices with FSDP 2, 20 steps then 30 (and the faults below on the
+    way) ends equal to the uninterrupted 30-step run: parameters bit for bit, the loss of
+    every step."""
     ref, work, out = preempted_chain
     assert out["after_20"] == [10, 20]
     assert "resuming from checkpoint 20" in out["sigterm"][0]
+    assert "(mesh data 2 x fsdp 2)" in out["sigterm"][0]
     _assert_same_run(work, ref)
 
 
@@ -127,19 +132,6 @@ def test_kill_9_of_one_process_is_named_within_60_s(preempted_chain):
     # the last complete checkpoint stays valid: the rerun resumed from it
     assert out["after_kill"] == [10, 20, 23]
     assert "resuming from checkpoint 23" in out["final"][0]
-
-
-def test_fsdp_two_processes_resume_bit_for_bit(small_data, tmp_path):
-    """Acceptance: distributed.fsdp = 2 on 2 processes x 2 devices, 20 steps then 30 (memory
-    bank on: its FSDP-sharded momentum encoder is restored too)."""
-    cfg = _config(tmp_path, small_data, bank=64)
-    fsdp = ("--set", "distributed.fsdp=2")
-    ref, work = tmp_path / "uninterrupted", tmp_path / "resumed"
-    wait_all(_start(cfg, ref, devices=2, extra=fsdp) + _start(cfg, work, devices=2, steps=20, extra=fsdp))
-    out = wait_all(_start(cfg, work, devices=2, extra=fsdp))
-    assert "resuming from checkpoint 20" in out[0]
-    assert "(mesh data 2 x fsdp 2)" in out[0]
-    _assert_same_run(work, ref)
 
 
 def test_resume_on_another_topology(small_data, tmp_path):
