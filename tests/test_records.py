@@ -212,6 +212,42 @@ def test_synthetic_data_is_the_same_in_jsonl_and_parquet(tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporary directory left behind
 
 
+def test_streamed_token_stores_are_identical_in_every_format(formats_dirs, tmp_path, monkeypatch):
+    """What training, mining and evaluation read (`prepare_training`: the corpus streamed into
+    its store, the training records as arrays) is the same bytes from JSONL, Parquet and
+    Arrow; the JSONL corpus and training file also through the parallel byte-range build.
+    The training records carry no query ids (FlagEmbedding's columns): each gets '#N', N its
+    number in the input, counted across the files of a directory (not the row in its file)."""
+    from negjax.data.prepared import prepare_training
+    from negjax.data.wordnet import tokenizer_dir
+
+    monkeypatch.setenv("NEGJAX_BUILD_PROCESSES", "2")  # (any size: JSONL in 2 byte ranges)
+    rows = [{k: v for k, v in r.items() if k != "id"} for r in _rows(formats_dirs["jsonl"][1])]
+    trains = {"jsonl": tmp_path / "train.jsonl", "parquet": write_parquet_dir(rows, tmp_path / "pq"),
+              "arrow": write_arrow_dataset(rows, tmp_path / "arrow")}
+    trains["jsonl"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    arrays = {}
+    for kind, (corpus, _) in formats_dirs.items():
+        train = trains[kind]
+        data = prepare_training({"corpus": corpus, "train": train, "train_qrels": None},
+                                tokenizer_dir(), doc_max_len=24, query_max_len=12,
+                                cache_dir=tmp_path / kind)
+        assert sorted(data.built) == ["docs", "train"]
+        stores = {"docs": data.docs.dir, "queries": data.queries.dir,
+                  "train": data.queries.dir.parent}
+        arrays[kind] = {f"{name}/{f.name}": f.read_bytes() for name, d in stores.items()
+                        for f in sorted(d.iterdir()) if f.suffix in (".npy", ".bin")}
+        assert list(data.examples.query_ids)[:2] == ["#1", "#2"] and len(data.examples) == len(rows)
+        assert list(data.examples.query_ids)[-1] == f"#{len(rows)}"
+        # (lines.npy: each record's place in its own file, a line or a row of one Parquet file)
+        assert arrays[kind].pop("train/lines.npy")
+    assert len(arrays["jsonl"]) >= 20
+    for kind in ("parquet", "arrow"):
+        assert arrays[kind].keys() == arrays["jsonl"].keys()
+        for name, data in arrays["jsonl"].items():
+            assert arrays[kind][name] == data, f"{kind}: {name}"
+
+
 def test_a_dataset_directory_in_parquet_and_arrow_trains(formats_dirs, tmp_path):
     """`data.dataset` holding corpus/ and train/ as Parquet or Arrow directories passes the
     training command's input checks and reads as the JSONL one (the CLI: `negjax train` on

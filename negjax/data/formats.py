@@ -192,8 +192,12 @@ def read_training(path, corpus: Corpus | str | Path | None = None, *, qrels=None
 
 
 def _query_id(obj, path, line, seen: dict) -> str:
-    qid = _id(obj, ("id", "_id", "query_id"), path, line, "query id") if any(
-        k in obj for k in ("id", "_id", "query_id")) else f"#{int(line)}"
+    """The record's query id, else '#N' with N its number in the input: its line (or row),
+    counted across the files of a directory input (`seen` holds one entry per record read)."""
+    if any(k in obj for k in ("id", "_id", "query_id")):
+        qid = _id(obj, ("id", "_id", "query_id"), path, line, "query id")
+    else:
+        qid = f"#{len(seen) + 1 if getattr(line, 'file', None) is not None else int(line)}"
     if qid in seen:
         raise record_error(path, line, f"duplicate query id {qid!r} (first at {at(seen[qid])})")
     seen[qid] = line
