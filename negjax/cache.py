@@ -4,7 +4,7 @@ go: `negjax cache` lists it, `negjax cache clean` removes what no job can use ag
     tokens/docs-KEY, tokens/train-KEY  token stores and prepared training data; KEY hashes the
                                        inputs' fingerprints (path, size, mtime), so a store whose
                                        inputs changed or are gone is never found again: stale
-    tokens/.NAME.by-HOST-PID.XXXX.tmp  a store being built; abandoned once its builder is dead
+    tokens/.NAME.by-HOST-PID.RND.tmp   a store being built (RND: mkdtemp's letters); abandoned once its builder is dead
                                        (same host) or it is older than `ABANDONED_AFTER_S`
     digests/KEY.json                   inputs' sha256s by fingerprint (mining): stale alike
     jax-compile/                       the persistent compilation cache (JAX's files)
@@ -85,7 +85,7 @@ _TAG = re.compile(r"\.by-(?P<host>.+)-(?P<pid>\d+)\.[^.]+\.tmp$")
 
 
 def _temporary(path: Path, now: float) -> Entry:
-    """A hidden temporary entry: a build (`.NAME.by-HOST-PID.XXXX.tmp`), an atomic write, or
+    """A hidden temporary entry: a build (`.NAME.by-HOST-PID.RND.tmp`), an atomic write, or
     a removal that was interrupted (`.removing.*`)."""
     age = now - path.lstat().st_mtime
     m = _TAG.search(path.name)
@@ -129,13 +129,12 @@ def _token_entry(path: Path, root: Path) -> Entry:
 
 
 def _current_model_name() -> str | None:
-    try:
-        from negjax.model.packaged import _zip_path
+    from negjax.model.packaged import minilm_dir_name
 
-        st = _zip_path().stat()
+    try:
+        return minilm_dir_name()
     except Exception:  # the package is not installed: nothing to compare with
         return None
-    return f"all-MiniLM-L6-v2-{st.st_size}-{int(st.st_mtime)}"
 
 
 def scan(root) -> list[Entry]:

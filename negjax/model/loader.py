@@ -124,13 +124,18 @@ def verify_checkpoint(step_dir) -> bool:
 def restore_model_params(ckdir: Path, step: int) -> dict:
     """The encoder params (`state.params["model"]`, tower layout) of checkpoint `step` as
     numpy arrays, whatever topology (devices, processes) the run that saved it had."""
-    return restore_state_arrays(ckdir, step)["params"]["model"]
+    return jax.tree.map(np.asarray, _restore_state(ckdir, step)["params"]["model"])
 
 
 def restore_state_arrays(ckdir: Path, step: int) -> dict:
     """The whole train state of checkpoint `step` (params, optimizer, memory bank, ...) as a
-    tree of numpy arrays, whatever topology the run that saved it had: the target of the
-    restore is the saved tree's own metadata, placed on this process' first device."""
+    tree of numpy arrays, whatever topology the run that saved it had."""
+    return jax.tree.map(np.asarray, _restore_state(ckdir, step))
+
+
+def _restore_state(ckdir: Path, step: int) -> dict:
+    """The train state of checkpoint `step` on this process' first device: the target of the
+    restore is the saved tree's own metadata, so any saving topology restores."""
     import orbax.checkpoint as ocp
 
     verify_checkpoint(Path(ckdir) / str(step))
@@ -142,7 +147,7 @@ def restore_state_arrays(ckdir: Path, step: int) -> dict:
         like = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
         restored = mgr.restore(step, args=ocp.args.Composite(
             **{STATE_ITEM: ocp.args.StandardRestore(like)}))
-    return jax.tree.map(np.asarray, restored[STATE_ITEM])
+    return restored[STATE_ITEM]
 
 
 def saved_config(name):

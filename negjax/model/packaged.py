@@ -31,6 +31,13 @@ def _zip_path() -> Path:
     return path
 
 
+def minilm_dir_name() -> str:
+    """`all-MiniLM-L6-v2-<size>-<mtime>` of the installed package's zip: the directory
+    `minilm_dir` unpacks it into under `<cache>/models/`."""
+    st = _zip_path().stat()
+    return f"all-MiniLM-L6-v2-{st.st_size}-{int(st.st_mtime)}"
+
+
 def minilm_dir() -> Path:
     """Path of the unzipped all-MiniLM-L6-v2 directory (config.json, model.safetensors, ...).
 
@@ -39,8 +46,7 @@ def minilm_dir() -> Path:
     a crash never leaves a half-extracted model, and concurrent callers agree on one copy.
     """
     src = _zip_path()
-    st = src.stat()
-    target = default_cache_dir() / "models" / f"all-MiniLM-L6-v2-{st.st_size}-{int(st.st_mtime)}"
+    target = default_cache_dir() / "models" / minilm_dir_name()
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
